@@ -1,0 +1,3 @@
+"""Reparameterization and deployment compiler: pipeline, command line, model sources and zoo."""
+
+__all__ = []

@@ -1,0 +1,123 @@
+"""Torch-side preparation shared by the exporters: example arguments, graph copies, names.
+
+The compiler hands exporters a ``torch.fx.GraphModule`` from ``torch.export.export(...).module()``.
+Such a module carries a ``_guards_fn`` node and pre-forward hooks that pin the input shapes the
+graph was captured with; every exporter re-traces it, so :func:`plain_graph_module` makes a copy
+without them (parameters are shared, not copied) whose ``training`` flags are off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import fx
+from torch.utils import _pytree as pytree
+
+from .base import ExportError
+
+__all__ = ["as_args", "plain_graph_module", "to_graph_module", "eval_flags", "output_leaves", "io_names",
+           "source_line"]
+
+log = logging.getLogger(__name__)
+
+
+def as_args(args) -> tuple:
+    """Example arguments as a tuple (a single tensor becomes a 1-tuple)."""
+    if isinstance(args, torch.Tensor):
+        return (args,)
+    if isinstance(args, list):
+        return tuple(args)
+    if not isinstance(args, tuple):
+        raise TypeError(f"example arguments must be a tensor or a tuple of tensors, got {type(args).__name__}")
+    return args
+
+
+def _is_guard(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith("_guards_fn")
+
+
+@contextlib.contextmanager
+def eval_flags(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Set ``training=False`` on every submodule, restoring the flags afterwards.
+
+    Flags are set directly because the modules made by ``torch.export`` refuse ``.eval()``.
+    """
+    saved = [(m, m.training) for m in module.modules()]
+    for m, _ in saved:
+        m.training = False
+    try:
+        yield module
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+def plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` without the input-shape guards of torch.export, in eval mode; weights shared."""
+    graph = copy.deepcopy(gm.graph)
+    for node in list(graph.nodes):
+        if _is_guard(node) and not node.users:
+            graph.erase_node(node)
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__.split(".")[-1] or "GraphModule")
+    for m in out.modules():
+        m.training = False
+    return out
+
+
+def to_graph_module(model, args: tuple) -> fx.GraphModule:
+    """``model`` as a guard-free GraphModule: captured with torch.export unless it already is a graph."""
+    if isinstance(model, torch.export.ExportedProgram):
+        model = model.module()
+    if not isinstance(model, fx.GraphModule):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"expected a torch.nn.Module or ExportedProgram, got {type(model).__name__}")
+        if model.training:
+            log.warning("%s is in train mode; exporting it in eval mode", type(model).__name__)
+        with eval_flags(model):
+            try:
+                model = torch.export.export(model, args, strict=False).module()
+            except Exception as e:
+                raise ExportError(f"torch.export cannot capture {type(model).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}.") from e
+    return plain_graph_module(model)
+
+
+def output_leaves(module: torch.nn.Module, args: tuple) -> list[torch.Tensor]:
+    """Run ``module`` once and return its outputs flattened leaf by leaf (tuples, lists, dicts)."""
+    with torch.no_grad(), eval_flags(module):
+        out = module(*args)
+    leaves = pytree.tree_leaves(out)
+    bad = [type(v).__name__ for v in leaves if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ExportError(f"the model returns non-tensor outputs ({', '.join(sorted(set(bad)))}); "
+                          "exported graphs can only return tensors.")
+    return leaves
+
+
+def io_names(given: Sequence[str] | None, count: int, prefix: str) -> list[str]:
+    """``given`` names checked against ``count``, or ``prefix0 .. prefixN``."""
+    if given is None:
+        return [f"{prefix}{i}" for i in range(count)]
+    given = list(given)
+    if len(given) != count:
+        raise ExportError(f"{len(given)} {prefix} names were given ({', '.join(given)}) but the model has "
+                          f"{count} {prefix}s.")
+    if len(set(given)) != len(given):
+        raise ExportError(f"{prefix} names must be unique, got {', '.join(given)}.")
+    return given
+
+
+def source_line(node: fx.Node) -> str:
+    """``file:line `code``` of the user code that produced ``node`` (from its stack trace), or ''."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            where = lines[i][5:].replace('"', "")
+            return f"{where} `{code}`" if code else where
+    return ""

@@ -1,0 +1,278 @@
+"""ONNX export with the torch.onnx dynamo exporter, then onnxsim, re-verified on ONNX Runtime.
+
+- The model (normally the GraphModule from ``torch.export.export(model, args, strict=False).module()``)
+  is re-exported by ``torch.onnx.export(..., dynamo=True)``; nested outputs are flattened leaf by
+  leaf into ``output0, output1, ...`` (or the given names). Weights are embedded in the ``.onnx``
+  file (``external_data=False``), so one file is the whole model.
+- Opset 18 is the default: the opset the dynamo exporter's function library is written in
+  (newer opsets are reached by version conversion; 17 is the oldest accepted).
+- ``dynamic=True`` makes dimension 0 of every input a symbol ``batch``. A graph captured with a
+  static batch may have that batch baked into a reshape; then an output's first dimension stays a
+  constant and the export is refused instead of writing a model that is wrong at other batches.
+- Simplifiers can change a model's numbers: the onnxsim result is written to a second file,
+  checked with ``onnx.checker`` and compared with the unsimplified model on ONNX Runtime; on
+  mismatch the unsimplified model is kept and the record's notes say why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._torch import as_args, io_names, output_leaves, to_graph_module
+from .base import Artifact, ExportError, TensorSpec, require
+
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "export_onnx_raw", "simplify_onnx", "describe_onnx",
+           "convert_onnx_to_fp16", "op_counts"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 17
+_EXTRA = "onnx"
+
+# ONNX TensorProto element types -> numpy dtype names
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+                10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+
+
+def _onnx():
+    return require("onnx", _EXTRA, "ONNX export")
+
+
+def _specs(values) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        tt = v.type.tensor_type
+        dims = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or None)
+        specs.append(TensorSpec(v.name, tuple(dims), _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))))
+    return specs
+
+
+def op_counts(model_or_path) -> dict[str, int]:
+    """Number of nodes per op type in the main graph of an ONNX model (or file)."""
+    onnx = _onnx()
+    model = onnx.load(os.fspath(model_or_path), load_external_data=False) \
+        if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def describe_onnx(path, *, parent: str | None = None, precision: str = "fp32") -> Artifact:
+    """An artifact record for an existing ``.onnx`` file (names, shapes and dtypes read from the file)."""
+    onnx = _onnx()
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return Artifact(
+        path=os.fspath(path), format="onnx",
+        inputs=_specs([i for i in model.graph.input if i.name not in initializers]),
+        outputs=_specs(model.graph.output), precision=precision, parent=parent,
+        metadata={"opset": opset, "ops": op_counts(model)},
+    )
+
+
+def _unsupported_op(exc: BaseException) -> str | None:
+    text = str(exc)
+    m = re.search(r"OpOverload\(op='([^']+)', overload='([^']+)'\)", text)
+    if m:
+        return f"{m.group(1)}.{m.group(2)}"
+    m = re.search(r"target=(torch\.ops\.[\w.]+)", text)
+    return m.group(1).replace("torch.ops.", "") if m else None
+
+
+def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: bool = False,
+                    input_names: Sequence[str] | None = None,
+                    output_names: Sequence[str] | None = None) -> Artifact:
+    """Export ``model`` on ``args`` to ``path`` without simplification; see the module docstring."""
+    onnx = _onnx()
+    require("onnxscript", _EXTRA, "the torch.onnx dynamo exporter")
+    import torch
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"ONNX opset {opset} is too old; the dynamo exporter needs opset >= {MIN_OPSET}.")
+    args = as_args(args)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = to_graph_module(model, args)
+    leaves = output_leaves(module, args)
+    in_names = io_names(input_names, len(args), "input")
+    out_names = io_names(output_names, len(leaves), "output")
+    dynamic_shapes = None
+    if dynamic:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+    for stale in (path, Path(str(path) + ".data")):
+        if stale.exists():
+            stale.unlink()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, args, os.fspath(path), dynamo=True, opset_version=opset,
+                              input_names=in_names, output_names=out_names, dynamic_shapes=dynamic_shapes,
+                              external_data=False, optimize=True, verbose=False)
+    except Exception as e:
+        op = _unsupported_op(e)
+        if op:
+            raise ExportError(f"ONNX (opset {opset}) cannot express op {op}: the torch.onnx exporter has no "
+                              f"translation for it.") from e
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise ExportError(f"torch.onnx.export failed for ONNX (opset {opset}): {first.strip()}") from e
+    if Path(str(path) + ".data").exists():
+        raise ExportError(f"the ONNX exporter wrote the weights of {path} to an external file {path}.data; "
+                          f"models over 2 GB cannot be embedded in one file.")
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"onnx.checker rejects the exported file {path}: {str(e).strip().splitlines()[0]}") from e
+    art = describe_onnx(path)
+    art.metadata.update(dynamic_batch=dynamic, exporter=f"torch.onnx dynamo (torch {torch.__version__})")
+    if dynamic:
+        static = [s.name for s in art.outputs if s.shape and isinstance(s.shape[0], int)]
+        if static:
+            raise ExportError(
+                f"dynamic batch was requested but output(s) {', '.join(static)} of {path} keep a constant first "
+                f"dimension: the graph was captured with a fixed batch (a reshape bakes it in); capture the "
+                f"model with a dynamic batch dimension or export with dynamic=False.")
+    log.info("exported %s (opset %s, %d nodes)", path, opset, sum(art.metadata["ops"].values()))
+    return art
+
+
+def _run_onnx(path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    ort = require("onnxruntime", _EXTRA, "verifying ONNX files")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _compare_files(ref_art: Artifact, art: Artifact, rtol: float, seed: int):
+    from runtimes.compare import compare, make_inputs
+
+    feeds = make_inputs(ref_art.inputs, seed=seed, dynamic_size=2)
+    return compare(_run_onnx(ref_art.path, feeds), _run_onnx(art.path, feeds), rtol,
+                   names=ref_art.output_names)
+
+
+def simplify_onnx(raw: Artifact | str | os.PathLike, path=None, *, rtol: float = 1e-5,
+                  seed: int = 0) -> tuple[Artifact, bool]:
+    """Simplify ``raw`` with onnxsim into ``path`` (default ``<stem>.sim.onnx``) and re-verify it.
+
+    Returns ``(artifact, accepted)``: the simplified artifact when it passes ``onnx.checker`` and
+    matches the unsimplified model on ONNX Runtime within ``rtol`` (relative to each output's
+    scale); otherwise the unsimplified artifact with a note saying why it was kept.
+    """
+    onnx = _onnx()
+    onnxsim = require("onnxsim", _EXTRA, "ONNX simplification")
+    raw = raw if isinstance(raw, Artifact) else describe_onnx(raw)
+    path = Path(path) if path is not None else Path(raw.path).with_suffix(".sim.onnx")
+
+    def keep_raw(reason: str) -> tuple[Artifact, bool]:
+        raw.note(f"kept the unsimplified model: {reason}", logging.WARNING)
+        raw.metadata["simplified"] = False
+        return raw, False
+
+    try:
+        model, ok = onnxsim.simplify(onnx.load(raw.path))
+        if not ok:
+            return keep_raw("onnxsim reported that its own check failed")
+        onnx.save(model, os.fspath(path))
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception as e:
+        return keep_raw(f"onnxsim failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+    art = describe_onnx(path, parent=raw.path, precision=raw.precision)
+    art.metadata.update({k: v for k, v in raw.metadata.items() if k not in ("ops", "opset")})
+    if [s.name for s in art.inputs] != raw.input_names or art.output_names != raw.output_names:
+        return keep_raw(f"onnxsim changed the input/output names of {raw.path}")
+    result = _compare_files(raw, art, rtol, seed)
+    art.metadata["simplify_check"] = result.to_dict()
+    if not result.passed:
+        return keep_raw(f"onnxsim changed the numbers ({result.summary()}); {path} is not used")
+    art.metadata["simplified"] = True
+    before, after = sum(raw.metadata["ops"].values()), sum(art.metadata["ops"].values())
+    art.note(f"simplified with onnxsim ({before} -> {after} nodes), matches the unsimplified model "
+             f"(max rel error {result.max_rel:.2e})")
+    return art, True
+
+
+def export_onnx(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: bool = False,
+                input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                simplify: bool = True, simplified_path=None, rtol: float = 1e-5, seed: int = 0) -> Artifact:
+    """Export to ONNX, then (by default) simplify with onnxsim and keep the result only if verified.
+
+    Returns the artifact to use: the simplified one (its ``parent`` is the unsimplified file) or,
+    when simplification is off or rejected, the unsimplified one (with a note saying why).
+    """
+    raw = export_onnx_raw(model, args, path, opset=opset, dynamic=dynamic, input_names=input_names,
+                          output_names=output_names)
+    if not simplify:
+        return raw
+    art, _ = simplify_onnx(raw, simplified_path, rtol=rtol, seed=seed)
+    return art
+
+
+def _toposort(graph) -> None:
+    """Reorder ``graph.node`` so that every node comes after the producers of its inputs."""
+    available = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for node in pending:
+            if all(name in available for name in node.input):
+                ordered.append(node)
+                available.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise ExportError(f"ONNX graph has a cycle or a missing producer at node {rest[0].name!r}.")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def convert_onnx_to_fp16(src: Artifact | str | os.PathLike, path=None, *, rtol: float = 1e-2,
+                         seed: int = 0) -> Artifact:
+    """An fp16 copy of an fp32 ONNX model whose inputs and outputs stay fp32 (Cast nodes at the edges).
+
+    Used where precision must live in the file (TensorRT 11 strongly typed networks). Uses ONNX
+    Runtime's float16 converter (initializers, constants and Cast targets become fp16), then checks
+    the file and compares it with the fp32 model on ONNX Runtime within ``rtol``.
+    """
+    onnx = _onnx()
+    require("onnxruntime", _EXTRA, "fp16 conversion of ONNX files")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src = src if isinstance(src, Artifact) else describe_onnx(src)
+    path = Path(path) if path is not None else Path(src.path).with_suffix(".fp16.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = convert_float_to_float16(onnx.load(src.path), keep_io_types=True)
+    _toposort(model.graph)
+    onnx.save(model, os.fspath(path))
+    try:
+        onnx.checker.check_model(os.fspath(path), full_check=True)
+    except Exception as e:
+        raise ExportError(f"the fp16 conversion of {src.path} is not a valid ONNX model: "
+                          f"{str(e).strip().splitlines()[0]}") from e
+    art = describe_onnx(path, parent=src.path, precision="fp16")
+    art.metadata.update({k: v for k, v in src.metadata.items() if k not in ("ops", "opset", "simplify_check")})
+    result = _compare_files(src, art, rtol, seed)
+    art.metadata["fp16_check"] = result.to_dict()
+    if not result.passed:
+        raise ExportError(f"the fp16 ONNX model {path} differs from {src.path} beyond rtol {rtol}: "
+                          f"{result.summary()}.")
+    art.note(f"fp16 weights and activations, fp32 inputs/outputs; max rel error vs fp32 {result.max_rel:.2e}")
+    return art

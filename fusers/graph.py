@@ -1,0 +1,263 @@
+"""Small helpers over the captured torch.fx graph of aten ops: reading constants, describing
+convolutions and BatchNorms, adding weights, naming sites. No math here (see ``algebra``)."""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2}
+CONV_TRANSPOSE_OPS = {aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 2}
+BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+
+
+def fetch_attr(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def is_const(node) -> bool:
+    """A get_attr tensor (a weight or a folded constant)."""
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def const_value(gm, node):
+    """The tensor or Python number behind an argument, or None when it is not constant."""
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return node
+    if is_const(node):
+        value = fetch_attr(gm, node.target)
+        return value.detach() if isinstance(value, torch.Tensor) else None
+    return None
+
+
+def shape(node) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def sole_user(node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _tuple(value, ndim: int, default: int) -> tuple[int, ...]:
+    if value is None:
+        return (default,) * ndim
+    if isinstance(value, int):
+        return (value,) * ndim
+    value = tuple(int(v) for v in value)
+    return value * ndim if len(value) == 1 else value
+
+
+@dataclass
+class Conv:
+    """A convolution or Linear node with constant weights, in normal form."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    kind: str  # "conv", "conv_transpose" or "linear"
+    output_padding: tuple[int, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return self.weight.dim() - 2
+
+
+def as_conv(gm, node) -> Conv | None:
+    """Describe ``node`` as a Conv when it is one with constant weights, else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    args = list(node.args) + [None] * 8
+    kw = node.kwargs
+    if node.target in CONV_OPS or node.target in CONV_TRANSPOSE_OPS:
+        transposed = node.target in CONV_TRANSPOSE_OPS
+        nd = CONV_OPS.get(node.target) or CONV_TRANSPOSE_OPS[node.target]
+        names = (["stride", "padding", "output_padding", "groups", "dilation"] if transposed
+                 else ["stride", "padding", "dilation", "groups"])
+        vals = {n: kw.get(n, args[3 + i]) for i, n in enumerate(names)}
+        if isinstance(vals["padding"], str):
+            return None
+        kind = "conv_transpose" if transposed else "conv"
+        extra = {"output_padding": _tuple(vals["output_padding"], nd, 0)} if transposed else {}
+        w, b = node.args[1], kw.get("bias", args[2])
+    elif node.target == aten.linear.default:
+        nd, kind, extra = 0, "linear", {}
+        vals = {"stride": (), "padding": (), "dilation": (), "groups": 1}
+        w, b = node.args[1], kw.get("bias", args[2])
+    else:
+        return None
+    weight = const_value(gm, w)
+    bias = const_value(gm, b) if b is not None else None
+    if not isinstance(weight, torch.Tensor) or (b is not None and not isinstance(bias, torch.Tensor)):
+        return None
+    return Conv(node, node.args[0], weight, bias, _tuple(vals["stride"], nd, 1), _tuple(vals["padding"], nd, 0),
+                _tuple(vals["dilation"], nd, 1), int(vals["groups"] or 1), kind, **extra)
+
+
+@dataclass
+class BatchNorm:
+    node: fx.Node  # the node whose value is the normalised tensor
+    x: fx.Node
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
+    training: bool
+
+    @property
+    def foldable(self) -> bool:
+        return not self.training and self.mean is not None and self.var is not None
+
+
+def as_batchnorm(gm, node) -> BatchNorm | None:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target == aten.batch_norm.default:
+        x, w, b, rm, rv, training, _, eps = node.args[:8]
+        out = node
+    elif node.target == operator.getitem and node.args[1] == 0 and \
+            getattr(node.args[0], "target", None) == aten._native_batch_norm_legit_no_training.default:
+        x, w, b, rm, rv, _, eps = node.args[0].args[:7]
+        training, out = False, node
+    else:
+        return None
+    vals = [const_value(gm, v) if v is not None else None for v in (rm, rv, w, b)]
+    if any(v is None and a is not None for v, a in zip(vals, (rm, rv, w, b))):
+        return None  # statistics computed at run time: not a BatchNorm we can reason about
+    return BatchNorm(out, x, *vals, float(eps), bool(training))
+
+
+def per_channel(value, out_shape: tuple[int, ...], channel_dim: int, dtype=torch.float64) -> torch.Tensor | None:
+    """A constant operand that varies at most along ``channel_dim`` as a vector of length C.
+
+    Returns None when it varies along another dim or would broadcast the output larger.
+    """
+    channels = out_shape[channel_dim]
+    if isinstance(value, (int, float)):
+        return torch.full((channels,), float(value), dtype=dtype)
+    if not isinstance(value, torch.Tensor) or value.dim() > len(out_shape):
+        return None
+    v = value.reshape((1,) * (len(out_shape) - value.dim()) + tuple(value.shape))
+    for d, n in enumerate(v.shape):
+        if d != channel_dim and n != 1:
+            return None
+    if v.shape[channel_dim] not in (1, channels):
+        return None
+    return v.flatten().to(dtype).expand(channels).clone()
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module a node came from ('' when unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return re.sub(r"^L\['self'\]\.?", "", str(path))
+
+
+def common_path(nodes) -> str:
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return ""
+    prefix = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        prefix.append(parts[0])
+    return ".".join(prefix)
+
+
+def site(nodes) -> str:
+    """A readable name for a rewrite site: module path and the first node name."""
+    nodes = list(nodes)
+    path = common_path(nodes)
+    return f"{path} ({nodes[0].name})" if path else nodes[0].name
+
+
+def add_tensor(gm: torch.nn.Module, hint: str, value: torch.Tensor, parameter: bool = True) -> str:
+    """Register ``value`` on ``gm`` under a fresh name derived from ``hint``; returns the name."""
+    base = re.sub(r"\W", "_", hint).strip("_") or "w"
+    if base[0].isdigit():
+        base = f"layer{base}"
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    if parameter:
+        gm.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
+    else:
+        gm.register_buffer(name, value.detach())
+    return name
+
+
+def replace_conv(gm, old: fx.Node, x: fx.Node, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                 stride=(), padding=(), dilation=(), groups: int = 1, output_padding=(), hint: str = "",
+                 insert_before: fx.Node | None = None) -> fx.Node:
+    """Insert a conv/linear with new constant weights computing ``old``'s value; rewire and return it."""
+    graph = gm.graph
+    hint = hint or common_path([old]) or old.name
+    anchor = insert_before or old
+    with graph.inserting_before(anchor):
+        w = graph.get_attr(add_tensor(gm, f"{hint}.weight", weight))
+        b = graph.get_attr(add_tensor(gm, f"{hint}.bias", bias)) if bias is not None else None
+        nd = weight.dim() - 2
+        if kind == "linear":
+            new = graph.call_function(aten.linear.default, (x, w, b))
+        elif kind == "conv_transpose":
+            op = {1: aten.conv_transpose1d.default, 2: aten.conv_transpose2d.input}[nd]
+            new = graph.call_function(op, (x, w, b, list(stride), list(padding), list(output_padding), groups,
+                                           list(dilation)))
+        else:
+            op = {1: aten.conv1d.default, 2: aten.conv2d.default}[nd]
+            new = graph.call_function(op, (x, w, b, list(stride), list(padding), list(dilation), groups))
+    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    old.replace_all_uses_with(new)
+    return new
+
+
+def erase_unused(graph: fx.Graph, nodes) -> None:
+    """Erase the given nodes once nothing uses them, then their inputs that became unused."""
+    stack = sorted(set(nodes), key=_position(graph))
+    while stack:
+        node = stack.pop()
+        if node.graph is not graph or node.users or node.op not in ("call_function", "get_attr") or is_erased(node):
+            continue
+        if getattr(node.target, "__name__", "").startswith("_assert"):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        stack.extend(inputs)
+
+
+def is_erased(node: fx.Node) -> bool:
+    return getattr(node, "_erased", False)
+
+
+def _position(graph: fx.Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: order.get(n, -1)
+
+
+def op_counts(gm: torch.nn.Module) -> dict[str, int]:
+    """Count call_function nodes by aten op name (``conv2d``, ``batch_norm``, ``add``, ...)."""
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))

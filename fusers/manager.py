@@ -1,0 +1,185 @@
+"""The pass manager: runs rewrite passes to a fixed point and keeps only what it proves exact.
+
+After every pass the graph (held in float64) runs on seeded inputs and is compared with the
+captured model's float64 outputs. A pass whose result differs by more than ``tolerance``
+(relative to each output's scale) is undone; its rewrites are then retried one at a time so
+the exact ones are kept and each inexact one is reported with the error it caused.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import fx
+
+from .numerics import max_rel_error
+
+__all__ = ["Pass", "Site", "Refusal", "PassRecord", "Report", "PassManager"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Refusal:
+    site: str
+    reason: str
+
+
+@dataclass
+class Site:
+    """One rewrite a pass can make: ``apply(gm)`` performs it and returns a short description."""
+
+    name: str
+    apply: object  # Callable[[fx.GraphModule], str]
+
+
+class Pass:
+    """A named rewrite. ``find`` returns the sites it would rewrite and the ones it refuses."""
+
+    name = "pass"
+
+    def find(self, gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
+        raise NotImplementedError
+
+
+@dataclass
+class PassRecord:
+    name: str
+    round: int
+    rewrites: list[str] = field(default_factory=list)
+    refusals: list[Refusal] = field(default_factory=list)
+    rolled_back: list[Refusal] = field(default_factory=list)
+    max_rel_error: float = 0.0
+    seconds: float = 0.0
+
+
+@dataclass
+class Report:
+    """What reparameterization did: per pass, rewrites, refusals with reasons, measured errors."""
+
+    passes: list[PassRecord] = field(default_factory=list)
+    float64_error: float = 0.0
+    float32_error: float | None = None
+    ops_before: dict = field(default_factory=dict)
+    ops_after: dict = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+    seconds: dict = field(default_factory=dict)
+
+    def count(self, pass_name: str | None = None) -> int:
+        return sum(len(p.rewrites) for p in self.passes if pass_name in (None, p.name))
+
+    def refusals(self) -> list[Refusal]:
+        seen, out = set(), []
+        for p in self.passes:
+            for r in p.refusals + p.rolled_back:
+                if (r.site, r.reason) not in seen:
+                    seen.add((r.site, r.reason))
+                    out.append(r)
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """A plain-text table for people."""
+        lines = [f"{'pass':<18}{'round':>6}{'rewrites':>10}{'refused':>9}{'rolled back':>13}{'f64 rel err':>14}"]
+        for p in self.passes:
+            if p.rewrites or p.refusals or p.rolled_back:
+                lines.append(f"{p.name:<18}{p.round:>6}{len(p.rewrites):>10}{len(p.refusals):>9}"
+                             f"{len(p.rolled_back):>13}{p.max_rel_error:>14.2e}")
+        for r in self.refusals():
+            lines.append(f"  refused {r.site}: {r.reason}")
+        lines.append(f"float64 max rel error vs captured model: {self.float64_error:.2e}")
+        if self.float32_error is not None:
+            lines.append(f"float32 max rel error vs training model: {self.float32_error:.2e}")
+        lines.append(f"params {self.params_before:,} -> {self.params_after:,}")
+        changed = sorted(set(self.ops_before) | set(self.ops_after))
+        ops = ", ".join(f"{k} {self.ops_before.get(k, 0)}->{self.ops_after.get(k, 0)}" for k in changed
+                        if self.ops_before.get(k, 0) != self.ops_after.get(k, 0))
+        lines.append(f"ops changed: {ops or 'none'}")
+        return "\n".join(lines)
+
+
+class PassManager:
+    """Runs ``passes`` in order, repeatedly, until a round makes no rewrite."""
+
+    def __init__(self, passes: list[Pass], inputs, reference, tolerance: float = 1e-9, max_rounds: int = 8):
+        self.passes, self.inputs, self.reference = passes, inputs, reference
+        self.tolerance, self.max_rounds = tolerance, max_rounds
+
+    def _error(self, gm) -> float:
+        with torch.no_grad():
+            return max_rel_error(self.reference, gm(*self.inputs))
+
+    def run(self, gm: fx.GraphModule, report: Report) -> None:
+        for round_ in range(1, self.max_rounds + 1):
+            changed = False
+            for p in self.passes:
+                start = time.perf_counter()
+                record = self._run_pass(p, gm, round_)
+                record.seconds = time.perf_counter() - start
+                report.passes.append(record)
+                changed |= bool(record.rewrites)
+                log.info("%s (round %d): %d rewrites, %d refused, %d rolled back, error %.1e", p.name, round_,
+                         len(record.rewrites), len(record.refusals), len(record.rolled_back), record.max_rel_error)
+            if not changed:
+                return
+
+    def _apply(self, p: Pass, gm, only: set[int] | None) -> tuple[list[str], list[Refusal]]:
+        sites, refusals = p.find(gm)
+        done = []
+        for i, s in enumerate(sites):
+            if only is None or i in only:
+                done.append(f"{s.name}: {s.apply(gm)}")
+        gm.graph.lint()
+        gm.recompile()
+        return done, refusals
+
+    def _run_pass(self, p: Pass, gm, round_: int) -> PassRecord:
+        record = PassRecord(p.name, round_)
+        saved = copy.deepcopy(gm.graph)
+        try:
+            record.rewrites, record.refusals = self._apply(p, gm, None)
+            if not record.rewrites:
+                return record
+            record.max_rel_error = self._error(gm)
+        except Exception as e:  # a crashing rewrite is a bug: undo it, say so, keep going
+            log.exception("pass %s crashed; its rewrites were undone", p.name)
+            self._restore(gm, saved)
+            record.rewrites = []
+            record.rolled_back.append(Refusal(p.name, f"pass crashed: {type(e).__name__}: {e}"))
+            return record
+        if record.max_rel_error <= self.tolerance:
+            return record
+        self._restore(gm, saved)
+        return self._bisect(p, gm, record, saved)
+
+    def _bisect(self, p: Pass, gm, record: PassRecord, saved) -> PassRecord:
+        """Retry each rewrite alone; keep the exact ones."""
+        sites, _ = p.find(gm)
+        good = set()
+        for i, s in enumerate(sites):
+            self._apply(p, gm, {i})
+            err = self._error(gm)
+            self._restore(gm, saved)
+            if err <= self.tolerance:
+                good.add(i)
+            else:
+                record.rolled_back.append(Refusal(s.name, f"rolled back: float64 error {err:.1e} > {self.tolerance:.0e}"))
+        record.rewrites, _ = self._apply(p, gm, good)
+        record.max_rel_error = self._error(gm) if good else 0.0
+        if record.max_rel_error > self.tolerance:  # exact alone, inexact together: keep nothing
+            self._restore(gm, saved)
+            record.rolled_back.append(Refusal(p.name, f"rewrites interact: error {record.max_rel_error:.1e}"))
+            record.rewrites, record.max_rel_error = [], 0.0
+        return record
+
+    @staticmethod
+    def _restore(gm, saved) -> None:
+        gm.graph = copy.deepcopy(saved)
+        gm.recompile()

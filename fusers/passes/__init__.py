@@ -1,0 +1,13 @@
+"""Rewrite passes, one per file, registered by name."""
+
+from __future__ import annotations
+
+from .fold_bn import FoldBatchNorm
+from .fold_constants import FoldConstants
+from .fold_into_next import FoldIntoNext
+from .merge_linear import MergeLinear
+from .merge_sequence import MergeSequence
+
+__all__ = ["REGISTRY", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence"]
+
+REGISTRY = {p.name: p for p in (FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence)}

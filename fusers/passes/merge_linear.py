@@ -1,0 +1,277 @@
+"""Merge linear combinations of branches that read the same input into one convolution.
+
+A tree of ``add`` / ``sub`` / ``neg`` / ``mul`` or ``div`` by a per-channel constant is flattened
+into ``sum_i c_i * leaf_i + const``. Each leaf that is a linear function of some input ``x`` becomes
+a branch ``(K_i, b_i)``: a convolution or Linear, an eval BatchNorm (identity ``s * x + t``), average
+pooling (``1 / k^2``), or ``x`` itself. Branches of one ``x`` are summed into one kernel:
+``K = sum(c_i * place(K_i))``, ``b = sum(c_i * b_i) + const``. This covers RepVGG / ACNet / MobileOne
+/ DBB / RepConv branch sums, a BN after the sum (folded later), LayerScale ``gamma * conv(x)``,
+ImplicitM ``m * conv(x)``, bias shifts ``conv(x) - v``, and FastViT's RepMixer
+``x + gamma * (mixer(x) - norm(x))``. Exactness conditions are checked in ``algebra.merge_branches``:
+a group that fails one is left as it was, with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from .. import algebra
+from ..graph import (aten, as_batchnorm, as_conv, const_value, erase_unused, per_channel, replace_conv, shape,
+                     site, sole_user)
+from ..manager import Pass, Refusal, Site
+from . import merge_sequence
+
+_COMBINE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default}
+
+
+@dataclass
+class Term:
+    coef: torch.Tensor
+    node: fx.Node
+    branch: algebra.Branch
+    src: fx.Node
+    kind: str  # "conv", "linear", "bn", "avgpool", "identity"
+    nodes: list = field(default_factory=list)  # the nodes this branch replaces
+
+
+@dataclass
+class Plan:
+    root: fx.Node
+    groups: list[list[Term]]          # groups to merge, one conv each
+    merged: list[algebra.Branch]
+    rest: list[Term]                  # leaves kept as they are (unit coefficient)
+    consumed: set = field(default_factory=set)
+    kind: str = "conv"
+
+
+def _is_combinator(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _COMBINE
+
+
+class _Flatten:
+    """``root`` as a list of (coefficient, leaf) plus a constant, per channel."""
+
+    def __init__(self, gm, root, channel_dim):
+        self.gm, self.root, self.cd = gm, root, channel_dim
+        self.out = shape(root)
+        self.leaves, self.consumed, self.ok = [], {root}, True
+        self.const = torch.zeros(self.out[channel_dim], dtype=torch.float64)
+
+    def constant(self, value):
+        return per_channel(const_value(self.gm, value), self.out, self.cd)
+
+    def walk(self, node, coef):
+        if isinstance(node, (int, float)) or (isinstance(node, fx.Node) and node.op == "get_attr"):
+            c = self.constant(node)
+            if c is None:
+                self.ok = False
+            else:
+                self.const += coef * c
+            return
+        if node is not self.root and (not _is_combinator(node) or sole_user(node) is None
+                                      or shape(node) != self.out or not self.expand(node, coef, dry=True)):
+            self.leaves.append((coef, node))
+            return
+        self.consumed.add(node)
+        self.expand(node, coef)
+
+    def expand(self, node, coef, dry=False) -> bool:
+        """Walk into a combinator; with ``dry`` only say whether it is one we can walk."""
+        args, t = node.args, node.target
+        alpha = node.kwargs.get("alpha", 1)
+        tensor_args = [a for a in args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
+        if any(shape(a) != self.out for a in tensor_args):
+            return False
+        if t == aten.neg.default:
+            steps = [(args[0], -coef)]
+        elif t in (aten.add.Tensor, aten.sub.Tensor):
+            sign = 1.0 if t == aten.add.Tensor else -1.0
+            steps = [(args[0], coef), (args[1], coef * sign * alpha)]
+        else:  # mul or div: one operand must be a per-channel constant
+            a, b = args[:2]
+            cb = self.constant(b)
+            ca = self.constant(a) if t == aten.mul.Tensor else None
+            if cb is not None and isinstance(a, fx.Node) and a.op != "get_attr":
+                steps = [(a, coef * (cb if t == aten.mul.Tensor else 1.0 / cb))]
+            elif ca is not None and isinstance(b, fx.Node) and b.op != "get_attr":
+                steps = [(b, coef * ca)]
+            else:
+                return False
+        if not dry:
+            for n, c in steps:
+                self.walk(n, c)
+        return True
+
+
+def _term(gm, coef, node, channel_dim, users_ok) -> Term:
+    """Describe a leaf as a branch of its input, or as the identity of itself."""
+    found = _branch(gm, node, channel_dim) if users_ok else None
+    if found is None:
+        out = shape(node)
+        nd = len(out) - 2 if channel_dim == 1 else 0
+        b = algebra.identity_branch(out[channel_dim], nd, dtype=coef.dtype)
+        return Term(coef, node, b, node, "identity")
+    branch, src, kind, nodes = found
+    return Term(coef, node, branch, src, kind, nodes)
+
+
+def _branch(gm, node, channel_dim):
+    """``(Branch, input, kind, nodes it replaces)`` when ``node`` is a linear function of one input."""
+    out = shape(node)
+    if channel_dim == 1:
+        seq = merge_sequence.analyze(gm, node, check_cost=False)  # the sum pays for the kxk kernel
+        if seq is not None and seq[0] is not None:
+            first, merged, chain = seq
+            return merged, first.x, "conv", chain
+    conv = as_conv(gm, node)
+    if conv is not None and conv.kind in ("conv", "linear") and isinstance(conv.x, fx.Node):
+        bias = conv.bias if conv.bias is not None else torch.zeros(conv.weight.shape[0], dtype=conv.weight.dtype)
+        b = algebra.Branch(conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, node.name)
+        return b, conv.x, conv.kind, [node]
+    bn = as_batchnorm(gm, node)
+    if bn is not None and bn.foldable and channel_dim == 1 and isinstance(bn.x, fx.Node):
+        s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
+        inner = _branch(gm, bn.x, channel_dim) if len(bn.x.users) == 1 else None
+        if inner is not None:  # a BN after a linear branch (DBB's avg-pool branch)
+            b, src, kind, nodes = inner
+            return b.affine(s, t), src, kind, nodes + [node]
+        return algebra.identity_branch(out[1], len(out) - 2, s, t, dtype=s.dtype), bn.x, "bn", [node]
+    if node.target == aten.avg_pool2d.default and channel_dim == 1:
+        a = list(node.args) + [None] * 7
+        k = a[1]
+        stride, pad = a[2] or k, a[3] or [0, 0]
+        ceil, include, divisor = a[4] or False, a[5] if a[5] is not None else True, a[6]
+        k, stride, pad = [list(v) * 2 if len(v) == 1 else list(v) for v in (k, stride, pad)]
+        if not ceil and divisor is None and (include or not any(pad)):
+            return algebra.avgpool_branch(out[1], k, stride, pad), node.args[0], "avgpool", [node]
+    return None
+
+
+def analyze(gm, root) -> tuple[Plan | None, list[Refusal]]:
+    out = shape(root)
+    if out is None or len(out) < 2:
+        return None, []
+    refusals = []
+    for channel_dim in (1, len(out) - 1):
+        flat = _Flatten(gm, root, channel_dim)
+        flat.walk(root, torch.ones(out[channel_dim], dtype=torch.float64))
+        if not flat.ok or any(shape(n) != out for _, n in flat.leaves):
+            continue
+        in_tree = flat.consumed
+        terms = [_term(gm, c, n, channel_dim, set(n.users) <= in_tree and len(n.users) == 1) for c, n in flat.leaves]
+        kinds = {t.kind for t in terms}
+        if "conv" in kinds and channel_dim != 1 or "linear" in kinds and channel_dim != len(out) - 1:
+            continue
+        if not kinds & {"conv", "linear"}:
+            return None, []
+        return _plan(root, terms, flat, "linear" if "linear" in kinds else "conv", refusals), refusals
+    return None, refusals
+
+
+def _plan(root, terms, flat, kind, refusals) -> Plan | None:
+    by_src: dict[fx.Node, list[Term]] = {}
+    for t in terms:
+        by_src.setdefault(t.src, []).append(t)
+    const = flat.const
+    has_const = bool(const.abs().max() > 0)
+    plan = Plan(root, [], [], [], set(flat.consumed), kind)
+    const_taken = False
+    for src, group in by_src.items():
+        has_conv = any(t.kind in ("conv", "linear") for t in group)
+        unit = all(bool((t.coef == 1).all()) for t in group)
+        absorb = has_conv and has_const and not const_taken
+        if not has_conv or (len(group) == 1 and unit and not absorb):
+            plan.rest.extend(group)
+            continue
+        in_size = shape(src)[2:] if kind == "conv" else ()
+        try:
+            merged = algebra.merge_branches([t.branch.scaled(t.coef) for t in group], tuple(in_size))
+        except algebra.NotExact as e:
+            refusals.append(Refusal(site([t.node for t in group]), f"branches not merged: {e}"))
+            plan.rest.extend(group)
+            continue
+        if absorb:
+            merged.bias = merged.bias + const
+            const_taken = True
+        plan.groups.append(group)
+        plan.merged.append(merged)
+    _explain_nonlinear(plan, by_src, refusals)
+    if not plan.groups or any(not bool((t.coef == 1).all()) for t in plan.rest) or (has_const and not const_taken):
+        return None
+    for group in plan.groups:
+        plan.consumed |= {n for t in group for n in t.nodes}
+    return plan
+
+
+def _explain_nonlinear(plan, by_src, refusals) -> None:
+    """A leaf that is a nonlinear function of a merged branch's input: say why it stays apart."""
+    sources = {src for src, g in by_src.items() if any(t.kind in ("conv", "linear") for t in g)}
+    for t in plan.rest:
+        if t.kind != "identity" or t.node in sources:
+            continue
+        node = t.node
+        for _ in range(3):
+            ins = node.all_input_nodes
+            if not ins:
+                break
+            if ins[0] in sources:
+                refusals.append(Refusal(site([t.node]), f"branch through {t.node.target} is not linear in "
+                                        f"{ins[0].name}; not merged"))
+                break
+            node = ins[0]
+
+
+class MergeLinear(Pass):
+    name = "merge_linear"
+
+    def find(self, gm):
+        sites, refusals, consumed = [], [], set()
+        for node in reversed(list(gm.graph.nodes)):
+            if not _is_combinator(node) or node in consumed:
+                continue
+            plan, why = analyze(gm, node)
+            refusals += why
+            if plan is not None:
+                consumed |= plan.consumed
+                sites.append(Site(site([node]), _merger(node)))
+        return sites, refusals
+
+
+def _merger(root):
+    def apply(gm):
+        plan, _ = analyze(gm, root)
+        if plan is None:
+            return "skipped: the site changed"
+        outs = []
+        for group, b in zip(plan.groups, plan.merged):
+            src = group[0].src
+            hint = site([t.node for t in group]).split(" ")[0]
+            new = replace_conv(gm, _Placeholder(root), src, plan.kind, b.kernel, b.bias, b.stride, b.padding,
+                               b.dilation, b.groups, hint=hint, insert_before=root)
+            outs.append(new)
+        outs += [t.node for t in plan.rest]
+        value = outs[0]
+        graph = gm.graph
+        for other in outs[1:]:
+            with graph.inserting_before(root):
+                value = graph.call_function(aten.add.Tensor, (value, other))
+            value.meta["val"] = root.meta.get("val")
+        root.replace_all_uses_with(value)
+        erase_unused(graph, plan.consumed)
+        labels = "+".join(sorted(t.kind for g in plan.groups for t in g))
+        return f"{labels} -> {len(plan.groups)} {plan.kind}" + (f" + {len(plan.rest)} kept" if plan.rest else "")
+    return apply
+
+
+class _Placeholder:
+    """Stands for the root in ``replace_conv`` so the new conv is built without rewiring yet."""
+
+    def __init__(self, root):
+        self.meta = root.meta
+        self.name = root.name
+
+    def replace_all_uses_with(self, new):
+        pass

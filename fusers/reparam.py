@@ -1,0 +1,120 @@
+"""``reparameterize``: capture, rewrite in float64 under proof, round once, check in float32."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import fx
+
+from .capture import as_args, capture
+from .graph import erase_unused, op_counts
+from .manager import Pass, PassManager, Report
+from .numerics import convert_dtype, max_rel_error, seeded_like
+from .passes import REGISTRY
+
+__all__ = ["DEFAULT_PASSES", "reparameterize", "last_report", "resolve_passes"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PASSES: tuple[str, ...] = ("fold_constants", "fold_bn", "fold_into_next", "merge_linear", "merge_sequence")
+TOLERANCE = 1e-9
+_LAST: list[Report] = []
+
+
+def last_report() -> Report | None:
+    """The report of the most recent ``reparameterize`` call (also at ``result.reparam_report``)."""
+    return _LAST[-1] if _LAST else None
+
+
+def resolve_passes(passes) -> list[Pass]:
+    out = []
+    for p in DEFAULT_PASSES if passes is None else passes:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif p in REGISTRY:
+            out.append(REGISTRY[p]())
+        else:
+            raise ValueError(f"unknown pass {p!r}; known passes: {', '.join(sorted(REGISTRY))}")
+    return out
+
+
+def _float_dtype(model: torch.nn.Module) -> torch.dtype:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def _remove_unused_attributes(gm: fx.GraphModule) -> None:
+    graph = gm.graph
+    for node in list(graph.nodes):  # dtype assertions on folded constants guard nothing
+        if node.target == torch.ops.aten._assert_tensor_metadata.default and \
+                all(a.op == "get_attr" for a in node.all_input_nodes):
+            graph.erase_node(node)
+    erase_unused(graph, [n for n in graph.nodes if n.op == "get_attr"])
+    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            if attr in module._parameters:
+                del module._parameters[attr]
+            elif attr in module._buffers:
+                del module._buffers[attr]
+    gm.delete_all_unused_submodules()
+
+
+def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verify: bool = True,
+                   seed: int = 0) -> fx.GraphModule:
+    """Return a plain deploy module computing the same function as ``model``.
+
+    ``model`` is untouched (its train/eval mode is restored). Rewrites run on a float64 copy of
+    the captured graph; after each pass its outputs on seeded inputs must agree with the captured
+    model's to ``1e-9`` relative, or the pass's inexact rewrites are rolled back and reported.
+    Weights are rounded to the model's dtype once, at the end. With ``verify`` the result is also
+    compared with ``model`` itself in its own dtype (``report.float32_error``).
+    """
+    args = as_args(example_inputs)
+    report, times = Report(), {}
+    start = time.perf_counter()
+    gm = capture(model, args)
+    times["capture"] = time.perf_counter() - start
+    report.ops_before = op_counts(gm)
+    report.params_before = sum(p.numel() for p in model.parameters())
+    dtype = _float_dtype(model)
+
+    start = time.perf_counter()
+    convert_dtype(gm, dtype, torch.float64)
+    check_inputs = seeded_like(args, seed, dtype=torch.float64)
+    with torch.no_grad():
+        reference = gm(*check_inputs)
+    PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE).run(gm, report)
+    _remove_unused_attributes(gm)
+    gm.recompile()
+    with torch.no_grad():
+        report.float64_error = max_rel_error(reference, gm(*check_inputs))
+    del reference
+    convert_dtype(gm, torch.float64, dtype)
+    times["passes"] = time.perf_counter() - start
+
+    if verify:
+        start = time.perf_counter()
+        inputs = seeded_like(args, seed + 1)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                report.float32_error = max_rel_error(model(*inputs), gm(*inputs))
+        finally:
+            model.train(was_training)
+        times["verify"] = time.perf_counter() - start
+    report.ops_after = op_counts(gm)
+    report.params_after = sum(p.numel() for p in gm.parameters())
+    report.seconds = times
+    gm.reparam_report = report
+    _LAST[:] = [report]
+    log.info("reparameterized %s: %d rewrites, float64 error %.1e", type(model).__name__, report.count(),
+             report.float64_error)
+    return gm

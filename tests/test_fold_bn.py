@@ -1,0 +1,57 @@
+import pytest
+import torch
+from torch import nn
+
+from helpers import reasons, reparam
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("groups,stride,dilation,padding", [(1, 1, 1, 1), (2, 2, 1, 1), (8, 1, 2, 2), (4, 2, 2, 0)])
+def test_conv2d_bn_folds(bias, groups, stride, dilation, padding):
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, stride, padding, dilation, groups, bias), nn.BatchNorm2d(16))
+    deploy, report, ops, err = reparam(model, 2, 8, 12, 12)
+    assert ops.get("batch_norm", 0) == 0 and ops["conv2d"] == 1
+    assert report.count("fold_bn") == 1
+    assert err <= 1e-5
+
+
+def test_conv1d_bn_folds():
+    deploy, report, ops, err = reparam(nn.Sequential(nn.Conv1d(4, 6, 3, padding=1), nn.BatchNorm1d(6)), 2, 4, 10)
+    assert ops == {"conv1d": 1} and err <= 1e-5
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_conv_transpose_bn_folds(groups):
+    model = nn.Sequential(nn.ConvTranspose2d(4, 6, 2, 2, groups=groups), nn.BatchNorm2d(6))
+    deploy, report, ops, err = reparam(model, 2, 4, 5, 5)
+    assert ops == {"conv_transpose2d": 1} and err <= 1e-5
+
+
+def test_linear_bn1d_folds():
+    deploy, report, ops, err = reparam(nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5)), 3, 7)
+    assert ops == {"linear": 1} and err <= 1e-5
+    assert sum(p.numel() for p in deploy.parameters()) == 7 * 5 + 5
+
+
+def test_bn_without_running_stats_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    deploy, report, ops, err = reparam(model, 2, 3, 8, 8)
+    assert ops["batch_norm"] == 1 and report.count() == 0
+    assert "batch statistics" in reasons(report)
+    assert err <= 1e-6
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y), y.relu()
+
+
+def test_conv_with_two_users_is_refused():
+    deploy, report, ops, err = reparam(Shared(), 1, 3, 4, 4)
+    assert ops["batch_norm"] == 1 and "also used" in reasons(report)
+    assert err <= 1e-6

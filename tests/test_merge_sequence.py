@@ -1,0 +1,77 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from helpers import reasons, reparam
+
+
+class BNAndPad(nn.Module):
+    """BatchNorm, then pad with the value the BN gives a zero input (DBB)."""
+
+    def __init__(self, c, pad):
+        super().__init__()
+        self.bn, self.pad = nn.BatchNorm2d(c), pad
+
+    def forward(self, x):
+        bn = self.bn
+        v = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).view(1, -1, 1, 1)
+        return F.pad(bn(x) - v, [self.pad] * 4) + v
+
+
+class Sequence(nn.Module):
+    def __init__(self, c=6, groups=1, second="conv", zero_pad=False, mid=None):
+        super().__init__()
+        mid = mid or c
+        self.first = nn.Conv2d(c, mid, 1, groups=groups, bias=False)
+        self.pad = nn.BatchNorm2d(mid) if zero_pad else BNAndPad(mid, 1)
+        if second == "conv":
+            self.second = nn.Conv2d(mid, c, 3, padding=1 if zero_pad else 0, groups=groups, bias=False)
+        else:
+            self.second = nn.AvgPool2d(3, 1, 0)
+        self.bn = nn.BatchNorm2d(c if second == "conv" else mid)
+
+    def forward(self, x):
+        return self.bn(self.second(self.pad(self.first(x))))
+
+
+def test_dbb_1x1_bnpad_kxk_becomes_one_conv():
+    deploy, report, ops, err = reparam(Sequence(), 2, 6, 8, 8)
+    assert ops == {"conv2d": 1} and report.count("merge_sequence") == 1 and err <= 1e-5
+
+
+def test_grouped_sequence():
+    deploy, report, ops, err = reparam(Sequence(groups=2), 2, 6, 8, 8)
+    assert ops == {"conv2d": 1} and err <= 1e-5
+
+
+class AvgBranchSum(nn.Module):
+    """DBB's 1x1 -> BN-and-pad -> avg-pool -> BN branch beside a 3x3 conv branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = Sequence(second="avg")
+        self.conv = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6))
+
+    def forward(self, x):
+        return self.seq(x) + self.conv(x)
+
+
+def test_dbb_1x1_bnpad_avgpool_branch_merges_into_the_sum():
+    deploy, report, ops, err = reparam(AvgBranchSum(), 2, 6, 8, 8)
+    assert ops == {"conv2d": 1} and err <= 1e-5
+
+
+def test_lone_1x1_avgpool_sequence_is_kept_for_cost():
+    deploy, report, ops, err = reparam(Sequence(second="avg"), 2, 6, 8, 8)
+    assert ops["avg_pool2d"] == 1 and "bottleneck" in reasons(report) and err <= 1e-5
+
+
+def test_zero_padded_sequence_is_refused():
+    deploy, report, ops, err = reparam(Sequence(zero_pad=True), 2, 6, 8, 8)
+    assert ops["conv2d"] == 2 and "zero-pads" in reasons(report) and err <= 1e-5
+
+
+def test_bottleneck_sequence_is_not_merged():
+    model = nn.Sequential(nn.Conv2d(16, 2, 1, bias=False), nn.Conv2d(2, 16, 3, padding=1))
+    deploy, report, ops, err = reparam(model, 1, 16, 6, 6)
+    assert ops["conv2d"] == 2 and "bottleneck" in reasons(report) and err <= 1e-5
