@@ -17,7 +17,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from .base import ExportError
+from .base import ExportError, first_line
 
 __all__ = ["as_args", "plain_graph_module", "to_graph_module", "eval_flags", "output_leaves", "io_names",
            "source_line"]
@@ -81,8 +81,7 @@ def to_graph_module(model, args: tuple) -> fx.GraphModule:
             try:
                 model = torch.export.export(model, args, strict=False).module()
             except Exception as e:
-                raise ExportError(f"torch.export cannot capture {type(model).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}.") from e
+                raise ExportError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}") from e
     return plain_graph_module(model)
 
 

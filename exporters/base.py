@@ -25,6 +25,8 @@ __all__ = [
     "PRECISIONS",
     "require",
     "check_precision",
+    "dtype_name",
+    "first_line",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,11 @@ class MissingDependency(DeployError, ImportError):
 
 class CorruptArtifact(DeployError):
     """An artifact file exists but cannot be parsed by its runtime (truncated, wrong format...)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name)."""
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
 
 
 def require(module: str, extra: str, purpose: str | None = None):
@@ -77,7 +84,7 @@ class TensorSpec:
 
     def __post_init__(self):
         self.shape = tuple(self.shape)
-        self.dtype = _dtype_name(self.dtype)
+        self.dtype = dtype_name(self.dtype)
 
     @property
     def is_dynamic(self) -> bool:
@@ -103,7 +110,7 @@ class TensorSpec:
         return cls(d["name"], tuple(d["shape"]), d.get("dtype", "float32"))
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
     """Canonical numpy dtype name for a numpy dtype, a torch dtype or a string."""
     if isinstance(dtype, str) and not dtype.startswith("torch."):
         import numpy as np

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ._torch import as_args, io_names, output_leaves, to_graph_module
-from .base import Artifact, ExportError, TensorSpec, require
+from .base import Artifact, ExportError, TensorSpec, first_line, require
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "export_onnx_raw", "simplify_onnx", "describe_onnx",
            "convert_onnx_to_fp16", "op_counts"]
@@ -129,20 +129,20 @@ def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: b
         if op:
             raise ExportError(f"ONNX (opset {opset}) cannot express op {op}: the torch.onnx exporter has no "
                               f"translation for it.") from e
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise ExportError(f"torch.onnx.export failed for ONNX (opset {opset}): {first.strip()}") from e
+        raise ExportError(f"torch.onnx.export failed for ONNX (opset {opset}): {first_line(e)}") from e
     if Path(str(path) + ".data").exists():
         raise ExportError(f"the ONNX exporter wrote the weights of {path} to an external file {path}.data; "
                           f"models over 2 GB cannot be embedded in one file.")
     try:
         onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as e:
-        raise ExportError(f"onnx.checker rejects the exported file {path}: {str(e).strip().splitlines()[0]}") from e
+        raise ExportError(f"onnx.checker rejects the exported file {path}: {first_line(e)}") from e
     art = describe_onnx(path)
     art.metadata.update(dynamic_batch=dynamic, exporter=f"torch.onnx dynamo (torch {torch.__version__})")
     if dynamic:
         static = [s.name for s in art.outputs if s.shape and isinstance(s.shape[0], int)]
         if static:
+            path.unlink()
             raise ExportError(
                 f"dynamic batch was requested but output(s) {', '.join(static)} of {path} keep a constant first "
                 f"dimension: the graph was captured with a fixed batch (a reshape bakes it in); capture the "
@@ -192,7 +192,7 @@ def simplify_onnx(raw: Artifact | str | os.PathLike, path=None, *, rtol: float =
         onnx.save(model, os.fspath(path))
         onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as e:
-        return keep_raw(f"onnxsim failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+        return keep_raw(f"onnxsim failed ({type(e).__name__}: {first_line(e)})")
     art = describe_onnx(path, parent=raw.path, precision=raw.precision)
     art.metadata.update({k: v for k, v in raw.metadata.items() if k not in ("ops", "opset")})
     if [s.name for s in art.inputs] != raw.input_names or art.output_names != raw.output_names:
@@ -265,8 +265,7 @@ def convert_onnx_to_fp16(src: Artifact | str | os.PathLike, path=None, *, rtol: 
     try:
         onnx.checker.check_model(os.fspath(path), full_check=True)
     except Exception as e:
-        raise ExportError(f"the fp16 conversion of {src.path} is not a valid ONNX model: "
-                          f"{str(e).strip().splitlines()[0]}") from e
+        raise ExportError(f"the fp16 conversion of {src.path} is not a valid ONNX model: {first_line(e)}") from e
     art = describe_onnx(path, parent=src.path, precision="fp16")
     art.metadata.update({k: v for k, v in src.metadata.items() if k not in ("ops", "opset", "simplify_check")})
     result = _compare_files(src, art, rtol, seed)

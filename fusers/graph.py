@@ -183,6 +183,18 @@ def common_path(nodes) -> str:
     return ".".join(prefix)
 
 
+def common_meta(nodes) -> dict:
+    """Meta for a node replacing ``nodes``: the first one's, its module stack cut to their common module."""
+    nodes = list(nodes)
+    meta = dict(nodes[0].meta)
+    prefix = common_path(nodes)
+    stack = meta.get("nn_module_stack") or {}
+    meta["nn_module_stack"] = {k: v for k, v in stack.items()
+                               if prefix == (p := re.sub(r"^L\['self'\]\.?", "", str(v[0]))) or prefix.startswith(p + ".")
+                               or not p}
+    return meta
+
+
 def site(nodes) -> str:
     """A readable name for a rewrite site: module path and the first node name."""
     nodes = list(nodes)
@@ -261,3 +273,21 @@ def op_counts(gm: torch.nn.Module) -> dict[str, int]:
             name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
             counts[name] = counts.get(name, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def remove_unused_attributes(gm: fx.GraphModule) -> None:
+    """Drop dead get_attr nodes and every parameter, buffer and submodule the graph no longer reads."""
+    graph = gm.graph
+    for node in list(graph.nodes):  # dtype assertions on folded constants guard nothing
+        if node.target == aten._assert_tensor_metadata.default and all(a.op == "get_attr" for a in node.all_input_nodes):
+            graph.erase_node(node)
+    erase_unused(graph, [n for n in graph.nodes if n.op == "get_attr"])
+    used = {n.target for n in graph.nodes if n.op in ("get_attr", "call_module")}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            module = gm.get_submodule(owner) if owner else gm
+            module._parameters.pop(attr, None)
+            module._buffers.pop(attr, None)
+    gm.delete_all_unused_submodules()
+    gm.recompile()

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
+from .graph import remove_unused_attributes
 from .numerics import max_rel_error
 
 __all__ = ["Pass", "Site", "Refusal", "PassRecord", "Report", "PassManager"]
@@ -74,12 +75,14 @@ class Report:
         return sum(len(p.rewrites) for p in self.passes if pass_name in (None, p.name))
 
     def refusals(self) -> list[Refusal]:
+        """Why rewrites did not happen in the final graph: each pass's last refusals, and every rollback."""
+        last = {p.name: p for p in self.passes}
+        found = [r for p in last.values() for r in p.refusals] + [r for p in self.passes for r in p.rolled_back]
         seen, out = set(), []
-        for p in self.passes:
-            for r in p.refusals + p.rolled_back:
-                if (r.site, r.reason) not in seen:
-                    seen.add((r.site, r.reason))
-                    out.append(r)
+        for r in found:
+            if (r.site, r.reason) not in seen:
+                seen.add((r.site, r.reason))
+                out.append(r)
         return out
 
     def to_dict(self) -> dict:
@@ -106,17 +109,25 @@ class Report:
 
 
 class PassManager:
-    """Runs ``passes`` in order, repeatedly, until a round makes no rewrite."""
+    """Runs ``passes`` in order, repeatedly, until a round makes no rewrite.
 
-    def __init__(self, passes: list[Pass], inputs, reference, tolerance: float = 1e-9, max_rounds: int = 8):
+    Rewrites are applied in chunks: a chunk ends once it has added ``budget_bytes`` of new
+    weights, then the graph is checked and the weights it replaced are freed. This bounds peak
+    memory to about the float64 model plus one chunk, whatever the pass.
+    """
+
+    def __init__(self, passes: list[Pass], inputs, reference, tolerance: float = 1e-9, max_rounds: int = 8,
+                 budget_bytes: int | None = None):
         self.passes, self.inputs, self.reference = passes, inputs, reference
-        self.tolerance, self.max_rounds = tolerance, max_rounds
+        self.tolerance, self.max_rounds, self.budget = tolerance, max_rounds, budget_bytes
 
     def _error(self, gm) -> float:
         with torch.no_grad():
             return max_rel_error(self.reference, gm(*self.inputs))
 
     def run(self, gm: fx.GraphModule, report: Report) -> None:
+        if self.budget is None:
+            self.budget = max(_nbytes(gm) // 4, 1 << 20)
         for round_ in range(1, self.max_rounds + 1):
             changed = False
             for p in self.passes:
@@ -130,56 +141,76 @@ class PassManager:
             if not changed:
                 return
 
-    def _apply(self, p: Pass, gm, only: set[int] | None) -> tuple[list[str], list[Refusal]]:
-        sites, refusals = p.find(gm)
-        done = []
-        for i, s in enumerate(sites):
-            if only is None or i in only:
-                done.append(f"{s.name}: {s.apply(gm)}")
+    def _apply(self, p: Pass, gm, names: list[str], sites: dict | None = None,
+               budget: int | None = None) -> list[tuple[str, str]]:
+        """Apply the named sites in order (found anew unless ``sites`` is current), stopping past ``budget`` bytes."""
+        if sites is None:
+            sites = {s.name: s for s in p.find(gm)[0]}
+        base, done = _nbytes(gm), []
+        for name in names:
+            if name in sites:
+                done.append((name, sites[name].apply(gm)))
+            if budget is not None and _nbytes(gm) - base > budget:
+                break
         gm.graph.lint()
         gm.recompile()
-        return done, refusals
+        return done
 
     def _run_pass(self, p: Pass, gm, round_: int) -> PassRecord:
+        """Apply every site the pass finds once, a chunk at a time, each chunk checked."""
         record = PassRecord(p.name, round_)
-        saved = copy.deepcopy(gm.graph)
-        try:
-            record.rewrites, record.refusals = self._apply(p, gm, None)
-            if not record.rewrites:
+        found, record.refusals = p.find(gm)
+        sites = {s.name: s for s in found}
+        pending = list(sites)
+        while pending:
+            saved = copy.deepcopy(gm.graph)
+            try:
+                done = self._apply(p, gm, pending, sites, self.budget)
+                err = self._error(gm)
+            except Exception as e:  # a crashing rewrite is a bug: undo it, say so, keep going
+                log.exception("pass %s crashed; its rewrites were undone", p.name)
+                self._restore(gm, saved)
+                record.rolled_back.append(Refusal(p.name, f"pass crashed: {type(e).__name__}: {e}"))
                 return record
-            record.max_rel_error = self._error(gm)
-        except Exception as e:  # a crashing rewrite is a bug: undo it, say so, keep going
-            log.exception("pass %s crashed; its rewrites were undone", p.name)
-            self._restore(gm, saved)
-            record.rewrites = []
-            record.rolled_back.append(Refusal(p.name, f"pass crashed: {type(e).__name__}: {e}"))
-            return record
-        if record.max_rel_error <= self.tolerance:
-            return record
-        self._restore(gm, saved)
-        return self._bisect(p, gm, record, saved)
+            names = [name for name, _ in done]
+            pending = [n for n in pending if n not in names and n in sites] if done else []
+            if err <= self.tolerance:
+                record.rewrites += [f"{name}: {what}" for name, what in done]
+                record.max_rel_error = max(record.max_rel_error, err)
+            else:
+                self._restore(gm, saved)
+                self._bisect(p, gm, record, names, saved)
+                sites = {s.name: s for s in p.find(gm)[0]}  # the restored graph has new node objects
+            remove_unused_attributes(gm)  # weights replaced by an accepted chunk are freed now
+        return record
 
-    def _bisect(self, p: Pass, gm, record: PassRecord, saved) -> PassRecord:
-        """Retry each rewrite alone; keep the exact ones."""
-        sites, _ = p.find(gm)
-        good = set()
-        for i, s in enumerate(sites):
-            self._apply(p, gm, {i})
+    def _bisect(self, p: Pass, gm, record: PassRecord, names: list[str], saved) -> None:
+        """Retry each rewrite of a failed chunk alone; keep the exact ones, report the others."""
+        good = []
+        for name in names:
+            self._apply(p, gm, [name])
             err = self._error(gm)
             self._restore(gm, saved)
             if err <= self.tolerance:
-                good.add(i)
+                good.append(name)
             else:
-                record.rolled_back.append(Refusal(s.name, f"rolled back: float64 error {err:.1e} > {self.tolerance:.0e}"))
-        record.rewrites, _ = self._apply(p, gm, good)
-        record.max_rel_error = self._error(gm) if good else 0.0
-        if record.max_rel_error > self.tolerance:  # exact alone, inexact together: keep nothing
+                record.rolled_back.append(Refusal(name, f"rolled back: float64 error {err:.1e} > {self.tolerance:.0e}"))
+        if not good:
+            return
+        done = self._apply(p, gm, good)
+        err = self._error(gm)
+        if err > self.tolerance:  # exact alone, inexact together: keep none of them
             self._restore(gm, saved)
-            record.rolled_back.append(Refusal(p.name, f"rewrites interact: error {record.max_rel_error:.1e}"))
-            record.rewrites, record.max_rel_error = [], 0.0
-        return record
+            record.rolled_back.append(Refusal(p.name, f"rewrites interact: error {err:.1e}"))
+            return
+        record.rewrites += [f"{n}: {what}" for n, what in done]
+        record.max_rel_error = max(record.max_rel_error, err)
 
     @staticmethod
     def _restore(gm, saved) -> None:
         gm.graph = copy.deepcopy(saved)
         gm.recompile()
+
+
+def _nbytes(gm) -> int:
+    return sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))

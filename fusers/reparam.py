@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from .capture import as_args, capture
-from .graph import erase_unused, op_counts
+from .graph import op_counts, remove_unused_attributes
 from .manager import Pass, PassManager, Report
 from .numerics import convert_dtype, max_rel_error, seeded_like
 from .passes import REGISTRY
@@ -47,25 +47,6 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def _remove_unused_attributes(gm: fx.GraphModule) -> None:
-    graph = gm.graph
-    for node in list(graph.nodes):  # dtype assertions on folded constants guard nothing
-        if node.target == torch.ops.aten._assert_tensor_metadata.default and \
-                all(a.op == "get_attr" for a in node.all_input_nodes):
-            graph.erase_node(node)
-    erase_unused(graph, [n for n in graph.nodes if n.op == "get_attr"])
-    used = {n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")}
-    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            module = gm.get_submodule(owner) if owner else gm
-            if attr in module._parameters:
-                del module._parameters[attr]
-            elif attr in module._buffers:
-                del module._buffers[attr]
-    gm.delete_all_unused_submodules()
-
-
 def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verify: bool = True,
                    seed: int = 0) -> fx.GraphModule:
     """Return a plain deploy module computing the same function as ``model``.
@@ -91,7 +72,7 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     with torch.no_grad():
         reference = gm(*check_inputs)
     PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE).run(gm, report)
-    _remove_unused_attributes(gm)
+    remove_unused_attributes(gm)
     gm.recompile()
     with torch.no_grad():
         report.float64_error = max_rel_error(reference, gm(*check_inputs))
@@ -114,6 +95,8 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     report.params_after = sum(p.numel() for p in gm.parameters())
     report.seconds = times
     gm.reparam_report = report
+    for module in gm.modules():  # the graph is eval-mode already; ep.module() forbids .eval()
+        module.training = False
     _LAST[:] = [report]
     log.info("reparameterized %s: %d rewrites, float64 error %.1e", type(model).__name__, report.count(),
              report.float64_error)

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..graph import (aten, as_batchnorm, as_conv, const_value, erase_unused, per_channel, replace_conv, shape,
+from ..graph import (aten, as_batchnorm, as_conv, common_meta, const_value, erase_unused, per_channel, replace_conv, shape,
                      site, sole_user)
 from ..manager import Pass, Refusal, Site
 from . import merge_sequence
@@ -249,7 +249,7 @@ def _merger(root):
         for group, b in zip(plan.groups, plan.merged):
             src = group[0].src
             hint = site([t.node for t in group]).split(" ")[0]
-            new = replace_conv(gm, _Placeholder(root), src, plan.kind, b.kernel, b.bias, b.stride, b.padding,
+            new = replace_conv(gm, _Placeholder(root, [t.node for t in group]), src, plan.kind, b.kernel, b.bias, b.stride, b.padding,
                                b.dilation, b.groups, hint=hint, insert_before=root)
             outs.append(new)
         outs += [t.node for t in plan.rest]
@@ -269,8 +269,8 @@ def _merger(root):
 class _Placeholder:
     """Stands for the root in ``replace_conv`` so the new conv is built without rewiring yet."""
 
-    def __init__(self, root):
-        self.meta = root.meta
+    def __init__(self, root, nodes):
+        self.meta = dict(common_meta(nodes), val=root.meta.get("val"))
         self.name = root.name
 
     def replace_all_uses_with(self, new):

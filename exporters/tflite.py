@@ -1,0 +1,152 @@
+"""TFLite export with litert-torch (``litert_torch.convert(module, args).export(path)``).
+
+- The model is captured as a GraphModule and legalized for TFLite first (:mod:`exporters.legalize`:
+  integer ``x ** n`` becomes multiplications, checked in float64).
+- fp32 by default. fp16 uses litert-torch's ``full_fp16_recipe`` quantization config (run by
+  ai-edge-quantizer): weights are stored as fp16 and dequantized to fp32 by a ``DEQUANTIZE`` op,
+  the standard TFLite "float16 quantization"; the XNNPACK CPU delegate and the GPU delegate may
+  then compute in fp16. Inputs and outputs stay fp32.
+- ``nhwc=True`` wraps the module with ``litert_torch.to_channel_last_io`` so 4-D inputs (and, with
+  ``nhwc_outputs``, 4-D outputs) are channels-last, the layout mobile pipelines feed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ._torch import as_args, io_names, output_leaves, to_graph_module
+from .base import Artifact, ExportError, TensorSpec, check_precision, first_line, require
+from .legalize import check_rewrite_float64, legalize_for_tflite
+
+__all__ = ["export_tflite", "describe_tflite"]
+
+log = logging.getLogger(__name__)
+_EXTRA = "tflite"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert-torch prints progress (rich), ai-edge-quantizer sizes and tqdm bars: send them to the log."""
+    saved = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
+    os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("LITERT_TORCH_SHOW_PROGRESS", None)
+        else:
+            os.environ["LITERT_TORCH_SHOW_PROGRESS"] = saved
+        if buf.getvalue().strip():
+            log.debug("litert-torch output:\n%s", buf.getvalue().strip())
+
+
+def _indices(flag: bool | Sequence[int], tensors: Sequence) -> list[int]:
+    if flag is True:
+        return [i for i, t in enumerate(tensors) if getattr(t, "ndim", 0) == 4]
+    if not flag:
+        return []
+    return list(flag)
+
+
+def _legalize_error(exc: BaseException) -> ExportError:
+    text = str(exc)
+    m = re.search(r"failed to legalize operation '([^']+)'", text)
+    if m:
+        loc = re.search(r"([^\s:]+\.py:\d+):\d+: error", text)
+        where = f" (from {loc.group(1)})" if loc else ""
+        return ExportError(f"TFLite cannot express op {m.group(1)}{where}: litert-torch failed to legalize it.")
+    return ExportError(f"litert-torch could not convert the model to TFLite: {first_line(exc)}")
+
+
+def describe_tflite(path, *, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+                    precision: str = "fp32", parent: str | None = None) -> Artifact:
+    """An artifact record for a ``.tflite`` file, read back through the LiteRT interpreter."""
+    from runtimes.litert_runner import LiteRTRunner
+
+    runner = LiteRTRunner(path)
+    with runner:
+        specs, n_out = runner.get_input_specs(), len(runner.output_names)
+        natives_in, natives_out, signature = runner._native_inputs, runner._native_outputs, runner.signature
+        feed = {s.name: np.zeros(s.concrete_shape(1), s.dtype) for s in specs}
+        outs = list(runner.infer(feed).values())
+    in_names = io_names(input_names, len(specs), "input")
+    out_names = io_names(output_names, n_out, "output")
+    return Artifact(
+        path=os.fspath(path), format="tflite",
+        inputs=[TensorSpec(n, s.shape, s.dtype) for n, s in zip(in_names, specs)],
+        outputs=[TensorSpec(n, o.shape, o.dtype.name) for n, o in zip(out_names, outs)],
+        precision=precision, parent=parent,
+        metadata={"signature": signature, "tflite_inputs": natives_in, "tflite_outputs": natives_out},
+    )
+
+
+def export_tflite(model, args, path, *, precision: str = "fp32", nhwc: bool | Sequence[int] = False,
+                  nhwc_outputs: bool | Sequence[int] = False, input_names: Sequence[str] | None = None,
+                  output_names: Sequence[str] | None = None, legalize: bool = True,
+                  allow_unsupported_pow: bool = False) -> Artifact:
+    """Convert ``model`` (traced on ``args``, NCHW) to a ``.tflite`` file; see the module docstring."""
+    check_precision(precision, fmt="TFLite")
+    litert_torch = require("litert_torch", _EXTRA, "TFLite export")
+    require("ai_edge_litert", _EXTRA, "reading TFLite files back")
+    import torch
+
+    args = as_args(args)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = to_graph_module(model, args)
+    notes = []
+    rewrites = []
+    if legalize:
+        legal, rewrites = legalize_for_tflite(module, allow_unsupported_pow=allow_unsupported_pow)
+        if rewrites:
+            err = check_rewrite_float64(module, legal, args)
+            notes.append(f"legalized {len(rewrites)} pow node(s) into multiplications for TFLite "
+                         f"(float64 relative difference {err:.1e})")
+            module = legal
+    leaves = output_leaves(module, args)
+    in_idx, out_idx = _indices(nhwc, args), _indices(nhwc_outputs, leaves)
+    sample = args
+    if in_idx or out_idx:
+        if any(args[i].ndim != 4 for i in in_idx) or any(leaves[i].ndim != 4 for i in out_idx):
+            raise ExportError("nhwc layout applies to 4-D (N, C, H, W) tensors only.")
+        module = litert_torch.to_channel_last_io(module, args=in_idx, outputs=out_idx)
+        module.training = False
+        sample = tuple(a.permute(0, 2, 3, 1).contiguous() if i in in_idx else a for i, a in enumerate(args))
+    quant_config = None
+    if precision == "fp16":
+        from litert_torch.generative.quantize import quant_recipes
+
+        quant_config = quant_recipes.full_fp16_recipe()
+    if path.exists():
+        path.unlink()
+    try:
+        with _quiet(), torch.no_grad():
+            edge = litert_torch.convert(module, sample, quant_config=quant_config)
+            edge.export(os.fspath(path))
+    except ExportError:
+        raise
+    except Exception as e:
+        raise _legalize_error(e) from e
+    art = describe_tflite(path, input_names=input_names, output_names=output_names, precision=precision)
+    for note in notes:
+        art.note(note)
+    art.metadata.update(
+        layout={"inputs": ["NHWC" if i in in_idx else "NCHW" for i in range(len(args))],
+                "outputs": ["NHWC" if i in out_idx else "native" for i in range(len(leaves))]},
+        rewrites=[r.to_dict() for r in rewrites],
+        exporter=f"litert-torch {getattr(litert_torch, '__version__', '?')}",
+    )
+    if precision == "fp16":
+        art.note("fp16 weights (litert-torch full_fp16_recipe: fp16 constants + DEQUANTIZE), fp32 inputs/outputs")
+    log.info("exported %s (%s)", path, precision)
+    return art

@@ -1,0 +1,91 @@
+"""OpenVINO: an IR (``.xml`` + ``.bin``) or ``.onnx`` file compiled for a device, CPU by default.
+
+The inference precision is always set explicitly (``INFERENCE_PRECISION_HINT``: "f32" for fp32,
+"f16" for fp16): the CPU plugin otherwise picks bf16 or f16 by itself on CPUs that support them.
+On a CPU without native fp16 the plugin answers an "f16" hint with bf16; the precision it really
+uses is read back into ``effective_precision`` and logged when it differs from the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+
+from exporters.base import Artifact, TensorSpec, require
+
+from .base import Runner, check_file, corrupt
+
+__all__ = ["OpenVINORunner"]
+
+log = logging.getLogger(__name__)
+
+_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+_PRECISION_OF = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "bfloat16": "bf16",
+                 "bf16": "bf16"}
+
+
+class OpenVINORunner(Runner):
+    """Runs an OpenVINO IR; ``precision`` "fp32" (default) or "fp16"; ``threads`` -> INFERENCE_NUM_THREADS."""
+
+    runtime = "openvino"
+
+    def __init__(self, path, *, device: str = "CPU", precision: str = "fp32", threads: int | None = None,
+                 config: dict | None = None, name: str | None = None, artifact: Artifact | None = None):
+        super().__init__(name, threads=threads, artifact=artifact)
+        if precision not in _HINTS:
+            raise ValueError(f"precision must be one of {', '.join(_HINTS)}, got {precision!r}")
+        self.path = str(path)
+        self.device = device
+        self.precision = precision
+        self.config = dict(config or {})
+        self.effective_precision: str | None = None
+        self.compiled = None
+        self.request = None
+
+    def activate_impl(self) -> None:
+        path = check_file(self.path, "OpenVINO IR" if self.path.endswith(".xml") else "OpenVINO input")
+        if path.endswith(".xml"):
+            check_file(os.path.splitext(path)[0] + ".bin", "OpenVINO IR weights (.bin)")
+        ov = require("openvino", "openvino", "the OpenVINO runner")
+        core = ov.Core()
+        try:
+            model = core.read_model(path)
+        except Exception as e:
+            raise corrupt(path, "OpenVINO IR", e) from e
+        config = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision]}
+        if self.threads is not None:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        config.update(self.config)
+        self.compiled = core.compile_model(model, self.device, config)
+        hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        self.effective_precision = _PRECISION_OF.get(hint, hint)
+        if self.effective_precision != self.precision:
+            log.warning("OpenVINO %s runs %s as %s (requested %s): the device has no native %s support",
+                        self.device, path, self.effective_precision, self.precision, self.precision)
+        self.request = self.compiled.create_infer_request()
+        self.input_specs = []
+        for i, port in enumerate(self.compiled.inputs):
+            shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+            self.input_specs.append(TensorSpec(_port_name(port, f"input{i}"), shape,
+                                               np.dtype(port.get_element_type().to_dtype()).name))
+        self.output_names = [_port_name(p, f"output{i}") for i, p in enumerate(self.compiled.outputs)]
+        self._native_inputs = [s.name for s in self.input_specs]
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        arrays = [np.ascontiguousarray(feed[s.name]) for s in self.input_specs]
+        result = self.request.infer(arrays)
+        return [np.array(result[port]) for port in self.compiled.outputs]
+
+    def deactivate_impl(self) -> None:
+        self.request = None
+        self.compiled = None
+
+
+def _port_name(port, default: str) -> str:
+    try:
+        return port.get_any_name()
+    except RuntimeError:
+        return default
