@@ -57,6 +57,14 @@ def _shapes(args) -> str:
     return ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
 
 
+def set_training(model: torch.nn.Module, mode: bool) -> None:
+    try:
+        model.train(mode)
+    except NotImplementedError:  # modules made by torch.export refuse .train()/.eval()
+        for m in model.modules():
+            m.training = mode
+
+
 def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     """Export ``model`` in eval mode (its mode is restored afterwards) and return ``ep.module()``."""
     args = as_args(example_inputs)
@@ -64,7 +72,7 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     if was_training:
         warnings.warn(f"{type(model).__name__} was in train mode; capturing it in eval mode because folding "
                       "uses BatchNorm running statistics", stacklevel=2)
-    model.eval()
+    set_training(model, False)
     try:
         try:
             with torch.no_grad():
@@ -78,7 +86,7 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
             raise CaptureError(f"torch.export cannot capture {type(model).__name__}: {_first_line(e)}{_where(e)}; "
                                "rewrite that operation without data-dependent Python control flow") from e
     finally:
-        model.train(was_training)
+        set_training(model, was_training)
     gm = ep.module()
     log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
     return gm

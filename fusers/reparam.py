@@ -8,7 +8,7 @@ import time
 import torch
 from torch import fx
 
-from .capture import as_args, capture
+from .capture import set_training, as_args, capture
 from .graph import op_counts, remove_unused_attributes
 from .manager import Pass, PassManager, Report
 from .numerics import convert_dtype, max_rel_error, seeded_like
@@ -84,12 +84,12 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
         start = time.perf_counter()
         inputs = seeded_like(args, seed + 1)
         was_training = model.training
-        model.eval()
+        set_training(model, False)
         try:
             with torch.no_grad():
                 report.float32_error = max_rel_error(model(*inputs), gm(*inputs))
         finally:
-            model.train(was_training)
+            set_training(model, was_training)
         times["verify"] = time.perf_counter() - start
     report.ops_after = op_counts(gm)
     report.params_after = sum(p.numel() for p in gm.parameters())

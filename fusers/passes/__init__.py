@@ -7,7 +7,8 @@ from .fold_constants import FoldConstants
 from .fold_into_next import FoldIntoNext
 from .merge_linear import MergeLinear
 from .merge_sequence import MergeSequence
+from .pow_to_mul import PowToMul
 
-__all__ = ["REGISTRY", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence"]
+__all__ = ["REGISTRY", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence", "PowToMul"]
 
-REGISTRY = {p.name: p for p in (FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence)}
+REGISTRY = {p.name: p for p in (FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence, PowToMul)}
