@@ -17,7 +17,7 @@ BLOCKS = (ACBlock, DiverseBranchBlock, MobileOneBlock, RepVGGBlock, RepConv)
 
 def small(name):
     model = zoo.randomize_batchnorm(zoo.create(name, width=0.25), seed=1).eval()
-    shape = (1, 3, 96, 96) if name == "yolov7_tiny_rep" else (1, 3, 48, 48)
+    shape = (1, 3, 96, 96) if name == "yolov7_tiny_rep" else (1, zoo.input_shape(name)[1], 48, 48)
     return model, torch.randn(*shape)
 
 

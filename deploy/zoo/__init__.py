@@ -8,6 +8,9 @@ channel count, so tests can build tiny versions) and ``num_classes``.
     >>> from deploy import zoo
     >>> model = zoo.randomize_batchnorm(zoo.create("repvgg_a0", width=0.25)).eval()
     >>> x = torch.randn(*zoo.input_shape("repvgg_a0"))
+
+``repvgg_digits`` is the one entry with trained weights (``create("repvgg_digits", pretrained=True)``)
+and a held-out data set (``zoo.samples("repvgg_digits")``); see :mod:`deploy.zoo.digits`.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ from torch import nn
 
 from .acnet import acnet_resnet
 from .dbb import dbb_resnet
+from .digits import TEST_SPLIT as _DIGITS_TEST
+from .digits import repvgg_digits
 from .mobileone import mobileone_s0
+from .resnet import resnet_small
 from .repvgg import repvgg_a0, repvgg_a0_se, repvgg_a1, repvgg_b0, repvgg_b1g2
 from .yolov7 import yolov7_tiny_rep
 
-__all__ = ["create", "describe", "input_shape", "names", "randomize_batchnorm"]
+__all__ = ["create", "describe", "has_weights", "input_shape", "names", "randomize_batchnorm", "samples"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,8 @@ class _Entry:
     factory: Callable[..., nn.Module]
     input_shape: tuple[int, ...]
     description: str
+    pretrained: bool = False  # the factory takes pretrained=True and loads weights shipped in the package
+    samples: str | None = None  # a held-out .npz shipped in the package: input0 (N, ...), labels (N,)
 
 
 _IMAGENET = (1, 3, 224, 224)
@@ -45,6 +53,8 @@ _ZOO: dict[str, _Entry] = {
     "mobileone_s0": _Entry(mobileone_s0, _IMAGENET, "MobileOne-S0 (Vasu et al. 2023): k=4 branches in depthwise 3x3 and pointwise 1x1 blocks, ~2.1M params deployed"),
     "acnet_resnet": _Entry(acnet_resnet, _IMAGENET, "Small ResNet (32/64/128) with ACNet blocks (Ding et al. 2019): bn(3x3) + bn(1x3) + bn(3x1)"),
     "dbb_resnet": _Entry(dbb_resnet, _IMAGENET, "Small ResNet (32/64/128) with Diverse Branch Blocks (Ding et al. 2021): kxk, 1x1, 1x1-kxk, 1x1-avg; zero_pad=True for the inexact variant"),
+    "resnet_small": _Entry(resnet_small, _IMAGENET, "Small ResNet (32/64/128) of basic blocks relu(bn(3x3(relu(bn(3x3(x))))) + shortcut(x)); plain with the 'rm' pass"),
+    "repvgg_digits": _Entry(repvgg_digits, (1, 1, 8, 8), "RepVGG-Digits: 6 RepVGG blocks (16-64 channels) trained on scikit-learn's 8x8 digits; shipped weights and held-out split", pretrained=True, samples=str(_DIGITS_TEST)),
     "yolov7_tiny_rep": _Entry(yolov7_tiny_rep, (1, 3, 320, 320), "YOLOv7-tiny (Wang et al. 2023) with RepConv heads and an IDetect head (ImplicitA / ImplicitM), 80 classes"),
 }
 
@@ -61,9 +71,30 @@ def _entry(name: str) -> _Entry:
         raise ValueError(f"unknown zoo model {name!r}; known models: {', '.join(names())}") from None
 
 
-def create(name: str, **kwargs) -> nn.Module:
-    """Build zoo model ``name`` in its training-time form; ``kwargs`` go to its factory (``num_classes``, ``width``, ...)."""
-    return _entry(name).factory(**kwargs)
+def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build zoo model ``name`` in its training-time form; ``kwargs`` go to its factory (``num_classes``, ``width``, ...).
+
+    ``pretrained=True`` loads the weights shipped in the package (in eval mode); only entries with
+    ``has_weights(name)`` have them.
+    """
+    entry = _entry(name)
+    if not pretrained:
+        return entry.factory(**kwargs)
+    if not entry.pretrained:
+        shipped = ", ".join(n for n in names() if _ZOO[n].pretrained)
+        raise ValueError(f"zoo model {name!r} has no shipped weights (only {shipped} has); build it with "
+                         f"pretrained=False and load a checkpoint")
+    return entry.factory(pretrained=True, **kwargs)
+
+
+def has_weights(name: str) -> bool:
+    """Whether zoo model ``name`` ships trained weights (``create(name, pretrained=True)``)."""
+    return _entry(name).pretrained
+
+
+def samples(name: str) -> str | None:
+    """Path of the held-out samples shipped for zoo model ``name`` (``.npz``: ``input0``, ``labels``), or None."""
+    return _entry(name).samples
 
 
 def input_shape(name: str) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from ._layers import ClassifierHead, conv_bn, scale_channels
 
-__all__ = ["BasicBlock", "SmallResNet", "UnitFactory"]
+__all__ = ["BasicBlock", "SmallResNet", "UnitFactory", "resnet_small"]
 
 # (in_channels, out_channels, stride) -> module computing bn(conv3x3(x)) or an equivalent multi-branch sum.
 UnitFactory = Callable[[int, int, int], nn.Module]
@@ -74,3 +74,17 @@ class SmallResNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.stages(self.stem(x)))
+
+
+def _plain_unit(in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    return conv_bn(in_channels, out_channels, 3, stride=stride, padding=1)
+
+
+def resnet_small(
+    num_classes: int = 1000,
+    width: float = 1.0,
+    widths: tuple[int, ...] = (32, 64, 128),
+    depths: tuple[int, ...] = (2, 2, 2),
+) -> SmallResNet:
+    """The plain skeleton (3x3 conv-BN units): the RM operation's test bed."""
+    return SmallResNet(_plain_unit, widths, depths, num_classes, width)

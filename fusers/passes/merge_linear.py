@@ -25,6 +25,7 @@ from ..manager import Pass, Refusal, Site
 from . import merge_sequence
 
 _COMBINE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default}
+_IN_PLACE = {aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor, aten.mul_.Tensor: aten.mul.Tensor}
 
 
 @dataclass
@@ -48,7 +49,11 @@ class Plan:
 
 
 def _is_combinator(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in _COMBINE
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in _IN_PLACE:  # ``out += y`` on an intermediate nothing else reads is an add
+        return isinstance(node.args[0], fx.Node) and sole_user(node.args[0]) is node
+    return node.target in _COMBINE
 
 
 class _Flatten:
@@ -80,7 +85,7 @@ class _Flatten:
 
     def expand(self, node, coef, dry=False) -> bool:
         """Walk into a combinator; with ``dry`` only say whether it is one we can walk."""
-        args, t = node.args, node.target
+        args, t = node.args, _IN_PLACE.get(node.target, node.target)
         alpha = node.kwargs.get("alpha", 1)
         tensor_args = [a for a in args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
         if any(shape(a) != self.out for a in tensor_args):
