@@ -16,10 +16,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
-from .graph import remove_unused_attributes
+from .graph import remove_unused_attributes, site
 from .numerics import max_rel_error
 
-__all__ = ["Pass", "Site", "Refusal", "PassRecord", "Report", "PassManager"]
+__all__ = ["Pass", "NodePass", "Site", "Refusal", "PassRecord", "Report", "PassManager"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,41 @@ class Pass:
 
     def find(self, gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
         raise NotImplementedError
+
+
+class NodePass(Pass):
+    """A pass that judges each node on its own.
+
+    ``analyze(gm, node)`` returns None (no pattern here), ``(None, reason)`` (a pattern it refuses)
+    or a plan; ``rewrite(gm, node, plan)`` carries a plan out and describes it. The plan is made
+    again when the rewrite runs, since earlier rewrites of the same pass may have moved its inputs.
+    """
+
+    refusal = "not rewritten"
+
+    def analyze(self, gm: fx.GraphModule, node: fx.Node):
+        raise NotImplementedError
+
+    def rewrite(self, gm: fx.GraphModule, node: fx.Node, plan) -> str:
+        raise NotImplementedError
+
+    def find(self, gm):
+        sites, refusals = [], []
+        for node in gm.graph.nodes:
+            plan = self.analyze(gm, node)
+            if plan is None:
+                continue
+            if plan[0] is None:
+                refusals.append(Refusal(site([node]), f"{self.refusal}: {plan[1]}"))
+            else:
+                sites.append(Site(site([node]), lambda gm, node=node: self._rewrite_again(gm, node)))
+        return sites, refusals
+
+    def _rewrite_again(self, gm, node) -> str:
+        plan = self.analyze(gm, node)
+        if plan is None or plan[0] is None:
+            return "skipped: the site changed"
+        return self.rewrite(gm, node, plan)
 
 
 @dataclass

@@ -17,7 +17,7 @@ def _rm_widths(report) -> list[str]:
     return [r for p in report.passes if p.name == "rm" for r in p.rewrites]
 
 
-@pytest.mark.parametrize("name,blocks,convs", [("resnet18", 8, 17), ("resnet50", 16, 49)])
+@pytest.mark.parametrize("name,blocks,convs", [("resnet18", 8, 17), ("resnet34", 16, 33), ("resnet50", 16, 49)])
 def test_torchvision_resnet_becomes_plain(name, blocks, convs, tmp_path):
     torchvision = pytest.importorskip("torchvision")
     onnx = pytest.importorskip("onnx")
@@ -87,6 +87,17 @@ def test_residual_without_a_proof_is_kept(act_in, act_mid, why):
     deploy, report, ops, err = reparam(Clipped(act_in, act_mid), 1, 3, 6, 6, passes=RM)
     assert ops["add"] == 1 and err <= 1e-5
     assert why in reasons(report)
+
+
+def test_mobilenet_v2_linear_bottlenecks_are_refused():
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.mobilenet_v2(weights=None, width_mult=0.25)
+    deploy, report, ops, err = reparam(model, 1, 3, 32, 32, passes=RM)
+    assert ops["add"] == 11 and err <= 1e-5  # every residual kept
+    refused = [r.reason for r in report.refusals() if "residual kept" in r.reason]
+    assert len(refused) == 11
+    assert sum("may be negative" in r for r in refused) == 10  # linear bottlenecks
+    assert sum("grouped conv" in r for r in refused) == 1  # the first block: a depthwise conv after a ReLU6
 
 
 def test_rm_is_not_a_default_pass():

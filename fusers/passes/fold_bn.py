@@ -9,43 +9,34 @@ a 2-D output, where BatchNorm1d normalises the Linear's features.
 from __future__ import annotations
 
 from .. import algebra
-from ..graph import as_batchnorm, as_conv, erase_unused, replace_conv, shape, site, sole_user
-from ..manager import Pass, Refusal, Site
+from ..graph import as_batchnorm, as_conv, erase_unused, replace_conv, shape, sole_user
+from ..manager import NodePass
 
 
-class FoldBatchNorm(Pass):
+_BATCH_STATS = "BatchNorm uses batch statistics (train mode or track_running_stats=False); folding needs running statistics"
+
+
+class FoldBatchNorm(NodePass):
     name = "fold_bn"
+    refusal = "BatchNorm not folded"
 
-    def find(self, gm):
-        sites, refusals = [], []
-        for node in gm.graph.nodes:
-            bn = as_batchnorm(gm, node)
-            if bn is None:
-                continue
-            conv = as_conv(gm, bn.x)
-            if conv is None:
-                if not bn.foldable:
-                    refusals.append(Refusal(site([node]), "BatchNorm uses batch statistics (train mode or "
-                                            "track_running_stats=False); folding needs running statistics"))
-                continue
-            where = site([conv.node, node])
-            if not bn.foldable:
-                refusals.append(Refusal(where, "BatchNorm uses batch statistics (train mode or "
-                                        "track_running_stats=False); folding needs running statistics"))
-            elif sole_user(conv.node) is not node:
-                refusals.append(Refusal(where, f"{conv.node.name} output is also used elsewhere"))
-            elif conv.kind == "linear" and len(shape(conv.node) or ()) != 2:
-                refusals.append(Refusal(where, "BatchNorm after a Linear with a non-2-D output normalises "
-                                        "another dim"))
-            else:
-                sites.append(Site(where, _folder(node)))
-        return sites, refusals
-
-
-def _folder(bn_node):
-    def apply(gm):
-        bn = as_batchnorm(gm, bn_node)
+    def analyze(self, gm, node):
+        bn = as_batchnorm(gm, node)
+        if bn is None:
+            return None
         conv = as_conv(gm, bn.x)
+        if not bn.foldable:
+            return None, _BATCH_STATS
+        if conv is None:
+            return None
+        if sole_user(conv.node) is not node:
+            return None, f"{conv.node.name} output is also used elsewhere"
+        if conv.kind == "linear" and len(shape(conv.node) or ()) != 2:
+            return None, "BatchNorm after a Linear with a non-2-D output normalises another dim"
+        return conv, bn
+
+    def rewrite(self, gm, node, plan):
+        conv, bn = plan
         s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
         if conv.kind == "conv_transpose":
             k, b = algebra.fuse_conv_transpose_bn(conv.weight, conv.bias, s, t, conv.groups)
@@ -55,4 +46,3 @@ def _folder(bn_node):
                      conv.groups, conv.output_padding, insert_before=bn.node)
         erase_unused(gm.graph, [bn.node])
         return f"{conv.kind} + BatchNorm -> {conv.kind}"
-    return apply

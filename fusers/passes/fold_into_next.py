@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import algebra
-from ..graph import aten, as_batchnorm, as_conv, const_value, erase_unused, per_channel, replace_conv, shape, site, sole_user
-from ..manager import Pass, Refusal, Site
+from ..graph import aten, as_batchnorm, as_conv, const_value, erase_unused, per_channel, replace_conv, shape, sole_user
+from ..manager import NodePass
 
 _AFFINE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor}
 
@@ -47,37 +47,29 @@ def channel_affine(gm, node, channel_dim: int):
     return None
 
 
-class FoldIntoNext(Pass):
+class FoldIntoNext(NodePass):
     name = "fold_into_next"
+    refusal = "affine op not folded into the next conv"
 
-    def find(self, gm):
-        sites, refusals = [], []
-        for node in gm.graph.nodes:
-            conv = as_conv(gm, node)
-            if conv is None or conv.kind == "conv_transpose" or not isinstance(conv.x, torch.fx.Node):
-                continue
-            channel_dim = 1 if conv.kind == "conv" else len(shape(conv.x) or (0,)) - 1
-            affine = channel_affine(gm, conv.x, channel_dim)
-            if affine is None:
-                continue
-            where = site([conv.x, node])
-            if sole_user(conv.x) is not node:
-                refusals.append(Refusal(where, f"{conv.x.name} is also used elsewhere"))
-            elif any(conv.padding):
-                refusals.append(Refusal(where, f"the conv zero-pads its input (padding {conv.padding}); "
-                                        "the border would see 0 instead of the affine shift"))
-            else:
-                sites.append(Site(where, _folder(node, channel_dim)))
-        return sites, refusals
-
-
-def _folder(node, channel_dim):
-    def apply(gm):
+    def analyze(self, gm, node):
         conv = as_conv(gm, node)
-        x, s, t = channel_affine(gm, conv.x, channel_dim)
+        if conv is None or conv.kind == "conv_transpose" or not isinstance(conv.x, torch.fx.Node):
+            return None
+        channel_dim = 1 if conv.kind == "conv" else len(shape(conv.x) or (0,)) - 1
+        affine = channel_affine(gm, conv.x, channel_dim)
+        if affine is None:
+            return None
+        if sole_user(conv.x) is not node:
+            return None, f"{conv.x.name} is also used elsewhere"
+        if any(conv.padding):
+            return None, (f"the conv zero-pads its input (padding {conv.padding}); the border would see 0 "
+                          "instead of the affine shift")
+        return conv, affine
+
+    def rewrite(self, gm, node, plan):
+        conv, (x, s, t) = plan
         k, b = algebra.fuse_affine_into_conv(conv.weight, conv.bias, s, t, conv.groups)
         old_input = conv.x
         replace_conv(gm, conv.node, x, conv.kind, k, b, conv.stride, conv.padding, conv.dilation, conv.groups)
         erase_unused(gm.graph, [conv.node])
         return f"{getattr(old_input.target, '__name__', old_input.target)} folded into next {conv.kind}"
-    return apply

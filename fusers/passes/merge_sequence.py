@@ -13,8 +13,8 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..graph import aten, as_conv, erase_unused, replace_conv, shape, site, sole_user
-from ..manager import Pass, Refusal, Site
+from ..graph import aten, as_conv, erase_unused, replace_conv, shape, sole_user
+from ..manager import NodePass
 from .fold_into_next import channel_affine
 
 _PAD_OPS = {aten.pad.default, aten.constant_pad_nd.default}
@@ -104,29 +104,15 @@ def analyze(gm, node, check_cost: bool = True):
     return first, merged, chain
 
 
-class MergeSequence(Pass):
+class MergeSequence(NodePass):
     name = "merge_sequence"
+    refusal = "1x1 -> kxk sequence not merged"
 
-    def find(self, gm):
-        sites, refusals = [], []
-        for node in gm.graph.nodes:
-            result = analyze(gm, node)
-            if result is None:
-                continue
-            if result[0] is None:
-                refusals.append(Refusal(site([node]), f"1x1 -> kxk sequence not merged: {result[1]}"))
-            else:
-                sites.append(Site(site([result[0].node, node]), _merger(node)))
-        return sites, refusals
+    def analyze(self, gm, node):
+        return analyze(gm, node)
 
-
-def _merger(node):
-    def apply(gm):
-        result = analyze(gm, node)
-        if result is None or result[0] is None:
-            return "skipped: the site changed"
-        first, b, _ = result
+    def rewrite(self, gm, node, plan):
+        first, b, _ = plan
         replace_conv(gm, node, first.x, "conv", b.kernel, b.bias, b.stride, b.padding, b.dilation, b.groups)
         erase_unused(gm.graph, [node])
         return f"1x1 conv + {node.target.__name__} -> conv"
-    return apply

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..graph import aten, erase_unused
-from ..manager import Pass, Refusal, Site
+from ..manager import NodePass
 
 MAX_EXPONENT = 16
 
@@ -26,25 +26,20 @@ def integer_exponent(node) -> int | None:
     return int(n) if 1 <= int(n) <= MAX_EXPONENT else None
 
 
-class PowToMul(Pass):
+class PowToMul(NodePass):
     name = "pow_to_mul"
+    refusal = "power kept"
 
-    def find(self, gm):
-        sites, refusals = [], []
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor):
-                continue
-            if integer_exponent(node) is None:
-                refusals.append(Refusal(node.name, f"exponent {node.args[1]!r} is not an integer in 1..{MAX_EXPONENT}; "
-                                        "no exact product form"))
-            else:
-                sites.append(Site(node.name, _rewriter(node)))
-        return sites, refusals
+    def analyze(self, gm, node):
+        if node.op != "call_function" or node.target not in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor):
+            return None
+        n = integer_exponent(node)
+        if n is None:
+            return None, f"exponent {node.args[1]!r} is not an integer in 1..{MAX_EXPONENT}; no exact product form"
+        return (n,)
 
-
-def _rewriter(node):
-    def apply(gm):
-        n, graph = integer_exponent(node), gm.graph
+    def rewrite(self, gm, node, plan):
+        (n,), graph = plan, gm.graph
         result, base, created = None, node.args[0], []
 
         def mul(a, b):
@@ -63,4 +58,3 @@ def _rewriter(node):
         node.replace_all_uses_with(result)
         erase_unused(graph, [node] + created)
         return f"x ** {node.args[1]} -> {len(created)} mul"
-    return apply

@@ -27,7 +27,7 @@ import torch
 from torch import fx
 
 from ..graph import aten, as_conv, erase_unused, replace_conv, shape, site, sole_user
-from ..manager import Pass, Refusal, Site
+from ..manager import NodePass
 
 INF = math.inf
 _KEEP_RANGE = {aten.max_pool2d.default, aten.max_pool1d.default, aten.avg_pool2d.default, aten.avg_pool1d.default,
@@ -144,28 +144,15 @@ def _meta_shape(node, channels: int) -> None:
         node.meta["val"] = torch.empty(new_shape, dtype=old.dtype, device="meta")
 
 
-class RepMerge(Pass):
+class RepMerge(NodePass):
     name = "rm"
+    refusal = "residual kept"
 
-    def find(self, gm):
-        sites, refusals = [], []
-        for node in gm.graph.nodes:
-            result = analyze(gm, node)
-            if result is None:
-                continue
-            if result[0] is None:
-                refusals.append(Refusal(site([node]), f"residual kept: {result[1]}"))
-            else:
-                sites.append(Site(site([node]), _rewriter(node)))
-        return sites, refusals
+    def analyze(self, gm, node):
+        return analyze(gm, node)
 
-
-def _rewriter(add):
-    def apply(gm):
-        result = analyze(gm, add)
-        if result is None or result[0] is None:
-            return "skipped: the site changed"
-        x, chain, acts, short = result
+    def rewrite(self, gm, add, plan):
+        x, chain, acts, short = plan
         cx = shape(x)[1]
         dtype = chain[0].weight.dtype
         widths, last = [], len(chain) - 1
@@ -197,4 +184,3 @@ def _rewriter(add):
         erase_unused(gm.graph, [c.node for c in chain] + [add] + ([short.node] if short is not None else []))
         kind = "downsample" if short is not None else "identity"
         return f"{kind} residual removed; conv widths {', '.join(widths)}"
-    return apply

@@ -1,0 +1,170 @@
+"""Run reports: ``report.json`` (machine-readable) and ``report.md`` (the same, as tables a person reads).
+
+The report is the plain dict that :func:`deploy.pipeline.convert` builds; this module only writes
+and renders it. ``stage_table`` gives the rows of the stage table that both ``report.md`` and the
+command line's final table show.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_reports", "to_markdown", "stage_table", "text_table", "markdown_table", "human_size", "jsonable"]
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with non-finite floats as strings ("inf", "nan"), tuples as lists: strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def human_size(n: int | None) -> str:
+    if not n:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _num(v, fmt: str = ".2e") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    return format(v, fmt)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.2f}%"
+
+
+def _get(stage, key):
+    return stage.get(key) if isinstance(stage, dict) else getattr(stage, key)
+
+
+def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: stage, format, file, size, precision, max rel error, [samples error, accuracy,
+    agreement], pass/fail. ``stages`` are StageRecords or their dicts."""
+    task = any(_get(s, "accuracy") is not None for s in stages)
+    samples = any(_get(s, "samples_max_rel") is not None for s in stages)
+    headers = ["stage", "format"] + (["file"] if files else []) + ["size", "precision", "max rel error"]
+    headers += (["samples max rel"] if samples else []) + (["accuracy", "agreement"] if task else []) + ["result"]
+    rows = []
+    for s in stages:
+        name = _get(s, "name")
+        if name == "training":
+            result = "reference"
+        elif _get(s, "passed"):
+            result = "pass" + (" (changed)" if _get(s, "changed") else "")
+        else:
+            result = "FAIL" + (" (changed)" if _get(s, "changed") else "")
+        row = [name, _get(s, "format")] + ([_get(s, "path") or "-"] if files else [])
+        row += [human_size(_get(s, "size")), _get(s, "precision"),
+                "-" if name == "training" else _num(_get(s, "max_rel"))]
+        row += [_num(_get(s, "samples_max_rel"))] if samples else []
+        row += [_pct(_get(s, "accuracy")), _pct(_get(s, "agreement"))] if task else []
+        rows.append(row + [result])
+    return headers, rows
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
+              for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    esc = lambda c: str(c).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    out = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def to_markdown(report: dict) -> str:
+    """``report.md``: summary, stages, task accuracy, passes and refusals, inputs, versions, timings."""
+    model, inputs, rep = report["model"], report["inputs"], report["reparameterize"]
+    stages = report["stages"]
+    verdict = "all stages pass" if report["passed"] else f"FAILED: {', '.join(report['failed'])}"
+    lines = [f"# deploy report: {model['spec']}", "",
+             f"**Result: {verdict}.**", "",
+             f"- model: `{model['spec']}` ({model['kind']}, {model['class']}, {model['params']:,} parameters)",
+             f"- weights: {model['weights']}",
+             f"- input: {'x'.join(map(str, inputs['shape']))} float32"
+             + (f" (verified at {'x'.join(map(str, inputs['verified_shape']))})"
+                if inputs["verified_shape"] != inputs["shape"] else ""),
+             f"- targets: {', '.join(report['options']['targets']) or 'none'}; precision "
+             f"{report['options']['precision']}; dynamic batch: {'yes' if report['options']['dynamic'] else 'no'}",
+             f"- command: `{report.get('command') or '(library call)'}`", ""]
+    headers, rows = stage_table(stages)
+    lines += ["## Stages", "", "Every stage runs on its own runtime and is compared with the training model on "
+              "the same inputs (error = max |a - b| / max |a| per output, worst output).", "",
+              markdown_table(headers, rows), ""]
+    failed = [s for s in stages if not s["passed"] and s["name"] != "training"]
+    if failed:
+        lines += ["Failures:", ""] + [f"- **{s['name']}** ({s.get('path') or 'not written'}): {s['reason']}"
+                                      for s in failed] + [""]
+    detail = [[s["name"], s["parent"] or "-", _num(s["max_abs"]), _num(s["max_rel"]), _num(s["parent_max_rel"]),
+               _num(s["cosine"], ".8f"), _num(s["export_seconds"], ".2f"), _num(s["verify_seconds"], ".2f")]
+              for s in stages if s["name"] != "training"]
+    lines += ["### Errors and timings", "", markdown_table(
+        ["stage", "made from", "max abs", "max rel", "max rel vs parent", "min cosine", "export s", "verify s"],
+        detail), ""]
+    samples = inputs.get("samples")
+    if samples:
+        lines += ["## Inputs", "", f"- seeded: {'x'.join(map(str, inputs['verified_shape']))}, "
+                  f"{inputs['seeded']['distribution']}, seed {inputs['seeded']['seed']}",
+                  f"- samples: {samples['count']} from `{samples['path']}`"
+                  + (" with labels (task-level verification)" if samples["labels"] else ""), ""]
+    merged = rep["merged"]
+    lines += ["## Reparameterization", "",
+              f"{merged['batchnorms_folded']} BatchNorms folded, {merged['branch_groups_merged']} branch groups "
+              f"({merged['branches_merged']} branches) merged, {merged['sequences_merged']} sequences merged; "
+              f"parameters {rep['params_before']:,} -> {rep['params_after']:,}; float64 max rel error "
+              f"{rep['float64_error']:.2e} (vs the captured graph), float32 {_num(rep['float32_error'])} "
+              "(vs the training model).", "",
+              markdown_table(["pass", "round", "rewrites", "refused", "rolled back", "f64 rel err", "seconds"],
+                             [[p["name"], p["round"], p["rewrites"], p["refused"], p["rolled_back"],
+                               _num(p["max_rel_error"]), _num(p["seconds"], ".2f")] for p in rep["passes"]]), ""]
+    if rep["refusals"]:
+        lines += ["Refused rewrites (left as they are):", ""]
+        lines += [f"- `{r['site']}`: {r['reason']}" for r in rep["refusals"][:50]]
+        if len(rep["refusals"]) > 50:
+            lines.append(f"- ... {len(rep['refusals']) - 50} more in report.json")
+        lines.append("")
+    changed = sorted(set(rep["ops_before"]) | set(rep["ops_after"]))
+    lines += ["Ops changed: " + (", ".join(f"{k} {rep['ops_before'].get(k, 0)} -> {rep['ops_after'].get(k, 0)}"
+                                           for k in changed if rep["ops_before"].get(k, 0) != rep["ops_after"].get(k, 0))
+                                 or "none"), ""]
+    notes = report.get("notes", []) + [f"{s['name']}: {n}" for s in stages for n in s.get("notes", [])]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    lines += ["## Versions", "", markdown_table(["package", "version"],
+                                                [[k, v or "not installed"] for k, v in report["versions"].items()]),
+              "", "## Timings (s)", "", markdown_table(["step", "seconds"],
+                                                       [[k, f"{v:.2f}"] for k, v in report["timings"].items()]), ""]
+    return "\n".join(lines)
+
+
+def write_reports(report: dict, out_dir: str | os.PathLike) -> tuple[str, str]:
+    """Write ``report.json`` and ``report.md`` into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    json_path, md_path = out / "report.json", out / "report.md"
+    with open(json_path, "w") as f:
+        json.dump(jsonable(report), f, indent=2, allow_nan=False)
+        f.write("\n")
+    with open(md_path, "w") as f:
+        f.write(to_markdown(jsonable(report)))
+    return str(json_path), str(md_path)

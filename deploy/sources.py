@@ -1,0 +1,435 @@
+"""Model sources: turn a MODEL argument (and an optional ``--checkpoint``) into a torch module.
+
+    repvgg_a0                   a zoo model (deploy.zoo); repvgg_digits loads its shipped weights
+    timm:repvgg_a0              timm.create_model(name, pretrained=False)
+    torchvision:resnet18        torchvision.models.get_model(name, weights=None)
+    path/to/net.py:build        build() from the user's own file (its folder is put on sys.path)
+    path/to/best.pt             a whole pickled model, or a dict holding one under 'ema' / 'model'
+                                (YOLOv7 style); --code-path DIR makes its classes importable
+    path/to/model.pt2           a torch.export program (torch.export.save)
+
+Nothing is downloaded: timm and torchvision models are built with random weights unless a
+checkpoint is given, and the record says so. Random-weight models get non-trivial BatchNorm
+statistics (``zoo.randomize_batchnorm``) so that verifying them is not vacuous.
+
+A checkpoint (``load_checkpoint``) is a state dict, possibly nested under ``state_dict`` /
+``model_state_dict`` / ``model`` / ``ema`` (or a whole module there); ``module.`` and
+``_orig_mod.`` prefixes (DataParallel, torch.compile) are stripped. It is loaded strictly: a
+missing, unexpected or mis-shaped key stops the load with the first few keys of each kind, since
+loading with missing keys is how a converted model silently computes garbage.
+
+Mode: a model ``deploy`` builds itself (zoo, timm, torchvision, or a factory whose weights come
+from ``--checkpoint``) is put in eval mode. A model that arrives with its weights (a factory
+without ``--checkpoint``, a pickled model) must already be in eval mode, unless ``allow_train_mode``
+(``--eval``): a model left in train mode is the classic cause of conversions that do not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import os
+import pickle
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import zoo
+
+__all__ = ["SourceError", "LoadedModel", "load_model", "load_checkpoint", "read_state_dict", "parse_source",
+           "DEFAULT_MODEL", "sha256"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "repvgg_digits"
+NESTED_KEYS = ("state_dict", "model_state_dict", "model", "ema")
+STRIPPED_PREFIXES = ("module.", "_orig_mod.")
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+_SHOW = 5  # keys listed per kind in a mismatch message
+
+
+class SourceError(ValueError):
+    """A model source or checkpoint cannot be used; the message names the problem and the fix."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for conversion, and where it came from."""
+
+    model: nn.Module
+    spec: str
+    kind: str  # zoo, timm, torchvision, file, pickle, pt2
+    name: str  # short name, used for the default output directory
+    input_shape: tuple[int, ...] | None = None
+    weights: str = ""  # what the weights are, in words
+    trained: bool = False  # False: random weights
+    samples: str | None = None  # held-out samples shipped with the source (.npz with input0, labels)
+    checkpoint: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "name": self.name, "class": type(self.model).__name__,
+                "input_shape": list(self.input_shape) if self.input_shape else None, "weights": self.weights,
+                "trained": self.trained, "samples": self.samples, "checkpoint": self.checkpoint,
+                "params": sum(p.numel() for p in self.model.parameters()), "notes": list(self.notes)}
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- parsing
+
+def parse_source(spec: str) -> tuple[str, str, str | None]:
+    """``(kind, target, factory)`` of a MODEL argument, without loading anything."""
+    for prefix in ("timm", "torchvision"):
+        if spec.startswith(prefix + ":"):
+            name = spec[len(prefix) + 1:]
+            if not name:
+                raise SourceError(f"{spec!r} names no model; write {prefix}:NAME, e.g. {prefix}:resnet18")
+            return prefix, name, None
+    path, sep, factory = spec.rpartition(":")
+    if sep and path.endswith(".py"):
+        if not factory.isidentifier():
+            raise SourceError(f"{spec!r}: {factory!r} is not a function name; write path/to/file.py:FACTORY")
+        return "file", path, factory
+    if spec.endswith(".py"):
+        raise SourceError(f"{spec!r} names a Python file but no factory; write {spec}:FACTORY (a function "
+                          "returning the model)")
+    if spec in zoo.names():
+        return "zoo", spec, None
+    if spec.endswith(".pt2"):
+        return "pt2", spec, None
+    if os.path.exists(spec) or spec.endswith(PICKLE_SUFFIXES):
+        return "pickle", spec, None
+    raise SourceError(f"unknown model {spec!r}: not a zoo model ({', '.join(zoo.names())}), not timm:NAME, "
+                      "torchvision:NAME or path/to/file.py:FACTORY, and no such checkpoint file")
+
+
+def _require_file(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise SourceError(f"{what} {path} does not exist" + ("" if not p.exists() else " (it is a directory)")
+                          + "; check the path")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def _torch_load(path: Path, *, allow_pickle: bool, what: str):
+    """``torch.load`` with weights_only=True; full unpickling only when ``allow_pickle`` and needed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            raise
+        log.warning("%s %s holds Python objects besides tensors; unpickling it fully (weights_only=False): "
+                    "only do this with files you trust", what, path)
+        first = e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
+                          f"({_first_line(e)}); check that the file is complete") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise SourceError(f"cannot unpickle {what} {path}: {_first_line(e)}; the classes it was saved with must "
+                          "be importable: pass --code-path DIR, the repository that defines them") from e
+    except Exception as e:
+        raise SourceError(f"{what} {path} cannot be read by torch.load ({_first_line(e)}); check that the "
+                          "file is complete") from first
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def _strip(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    stripped = []
+    for prefix in STRIPPED_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+            stripped.append(prefix)
+    return state, stripped
+
+
+def read_state_dict(path: str | os.PathLike, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict in checkpoint ``path`` (top level, or under ``key`` / one of NESTED_KEYS) and how it was found."""
+    p = _require_file(os.fspath(path), "checkpoint")
+    raw = _torch_load(p, allow_pickle=True, what="checkpoint")
+    info = {"path": os.fspath(path), "sha256": sha256(p), "key": None, "stripped": []}
+    candidates = [key] if key else [None, *NESTED_KEYS]
+    for k in candidates:
+        if k is None:
+            obj = raw
+        elif isinstance(raw, Mapping) and k in raw:
+            obj = raw[k]
+        else:
+            continue
+        if isinstance(obj, nn.Module):
+            obj = obj.state_dict()
+        if _is_state_dict(obj):
+            state, info["stripped"] = _strip(dict(obj))
+            info["key"] = k
+            return state, info
+    keys = ", ".join(map(str, list(raw)[:10])) if isinstance(raw, Mapping) else type(raw).__name__
+    where = f"under key {key!r}" if key else f"at the top level or under {', '.join(map(repr, NESTED_KEYS))}"
+    raise SourceError(f"checkpoint {path} holds no state dict {where} (found: {keys}); pass --checkpoint-key KEY "
+                      "naming the entry that holds the weights")
+
+
+def _mismatch(model_state: dict, state: dict) -> tuple[list[str], list[str], list[str]]:
+    missing = [k for k in model_state if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in model_state]
+    shapes = [f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(model_state[k].shape)})"
+              for k in model_state if k in state and tuple(state[k].shape) != tuple(model_state[k].shape)]
+    return missing, unexpected, shapes
+
+
+def _listing(keys: Sequence[str]) -> str:
+    more = f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None = None) -> dict:
+    """Load the state dict of checkpoint ``path`` into ``model`` strictly; return how it was found.
+
+    A common leading component on every checkpoint key (``model.`` of a Lightning module, say) is
+    stripped only when that makes every key and shape match exactly.
+    """
+    state, info = read_state_dict(path, key)
+    model_state = model.state_dict()
+    missing, unexpected, shapes = _mismatch(model_state, state)
+    if missing or unexpected or shapes:
+        first = {k.split(".", 1)[0] for k in state}
+        if len(first) == 1 and all("." in k for k in state):
+            prefix = first.pop() + "."
+            trimmed = {k[len(prefix):]: v for k, v in state.items()}
+            if not any(_mismatch(model_state, trimmed)):
+                state, missing, unexpected, shapes = trimmed, [], [], []
+                info["stripped"].append(prefix)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {_listing(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es): {_listing(shapes)}")
+        raise SourceError(f"checkpoint {path} does not match {type(model).__name__} ({'; '.join(parts)}); it was "
+                          "saved from another architecture or configuration: check MODEL, --num-classes and "
+                          "--checkpoint-key (loading it partially would give wrong numbers)")
+    model.load_state_dict(state, strict=True)
+    info["tensors"] = len(state)
+    log.info("loaded %d tensors from %s%s", len(state), path, f" (key {info['key']!r})" if info["key"] else "")
+    return info
+
+
+# ------------------------------------------------------------------------------------------- sources
+
+def _zoo(name: str, num_classes: int | None, width: float | None, checkpoint: str | None) -> LoadedModel:
+    kwargs = {k: v for k, v in (("num_classes", num_classes), ("width", width)) if v is not None}
+    pretrained = zoo.has_weights(name) and checkpoint is None and not kwargs
+    model = zoo.create(name, pretrained=pretrained, **kwargs)
+    loaded = LoadedModel(model, name, "zoo", name, zoo.input_shape(name))
+    if pretrained:
+        loaded.weights, loaded.trained = "trained weights shipped with deploy", True
+        loaded.samples = zoo.samples(name)
+    return loaded
+
+
+def _timm(name: str, num_classes: int | None) -> LoadedModel:
+    timm = _import("timm", "timm:NAME models", "models")
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        raise SourceError(f"timm has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
+                          + "; see timm.list_models()")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
+    return LoadedModel(model, f"timm:{name}", "timm", name.replace("/", "_"), (1, *size))
+
+
+def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
+    tv = _import("torchvision", "torchvision:NAME models", "models")
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        model = tv.models.get_model(name, weights=None, **kwargs)
+    except ValueError as e:
+        raise SourceError(f"torchvision has no model {name!r}; see torchvision.models.list_models()") from e
+    return LoadedModel(model, f"torchvision:{name}", "torchvision", name, (1, 3, 224, 224))
+
+
+def _import(module: str, purpose: str, extra: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise SourceError(f"Python package '{module}' (needed for {purpose}) is not installed; install it with "
+                          f"pip install 'reparam-deploy[{extra}]'") from e
+
+
+def _file(path: str, factory: str, num_classes: int | None) -> LoadedModel:
+    p = _require_file(path, "model file").resolve()
+    mod_name = f"_deploy_user_{p.stem}_{abs(hash(str(p))) % 10**8}"
+    spec = importlib.util.spec_from_file_location(mod_name, p)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(p.parent))  # so the file can import its neighbours
+    try:
+        sys.modules[mod_name] = module
+        spec.loader.exec_module(module)
+    except Exception as e:
+        sys.modules.pop(mod_name, None)
+        raise SourceError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}; fix the file (it must "
+                          "import without arguments)") from e
+    finally:
+        sys.path.remove(str(p.parent))
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        found = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                 and getattr(v, "__module__", None) == mod_name]
+        raise SourceError(f"{path} defines no function {factory!r} (it defines: {', '.join(found) or 'none'}); "
+                          f"write {path}:NAME with the function that returns the model")
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        model = fn(**kwargs)
+    except TypeError as e:
+        if kwargs and "num_classes" in str(e):
+            raise SourceError(f"{path}:{factory}() takes no num_classes argument; drop --num-classes") from e
+        raise SourceError(f"calling {path}:{factory}() failed: {_first_line(e)}; it must take no required "
+                          "arguments") from e
+    except Exception as e:
+        raise SourceError(f"calling {path}:{factory}() failed: {type(e).__name__}: {_first_line(e)}") from e
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{path}:{factory}() returned a {type(model).__name__}, not a torch.nn.Module; return "
+                          "the model")
+    shape = getattr(model, "input_shape", None) or getattr(module, "INPUT_SHAPE", None)
+    return LoadedModel(model, f"{path}:{factory}", "file", f"{p.stem}_{factory}",
+                       tuple(shape) if shape else None, weights="as returned by the factory", trained=True)
+
+
+def _pickle(path: str) -> LoadedModel:
+    p = _require_file(path, "model checkpoint")
+    try:
+        raw = torch.load(p, map_location="cpu", weights_only=True)
+        if _is_state_dict(raw) or (isinstance(raw, Mapping) and any(_is_state_dict(raw.get(k)) for k in NESTED_KEYS)):
+            raise SourceError(f"{path} holds only weights (a state dict), not a model; pass the architecture as "
+                              f"MODEL (a zoo name, timm:NAME, torchvision:NAME or file.py:FACTORY) and --checkpoint "
+                              f"{path}")
+    except pickle.UnpicklingError:
+        raw = _torch_load(p, allow_pickle=True, what="model checkpoint")
+    except SourceError:
+        raise
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise SourceError(f"model checkpoint {path} is not a file torch.load can read ({_first_line(e)}); check "
+                          "that the file is complete") from e
+    model, key = raw, None
+    if isinstance(raw, Mapping):
+        key = next((k for k in ("ema", "model") if isinstance(raw.get(k), nn.Module)), None)
+        if key is None:
+            raise SourceError(f"{path} holds a dict without a model under 'ema' or 'model' (keys: "
+                              f"{', '.join(map(str, list(raw)[:10]))}); pass the architecture as MODEL and this "
+                              "file as --checkpoint")
+        model = raw[key]
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module")
+    loaded = LoadedModel(model, path, "pickle", p.stem, None, weights=f"pickled model in {path}"
+                         + (f" (key {key!r})" if key else ""), trained=True,
+                         checkpoint={"path": path, "sha256": sha256(p), "key": key, "stripped": []})
+    if any(t.dtype in (torch.float16, torch.bfloat16) for t in model.state_dict().values()):
+        model.float()
+        loaded.notes.append("the checkpoint stores half-precision weights; converted to float32")
+    return loaded
+
+
+def _pt2(path: str) -> LoadedModel:
+    p = _require_file(path, "program")
+    try:
+        ep = torch.export.load(p)
+    except Exception as e:
+        raise SourceError(f"{path} is not a torch.export program ({_first_line(e)}); save one with "
+                          "torch.export.save") from e
+    user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+    shape = tuple(user[0].meta["val"].shape) if len(user) == 1 and "val" in user[0].meta else None
+    return LoadedModel(ep.module(), path, "pt2", p.stem.split(".")[0], shape,
+                       weights=f"weights in {path}", trained=True)
+
+
+def _in_train_mode(model: nn.Module) -> list[str]:
+    return [name or type(model).__name__ for name, m in model.named_modules() if m.training]
+
+
+def _set_eval(model: nn.Module) -> None:
+    try:
+        model.eval()
+    except NotImplementedError:  # modules made by torch.export refuse .eval()
+        for m in model.modules():
+            m.training = False
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, checkpoint_key: str | None = None,
+               code_path: Sequence[str] = (), num_classes: int | None = None, width: float | None = None,
+               allow_train_mode: bool = False, seed: int = 0) -> LoadedModel:
+    """Build or load the model named by ``spec`` (see the module docstring), in eval mode."""
+    for d in code_path:
+        if not os.path.isdir(d):
+            raise SourceError(f"--code-path {d} is not a directory; pass the folder that holds the model's code")
+        if d not in sys.path:
+            sys.path.insert(0, os.path.abspath(d))
+    kind, target, factory = parse_source(spec)
+    if width is not None and kind != "zoo":
+        raise SourceError(f"--width applies to zoo models only, not {spec!r}")
+    if checkpoint is not None:
+        _require_file(checkpoint, "checkpoint")
+    if kind == "zoo":
+        loaded = _zoo(target, num_classes, width, checkpoint)
+    elif kind == "timm":
+        loaded = _timm(target, num_classes)
+    elif kind == "torchvision":
+        loaded = _torchvision(target, num_classes)
+    elif kind == "file":
+        loaded = _file(target, factory, num_classes)
+    elif kind == "pt2":
+        loaded = _pt2(target)
+    else:
+        loaded = _pickle(target)
+    if num_classes is not None and kind in ("pickle", "pt2"):
+        raise SourceError(f"--num-classes does not apply to {spec!r}: the model is loaded whole")
+    model = loaded.model
+    if checkpoint is not None:
+        if kind in ("pickle", "pt2"):
+            raise SourceError(f"{spec} already holds its weights; drop --checkpoint (or pass the architecture as "
+                              "MODEL)")
+        loaded.checkpoint = load_checkpoint(model, checkpoint, checkpoint_key)
+        loaded.weights, loaded.trained = f"checkpoint {checkpoint}", True
+    elif kind in ("zoo", "timm", "torchvision") and not loaded.trained:
+        zoo.randomize_batchnorm(model, seed)
+        loaded.weights = (f"random (no network: {kind} weights are not downloaded; pass --checkpoint for trained "
+                          f"weights), BatchNorm statistics randomized with seed {seed}")
+        loaded.notes.append(f"{spec} has random weights: pass --checkpoint PATH to convert trained weights")
+    user_object = kind in ("pickle", "pt2") or (kind == "file" and checkpoint is None)
+    training = _in_train_mode(model)
+    if training and user_object and kind != "pt2":
+        if not allow_train_mode:
+            where = "was saved" if kind == "pickle" else f"is returned by {factory}()"
+            raise SourceError(f"the model in {spec} {where} in train mode ({len(training)} module(s), e.g. "
+                              f"{training[0]}), so BatchNorm and dropout would not compute what it computes at "
+                              "inference; call model.eval() before returning/saving it, or pass --eval to convert "
+                              "it in eval mode")
+        loaded.notes.append("the model was in train mode; switched to eval mode (--eval)")
+    _set_eval(model)
+    log.info("loaded %s (%s): %s, %s", spec, kind, type(model).__name__, loaded.weights)
+    return loaded
