@@ -134,3 +134,16 @@ def test_linear_branches_and_residual_merge():
 
     deploy, report, ops, err = reparam(M(), 3, 5, 6)
     assert ops == {"linear": 1} and err <= 1e-5
+
+
+def test_spatial_constant_is_not_a_bias():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pos = nn.Conv2d(3, 4, 1), nn.Parameter(torch.randn(1, 4, 5, 5))
+
+        def forward(self, x):
+            return self.conv(x) + self.pos + 1.0
+
+    deploy, report, ops, err = reparam(M(), 2, 3, 5, 5)
+    assert ops["add"] >= 1 and ops["conv2d"] == 1 and err <= 1e-6

@@ -62,7 +62,7 @@ class _Flatten:
     def __init__(self, gm, root, channel_dim):
         self.gm, self.root, self.cd = gm, root, channel_dim
         self.out = shape(root)
-        self.leaves, self.consumed, self.ok = [], {root}, True
+        self.leaves, self.consumed = [], {root}
         self.const = torch.zeros(self.out[channel_dim], dtype=torch.float64)
 
     def constant(self, value):
@@ -70,11 +70,7 @@ class _Flatten:
 
     def walk(self, node, coef):
         if isinstance(node, (int, float)) or (isinstance(node, fx.Node) and node.op == "get_attr"):
-            c = self.constant(node)
-            if c is None:
-                self.ok = False
-            else:
-                self.const += coef * c
+            self.const += coef * self.constant(node)  # expand() admitted only per-channel constants
             return
         if node is not self.root and (not _is_combinator(node) or sole_user(node) is None
                                       or shape(node) != self.out or not self.expand(node, coef, dry=True)):
@@ -93,6 +89,9 @@ class _Flatten:
         if t == aten.neg.default:
             steps = [(args[0], -coef)]
         elif t in (aten.add.Tensor, aten.sub.Tensor):
+            constants = [a for a in args[:2] if not isinstance(a, fx.Node) or a.op == "get_attr"]
+            if any(self.constant(c) is None for c in constants):  # e.g. a positional embedding
+                return False
             sign = 1.0 if t == aten.add.Tensor else -1.0
             steps = [(args[0], coef), (args[1], coef * sign * alpha)]
         else:  # mul or div: one operand must be a per-channel constant
@@ -163,7 +162,7 @@ def analyze(gm, root) -> tuple[Plan | None, list[Refusal]]:
     for channel_dim in (1, len(out) - 1):
         flat = _Flatten(gm, root, channel_dim)
         flat.walk(root, torch.ones(out[channel_dim], dtype=torch.float64))
-        if not flat.ok or any(shape(n) != out for _, n in flat.leaves):
+        if any(shape(n) != out for _, n in flat.leaves):
             continue
         in_tree = flat.consumed
         terms = [_term(gm, c, n, channel_dim, set(n.users) <= in_tree and len(n.users) == 1) for c, n in flat.leaves]

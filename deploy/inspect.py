@@ -1,0 +1,539 @@
+"""Op summaries of a model or an artifact: ops by type, convolutions, parameters, MACs/FLOPs, branches.
+
+Each format is read into the same small graph (nodes with a native op type, a kind, input and
+output tensor names, and the MACs of convolutions and linear layers); one analysis serves all:
+
+- **parameters**: floating-point constant values in the graph (weights, biases, BatchNorm
+  statistics), each constant counted once;
+- **MACs**: multiply-accumulates of convolutions and linear layers,
+  ``numel(output) x (weight numel / output channels)``; FLOPs = 2 x MACs;
+- **mergeable branches**: an addition whose operands, looking through BatchNorm and per-channel
+  affine ops, are convolutions / average pools / the identity of the *same* input tensor (looking
+  through padding) is a branch group one convolution can replace (RepVGG, ACNet, DBB, MobileOne).
+  A residual ``f(x) + x`` through a nonlinearity is not counted. **BatchNorms** are counted as
+  foldable. For an artifact in a ``deploy convert`` output directory (or a ``.pt2`` written by it)
+  the numbers merged by the run are read back from its report.
+
+Readers: torch (a model, captured with torch.export, or a ``.pt2``), ONNX, OpenVINO IR, TFLite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from exporters.base import require
+
+__all__ = ["OpSummary", "inspect_path", "inspect_module", "inspect_source", "FORMAT_OF_SUFFIX"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_OF_SUFFIX = {".pt2": "pt2", ".onnx": "onnx", ".xml": "openvino", ".tflite": "tflite"}
+
+# native op type -> kind, per format. Kinds: conv, linear, bn, binary (add/sub/mul/div), sum, pad, pool,
+# pass (no arithmetic: looked through), other.
+_KINDS = {
+    "torch": {**dict.fromkeys(("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+                               "conv_transpose2d"), "conv"),
+              **dict.fromkeys(("linear", "addmm", "mm", "matmul"), "linear"),
+              **dict.fromkeys(("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
+                               "_native_batch_norm_legit"), "bn"),
+              **dict.fromkeys(("add", "sub", "mul", "div"), "binary"),
+              **dict.fromkeys(("constant_pad_nd", "pad"), "pad"),
+              **dict.fromkeys(("avg_pool1d", "avg_pool2d"), "pool"),
+              **dict.fromkeys(("getitem", "clone", "contiguous", "dropout", "alias", "detach", "_to_copy"), "pass")},
+    "onnx": {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "linear", "MatMul": "linear",
+             "BatchNormalization": "bn", "Add": "binary", "Sub": "binary", "Mul": "binary", "Div": "binary",
+             "Sum": "sum", "Pad": "pad", "AveragePool": "pool", "Identity": "pass", "Dropout": "pass",
+             "Cast": "pass"},
+    "openvino": {"Convolution": "conv", "GroupConvolution": "conv", "ConvolutionBackpropData": "conv",
+                 "MatMul": "linear", "BatchNormInference": "bn", "Add": "binary", "Subtract": "binary",
+                 "Multiply": "binary", "Divide": "binary", "Pad": "pad", "AvgPool": "pool", "Convert": "pass"},
+    "tflite": {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "conv", "TRANSPOSE_CONV": "conv", "CONV_3D": "conv",
+               "FULLY_CONNECTED": "linear", "BATCH_MATMUL": "linear", "ADD": "binary", "SUB": "binary",
+               "MUL": "binary", "DIV": "binary", "ADD_N": "sum", "PAD": "pad", "PADV2": "pad",
+               "AVERAGE_POOL_2D": "pool", "DEQUANTIZE": "pass"},
+}
+_ADDS = {"add", "Add", "ADD"}
+
+
+@dataclass
+class _Node:
+    op: str
+    kind: str
+    inputs: list[str]
+    outputs: list[str]
+    macs: int = 0
+    kernel: str = ""
+
+
+@dataclass
+class OpSummary:
+    """What ``deploy inspect`` prints, as data."""
+
+    source: str
+    format: str
+    ops: dict[str, int] = field(default_factory=dict)
+    nodes: int = 0
+    convolutions: int = 0
+    conv_kernels: dict[str, int] = field(default_factory=dict)
+    linears: int = 0
+    params: int = 0
+    macs: int = 0
+    batchnorms: int = 0
+    branch_groups: int = 0
+    branches: int = 0
+    merged: dict | None = None  # what a deploy run merged, when known
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["flops"] = self.flops
+        return d
+
+    def summary(self) -> str:
+        kernels = ", ".join(f"{k}: {v}" for k, v in sorted(self.conv_kernels.items(), key=lambda kv: -kv[1]))
+        ops = ", ".join(f"{k} {v}" for k, v in sorted(self.ops.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines = [f"{self.source} ({self.format})",
+                 f"inputs:        {'; '.join(self.inputs) or '-'}",
+                 f"outputs:       {'; '.join(self.outputs) or '-'}",
+                 f"parameters:    {self.params:,}",
+                 f"MACs:          {_si(self.macs)} (FLOPs {_si(self.flops)} = 2 x MACs of convolutions and "
+                 "linear layers)",
+                 f"convolutions:  {self.convolutions}" + (f" ({kernels})" if kernels else "")
+                 + (f"; linear layers: {self.linears}" if self.linears else ""),
+                 f"mergeable:     {self.branch_groups} branch group(s) ({self.branches} branches), "
+                 f"{self.batchnorms} BatchNorm(s) to fold"]
+        if self.merged:
+            m = self.merged
+            lines.append(f"merged:        {m.get('branch_groups_merged', 0)} branch group(s) "
+                         f"({m.get('branches_merged', 0)} branches), {m.get('batchnorms_folded', 0)} BatchNorm(s) "
+                         f"folded by deploy convert ({m.get('from', 'its report')})")
+        lines.append(f"ops ({self.nodes}): {ops}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _si(n: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)
+
+
+def _spec(name: str, shape, dtype) -> str:
+    dims = "x".join("?" if d is None or (isinstance(d, int) and d < 0) else str(d) for d in shape)
+    return f"{name} {dims} {dtype}"
+
+
+# ------------------------------------------------------------------------------------------- analysis
+
+def _analyze(summary: OpSummary, nodes: list[_Node], consts: dict[str, int]) -> OpSummary:
+    """Fill ``summary`` from the graph; ``consts`` maps constant tensor names to their float value count."""
+    consts = dict(consts)
+    for n in nodes:  # a node computed from constants only is a constant (Convert, DEQUANTIZE of weights)
+        if n.inputs and all(i in consts for i in n.inputs) and n.kind in ("pass", "other", "binary"):
+            for o in n.outputs:
+                consts.setdefault(o, 0)
+    summary.ops = dict(Counter(n.op for n in nodes))
+    summary.nodes = len(nodes)
+    summary.params = sum(consts.values())
+    summary.macs = sum(n.macs for n in nodes)
+    convs = [n for n in nodes if n.kind == "conv"]
+    summary.convolutions = len(convs)
+    summary.conv_kernels = dict(Counter(n.kernel for n in convs if n.kernel))
+    summary.linears = sum(1 for n in nodes if n.kind == "linear")
+    summary.batchnorms = sum(1 for n in nodes if n.kind == "bn")
+    summary.branch_groups, summary.branches = _branch_groups(nodes, consts)
+    return summary
+
+
+def _data(node: _Node, consts) -> str | None:
+    """The first non-constant input of ``node``."""
+    return next((i for i in node.inputs if i not in consts), None)
+
+
+def _branch_groups(nodes: list[_Node], consts: dict[str, int]) -> tuple[int, int]:
+    producer = {o: n for n in nodes for o in n.outputs}
+    uses = Counter(i for n in nodes for i in n.inputs)
+
+    def is_sum(n: _Node | None) -> bool:
+        if n is None:
+            return False
+        live = [i for i in n.inputs if i not in consts]
+        return (n.kind == "sum" or (n.kind == "binary" and n.op in _ADDS)) and len(live) >= 2
+
+    def through(t: str, kinds: tuple[str, ...]) -> str:
+        seen = 0
+        while t in producer and seen < 1000:
+            n = producer[t]
+            live = [i for i in n.inputs if i not in consts]
+            if not (n.kind in kinds or (n.kind == "binary" and "affine" in kinds and len(live) == 1)) or not live:
+                break
+            t, seen = live[0], seen + 1
+        return t
+
+    def source(t: str) -> tuple[str, str]:
+        root = through(t, ("pass", "bn", "affine"))
+        n = producer.get(root)
+        if n is not None and n.kind in ("conv", "linear", "pool") and _data(n, consts) is not None:
+            return through(_data(n, consts), ("pass", "pad")), n.kind
+        return through(root, ("pass",)), "identity"
+
+    def operands(n: _Node) -> Iterable[str]:
+        for i in n.inputs:
+            if i in consts:
+                continue
+            p = producer.get(i)
+            if is_sum(p) and uses[i] == 1:
+                yield from operands(p)
+            else:
+                yield i
+
+    groups = branches = 0
+    inner = {i for n in nodes if is_sum(n) for i in n.inputs if is_sum(producer.get(i)) and uses[i] == 1}
+    for n in nodes:
+        if not is_sum(n) or any(o in inner for o in n.outputs):
+            continue
+        by_source: dict[str, list[str]] = {}
+        for t in operands(n):
+            src, kind = source(t)
+            by_source.setdefault(src, []).append(kind)
+        for kinds in by_source.values():
+            if len(kinds) >= 2 and any(k != "identity" for k in kinds):
+                groups += 1
+                branches += len(kinds)
+    return groups, branches
+
+
+# -------------------------------------------------------------------------------------------- readers
+
+def _kernel(shape, groups: int = 1, depthwise: bool = False) -> str:
+    text = "x".join(str(int(d)) for d in shape)
+    return text + (" dw" if depthwise else (f" g{groups}" if groups > 1 else ""))
+
+
+def inspect_module(module, args, source: str = "model", fmt: str = "torch") -> OpSummary:
+    """Summary of a torch module (captured with torch.export on ``args``) or of an fx GraphModule."""
+    import torch
+    from torch import fx
+
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    if not isinstance(module, fx.GraphModule):
+        import fusers
+
+        module = fusers.capture(module, args)
+    return _torch_graph(module, OpSummary(source, fmt))
+
+
+def _torch_graph(gm, summary: OpSummary) -> OpSummary:
+    import torch
+
+    from fusers.graph import fetch_attr
+
+    nodes, consts = [], {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = fetch_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                consts[node.name] = value.numel() if value.is_floating_point() else 0
+            continue
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor):
+                summary.inputs.append(_spec(node.name, tuple(val.shape), str(val.dtype).replace("torch.", "")))
+            continue
+        if node.op == "output":
+            from torch.utils import _pytree as pytree
+
+            for i, leaf in enumerate(pytree.tree_leaves(node.args[0])):
+                val = leaf.meta.get("val") if isinstance(leaf, torch.fx.Node) else None
+                if isinstance(val, torch.Tensor):
+                    summary.outputs.append(_spec(f"output{i}", tuple(val.shape),
+                                                 str(val.dtype).replace("torch.", "")))
+            continue
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if name.startswith("_assert") or name in ("sym_size", "_guards_fn"):
+            continue
+        kind = _KINDS["torch"].get(name, "other")
+        n = _Node(name, kind, [a.name for a in node.all_input_nodes], [node.name])
+        if kind in ("conv", "linear"):
+            w = node.args[2 if name == "addmm" else 1] if len(node.args) > (2 if name == "addmm" else 1) else None
+            w = w if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None  # a weight, not an activation
+            wval, out = (w.meta.get("val") if w is not None else None), node.meta.get("val")
+            if w is not None and not isinstance(wval, torch.Tensor):
+                wval = fetch_attr(gm, w.target)
+            if isinstance(wval, torch.Tensor) and isinstance(out, torch.Tensor) and wval.dim() >= 2:
+                if kind == "conv":
+                    groups = node.args[6] if name == "conv2d" and len(node.args) > 6 else \
+                        node.args[8] if name in ("convolution", "_convolution") and len(node.args) > 8 else 1
+                    n.kernel = _kernel(wval.shape[2:], groups if isinstance(groups, int) else 1)
+                    n.macs = out.numel() * math.prod(wval.shape[1:])
+                else:
+                    k = wval.shape[1] if name == "linear" else wval.shape[0]
+                    n.macs = out.numel() * int(k)
+            elif kind == "linear":
+                n.kind = "other"  # a product of two activations is not a layer
+        nodes.append(n)
+    return _analyze(summary, nodes, consts)
+
+
+def _onnx_graph(path: str, summary: OpSummary) -> OpSummary:
+    onnx = require("onnx", "onnx", "inspecting ONNX files")
+    from onnx import numpy_helper, shape_inference
+
+    model = onnx.load(path)
+    try:
+        model = shape_inference.infer_shapes(model)
+    except Exception as e:  # shapes are only needed for MACs
+        summary.notes.append(f"ONNX shape inference failed ({type(e).__name__}); MACs may be incomplete")
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    summary.format = f"onnx, opset {opset}"
+    shapes: dict[str, tuple] = {}
+    for v in list(graph.value_info) + list(graph.output) + list(graph.input):
+        dims = v.type.tensor_type.shape.dim
+        shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    consts, const_shapes = {}, {}
+    for init in graph.initializer:
+        arr_shape = tuple(init.dims)
+        const_shapes[init.name] = arr_shape
+        consts[init.name] = math.prod(arr_shape) if init.data_type in (1, 10, 11, 16) else 0
+    from exporters.onnx import _ONNX_DTYPES
+
+    for v in graph.input:
+        if v.name not in consts:
+            summary.inputs.append(_spec(v.name, shapes[v.name], _ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")))
+    for v in graph.output:
+        summary.outputs.append(_spec(v.name, shapes.get(v.name, ()),
+                                     _ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")))
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Constant":
+            value = next((a for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                arr = numpy_helper.to_array(value.t)
+                consts[node.output[0]] = arr.size if arr.dtype.kind == "f" else 0
+                const_shapes[node.output[0]] = arr.shape
+            else:
+                consts[node.output[0]] = 0
+            continue
+        kind = _KINDS["onnx"].get(node.op_type, "other")
+        n = _Node(node.op_type, kind, [i for i in node.input if i], list(node.output))
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        out = shapes.get(node.output[0]) if node.output else None
+        numel = math.prod(out) if out and all(isinstance(d, int) and d > 0 for d in out) else 0
+        w = node.input[1] if len(node.input) > 1 else None
+        wshape = const_shapes.get(w)
+        if kind == "conv" and wshape:
+            n.kernel = _kernel(wshape[2:], int(attrs.get("group", 1)))
+            n.macs = numel * math.prod(wshape[1:])
+        elif kind == "linear":
+            if wshape is None:
+                n.kind = "other"
+            else:
+                if node.op_type == "Gemm":  # Y = A B, B is (K, N), or (N, K) with transB
+                    k = wshape[1] if attrs.get("transB", 0) else wshape[0]
+                else:
+                    k = wshape[-2] if len(wshape) >= 2 else wshape[0]
+                n.macs = numel * int(k)
+        nodes.append(n)
+    return _analyze(summary, nodes, consts)
+
+
+def _openvino_graph(path: str, summary: OpSummary) -> OpSummary:
+    ov = require("openvino", "openvino", "inspecting OpenVINO IR files")
+    model = ov.Core().read_model(path)
+
+    def name(output) -> str:
+        return f"{output.get_node().get_friendly_name()}:{output.get_index()}"
+
+    def static(pshape):
+        return tuple(d.get_length() for d in pshape) if pshape.is_static else None
+
+    nodes, consts, const_shapes = [], {}, {}
+    for op in model.get_ordered_ops():
+        t = op.get_type_name()
+        outs = [name(o) for o in op.outputs()]
+        if t == "Constant":
+            shape = tuple(op.get_output_shape(0))
+            consts[outs[0]] = math.prod(shape) if op.get_output_element_type(0).is_real() else 0
+            const_shapes[outs[0]] = shape
+            continue
+        if t in ("Parameter", "Result"):
+            continue
+        inputs = [name(i.get_source_output()) for i in op.inputs()]
+        kind = _KINDS["openvino"].get(t, "other")
+        n = _Node(t, kind, inputs, outs)
+        out = static(op.get_output_partial_shape(0)) if op.get_output_size() else None
+        numel = math.prod(out) if out else 0
+        wshape = _const_shape(op, 1, const_shapes, name) if len(inputs) > 1 else None
+        if kind == "conv" and wshape:
+            grouped = t == "GroupConvolution"
+            n.kernel = _kernel(wshape[3:] if grouped else wshape[2:], wshape[0] if grouped else 1)
+            n.macs = numel * math.prod(wshape[2:] if grouped else wshape[1:])
+        elif kind == "linear":
+            if wshape is None:
+                n.kind = "other"
+            else:
+                transpose_b = op.get_attributes().get("transpose_b", False)
+                n.macs = numel * int(wshape[-1] if transpose_b else wshape[-2] if len(wshape) >= 2 else wshape[0])
+        nodes.append(n)
+    for p in model.inputs:
+        summary.inputs.append(_spec(p.get_any_name(), static(p.get_partial_shape()) or (), p.get_element_type()
+                                    .get_type_name()))
+    for p in model.outputs:
+        summary.outputs.append(_spec(p.get_any_name(), static(p.get_partial_shape()) or (), p.get_element_type()
+                                     .get_type_name()))
+    return _analyze(summary, nodes, consts)
+
+
+def _const_shape(op, index: int, const_shapes: dict, name) -> tuple | None:
+    """Shape of input ``index`` of an OpenVINO op when it is a constant (possibly through Convert)."""
+    src = op.input(index).get_source_output()
+    for _ in range(3):
+        key = name(src)
+        if key in const_shapes:
+            return const_shapes[key]
+        node = src.get_node()
+        if node.get_type_name() not in ("Convert", "Reshape") or node.get_input_size() == 0:
+            return None
+        src = node.input(0).get_source_output()
+    return None
+
+
+def _tflite_graph(path: str, summary: OpSummary) -> OpSummary:
+    lite = require("ai_edge_litert.interpreter", "tflite", "inspecting TFLite files")
+    it = lite.Interpreter(model_path=path)
+    tensors = {d["index"]: d for d in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    produced = {int(o) for op in ops for o in op["outputs"]}
+    graph_inputs = {d["index"] for d in it.get_input_details()}
+    consts = {}
+    for idx, d in tensors.items():
+        if idx not in produced and idx not in graph_inputs:
+            consts[str(idx)] = int(np.prod(d["shape"])) if np.dtype(d["dtype"]).kind == "f" else 0
+    nodes = []
+    for op in ops:
+        t = op["op_name"]
+        ins = [int(i) for i in op["inputs"] if int(i) >= 0]
+        kind = _KINDS["tflite"].get(t, "other")
+        n = _Node(t, kind, [str(i) for i in ins], [str(int(o)) for o in op["outputs"]])
+        out = tuple(int(v) for v in tensors[int(op["outputs"][0])]["shape"]) if len(op["outputs"]) else ()
+        numel = math.prod(out) if out else 0
+        wshape = tuple(int(v) for v in tensors[ins[1]]["shape"]) if len(ins) > 1 else None
+        if wshape is not None and str(ins[1]) not in consts and not _const_through(ins[1], ops, consts):
+            wshape = None
+        if kind == "conv" and wshape and len(wshape) == 4:
+            depthwise = t == "DEPTHWISE_CONV_2D"
+            n.kernel = _kernel(wshape[1:3], depthwise=depthwise)
+            n.macs = numel * (math.prod(wshape[1:3]) if depthwise else math.prod(wshape[1:]))
+        elif kind == "linear":
+            if wshape is None:
+                n.kind = "other"
+            else:
+                n.macs = numel * int(wshape[-1] if t == "FULLY_CONNECTED" else wshape[-2])
+        nodes.append(n)
+    for d in it.get_input_details():
+        summary.inputs.append(_spec(d["name"], tuple(d.get("shape_signature", d["shape"])), np.dtype(d["dtype"]).name))
+    for d in it.get_output_details():
+        summary.outputs.append(_spec(d["name"], tuple(d.get("shape_signature", d["shape"])),
+                                     np.dtype(d["dtype"]).name))
+    return _analyze(summary, nodes, consts)
+
+
+def _const_through(index: int, ops, consts) -> bool:
+    """Whether tensor ``index`` is computed from constants only (a DEQUANTIZE of fp16 weights)."""
+    for op in ops:
+        if index in [int(o) for o in op["outputs"]]:
+            return all(str(int(i)) in consts for i in op["inputs"] if int(i) >= 0)
+    return False
+
+
+# -------------------------------------------------------------------------------------------- entry
+
+def _merged_from_run(path: Path) -> dict | None:
+    """What the deploy run that wrote ``path`` merged, from the report.json beside it."""
+    report = path.parent / "report.json"
+    try:
+        with open(report) as f:
+            data = json.load(f)
+        if data.get("tool") != "reparam-deploy":
+            return None
+        files = {f for s in data.get("stages", []) for f in s.get("files", [])}
+        if path.name not in files:
+            return None
+        return dict(data["reparameterize"]["merged"], **{"from": str(report)})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def inspect_path(path: str | os.PathLike) -> OpSummary:
+    """Summary of an artifact file: ``.pt2``, ``.onnx``, OpenVINO ``.xml`` or ``.tflite``."""
+    p = Path(path)
+    fmt = FORMAT_OF_SUFFIX.get(p.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot inspect {p}: unknown extension {p.suffix!r}; expected "
+                         f"{', '.join(FORMAT_OF_SUFFIX)} or a model (zoo name, timm:NAME, file.py:FACTORY)")
+    if not p.is_file():
+        raise FileNotFoundError(f"{p} does not exist; check the path")
+    summary = OpSummary(str(p), fmt)
+    from runtimes.base import CorruptArtifact
+
+    try:
+        if fmt == "pt2":
+            import torch
+
+            extra = {"deploy.json": ""}
+            ep = torch.export.load(os.fspath(p), extra_files=extra)
+            _torch_graph(ep.module(), summary)
+            if extra["deploy.json"]:
+                summary.merged = dict(json.loads(extra["deploy.json"]).get("merged") or {},
+                                      **{"from": f"{p.name} metadata"})
+        elif fmt == "onnx":
+            _onnx_graph(os.fspath(p), summary)
+        elif fmt == "openvino":
+            _openvino_graph(os.fspath(p), summary)
+        else:
+            _tflite_graph(os.fspath(p), summary)
+    except (ImportError, CorruptArtifact):
+        raise
+    except Exception as e:
+        raise CorruptArtifact(f"cannot read {p} as {fmt}: {type(e).__name__}: "
+                              f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')}") from e
+    summary.merged = summary.merged or _merged_from_run(p)
+    return summary
+
+
+def inspect_source(spec: str, input_shape: tuple[int, ...] | None = None, **load_kwargs) -> OpSummary:
+    """Summary of a model source (zoo name, timm:NAME, torchvision:NAME, file.py:FACTORY, checkpoint)."""
+    import torch
+
+    from . import sources
+
+    loaded = sources.load_model(spec, **load_kwargs)
+    shape = tuple(input_shape or loaded.input_shape or ())
+    if not shape:
+        raise sources.SourceError(f"{spec} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    summary = inspect_module(loaded.model, (x,), source=f"{spec} ({type(loaded.model).__name__}, "
+                             f"input {'x'.join(map(str, shape))})", fmt="torch model")
+    summary.notes.append(f"weights: {loaded.weights}")
+    return summary
