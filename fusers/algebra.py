@@ -155,11 +155,10 @@ def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
         raise NotExact(f"mismatched strides {sorted(strides)}")
     stride = branches[0].stride
     dilation = []
-    for dim in range(ndim):
+    for dim in range(ndim):  # mixed dilations meet on their gcd grid (dilated kernels get zero taps)
         ds = {b.dilation[dim] for b in branches if b.kernel.shape[2 + dim] > 1}
-        if len(ds) > 1:
-            raise NotExact(f"mismatched dilations {sorted(ds)} in spatial dim {dim}")
-        dilation.append(ds.pop() if ds else 1)
+        dilation.append(math.gcd(*ds) if ds else 1)
+    branches = [_redilate(b, dilation) for b in branches]
     groups = math.gcd(*[b.groups for b in branches])
     lo = [min(-b.padding[d] for b in branches) for d in range(ndim)]
     hi = [max(dilation[d] * (b.kernel.shape[2 + d] - 1) - b.padding[d] for b in branches) for d in range(ndim)]
@@ -184,6 +183,17 @@ def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
         kernel[tuple(index)] += regroup(b.kernel, b.groups, groups)
         bias += b.bias
     return Branch(kernel, bias, stride, tuple(-x for x in lo), tuple(dilation), groups, "merged")
+
+
+def _redilate(b: Branch, dilation: list[int]) -> Branch:
+    """The same branch on a finer dilation grid: a kernel with zero taps between the old ones."""
+    factors = [b.dilation[d] // dilation[d] if b.kernel.shape[2 + d] > 1 else 1 for d in range(len(dilation))]
+    if all(f == 1 for f in factors):
+        return replace(b, dilation=tuple(dilation))
+    size = [(k - 1) * f + 1 for k, f in zip(b.kernel.shape[2:], factors)]
+    kernel = b.kernel.new_zeros(*b.kernel.shape[:2], *size)
+    kernel[(slice(None), slice(None)) + tuple(slice(None, None, f) for f in factors)] = b.kernel
+    return replace(b, kernel=kernel, dilation=tuple(dilation))
 
 
 def _conv_out(in_size, kernel, stride, padding, dilation) -> tuple[int, ...]:

@@ -291,3 +291,29 @@ def remove_unused_attributes(gm: fx.GraphModule) -> None:
             module._buffers.pop(attr, None)
     gm.delete_all_unused_submodules()
     gm.recompile()
+
+
+def share_identical_weights(gm: fx.GraphModule) -> int:
+    """Point get_attr nodes reading equal tensors at one of them (a module called at several places
+    gets one folded copy, not one per call); returns how many tensors became shared."""
+    first: dict[tuple, list[str]] = {}
+    rename: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in rename:
+            continue
+        value = fetch_attr(gm, node.target)
+        if not isinstance(value, torch.Tensor) or value.numel() == 0:
+            continue
+        key = (tuple(value.shape), value.dtype, float(value.double().sum()), float(value.flatten()[0]))
+        for other in first.setdefault(key, []):
+            if other != node.target and torch.equal(fetch_attr(gm, other), value):
+                rename[node.target] = other
+                break
+        else:
+            first[key].append(node.target)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target in rename:
+            node.target = rename[node.target]
+    if rename:
+        remove_unused_attributes(gm)
+    return len(rename)

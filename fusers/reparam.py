@@ -9,7 +9,7 @@ import torch
 from torch import fx
 
 from .capture import set_training, as_args, capture
-from .graph import op_counts, remove_unused_attributes
+from .graph import op_counts, remove_unused_attributes, share_identical_weights
 from .manager import Pass, PassManager, Report
 from .numerics import convert_dtype, max_rel_error, seeded_like
 from .passes import REGISTRY
@@ -73,7 +73,9 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
         reference = gm(*check_inputs)
     PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE).run(gm, report)
     remove_unused_attributes(gm)
-    gm.recompile()
+    shared = share_identical_weights(gm)
+    if shared:
+        log.info("%d weight tensors were identical and are now shared", shared)
     with torch.no_grad():
         report.float64_error = max_rel_error(reference, gm(*check_inputs))
     del reference

@@ -55,3 +55,20 @@ def test_conv_with_two_users_is_refused():
     deploy, report, ops, err = reparam(Shared(), 1, 3, 4, 4)
     assert ops["batch_norm"] == 1 and "also used" in reasons(report)
     assert err <= 1e-6
+
+
+class CalledTwice(nn.Module):
+    """One conv + BN module applied at two places (a head shared across pyramid levels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+
+    def forward(self, a):
+        return self.bn(self.conv(a)), self.bn(self.conv(a[:, :, ::2, ::2]))
+
+
+def test_shared_module_keeps_one_folded_copy():
+    deploy, report, ops, err = reparam(CalledTwice(), 1, 8, 6, 6)
+    assert ops["conv2d"] == 2 and "batch_norm" not in ops and err <= 1e-5
+    assert sum(p.numel() for p in deploy.parameters()) == 8 * 8 * 9 + 8

@@ -147,3 +147,29 @@ def test_spatial_constant_is_not_a_bias():
 
     deploy, report, ops, err = reparam(M(), 2, 3, 5, 5)
     assert ops["add"] >= 1 and ops["conv2d"] == 1 and err <= 1e-6
+
+
+class Dilated(nn.Module):
+    """A large kernel with dilated small kernels beside it (UniRepLKNet-style), depthwise."""
+
+    def __init__(self, c=4, large=7):
+        super().__init__()
+        self.large = conv_bn(c, c, large, 1, large // 2, c) if large else None
+        self.d2 = nn.Sequential(nn.Conv2d(c, c, 3, padding=2, dilation=2, groups=c, bias=False), nn.BatchNorm2d(c))
+        self.d3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=3, dilation=3, groups=c, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = self.d2(x) + self.d3(x)
+        return y + self.large(x) if self.large is not None else y
+
+
+def test_dilated_branches_merge_into_a_large_kernel():
+    deploy, report, ops, err = reparam(Dilated(), 1, 4, 12, 12)
+    assert ops == {"conv2d": 1} and err <= 1e-5
+    (w,) = [p for p in deploy.parameters() if p.dim() == 4]
+    assert tuple(w.shape) == (4, 1, 7, 7)
+
+
+def test_dilated_branches_without_a_large_kernel_stay_apart():
+    deploy, report, ops, err = reparam(Dilated(large=0), 1, 4, 12, 12)
+    assert ops["conv2d"] == 2 and "one kernel would hold" in reasons(report) and err <= 1e-5

@@ -197,6 +197,12 @@ def _plan(root, terms, flat, kind, refusals) -> Plan | None:
             refusals.append(Refusal(site([t.node for t in group]), f"branches not merged: {e}"))
             plan.rest.extend(group)
             continue
+        before = sum(t.branch.kernel.numel() for t in group)
+        if merged.kernel.numel() > before:  # e.g. small dilated kernels with no large kernel to absorb them
+            refusals.append(Refusal(site([t.node for t in group]), f"branches not merged: one kernel would hold "
+                                    f"{merged.kernel.numel():,} weights, the branches hold {before:,}"))
+            plan.rest.extend(group)
+            continue
         if absorb:
             merged.bias = merged.bias + const
             const_taken = True
