@@ -1,23 +1,29 @@
 """The ``deploy`` command line (also ``python -m deploy``).
 
-    deploy                         reparameterize the default zoo model and print what each pass did
-    deploy reparam MODEL [...]     the same for any zoo model
-    deploy zoo                     list the built-in models
+    deploy                                    convert the built-in trained default (repvgg_digits)
+    deploy convert MODEL [options]            load -> capture -> passes -> .pt2 -> exporters -> verify -> reports
+    deploy verify DIR                         re-run the verification of a convert output directory
+    deploy inspect MODEL_OR_ARTIFACT          ops, convolutions, parameters, FLOPs, mergeable branches
+    deploy zoo                                list the built-in models
+
+``deploy MODEL [options]`` (no command) is ``deploy convert MODEL [options]``. Exit status: 0 when
+every stage passes, 1 when a stage failed verification or export (the report names it), 2 for bad
+input (one sentence naming the problem and the fix). Progress goes to stderr, results to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
+import shlex
 import sys
 import time
+import warnings
 
-import torch
-
-import fusers
-from deploy import zoo
-
-DEFAULT_MODEL = "repvgg_a0"
+COMMANDS = ("convert", "verify", "inspect", "zoo")
+EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -31,66 +37,262 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _passes(text: str) -> tuple[str, ...]:
-    out = []
-    for name in text.split(","):
-        out.extend(fusers.DEFAULT_PASSES if name == "default" else [name])
+    import fusers
+
+    out: list[str] = []
+    for name in (n.strip() for n in text.split(",")):
+        if name:
+            out.extend(fusers.DEFAULT_PASSES if name == "default" else [name])
     return tuple(out)
 
 
+def _targets(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(t.strip().lower() for t in text.split(",") if t.strip())
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-v", "--verbose", action="store_true", help="log what every library step does")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the result")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from .sources import DEFAULT_MODEL
+
+    p.add_argument("--checkpoint", metavar="PATH", help="state dict to load strictly (also nested under "
+                   "state_dict/model/ema; 'module.' prefixes stripped)")
+    p.add_argument("--checkpoint-key", metavar="KEY", help="entry of the checkpoint that holds the weights")
+    p.add_argument("--code-path", metavar="DIR", action="append", default=[],
+                   help="add DIR to sys.path to unpickle a whole-model checkpoint (e.g. a YOLOv7 checkout)")
+    p.add_argument("--num-classes", type=int, metavar="N", help="classifier classes for zoo/timm/torchvision "
+                   "models (to match a checkpoint)")
+    p.add_argument("--width", type=float, help="zoo width multiplier (default: the published width)")
+    p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                   help="example input shape (default: the model's, e.g. 1,3,224,224)")
+    p.add_argument("--eval", dest="allow_train_mode", action="store_true",
+                   help="convert a model that arrives in train mode in eval mode (its BatchNorm running "
+                   "statistics are used)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and random weights (default 0)")
+    p.set_defaults(default_model=DEFAULT_MODEL)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deploy", description="Reparameterize multi-branch networks into plain "
-                                "deploy networks, proven exact in float64.")
-    sub = p.add_subparsers(dest="command")
-    r = sub.add_parser("reparam", help="reparameterize a zoo model and report every pass")
-    r.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"zoo model name (default {DEFAULT_MODEL})")
-    r.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224 (default: the model's)")
-    r.add_argument("--passes", type=_passes, default=None, help="comma-separated passes; 'default' expands to "
-                   f"{','.join(fusers.DEFAULT_PASSES)}")
-    r.add_argument("--width", type=float, default=1.0, help="zoo width multiplier (default 1.0)")
-    r.add_argument("--seed", type=int, default=0, help="seed for weights, BatchNorm statistics and inputs")
-    r.add_argument("-v", "--verbose", action="store_true", help="log every pass")
-    sub.add_parser("zoo", help="list the built-in models")
+    import fusers
+
+    from .pipeline import DEFAULT_TARGETS, TARGETS
+    from .sources import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(
+        prog="deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Reparameterize multi-branch networks into plain deploy networks, export them and verify "
+                    "every artifact on its own runtime.",
+        epilog="With no command, 'deploy [MODEL] [options]' runs 'deploy convert'. Plain 'deploy' converts the "
+               f"built-in trained default ({DEFAULT_MODEL}) into runs/{DEFAULT_MODEL}.")
+    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,zoo}")
+
+    c = sub.add_parser("convert", help="convert a model into verified artifacts",
+                       description="load -> capture -> passes -> plain model (DIR/model.deploy.pt2) -> exporters "
+                       "-> verification of every stage -> DIR/report.json, DIR/report.md")
+    c.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+                   help=f"zoo name, timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a checkpoint holding a "
+                   f"whole pickled model (default {DEFAULT_MODEL}, trained weights shipped)")
+    _model_args(c)
+    c.add_argument("--targets", type=_targets, default=DEFAULT_TARGETS, metavar="LIST",
+                   help=f"comma-separated formats from {','.join(TARGETS)}, or none (default "
+                   f"{','.join(DEFAULT_TARGETS)})")
+    c.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="artifact precision (the .pt2 and the main ONNX file stay fp32; default fp32)")
+    c.add_argument("--dynamic", action="store_true", help="dynamic batch dimension where the format allows it")
+    c.add_argument("--passes", type=_passes, default=None, metavar="LIST",
+                   help=f"comma-separated passes; 'default' expands to {','.join(fusers.DEFAULT_PASSES)}")
+    c.add_argument("--inputs", metavar="NPZ", help="real samples: an .npz with one input array (N, ...) and "
+                   "optionally integer 'labels' (N,) for accuracy checks")
+    c.add_argument("--rtol", type=_positive_float, help="relative tolerance (default by precision: fp32 1e-5, "
+                   "fp16 1e-2)")
+    c.add_argument("--atol", type=_positive_float, default=0.0, help="absolute tolerance (default 0)")
+    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--out", metavar="DIR", help="output directory (default runs/<model>, which replaces an earlier "
+                   "run there)")
+    c.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy")
+    _common(c)
+
+    v = sub.add_parser("verify", help="re-run the verification of a convert output directory")
+    v.add_argument("dir", metavar="DIR", help="output directory of deploy convert")
+    v.add_argument("--rtol", type=_positive_float, help="relative tolerance (default: the run's)")
+    v.add_argument("--atol", type=_positive_float, help="absolute tolerance (default: the run's)")
+    _common(v)
+
+    i = sub.add_parser("inspect", help="op summary of a model or an artifact (.pt2, .onnx, .xml, .tflite)")
+    i.add_argument("target", metavar="MODEL_OR_ARTIFACT")
+    _model_args(i)
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _common(i)
+
+    z = sub.add_parser("zoo", help="list the built-in models")
+    _common(z)
     return p
 
 
-def cmd_zoo() -> int:
-    for name in zoo.names():
-        print(f"{name:<18} {' x '.join(map(str, zoo.input_shape(name)[1:])):<12} {zoo.describe(name)}")
-    return 0
+# ----------------------------------------------------------------------------------------------- output
+
+class _Progress:
+    """Timestamped progress lines on stderr."""
+
+    def __init__(self, quiet: bool):
+        self.quiet, self.start = quiet, time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
 
 
-def cmd_reparam(args) -> int:
-    torch.manual_seed(args.seed)
-    print(f"building {args.model} (width {args.width}, random weights, seeded BatchNorm statistics)")
-    model = zoo.randomize_batchnorm(zoo.create(args.model, width=args.width), seed=args.seed).eval()
-    shape = args.input_shape or zoo.input_shape(args.model)
-    x = torch.randn(*shape)
-    print(f"capturing and rewriting at input {tuple(shape)}; every pass is checked in float64 ...")
-    start = time.perf_counter()
-    deploy = fusers.reparameterize(model, (x,), passes=args.passes, seed=args.seed)
-    report = deploy.reparam_report
-    print(f"done in {time.perf_counter() - start:.1f} s "
-          f"(capture {report.seconds['capture']:.1f} s, passes {report.seconds['passes']:.1f} s, "
-          f"verify {report.seconds.get('verify', 0):.1f} s)\n")
-    print(report.summary())
-    ok = report.float64_error <= 1e-9 and (report.float32_error or 0) <= 1e-4
-    print("\nresult: " + ("exact (float64) and within float32 rounding" if ok else "MISMATCH"))
-    return 0 if ok else 1
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        force=True)
+    logging.captureWarnings(True)
+    if not verbose:
+        for noisy in ("py.warnings", "torch", "onnxscript", "onnx_ir", "absl", "tensorflow", "litert_torch",
+                      "ai_edge_quantizer", "runtimes.compare"):  # the result table says what compare warns
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+
+
+def _quiet_native_logs() -> None:
+    """TensorFlow / LiteRT C++ logging (oneDNN notices, XNNPACK delegate lines) off unless already configured."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+
+def _stage_lines(stages) -> str:
+    from .report import stage_table, text_table
+
+    return text_table(*stage_table(stages))
+
+
+def _verdict(stages, failures: list[str]) -> str:
+    n = len(stages) - 1
+    if failures:
+        return f"{len(failures)} of {n} stage(s) FAILED"
+    return "the stage passes" if n == 1 else f"all {n} stages pass"
+
+
+def _failures(stages) -> list[str]:
+    return [f"FAILED {s.name} ({s.path or 'not written'}): {s.reason}" for s in stages
+            if not s.passed and s.name != "training"]
+
+
+def cmd_convert(args) -> int:
+    from .pipeline import ConvertOptions, convert
+
+    command = "deploy " + " ".join(shlex.quote(a) for a in args.argv) if args.argv else "deploy"
+    opts = ConvertOptions(
+        model=args.model, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key, code_path=args.code_path,
+        num_classes=args.num_classes, width=args.width, input_shape=args.input_shape, targets=args.targets,
+        precision=args.precision, dynamic=args.dynamic, passes=args.passes, inputs=args.inputs, rtol=args.rtol,
+        atol=args.atol, out=args.out, force=args.force, allow_train_mode=args.allow_train_mode, seed=args.seed,
+        opset=args.opset, command=command)
+    result = convert(opts, progress=_Progress(args.quiet))
+    print(_stage_lines(result.stages))
+    report = result.report
+    samples = report["inputs"].get("samples")
+    training = result.stages[0]
+    if samples and samples["labels"] and training.accuracy is not None:
+        print(f"\ntask check on {samples['count']} held-out samples: training-form accuracy "
+              f"{100 * training.accuracy:.2f}%; every stage's accuracy and agreement are in the table")
+    failures = _failures(result.stages)
+    for line in failures:
+        print(line)
+    print(f"\n{_verdict(result.stages, failures)}; report: {os.path.join(result.out_dir, 'report.md')} ({report['timings']['total']:.1f} s)")
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def cmd_verify(args) -> int:
+    from .pipeline import verify
+
+    result = verify(args.dir, rtol=args.rtol, atol=args.atol, progress=_Progress(args.quiet))
+    print(_stage_lines(result.stages))
+    failures = _failures(result.stages)
+    for line in failures:
+        print(line)
+    changed = [s.name for s in result.stages if s.changed]
+    if changed:
+        print(f"changed since convert (sha256 differs): {', '.join(changed)}")
+    print(f"\n{_verdict(result.stages, failures)} (rtol {result.tolerance['rtol'] or 'by precision'}, atol {result.tolerance['atol']}; "
+          f"{result.seconds:.1f} s)")
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import FORMAT_OF_SUFFIX, inspect_path, inspect_source
+
+    target = args.target
+    if os.path.splitext(target)[1].lower() in FORMAT_OF_SUFFIX:
+        summary = inspect_path(target)
+    else:
+        summary = inspect_source(target, args.input_shape, checkpoint=args.checkpoint,
+                                 checkpoint_key=args.checkpoint_key, code_path=args.code_path,
+                                 num_classes=args.num_classes, width=args.width,
+                                 allow_train_mode=args.allow_train_mode, seed=args.seed)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.summary())
+    return EXIT_OK
+
+
+def cmd_zoo(args) -> int:
+    from . import zoo
+
+    rows = [[name, "x".join(map(str, zoo.input_shape(name)[1:])), "trained" if zoo.has_weights(name) else "random",
+             zoo.describe(name)] for name in zoo.names()]
+    from .report import text_table
+
+    print(text_table(["model", "input", "weights", "description"], rows))
+    return EXIT_OK
+
+
+def _errors() -> tuple[type[BaseException], ...]:
+    import fusers
+    from exporters.base import DeployError
+
+    from .sources import SourceError
+
+    # ValueError: a bad argument value found by a library function (unknown pass, unknown extension, ...)
+    return (SourceError, DeployError, fusers.CaptureError, fusers.InputError, FileNotFoundError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["convert", *argv]
+    _quiet_native_logs()
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    args.argv = argv
+    _setup_logging(args.verbose)
+    handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "zoo": cmd_zoo}
     try:
-        if args.command == "zoo":
-            return cmd_zoo()
-        if args.command is None:
-            args = _parser().parse_args(["reparam", *(argv or [])])
-        return cmd_reparam(args)
-    except (fusers.CaptureError, fusers.InputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return handlers[args.command](args)
+    except _errors() as e:
+        message = str(e).strip().rstrip(".")
+        print(f"deploy {args.command}: error: {message}.", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger(__name__).exception("details")
+        return EXIT_ERROR
+    except BrokenPipeError:  # e.g. piped into head
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
+    except KeyboardInterrupt:
+        print(f"deploy {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

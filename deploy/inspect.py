@@ -46,7 +46,7 @@ _KINDS = {
               **dict.fromkeys(("linear", "addmm", "mm", "matmul"), "linear"),
               **dict.fromkeys(("batch_norm", "_native_batch_norm_legit_no_training", "native_batch_norm",
                                "_native_batch_norm_legit"), "bn"),
-              **dict.fromkeys(("add", "sub", "mul", "div"), "binary"),
+              **dict.fromkeys(("add", "sub", "mul", "div", "add_", "sub_", "mul_", "div_"), "binary"),
               **dict.fromkeys(("constant_pad_nd", "pad"), "pad"),
               **dict.fromkeys(("avg_pool1d", "avg_pool2d"), "pool"),
               **dict.fromkeys(("getitem", "clone", "contiguous", "dropout", "alias", "detach", "_to_copy"), "pass")},
@@ -62,7 +62,7 @@ _KINDS = {
                "MUL": "binary", "DIV": "binary", "ADD_N": "sum", "PAD": "pad", "PADV2": "pad",
                "AVERAGE_POOL_2D": "pool", "DEQUANTIZE": "pass"},
 }
-_ADDS = {"add", "Add", "ADD"}
+_ADDS = {"add", "add_", "Add", "ADD"}
 
 
 @dataclass
@@ -190,9 +190,17 @@ def _branch_groups(nodes: list[_Node], consts: dict[str, int]) -> tuple[int, int
     def source(t: str) -> tuple[str, str]:
         root = through(t, ("pass", "bn", "affine"))
         n = producer.get(root)
-        if n is not None and n.kind in ("conv", "linear", "pool") and _data(n, consts) is not None:
-            return through(_data(n, consts), ("pass", "pad")), n.kind
-        return through(root, ("pass",)), "identity"
+        if n is None or n.kind not in ("conv", "linear", "pool") or _data(n, consts) is None:
+            return through(root, ("pass",)), "identity"
+        x = _data(n, consts)
+        while True:  # a 1x1 conv used only here, before the branch's conv or pool, is part of it (DBB)
+            r = through(x, ("pass", "pad", "bn", "affine"))
+            p = producer.get(r)
+            if p is None or p.kind != "conv" or not _is_1x1(p.kernel) or uses[r] != 1 \
+                    or _data(p, consts) is None:
+                break
+            x = _data(p, consts)
+        return through(x, ("pass", "pad")), n.kind
 
     def operands(n: _Node) -> Iterable[str]:
         for i in n.inputs:
@@ -225,6 +233,10 @@ def _branch_groups(nodes: list[_Node], consts: dict[str, int]) -> tuple[int, int
 def _kernel(shape, groups: int = 1, depthwise: bool = False) -> str:
     text = "x".join(str(int(d)) for d in shape)
     return text + (" dw" if depthwise else (f" g{groups}" if groups > 1 else ""))
+
+
+def _is_1x1(kernel: str) -> bool:
+    return bool(kernel) and set(kernel.split()[0].split("x")) == {"1"}
 
 
 def inspect_module(module, args, source: str = "model", fmt: str = "torch") -> OpSummary:
@@ -310,7 +322,7 @@ def _onnx_graph(path: str, summary: OpSummary) -> OpSummary:
     shapes: dict[str, tuple] = {}
     for v in list(graph.value_info) + list(graph.output) + list(graph.input):
         dims = v.type.tensor_type.shape.dim
-        shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
     consts, const_shapes = {}, {}
     for init in graph.initializer:
         arr_shape = tuple(init.dims)
@@ -368,6 +380,9 @@ def _openvino_graph(path: str, summary: OpSummary) -> OpSummary:
     def static(pshape):
         return tuple(d.get_length() for d in pshape) if pshape.is_static else None
 
+    def dims(pshape):
+        return tuple(d.get_length() if d.is_static else None for d in pshape) if pshape.rank.is_static else ()
+
     nodes, consts, const_shapes = [], {}, {}
     for op in model.get_ordered_ops():
         t = op.get_type_name()
@@ -397,11 +412,9 @@ def _openvino_graph(path: str, summary: OpSummary) -> OpSummary:
                 n.macs = numel * int(wshape[-1] if transpose_b else wshape[-2] if len(wshape) >= 2 else wshape[0])
         nodes.append(n)
     for p in model.inputs:
-        summary.inputs.append(_spec(p.get_any_name(), static(p.get_partial_shape()) or (), p.get_element_type()
-                                    .get_type_name()))
+        summary.inputs.append(_spec(p.get_any_name(), dims(p.get_partial_shape()), p.get_element_type().to_dtype()))
     for p in model.outputs:
-        summary.outputs.append(_spec(p.get_any_name(), static(p.get_partial_shape()) or (), p.get_element_type()
-                                     .get_type_name()))
+        summary.outputs.append(_spec(p.get_any_name(), dims(p.get_partial_shape()), p.get_element_type().to_dtype()))
     return _analyze(summary, nodes, consts)
 
 

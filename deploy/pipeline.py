@@ -188,7 +188,7 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def _check_targets(targets: Sequence[str], precision: str, dynamic: bool) -> list[str]:
+def _check_targets(targets: Sequence[str], precision: str) -> list[str]:
     unknown = [t for t in targets if t not in TARGETS]
     if unknown:
         raise PipelineError(f"unknown target(s) {', '.join(unknown)}; known targets: {', '.join(TARGETS)} "
@@ -281,22 +281,28 @@ def _read_samples(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.nda
 def _forward_logs(logger_name: str, progress: Progress):
     """Forward INFO records of ``logger_name`` (e.g. each pass of the pass manager) to ``progress``."""
 
+    logger = logging.getLogger(logger_name)
+    level, propagate, effective = logger.level, logger.propagate, logger.getEffectiveLevel()
+
     class _Handler(logging.Handler):
         def emit(self, record):
             message = record.getMessage()
             if ": 0 rewrites, 0 refused, 0 rolled back" not in message:
                 progress(message)
+            if not logger.propagate and record.levelno >= effective and logger.parent is not None:
+                logger.parent.handle(record)  # what the caller's logging would have shown anyway
 
-    logger = logging.getLogger(logger_name)
-    handler, level = _Handler(logging.INFO), logger.level
+    handler = _Handler(logging.INFO)
     logger.addHandler(handler)
-    if logger.getEffectiveLevel() > logging.INFO:
+    if effective > logging.INFO:  # records below the caller's level go to progress only
         logger.setLevel(logging.INFO)
+        logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _relativize(obj, root: str):
@@ -359,9 +365,17 @@ def _open(stage: StageRecord, root: Path):
 
     art = Artifact.from_dict(_absolute(stage.artifact, root))
     kwargs = {"precision": stage.precision} if stage.format == "openvino" else {}
-    if stage.format == "pt2":  # many small calls: torch's thread pool only adds synchronization
-        kwargs["threads"] = 1
+    if stage.format == "pt2":
+        kwargs["threads"] = _torch_threads(art.inputs[0].concrete_shape(1) if art.inputs else ())
     return open_runner(art, **kwargs)
+
+
+def _torch_threads(shape) -> int | None:
+    """One thread for small inputs: many small calls gain nothing from torch's thread pool but its
+    synchronization, which on a busy machine costs more than the work."""
+    import math
+
+    return 1 if shape and math.prod(shape) < 100_000 else None
 
 
 def _absolute(d: dict, root: Path) -> dict:
@@ -519,6 +533,8 @@ def _export_stages(targets: list[str], plain, args, root: Path, opts: ConvertOpt
             for p in set(root.iterdir()) - before:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
             msg = first_line(e) if isinstance(e, DeployError) else f"{type(e).__name__}: {first_line(e)}"
+            if not isinstance(e, MissingDependency):
+                msg = f"{msg.rstrip('.')}; drop {name} from --targets or change the model"
             log.debug("export %s failed", name, exc_info=True)
             progress(f"export {name} FAILED: {msg}")
             made.append((StageRecord(name, fmt, parent=parent, precision=precision, error=msg, reason=msg,
@@ -596,30 +612,23 @@ def _save_pt2(plain, args, path: Path, dynamic: bool, extra: dict) -> Artifact:
                     metadata={"exporter": f"torch.export (torch {torch.__version__})", "dynamic_batch": dynamic})
 
 
-def merged_counts(report) -> dict[str, int]:
-    """What the passes removed, from a fusers report: BatchNorms folded, branch groups and branches merged."""
-    import re
-
-    groups = branches = 0
-    for p in report.passes:
-        if p.name == "merge_linear":
-            for rw in p.rewrites:
-                m = re.search(r":\s*([\w+]+)\s*->", rw)
-                groups += 1
-                branches += m.group(1).count("+") + 1 if m else 2
-    return {"batchnorms_folded": report.count("fold_bn"), "branch_groups_merged": groups,
-            "branches_merged": branches, "sequences_merged": report.count("merge_sequence"),
-            "rewrites": report.count()}
+def merged_counts(before, after) -> dict[str, int]:
+    """What reparameterization removed, from the op summaries (``deploy.inspect``) of both forms."""
+    return {"branch_groups_merged": before.branch_groups - after.branch_groups,
+            "branches_merged": before.branches - after.branches,
+            "batchnorms_folded": before.batchnorms - after.batchnorms,
+            "convolutions_before": before.convolutions, "convolutions_after": after.convolutions,
+            "macs_before": before.macs, "macs_after": after.macs}
 
 
-def _reparam_dict(report) -> dict:
+def _reparam_dict(report, merged: dict) -> dict:
     d = report.to_dict()
     d["passes"] = [{"name": p["name"], "round": p["round"], "rewrites": len(p["rewrites"]),
                     "refused": len(p["refusals"]), "rolled_back": len(p["rolled_back"]),
                     "max_rel_error": p["max_rel_error"], "seconds": p["seconds"], "rewrite_sites": p["rewrites"]}
                    for p in d["passes"] if p["rewrites"] or p["refusals"] or p["rolled_back"]]
     d["refusals"] = [asdict(r) for r in report.refusals()]
-    d["merged"] = merged_counts(report)
+    d["merged"] = merged
     return d
 
 
@@ -628,7 +637,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     progress = progress or _noop
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    targets = _check_targets(list(opts.targets), opts.precision, opts.dynamic)
+    targets = _check_targets(list(opts.targets), opts.precision)
     _check_passes(opts.passes)
     kind, target, factory = sources.parse_source(opts.model)
     default_name = {"file": f"{Path(target).stem}_{factory}", "pickle": Path(target).stem,
@@ -657,7 +666,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         notes.append("--dynamic: captured and verified at batch 2 (torch.export specializes a batch of 1)")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    tmp = Path(os.path.abspath(out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"))
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -673,10 +682,18 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
             raise PipelineError(str(e)) from e
         report = plain.reparam_report
         timings["reparameterize"] = time.perf_counter() - start
-        merged = merged_counts(report)
-        progress(f"reparameterized in {timings['reparameterize']:.1f} s: {merged['batchnorms_folded']} BatchNorms "
-                 f"folded, {merged['branch_groups_merged']} branch groups ({merged['branches_merged']} branches) "
-                 f"merged; float64 error {report.float64_error:.1e}, float32 error {report.float32_error:.1e}")
+        progress(f"reparameterized in {timings['reparameterize']:.1f} s: {report.count()} rewrites, "
+                 f"{len(report.refusals())} refused; float64 error {report.float64_error:.1e}, float32 error "
+                 f"{report.float32_error:.1e}")
+        start = time.perf_counter()
+        from .inspect import inspect_module
+
+        before, after = inspect_module(loaded.model, args, "training"), inspect_module(plain, args, "plain")
+        merged = merged_counts(before, after)
+        timings["structure"] = time.perf_counter() - start
+        progress(f"structure: {merged['branch_groups_merged']} branch groups ({merged['branches_merged']} branches) "
+                 f"merged, {merged['batchnorms_folded']} BatchNorms folded; convolutions "
+                 f"{before.convolutions} -> {after.convolutions}, MACs {before.macs:,} -> {after.macs:,}")
 
         start = time.perf_counter()
         pt2_art = _save_pt2(plain, args, tmp / PT2, opts.dynamic,
@@ -686,10 +703,12 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
 
         vdir = tmp / "verify"
         vdir.mkdir()
+        progress("recording the training model's outputs on the seeded input"
+                 + (f" and {len(samples[0])} samples" if samples is not None else ""))
         from runtimes import TorchRunner, save_inputs
 
         save_inputs(vdir / "inputs.npz", {"input0": x.numpy()})
-        with TorchRunner(loaded.model) as ref_runner:
+        with TorchRunner(loaded.model, threads=_torch_threads(capture_shape)) as ref_runner:
             ref = list(ref_runner.infer([x.numpy()]).values())
             np.savez(vdir / "reference.npz", **{f"output{i}": o for i, o in enumerate(ref)})
             if samples is not None:
@@ -704,7 +723,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         stages = [StageRecord("training", "torch", parent=None, precision="fp32", passed=True)]
         pt2 = StageRecord("pt2", "pt2", parent="training", precision="fp32", export_seconds=timings["export pt2"])
         made = [(pt2, pt2_art)] + _export_stages(targets, plain, args, tmp, opts, timings, progress)
-        root = str(tmp.resolve())
+        root = str(tmp)
         for stage, art in made:
             if art is not None:
                 stage.notes += [n for n in art.notes if n not in stage.notes]
@@ -721,8 +740,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         timings["total"] = time.perf_counter() - started
 
         result = ConvertResult(str(out_dir), {}, stages)
-        result.report = _report(opts, loaded, shape, capture_shape, targets, samples_path, samples, report, stages,
-                                timings, notes, out_dir)
+        result.report = _report(opts, loaded, shape, capture_shape, targets, samples_path, samples,
+                                _reparam_dict(report, merged), stages, timings, notes, out_dir)
         from .report import write_reports
 
         write_reports(result.report, tmp)
@@ -773,7 +792,7 @@ def _report(opts: ConvertOptions, loaded: LoadedModel, shape, capture_shape, tar
                    "seeded": {"seed": opts.seed, "distribution": "standard normal", "file": "verify/inputs.npz"},
                    "samples": samples_info},
         "tolerance": tolerance,
-        "reparameterize": _reparam_dict(reparam),
+        "reparameterize": reparam,
         "stages": [s.to_dict() for s in stages],
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "versions": versions(),

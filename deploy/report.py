@@ -130,8 +130,9 @@ def to_markdown(report: dict) -> str:
                   + (" with labels (task-level verification)" if samples["labels"] else ""), ""]
     merged = rep["merged"]
     lines += ["## Reparameterization", "",
-              f"{merged['batchnorms_folded']} BatchNorms folded, {merged['branch_groups_merged']} branch groups "
-              f"({merged['branches_merged']} branches) merged, {merged['sequences_merged']} sequences merged; "
+              f"{merged['branch_groups_merged']} branch groups ({merged['branches_merged']} branches) merged, "
+              f"{merged['batchnorms_folded']} BatchNorms folded; convolutions {merged['convolutions_before']} -> "
+              f"{merged['convolutions_after']}; MACs {merged['macs_before']:,} -> {merged['macs_after']:,}; "
               f"parameters {rep['params_before']:,} -> {rep['params_after']:,}; float64 max rel error "
               f"{rep['float64_error']:.2e} (vs the captured graph), float32 {_num(rep['float32_error'])} "
               "(vs the training model).", "",

@@ -131,6 +131,9 @@ def _torch_load(path: Path, *, allow_pickle: bool, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # not a class the safe loader refused: the file itself is bad
+            raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
+                              f"({_first_line(e)}); check that the file is complete") from e
         if not allow_pickle:
             raise
         log.warning("%s %s holds Python objects besides tensors; unpickling it fully (weights_only=False): "

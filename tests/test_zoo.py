@@ -13,7 +13,8 @@ from deploy.zoo.dbb import BNAndPad, DiverseBranchBlock
 from deploy.zoo.mobileone import MobileOneBlock
 from deploy.zoo.repvgg import RepVGGBlock
 
-CLASSIFIERS = [n for n in zoo.names() if n != "yolov7_tiny_rep"]
+DETECTORS = {"yolov7_tiny_rep", "panet", "giraffedet", "sa_fpn", "small_object_det", "eresfd"}
+CLASSIFIERS = [n for n in zoo.names() if n not in DETECTORS]
 TINY = {"width": 0.25, "num_classes": 10}
 SMALL_INPUT = (2, 3, 64, 64)
 

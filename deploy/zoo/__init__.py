@@ -29,6 +29,21 @@ from .mobileone import mobileone_s0
 from .resnet import resnet_small
 from .repvgg import repvgg_a0, repvgg_a0_se, repvgg_a1, repvgg_b0, repvgg_b1g2
 from .yolov7 import yolov7_tiny_rep
+from .elan_csp import elan_csp
+from .ghostnet import ghostnet
+from .googlenet2 import googlenet2
+from .mlp_mixer import mlp_mixer
+from .res2net import res2net
+from .sdanet import sdanet
+from .shufflenet_v1 import shufflenet_v1
+from .shufflenet_v2 import shufflenet_v2
+from .threshnet import threshnet
+from .eatformer import eatformer
+from .eresfd import eresfd
+from .giraffedet import giraffedet
+from .panet import panet
+from .sa_fpn import sa_fpn
+from .small_object_det import small_object_det
 
 __all__ = ["create", "describe", "has_weights", "input_shape", "names", "randomize_batchnorm", "samples"]
 
@@ -56,6 +71,21 @@ _ZOO: dict[str, _Entry] = {
     "resnet_small": _Entry(resnet_small, _IMAGENET, "Small ResNet (32/64/128) of basic blocks relu(bn(3x3(relu(bn(3x3(x))))) + shortcut(x)); plain with the 'rm' pass"),
     "repvgg_digits": _Entry(repvgg_digits, (1, 1, 8, 8), "RepVGG-Digits: 6 RepVGG blocks (16-64 channels) trained on scikit-learn's 8x8 digits; shipped weights and held-out split", pretrained=True, samples=str(_DIGITS_TEST)),
     "yolov7_tiny_rep": _Entry(yolov7_tiny_rep, (1, 3, 320, 320), "YOLOv7-tiny (Wang et al. 2023) with RepConv heads and an IDetect head (ImplicitA / ImplicitM), 80 classes"),
+    "panet": _Entry(panet, (1, 3, 128, 128), "PANet (Liu et al. 2018): FPN top-down (lateral 1x1, nearest upsample, add) plus bottom-up path augmentation (stride-2 3x3 into P_i+1), one map per level"),
+    "giraffedet": _Entry(giraffedet, (1, 3, 128, 128), "GiraffeDet (Jiang et al. 2022): space-to-depth light backbone, heavy GFPN neck with queen fusion and log2n skip-layer connections"),
+    "sa_fpn": _Entry(sa_fpn, (1, 3, 128, 128), "SA-FPN + Seq-Head: scale attention (levels resized, softmax over levels, weighted sum) and a sequential reg-then-cls head shared by all levels"),
+    "small_object_det": _Entry(small_object_det, (1, 3, 128, 128), "Small-object YOLOv3: Darknet residual units, fusion of parallel dilated 3x3 convs (d=1,2,3), CBAM channel + spatial attention, 3 scales"),
+    "eresfd": _Entry(eresfd, (1, 3, 128, 128), "EResFD (Jeong et al.): channel-reduced ResNet face detector, stride-4 stem, separated top-down / bottom-up aggregation, per-level cls + box heads"),
+    "eatformer": _Entry(eatformer, _IMAGENET, "EATFormer (Zhang et al. 2024): EAT blocks of multi-scale dilated depthwise region aggregation, local dwconv + plain MHSA interaction, FFN"),
+    "elan_csp": _Entry(elan_csp, (1, 3, 64, 64), "ELAN + CSP (Wang et al. 2022, gradient path design): ELAN blocks (stacked 3x3 units, every output concatenated, 1x1 transition) in CSP stages"),
+    "ghostnet": _Entry(ghostnet, (1, 3, 64, 64), "GhostNet (Han et al. 2022): C-Ghost bottlenecks (1x1 intrinsic maps + cheap dw3x3 ghosts, concatenated) and a G-Ghost stage (cheap 1x1 features of the first block)"),
+    "shufflenet_v1": _Entry(shufflenet_v1, (1, 3, 64, 64), "ShuffleNet v1 (Zhang et al. 2018), g=3: pointwise group conv, channel shuffle, dw3x3, group conv; stride 2 concats an avg-pooled shortcut"),
+    "shufflenet_v2": _Entry(shufflenet_v2, (1, 3, 64, 64), "ShuffleNet V2 (Ma et al. 2018): channel split, 1x1-dw3x3-1x1 branch, concat, channel shuffle; two branches at stride 2"),
+    "res2net": _Entry(res2net, (1, 3, 64, 64), "Res2Net (Gao et al. 2021): bottleneck whose 1x1 output is split in s=4 groups, hierarchical 3x3 convs each adding the previous group, concat, 1x1, residual"),
+    "threshnet": _Entry(threshnet, (1, 3, 64, 64), "ThreshNet (Ju et al. 2022): dense blocks where layer k concatenates layers k-2^i for 2^i <= threshold (4), transition 1x1 + avg pool"),
+    "sdanet": _Entry(sdanet, (1, 3, 64, 64), "SDA-Net (Guo et al. 2022): selective depth attention, a stage's block outputs fused by softmax-over-depth weights from their pooled sum"),
+    "googlenet2": _Entry(googlenet2, (1, 3, 64, 64), "GoogLe2Net (2023): ResFRI inceptions, branches of growing receptive field each adding the previous branch's output, concat, 1x1, residual"),
+    "mlp_mixer": _Entry(mlp_mixer, (1, 3, 64, 64), "MLP-Mixer (Tolstikhin et al. 2021): 8x8 patch embedding, 2 mixer blocks (token-mixing MLP via transpose, channel-mixing MLP), LayerNorm kept; 64x64 only"),
 }
 
 

@@ -36,7 +36,10 @@ class ConvBNAct(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ResNet basic block ``act(bn(conv3x3(act(bn(conv3x3(x))))) + shortcut(x))``; 1×1 conv-BN shortcut on a shape change."""
+    """ResNet basic block ``act(bn(conv3x3(act(bn(conv3x3(x))))) + shortcut(x))``.
+
+    The shortcut is the identity, or a 1×1 conv-BN when the stride or width changes.
+    """
 
     def __init__(self, c1: int, c2: int, s: int = 1, act: str = "relu") -> None:
         super().__init__()

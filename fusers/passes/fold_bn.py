@@ -27,8 +27,10 @@ class FoldBatchNorm(NodePass):
         conv = as_conv(gm, bn.x)
         if not bn.foldable:
             return None, _BATCH_STATS
-        if conv is None:
-            return None
+        if conv is None:  # reported only if it is still there when the passes are done
+            what = getattr(bn.x, "target", getattr(bn.x, "op", "input"))
+            return None, (f"it follows {getattr(what, '__name__', what)}, not a conv or Linear, and feeds no "
+                          "unpadded conv; kept as an affine op")
         if sole_user(conv.node) is not node:
             return None, f"{conv.node.name} output is also used elsewhere"
         if conv.kind == "linear" and len(shape(conv.node) or ()) != 2:

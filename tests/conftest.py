@@ -1,0 +1,37 @@
+"""Fixtures shared by the command-line, pipeline and inspect tests.
+
+``digits_run`` runs ``python -m deploy`` with no arguments once per session, as a user would: the
+built-in trained default converted into ``runs/repvgg_digits`` (ONNX, OpenVINO, TFLite). The CLI,
+verify and inspect tests read that one directory instead of converting again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_deploy(*args: str, cwd, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m deploy ARGS`` in ``cwd``, offline (no model hub), with this checkout first on sys.path."""
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                    HF_HUB_OFFLINE="1")
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "deploy", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """(completed process, output directory) of ``python -m deploy`` run with no arguments."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("openvino")
+    pytest.importorskip("litert_torch")
+    cwd = tmp_path_factory.mktemp("default_run")
+    proc = run_deploy(cwd=cwd)
+    return proc, cwd / "runs" / "repvgg_digits"
