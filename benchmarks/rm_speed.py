@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import fusers
 from exporters import export
 from fusers.graph import CONV_OPS, fetch_attr
 from runtimes import open_runner
+from runtimes.timing import interleaved_p50
 
 
 def flops(gm) -> int:
@@ -38,19 +37,6 @@ def flops(gm) -> int:
             per_output = w.shape[1] * math.prod(w.shape[2:]) if w.dim() > 2 else w.shape[1]
             total += 2 * math.prod(out) * per_output
     return total
-
-
-def interleaved_p50(runners, feed, warmup: int, iters: int) -> list[float]:
-    for r in runners:
-        for _ in range(warmup):
-            r.infer(feed, check=False)
-    times = [[] for _ in runners]
-    for _ in range(iters):
-        for i, r in enumerate(runners):
-            start = time.perf_counter()
-            r.infer(feed, check=False)
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 def main() -> None:

@@ -69,8 +69,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from .sources import DEFAULT_MODEL
-
     p.add_argument("--checkpoint", metavar="PATH", help="state dict to load strictly (also nested under "
                    "state_dict/model/ema; 'module.' prefixes stripped)")
     p.add_argument("--checkpoint-key", metavar="KEY", help="entry of the checkpoint that holds the weights")
@@ -85,7 +83,6 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="convert a model that arrives in train mode in eval mode (its BatchNorm running "
                    "statistics are used)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and random weights (default 0)")
-    p.set_defaults(default_model=DEFAULT_MODEL)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,8 +156,8 @@ class _Progress:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
-                        force=True)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     logging.captureWarnings(True)
     if not verbose:
         for noisy in ("py.warnings", "torch", "onnxscript", "onnx_ir", "absl", "tensorflow", "litert_torch",
@@ -214,7 +211,8 @@ def cmd_convert(args) -> int:
     failures = _failures(result.stages)
     for line in failures:
         print(line)
-    print(f"\n{_verdict(result.stages, failures)}; report: {os.path.join(result.out_dir, 'report.md')} ({report['timings']['total']:.1f} s)")
+    print(f"\n{_verdict(result.stages, failures)}; report: {os.path.join(result.out_dir, 'report.md')} "
+          f"({report['timings']['total']:.1f} s)")
     return EXIT_OK if result.passed else EXIT_FAILED
 
 
@@ -229,7 +227,8 @@ def cmd_verify(args) -> int:
     changed = [s.name for s in result.stages if s.changed]
     if changed:
         print(f"changed since convert (sha256 differs): {', '.join(changed)}")
-    print(f"\n{_verdict(result.stages, failures)} (rtol {result.tolerance['rtol'] or 'by precision'}, atol {result.tolerance['atol']}; "
+    tol = result.tolerance
+    print(f"\n{_verdict(result.stages, failures)} (rtol {tol['rtol'] or 'by precision'}, atol {tol['atol']}; "
           f"{result.seconds:.1f} s)")
     return EXIT_OK if result.passed else EXIT_FAILED
 

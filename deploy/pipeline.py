@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +40,7 @@ import fusers
 from exporters.base import Artifact, DeployError, MissingDependency, TensorSpec, first_line, require
 
 from . import sources
-from .sources import LoadedModel, SourceError
+from .sources import LoadedModel
 
 __all__ = ["ConvertOptions", "ConvertResult", "StageRecord", "VerifyResult", "PipelineError", "convert", "verify",
            "plan_out_dir", "DEFAULT_TARGETS", "TARGETS", "REPORT_NAME"]
@@ -268,6 +267,8 @@ def _read_samples(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.nda
         raise PipelineError(f"--inputs file {path} holds {len(arrays)} input arrays ({', '.join(arrays)}); the model "
                             "has one input: save one array (and optionally 'labels')")
     (name, x), = arrays.items()
+    if len(x) == 0:
+        raise PipelineError(f"--inputs array {name!r} in {path} holds no samples; save at least one")
     if x.ndim != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:]):
         raise PipelineError(f"--inputs array {name!r} has shape {tuple(x.shape)} but the model input is "
                             f"{','.join(map(str, shape))}; samples must be (N, {', '.join(map(str, shape[1:]))})")

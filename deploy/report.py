@@ -145,10 +145,10 @@ def to_markdown(report: dict) -> str:
         if len(rep["refusals"]) > 50:
             lines.append(f"- ... {len(rep['refusals']) - 50} more in report.json")
         lines.append("")
-    changed = sorted(set(rep["ops_before"]) | set(rep["ops_after"]))
-    lines += ["Ops changed: " + (", ".join(f"{k} {rep['ops_before'].get(k, 0)} -> {rep['ops_after'].get(k, 0)}"
-                                           for k in changed if rep["ops_before"].get(k, 0) != rep["ops_after"].get(k, 0))
-                                 or "none"), ""]
+    before, after = rep["ops_before"], rep["ops_after"]
+    changed = [f"{k} {before.get(k, 0)} -> {after.get(k, 0)}" for k in sorted(set(before) | set(after))
+               if before.get(k, 0) != after.get(k, 0)]
+    lines += ["Ops changed: " + (", ".join(changed) or "none"), ""]
     notes = report.get("notes", []) + [f"{s['name']}: {n}" for s in stages for n in s.get("notes", [])]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
