@@ -96,6 +96,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 def to_markdown(report: dict) -> str:
     """``report.md``: summary, stages, task accuracy, passes and refusals, inputs, versions, timings."""
     model, inputs, rep = report["model"], report["inputs"], report["reparameterize"]
+    tol = report.get("tolerance", {})
     stages = report["stages"]
     verdict = "all stages pass" if report["passed"] else f"FAILED: {', '.join(report['failed'])}"
     lines = [f"# deploy report: {model['spec']}", "",
@@ -107,6 +108,9 @@ def to_markdown(report: dict) -> str:
                 if inputs["verified_shape"] != inputs["shape"] else ""),
              f"- targets: {', '.join(report['options']['targets']) or 'none'}; precision "
              f"{report['options']['precision']}; dynamic batch: {'yes' if report['options']['dynamic'] else 'no'}",
+             f"- tolerance: max|a - b| <= rtol * max|a| + atol with rtol "
+             f"{tol['rtol'] if tol.get('rtol') is not None else 'by precision (fp32 1e-05, fp16 1e-02, bf16 3e-02)'}"
+             f", atol {tol.get('atol', 0)}",
              f"- command: `{report.get('command') or '(library call)'}`", ""]
     headers, rows = stage_table(stages)
     lines += ["## Stages", "", "Every stage runs on its own runtime and is compared with the training model on "

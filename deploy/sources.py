@@ -252,6 +252,13 @@ def _zoo(name: str, num_classes: int | None, width: float | None, checkpoint: st
     if pretrained:
         loaded.weights, loaded.trained = "trained weights shipped with deploy", True
         loaded.samples = zoo.samples(name)
+        if name == "repvgg_digits":
+            from .zoo.digits import training_record
+
+            rec = training_record()
+            loaded.notes.append(f"shipped weights: {rec['epochs']} epochs, seed {rec['seed']}, held-out accuracy "
+                                f"{100 * rec['test_accuracy']:.2f}% on {rec['test_samples']} digits when trained "
+                                "(retrain with python -m deploy.zoo.train_digits)")
     return loaded
 
 
