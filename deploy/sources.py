@@ -390,6 +390,21 @@ def _set_eval(model: nn.Module) -> None:
             m.training = False
 
 
+def _forget_shadowed_modules(code_dir: str) -> None:
+    """Drop already-imported top-level modules that ``code_dir`` defines too (a YOLO repo's ``models``
+    or ``utils``), so unpickling imports the user's code and not a namesake loaded earlier."""
+    root = os.path.abspath(code_dir)
+    for entry in os.listdir(root):
+        name = entry[:-3] if entry.endswith(".py") else entry
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        places = [getattr(module, "__file__", None) or "", *list(getattr(module, "__path__", []) or [])]
+        if not any(os.path.abspath(p).startswith(root + os.sep) for p in places if p):
+            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+                del sys.modules[key]
+
+
 def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, checkpoint_key: str | None = None,
                code_path: Sequence[str] = (), num_classes: int | None = None, width: float | None = None,
                allow_train_mode: bool = False, seed: int = 0) -> LoadedModel:
@@ -399,6 +414,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
             raise SourceError(f"--code-path {d} is not a directory; pass the folder that holds the model's code")
         if d not in sys.path:
             sys.path.insert(0, os.path.abspath(d))
+        _forget_shadowed_modules(d)
     kind, target, factory = parse_source(spec)
     if width is not None and kind != "zoo":
         raise SourceError(f"--width applies to zoo models only, not {spec!r}")
