@@ -63,6 +63,11 @@ _KINDS = {
                "AVERAGE_POOL_2D": "pool", "DEQUANTIZE": "pass"},
 }
 _ADDS = {"add", "add_", "Add", "ADD"}
+_ACTIVATIONS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "sigmoid", "silu", "silu_", "gelu", "leaky_relu",
+                "leaky_relu_", "hardswish", "hardswish_", "hardsigmoid", "tanh",  # torch
+                "Relu", "Sigmoid", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Tanh", "Gelu", "Swish",
+                "HSwish", "Clamp", "PRelu",  # ONNX, OpenVINO
+                "RELU", "RELU6", "LOGISTIC", "HARD_SWISH", "LEAKY_RELU", "TANH", "GELU"}  # TFLite
 
 
 @dataclass
@@ -73,6 +78,7 @@ class _Node:
     outputs: list[str]
     macs: int = 0
     kernel: str = ""
+    bytes: int = 0  # memory access: bytes read (inputs, weights) + written (outputs); torch graphs only
 
 
 @dataclass
@@ -91,6 +97,10 @@ class OpSummary:
     batchnorms: int = 0
     branch_groups: int = 0
     branches: int = 0
+    memory_access: int = 0  # ShuffleNet V2 G1/G4: bytes read + written by every op (0: not known)
+    elementwise: int = 0    # G4: element-wise ops (add/mul/activations)
+    forks: int = 0          # G3 fragmentation: tensors read by two or more ops ...
+    fork_branches: int = 0  # ... and the parallel paths leaving them
     merged: dict | None = None  # what a deploy run merged, when known
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
@@ -123,6 +133,9 @@ class OpSummary:
             lines.append(f"merged:        {m.get('branch_groups_merged', 0)} branch group(s) "
                          f"({m.get('branches_merged', 0)} branches), {m.get('batchnorms_folded', 0)} BatchNorm(s) "
                          f"folded by deploy convert ({m.get('from', 'its report')})")
+        access = f"{self.memory_access / 2**20:.2f} MiB" if self.memory_access else "n/a for this format"
+        lines.append(f"guidelines:    memory access {access}; element-wise ops {self.elementwise}; "
+                     f"fragmentation {self.forks} fork(s) into {self.fork_branches} parallel paths")
         lines.append(f"ops ({self.nodes}): {ops}")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -159,6 +172,11 @@ def _analyze(summary: OpSummary, nodes: list[_Node], consts: dict[str, int]) -> 
     summary.linears = sum(1 for n in nodes if n.kind == "linear")
     summary.batchnorms = sum(1 for n in nodes if n.kind == "bn")
     summary.branch_groups, summary.branches = _branch_groups(nodes, consts)
+    summary.memory_access = sum(n.bytes for n in nodes)
+    summary.elementwise = sum(1 for n in nodes if n.kind == "binary" or n.op in _ACTIVATIONS)
+    readers = Counter(i for n in nodes if n.kind != "pass" for i in set(n.inputs) if i not in consts)
+    summary.forks = sum(1 for c in readers.values() if c >= 2)
+    summary.fork_branches = sum(c for c in readers.values() if c >= 2)
     return summary
 
 
@@ -253,6 +271,14 @@ def inspect_module(module, args, source: str = "model", fmt: str = "torch") -> O
     return _torch_graph(module, OpSummary(source, fmt))
 
 
+def _nbytes(val) -> int:
+    import torch
+
+    if isinstance(val, (list, tuple)):
+        return sum(_nbytes(v) for v in val)
+    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+
+
 def _torch_graph(gm, summary: OpSummary) -> OpSummary:
     import torch
 
@@ -286,6 +312,7 @@ def _torch_graph(gm, summary: OpSummary) -> OpSummary:
             continue
         kind = _KINDS["torch"].get(name, "other")
         n = _Node(name, kind, [a.name for a in node.all_input_nodes], [node.name])
+        n.bytes = sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes) + _nbytes(node.meta.get("val"))
         if kind in ("conv", "linear"):
             w = node.args[2 if name == "addmm" else 1] if len(node.args) > (2 if name == "addmm" else 1) else None
             w = w if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None  # a weight, not an activation

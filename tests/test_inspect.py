@@ -169,3 +169,38 @@ def test_inspect_source_needs_a_shape_for_user_code(tmp_path):
         inspect_source(f"{tmp_path / 'f.py'}:f")
     s = inspect_source(f"{tmp_path / 'f.py'}:f", (2, 1, 5, 5))
     assert (s.macs, s.params, s.conv_kernels) == (2 * 2 * 3 * 3 * 9, 2 * 9 + 2, {"3x3": 1})
+
+
+def test_guideline_metrics_are_counted_exactly():
+    """ShuffleNet V2's guidelines: memory access (bytes read + written), element-wise ops, fragmentation."""
+    import torch
+    from torch import nn
+
+    from deploy.inspect import inspect_module
+
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(1, 2, 1, bias=False), nn.Conv2d(1, 2, 1, bias=False)
+
+        def forward(self, x):
+            return torch.relu(self.a(x) + self.b(x))
+
+    s = inspect_module(Fork(), (torch.randn(1, 1, 2, 2),))
+    # conv: x 16 B + weight 8 B + out 32 B (x2); add: 32 + 32 + 32 B; relu: 32 + 32 B
+    assert s.memory_access == 2 * (16 + 8 + 32) + 96 + 64
+    assert s.elementwise == 2 and (s.forks, s.fork_branches) == (1, 2)
+    assert "guidelines:" in s.summary() and "2 parallel paths" in s.summary()
+
+
+def test_guideline_metrics_for_shufflenet_v2_and_ghostnet():
+    import torch
+
+    from deploy import zoo
+    from deploy.inspect import inspect_module
+
+    for name in ("shufflenet_v2", "ghostnet"):
+        model = zoo.create(name, width=0.5).eval()
+        s = inspect_module(model, (torch.randn(1, 3, 32, 32),))
+        relus = s.ops.get("relu", 0) + s.ops.get("relu_", 0)
+        assert s.elementwise >= relus > 0 and s.memory_access > 0 and s.forks >= 1
