@@ -304,6 +304,7 @@ def share_identical_weights(gm: fx.GraphModule) -> int:
         value = fetch_attr(gm, node.target)
         if not isinstance(value, torch.Tensor) or value.numel() == 0:
             continue
+        value = value.detach()
         key = (tuple(value.shape), value.dtype, float(value.double().sum()), float(value.flatten()[0]))
         for other in first.setdefault(key, []):
             if other != node.target and torch.equal(fetch_attr(gm, other), value):
