@@ -18,7 +18,8 @@ __all__ = ["DEFAULT_PASSES", "reparameterize", "last_report", "resolve_passes"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PASSES: tuple[str, ...] = ("fold_constants", "fold_bn", "fold_into_next", "merge_linear", "merge_sequence")
+DEFAULT_PASSES: tuple[str, ...] = ("fold_constants", "fold_bn", "push_affine", "fold_into_next", "merge_linear",
+                                   "merge_sequence")
 TOLERANCE = 1e-9
 _LAST: list[Report] = []
 
