@@ -17,23 +17,14 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
+from fusers.capture import as_args  # noqa: F401  (re-exported for the exporters)
+
 from .base import ExportError, first_line
 
 __all__ = ["as_args", "plain_graph_module", "to_graph_module", "eval_flags", "output_leaves", "io_names",
            "source_line"]
 
 log = logging.getLogger(__name__)
-
-
-def as_args(args) -> tuple:
-    """Example arguments as a tuple (a single tensor becomes a 1-tuple)."""
-    if isinstance(args, torch.Tensor):
-        return (args,)
-    if isinstance(args, list):
-        return tuple(args)
-    if not isinstance(args, tuple):
-        raise TypeError(f"example arguments must be a tensor or a tuple of tensors, got {type(args).__name__}")
-    return args
 
 
 def _is_guard(node: fx.Node) -> bool:
