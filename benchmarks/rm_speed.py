@@ -13,30 +13,16 @@ widen every conv of a block (x5 in a bottleneck's 3x3).
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import fusers
+from deploy.inspect import inspect_module
 from exporters import export
-from fusers.graph import CONV_OPS, fetch_attr
 from runtimes import open_runner
 from runtimes.timing import interleaved_p50
-
-
-def flops(gm) -> int:
-    """Multiply-adds x 2 of the convolutions and Linears, from the graph's recorded shapes."""
-    total = 0
-    for node in gm.graph.nodes:
-        if node.target in CONV_OPS or node.target == torch.ops.aten.linear.default:
-            w = fetch_attr(gm, node.args[1].target)
-            out = node.meta["val"].shape
-            per_output = w.shape[1] * math.prod(w.shape[2:]) if w.dim() > 2 else w.shape[1]
-            total += 2 * math.prod(out) * per_output
-    return total
 
 
 def main() -> None:
@@ -72,7 +58,8 @@ def main() -> None:
                     r.deactivate()
         for i, (form, gm) in enumerate(forms.items()):
             params = sum(p.numel() for p in gm.parameters()) / 1e6
-            print(f"{name:<10}{form:<10}{params:>10.1f}{flops(gm) / 1e9:>8.2f}{results['ort'][i]:>12.1f}"
+            gflops = inspect_module(gm, (x,)).flops / 1e9
+            print(f"{name:<10}{form:<10}{params:>10.1f}{gflops:>8.2f}{results['ort'][i]:>12.1f}"
                   f"{results['ov'][i]:>11.1f}")
         print(f"{name:<10}{'ratio':<10}{'':>18}{results['ort'][0] / results['ort'][1]:>12.2f}"
               f"{results['ov'][0] / results['ov'][1]:>11.2f}   (residual / RM; > 1 means RM is faster)")

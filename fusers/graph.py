@@ -109,6 +109,20 @@ def as_conv(gm, node) -> Conv | None:
                 _tuple(vals["dilation"], nd, 1), int(vals["groups"] or 1), kind, **extra)
 
 
+def as_avgpool(node) -> tuple[fx.Node, list[int], list[int], list[int]] | None:
+    """``(input, kernel, stride, padding)`` of an avg_pool2d that is a depthwise conv of ``1 / k^2``
+    (no ceil mode, no divisor override, padded zeros counted), else None."""
+    if getattr(node, "target", None) != aten.avg_pool2d.default:
+        return None
+    a = list(node.args) + [None] * 7
+    kernel, stride, padding = ([int(v) for v in val] * (2 if len(val) == 1 else 1)
+                               for val in (a[1], a[2] or a[1], a[3] or [0, 0]))
+    include_pad = a[5] if a[5] is not None else True
+    if a[4] or a[6] is not None or (not include_pad and any(padding)):
+        return None
+    return node.args[0], kernel, stride, padding
+
+
 @dataclass
 class BatchNorm:
     node: fx.Node  # the node whose value is the normalised tensor

@@ -75,8 +75,8 @@ def measure(name: str, threads: int, iters: int) -> dict:
 
 
 def table(rows: list[dict], threads: int) -> str:
-    lines = [f"| model | params train → deploy | GFLOPs train → deploy | ops before → after | branches merged | "
-             f"verified (fp32) | ORT p50 ms train / deploy | ORT ratio | OV p50 ms train / deploy | OV ratio |",
+    lines = ["| model | params train → deploy | GFLOPs train → deploy | ops before → after | branches merged | "
+             "verified (fp32) | ORT p50 ms train / deploy | ORT ratio | OV p50 ms train / deploy | OV ratio |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, g, o = r["params"], r["gflops"], r["ops"]

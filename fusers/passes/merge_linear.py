@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..graph import (aten, as_batchnorm, as_conv, common_meta, const_value, erase_unused, per_channel, replace_conv, shape,
+from ..graph import (aten, as_avgpool, as_batchnorm, as_conv, common_meta, const_value, erase_unused, per_channel, replace_conv, shape,
                      site, sole_user)
 from ..manager import Pass, Refusal, Site
 from . import merge_sequence
@@ -143,14 +143,10 @@ def _branch(gm, node, channel_dim):
             b, src, kind, nodes = inner
             return b.affine(s, t), src, kind, nodes + [node]
         return algebra.identity_branch(out[1], len(out) - 2, s, t, dtype=s.dtype), bn.x, "bn", [node]
-    if node.target == aten.avg_pool2d.default and channel_dim == 1:
-        a = list(node.args) + [None] * 7
-        k = a[1]
-        stride, pad = a[2] or k, a[3] or [0, 0]
-        ceil, include, divisor = a[4] or False, a[5] if a[5] is not None else True, a[6]
-        k, stride, pad = [list(v) * 2 if len(v) == 1 else list(v) for v in (k, stride, pad)]
-        if not ceil and divisor is None and (include or not any(pad)):
-            return algebra.avgpool_branch(out[1], k, stride, pad), node.args[0], "avgpool", [node]
+    pool = as_avgpool(node) if channel_dim == 1 else None
+    if pool is not None:
+        x, kernel, stride, padding = pool
+        return algebra.avgpool_branch(out[1], kernel, stride, padding), x, "avgpool", [node]
     return None
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..graph import aten, as_conv, erase_unused, replace_conv, shape, sole_user
+from ..graph import aten, as_avgpool, as_conv, erase_unused, replace_conv, shape, sole_user
 from ..manager import NodePass
 from .fold_into_next import channel_affine
 
@@ -26,15 +26,10 @@ def _as_kxk(gm, node):
     if conv is not None and conv.kind == "conv":
         bias = conv.bias if conv.bias is not None else torch.zeros(conv.weight.shape[0], dtype=conv.weight.dtype)
         return conv.x, algebra.Branch(conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if getattr(node, "target", None) == aten.avg_pool2d.default:
-        a = list(node.args) + [None] * 7
-        k = list(a[1]) * (2 if len(a[1]) == 1 else 1)
-        stride = list(a[2] or k) * (2 if len(a[2] or k) == 1 else 1)
-        pad = list(a[3] or [0, 0]) * (2 if len(a[3] or [0, 0]) == 1 else 1)
-        if a[4] or a[6] is not None or (a[5] is False and any(pad)):
-            return None
-        out = shape(node)
-        return node.args[0], algebra.avgpool_branch(out[1], k, stride, pad, dtype=torch.float64)
+    pool = as_avgpool(node)
+    if pool is not None:
+        x, kernel, stride, padding = pool
+        return x, algebra.avgpool_branch(shape(node)[1], kernel, stride, padding, dtype=torch.float64)
     return None
 
 

@@ -8,8 +8,6 @@ Not a default pass: exporters run it for the targets that need it.
 
 from __future__ import annotations
 
-import torch
-
 from ..graph import aten, erase_unused
 from ..manager import NodePass
 
