@@ -22,7 +22,7 @@ import fusers
 from deploy.inspect import inspect_module
 from exporters import export
 from runtimes import open_runner
-from runtimes.timing import interleaved_p50
+from runtimes.bench import interleaved_p50
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
     deploy convert MODEL [options]            load -> capture -> passes -> .pt2 -> exporters -> verify -> reports
     deploy verify DIR                         re-run the verification of a convert output directory
     deploy inspect MODEL_OR_ARTIFACT          ops, convolutions, parameters, FLOPs, mergeable branches
+    deploy bench DIR_OR_MODEL [options]       latency of the artifacts on their runtimes (and of the training form)
     deploy zoo                                list the built-in models
 
 ``deploy MODEL [options]`` (no command) is ``deploy convert MODEL [options]``. Exit status: 0 when
@@ -22,7 +23,7 @@ import sys
 import time
 import warnings
 
-COMMANDS = ("convert", "verify", "inspect", "zoo")
+COMMANDS = ("convert", "verify", "inspect", "bench", "zoo")
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -50,6 +51,20 @@ def _targets(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
     return tuple(t.strip().lower() for t in text.split(",") if t.strip())
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes must look like 1,8, got {text!r}") from None
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return batches
+
+
+def _runtimes(text: str) -> tuple[str, ...]:
+    return tuple(r.strip().lower() for r in text.split(",") if r.strip())
 
 
 def _positive_float(text: str) -> float:
@@ -97,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
                     "every artifact on its own runtime.",
         epilog="With no command, 'deploy [MODEL] [options]' runs 'deploy convert'. Plain 'deploy' converts the "
                f"built-in trained default ({DEFAULT_MODEL}) into runs/{DEFAULT_MODEL}.")
-    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,zoo}")
+    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,zoo}")
 
     c = sub.add_parser("convert", help="convert a model into verified artifacts",
                        description="load -> capture -> passes -> plain model (DIR/model.deploy.pt2) -> exporters "
@@ -136,6 +151,34 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(i)
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     _common(i)
+
+    b = sub.add_parser("bench", help="measure the artifacts' latency on their runtimes",
+                       description="time each verified artifact of a deploy convert run on its runtime (a MODEL is "
+                       "converted first); results are appended to DIR/report.json and report.md with a chart")
+    b.add_argument("target", nargs="?", default=DEFAULT_MODEL, metavar="DIR_OR_MODEL",
+                   help=f"output directory of deploy convert, or a MODEL to convert first (default {DEFAULT_MODEL})")
+    b.add_argument("--runtimes", type=_runtimes, metavar="LIST",
+                   help="comma-separated from torch,onnxruntime,openvino,tflite,tensorrt (default: every runtime the "
+                   "run has a verified artifact for)")
+    b.add_argument("--threads", type=int, metavar="N", help="threads per runtime (default: the CPUs this process "
+                   "may use)")
+    b.add_argument("--batch", type=_batches, default=(1,), metavar="LIST", help="batch sizes, e.g. 1,8 (default 1)")
+    b.add_argument("--warmup-ms", type=_positive_float, default=200.0, help="warm-up time per form (default 200)")
+    b.add_argument("--warmup-iters", type=int, default=5, help="warm-up calls per form, at least (default 5)")
+    b.add_argument("--min-ms", type=_positive_float, default=2000.0,
+                   help="measured time per form, at least (default 2000)")
+    b.add_argument("--min-iters", type=int, default=20, help="measured calls per form, at least (default 20)")
+    b.add_argument("--compare-train", action="store_true", help="also export the training form the same way and "
+                   "time it interleaved with the deploy form: the speed-up of reparameterization")
+    b.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                   help="device of the torch runtime; on cuda it times fp32, fp16 and channels-last with CUDA events")
+    b.add_argument("--isolation", choices=("subprocess", "none"), default="subprocess",
+                   help="time each runtime in its own process (default) or all in this one")
+    b.add_argument("--no-chart", dest="chart", action="store_false", help="do not draw bench-N.png")
+    _model_args(b)
+    b.add_argument("--out", metavar="DIR", help="where to convert a MODEL (default runs/<model>)")
+    b.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy")
+    _common(b)
 
     z = sub.add_parser("zoo", help="list the built-in models")
     _common(z)
@@ -248,6 +291,40 @@ def cmd_inspect(args) -> int:
     return EXIT_OK
 
 
+def cmd_bench(args) -> int:
+    from runtimes.bench import BenchSettings
+
+    from .bench import BenchOptions, bench
+    from .pipeline import ConvertOptions
+    from .report import bench_table, text_table
+
+    command = "deploy " + " ".join(shlex.quote(a) for a in args.argv)
+    try:
+        settings = BenchSettings(warmup_iters=args.warmup_iters, warmup_ms=args.warmup_ms, min_iters=args.min_iters,
+                                 min_ms=args.min_ms)
+    except ValueError as e:
+        raise ValueError(f"{e}: fix --min-iters / --warmup-iters") from None
+    conv = ConvertOptions(
+        model=args.target, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key, code_path=args.code_path,
+        num_classes=args.num_classes, width=args.width, input_shape=args.input_shape, out=args.out, force=args.force,
+        allow_train_mode=args.allow_train_mode, seed=args.seed, command=command)
+    opts = BenchOptions(args.target, runtimes=args.runtimes, threads=args.threads, batches=args.batch,
+                        settings=settings, compare_train=args.compare_train, device=args.device,
+                        isolation=args.isolation, chart=args.chart, convert=conv, command=command)
+    result = bench(opts, progress=_Progress(args.quiet))
+    entry = result.entry
+    print(text_table(*bench_table(entry)))
+    for s in entry["speedups"]:
+        print(f"{s['runtime']} {s['variant']} batch {s['batch']}: deploy form {s['speedup']:.2f}x the training "
+              f"form's speed (p50 {s['training_p50']:.3f} -> {s['deploy_p50']:.3f} ms)")
+    for note in entry["notes"]:
+        print(f"note: {note}")
+    failed = [r for r in entry["results"] if "error" in r]
+    print(f"\nreport: {os.path.join(result.out_dir, 'report.md')}"
+          + (f"; chart: {result.chart}" if result.chart else "") + f" ({entry['seconds']:.1f} s)")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_zoo(args) -> int:
     from . import zoo
 
@@ -277,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = argv
     _setup_logging(args.verbose)
-    handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "zoo": cmd_zoo}
+    handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,
+                "zoo": cmd_zoo}
     try:
         return handlers[args.command](args)
     except _errors() as e:

@@ -32,7 +32,7 @@ import numpy as np
 
 from exporters.base import require
 
-__all__ = ["OpSummary", "inspect_path", "inspect_module", "inspect_source", "FORMAT_OF_SUFFIX"]
+__all__ = ["OpSummary", "inspect_path", "inspect_module", "inspect_source", "layer_costs", "FORMAT_OF_SUFFIX"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class _Node:
     macs: int = 0
     kernel: str = ""
     bytes: int = 0  # memory access: bytes read (inputs, weights) + written (outputs); torch graphs only
+    params: int = 0  # floating-point constants it reads; torch graphs only
+    module: str = ""  # the module it came from; torch graphs only
 
 
 @dataclass
@@ -173,7 +175,7 @@ def _analyze(summary: OpSummary, nodes: list[_Node], consts: dict[str, int]) -> 
     summary.batchnorms = sum(1 for n in nodes if n.kind == "bn")
     summary.branch_groups, summary.branches = _branch_groups(nodes, consts)
     summary.memory_access = sum(n.bytes for n in nodes)
-    summary.elementwise = sum(1 for n in nodes if n.kind == "binary" or n.op in _ACTIVATIONS)
+    summary.elementwise = sum(1 for n in nodes if _is_elementwise(n))
     readers = Counter(i for n in nodes if n.kind != "pass" for i in set(n.inputs) if i not in consts)
     summary.forks = sum(1 for c in readers.values() if c >= 2)
     summary.fork_branches = sum(c for c in readers.values() if c >= 2)
@@ -259,16 +261,7 @@ def _is_1x1(kernel: str) -> bool:
 
 def inspect_module(module, args, source: str = "model", fmt: str = "torch") -> OpSummary:
     """Summary of a torch module (captured with torch.export on ``args``) or of an fx GraphModule."""
-    import torch
-    from torch import fx
-
-    if isinstance(module, torch.export.ExportedProgram):
-        module = module.module()
-    if not isinstance(module, fx.GraphModule):
-        import fusers
-
-        module = fusers.capture(module, args)
-    return _torch_graph(module, OpSummary(source, fmt))
+    return _torch_graph(_as_graph_module(module, args), OpSummary(source, fmt))
 
 
 def _nbytes(val) -> int:
@@ -279,10 +272,44 @@ def _nbytes(val) -> int:
     return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
+def layer_costs(module, args) -> list[dict]:
+    """The cost model per op of a torch module (captured on ``args``): FLOPs, parameters, memory
+    access (bytes read + written) and whether it is element-wise, in graph order; data movement
+    with no arithmetic (getitem, clone, ...) is left out."""
+    gm = _as_graph_module(module, args)
+    nodes, _ = _torch_nodes(gm, OpSummary("model", "torch"))
+    return [{"name": n.outputs[0], "module": n.module, "op": n.op, "kind": n.kind, "flops": 2 * n.macs,
+             "params": n.params, "bytes": n.bytes, "elementwise": _is_elementwise(n)}
+            for n in nodes if n.kind != "pass"]
+
+
+def _is_elementwise(n: _Node) -> bool:
+    return n.kind == "binary" or n.op in _ACTIVATIONS
+
+
+def _as_graph_module(module, args):
+    import torch
+    from torch import fx
+
+    if isinstance(module, torch.export.ExportedProgram):
+        module = module.module()
+    if not isinstance(module, fx.GraphModule):
+        import fusers
+
+        module = fusers.capture(module, args)
+    return module
+
+
 def _torch_graph(gm, summary: OpSummary) -> OpSummary:
+    nodes, consts = _torch_nodes(gm, summary)
+    return _analyze(summary, nodes, consts)
+
+
+def _torch_nodes(gm, summary: OpSummary) -> tuple[list[_Node], dict[str, int]]:
+    """The nodes and float constants of an fx graph; fills the summary's input/output specs."""
     import torch
 
-    from fusers.graph import fetch_attr
+    from fusers.graph import fetch_attr, module_path
 
     nodes, consts = [], {}
     for node in gm.graph.nodes:
@@ -313,6 +340,8 @@ def _torch_graph(gm, summary: OpSummary) -> OpSummary:
         kind = _KINDS["torch"].get(name, "other")
         n = _Node(name, kind, [a.name for a in node.all_input_nodes], [node.name])
         n.bytes = sum(_nbytes(a.meta.get("val")) for a in node.all_input_nodes) + _nbytes(node.meta.get("val"))
+        n.params = sum(consts.get(a.name, 0) for a in node.all_input_nodes)
+        n.module = module_path(node)
         if kind in ("conv", "linear"):
             w = node.args[2 if name == "addmm" else 1] if len(node.args) > (2 if name == "addmm" else 1) else None
             w = w if isinstance(w, torch.fx.Node) and w.op == "get_attr" else None  # a weight, not an activation
@@ -331,7 +360,7 @@ def _torch_graph(gm, summary: OpSummary) -> OpSummary:
             elif kind == "linear":
                 n.kind = "other"  # a product of two activations is not a layer
         nodes.append(n)
-    return _analyze(summary, nodes, consts)
+    return nodes, consts
 
 
 def _onnx_graph(path: str, summary: OpSummary) -> OpSummary:

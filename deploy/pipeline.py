@@ -43,7 +43,7 @@ from . import sources
 from .sources import LoadedModel
 
 __all__ = ["ConvertOptions", "ConvertResult", "StageRecord", "VerifyResult", "PipelineError", "convert", "verify",
-           "plan_out_dir", "DEFAULT_TARGETS", "TARGETS", "REPORT_NAME"]
+           "plan_out_dir", "load_report", "load_arguments", "versions", "DEFAULT_TARGETS", "TARGETS", "REPORT_NAME"]
 
 log = logging.getLogger(__name__)
 
@@ -760,6 +760,18 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     return result
 
 
+def load_arguments(opts: ConvertOptions) -> dict:
+    """How ``sources.load_model`` was called, with absolute paths: ``deploy bench`` reloads the training
+    model from it."""
+    absolute = lambda p: os.path.abspath(p) if p else p  # noqa: E731
+    kind, target, factory = sources.parse_source(opts.model)
+    spec = opts.model if kind in ("zoo", "timm", "torchvision") else absolute(target) + (f":{factory}" if factory
+                                                                                         else "")
+    return {"spec": spec, "checkpoint": absolute(opts.checkpoint), "checkpoint_key": opts.checkpoint_key,
+            "code_path": [absolute(d) for d in opts.code_path], "num_classes": opts.num_classes,
+            "width": opts.width, "allow_train_mode": opts.allow_train_mode, "seed": opts.seed}
+
+
 def _relativize_sidecar(path: Path, root: str) -> None:
     if path.exists():
         with open(path) as f:
@@ -786,6 +798,7 @@ def _report(opts: ConvertOptions, loaded: LoadedModel, shape, capture_shape, tar
         "passed": not failed,
         "failed": failed,
         "model": loaded.to_dict(),
+        "load": load_arguments(opts),
         "options": {"targets": targets, "precision": opts.precision, "dynamic": opts.dynamic,
                     "passes": list(opts.passes) if opts.passes is not None else list(fusers.DEFAULT_PASSES),
                     "seed": opts.seed, "opset": opts.opset},

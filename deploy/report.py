@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_reports", "to_markdown", "stage_table", "text_table", "markdown_table", "human_size", "jsonable"]
+__all__ = ["write_reports", "to_markdown", "stage_table", "bench_table", "text_table", "markdown_table", "human_size",
+           "jsonable"]
 
 
 def jsonable(obj: Any) -> Any:
@@ -77,6 +78,67 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
         row += [_pct(_get(s, "accuracy")), _pct(_get(s, "agreement"))] if task else []
         rows.append(row + [result])
     return headers, rows
+
+
+def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a benchmark entry: one row per runtime, variant, batch and form."""
+    speedup = {(s["runtime"], s["variant"], s["batch"]): s["speedup"] for s in entry["speedups"]}
+    headers = ["runtime", "variant", "batch", "form", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms",
+               "samples/s", "% of peak", "speed-up"]
+    rows = []
+    for r in entry["results"]:
+        key = (r["runtime"], r["variant"], r["batch"])
+        if "p50" not in r:
+            rows.append([r["runtime"], r["variant"], str(r["batch"]), r["form"], f"FAILED: {r['error']}"]
+                        + ["-"] * 7)
+            continue
+        frac = r.get("achieved_fraction")
+        rows.append([r["runtime"], r["variant"], str(r["batch"]), r["form"]]
+                    + [f"{r[k]:.3f}" for k in ("p50", "p90", "p99", "mean", "std")]
+                    + [f"{r['throughput']:.1f}", "-" if frac is None else f"{100 * frac:.1f}",
+                       f"{speedup[key]:.2f}x" if r["form"] == "deploy" and key in speedup else ""])
+    return headers, rows
+
+
+def _bench_markdown(i: int, entry: dict) -> list[str]:
+    cpu, settings = entry["hardware"]["cpu"], entry["settings"]
+    peak = f"{cpu['peak_gflops']:.0f} GFLOP/s" if cpu.get("peak_gflops") else "unknown (no clock readable)"
+    lines = [f"## Benchmark {i} ({entry['created']})", "",
+             f"- command: `{entry.get('command') or '(library call)'}`",
+             f"- CPU: {cpu['model']} ({cpu['machine']}), {cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical "
+             f"CPUs, {cpu.get('physical_cores') or '?'} physical cores, {entry['threads']} thread(s) used; SIMD "
+             f"{', '.join(cpu['simd']) or 'none found'}; clock {cpu.get('clock_mhz') or '?'} MHz "
+             f"({cpu['clock_source']})",
+             f"- estimated fp32 peak of {entry['threads']} thread(s): {peak} = cores x clock x {cpu['fp32_lanes']} "
+             "lanes x 2 (FMA) x 2 FMA units; '% of peak' = FLOPs / p50 / peak"]
+    for g in entry["hardware"]["gpus"]:
+        lines.append(f"- GPU {g['index']}: {g['name']} (compute {g['capability']}, {g['memory_gib']} GiB), driver "
+                     f"{g['driver'] or '?'}, CUDA {g['cuda_runtime']}")
+    lines += [f"- isolation: {entry['isolation']}",
+              f"- warm-up: {settings['warmup_iters']} calls and {settings['warmup_ms']:.0f} ms; then at least "
+              f"{settings['min_iters']} calls and {settings['min_ms']:.0f} ms per form", ""]
+    lines += [markdown_table(*bench_table(entry)), ""]
+    if entry.get("chart"):
+        lines += [f"![latency per runtime]({entry['chart']})", ""]
+    cost = entry.get("cost", {})
+    if cost:
+        forms = [f for f in ("training", "deploy") if f in cost]
+        keys = [("FLOPs", "flops"), ("parameters", "params"), ("memory access (bytes)", "memory_access"),
+                ("element-wise ops", "elementwise"), ("forks / parallel paths", None), ("ops", "ops"),
+                ("convolutions", "convolutions"), ("BatchNorms", "batchnorms"), ("mergeable branch groups",
+                                                                                 "branch_groups")]
+        rows = [[label] + [f"{cost[f]['forks']} / {cost[f]['fork_branches']}" if key is None
+                           else f"{cost[f][key]:,}" for f in forms] for label, key in keys]
+        lines += ["Cost model (per op in report.json, `cost.<form>.layers`):", "",
+                  markdown_table(["", *[f"{f} form" for f in forms]], rows), ""]
+        top = sorted(cost["deploy"]["layers"], key=lambda r: -r["bytes"])[:8]
+        lines += ["Deploy-form ops with the most memory access:", "", markdown_table(
+            ["op", "module", "FLOPs", "params", "bytes"],
+            [[r["op"], r["module"] or "-", f"{r['flops']:,}", f"{r['params']:,}", f"{r['bytes']:,}"] for r in top]),
+            ""]
+    if entry.get("notes"):
+        lines += [f"- {n}" for n in entry["notes"]] + [""]
+    return lines
 
 
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -153,6 +215,8 @@ def to_markdown(report: dict) -> str:
     changed = [f"{k} {before.get(k, 0)} -> {after.get(k, 0)}" for k in sorted(set(before) | set(after))
                if before.get(k, 0) != after.get(k, 0)]
     lines += ["Ops changed: " + (", ".join(changed) or "none"), ""]
+    for i, entry in enumerate(report.get("benchmarks", []), 1):
+        lines += _bench_markdown(i, entry)
     notes = report.get("notes", []) + [f"{s['name']}: {n}" for s in stages for n in s.get("notes", [])]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]

@@ -1,13 +1,16 @@
-"""Generate the README's zoo table from real runs.
+"""Generate the README's zoo table from real runs of ``deploy convert`` and ``deploy bench``.
 
-    python scripts/zoo_table.py [--models a,b] [--threads 2] [--iters 20] [--write-readme]
+    python scripts/zoo_table.py [--models a,b] [--threads 2] [--min-ms 1000] [--keep DIR] [--write-readme]
 
 For every zoo model at its default size and input shape (random weights, seeded non-trivial
-BatchNorm statistics): params and FLOPs of the training and deploy forms, graph ops before ->
-after the default passes, branches merged, which CPU targets (ONNX Runtime, OpenVINO, LiteRT)
-verified in fp32 against the training model (max rel error <= 1e-5), and p50 latency of the
-training and deploy forms on ONNX Runtime and OpenVINO (batch 1, interleaved per runtime).
-With --write-readme the table replaces the block between the zoo-table markers in README.md.
+BatchNorm statistics): ``deploy convert`` with the ONNX, OpenVINO and TFLite targets (each
+artifact verified in fp32 against the training model on its own runtime), then
+``deploy bench --compare-train`` on ONNX Runtime and OpenVINO (batch 1, each runtime in its own
+process, training and deploy forms interleaved). The table reads both from the run's
+``report.json``: params and FLOPs of the training and deploy forms, graph ops before -> after the
+default passes, branches merged, the targets that verified, and p50 latency of both forms with
+their ratio. With --write-readme the table replaces the block between the zoo-table markers in
+README.md; with --keep the run directories (reports, charts) are kept there.
 """
 
 from __future__ import annotations
@@ -18,60 +21,39 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
-import fusers
 from deploy import zoo
-from deploy.inspect import inspect_module
-from exporters import export
-from runtimes import compare, open_runner
-from runtimes.timing import interleaved_p50
+from deploy.bench import BenchOptions, bench
+from deploy.pipeline import ConvertOptions, convert
+from runtimes.bench import BenchSettings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- zoo-table:begin -->", "<!-- zoo-table:end -->"
+_TARGET_NAMES = {"onnx-simplified": "ORT", "onnx": "ORT", "openvino": "OV", "tflite": "TFLite"}
 
 
-def _verify(art, reference, feed) -> bool:
-    with open_runner(art) as r:
-        return compare(reference, list(r.infer(feed).values())).passed
+def measure(name: str, root: Path, threads: int, settings: BenchSettings) -> dict:
+    out = root / name
+    result = convert(ConvertOptions(model=name, out=str(out), force=True))
+    verified = sorted({_TARGET_NAMES[s.name] for s in result.stages if s.name in _TARGET_NAMES and s.passed})
+    entry = bench(BenchOptions(str(out), runtimes=("onnxruntime", "openvino"), threads=threads,
+                               settings=settings, compare_train=True)).entry
+    rep = result.report["reparameterize"]
+    cost = entry["cost"]
+    p50 = {(r["runtime"], r["form"]): r.get("p50") for r in entry["results"]}
+    return {"name": name, "params": (rep["params_before"], rep["params_after"]),
+            "gflops": (cost["training"]["flops"] / 1e9, cost["deploy"]["flops"] / 1e9),
+            "ops": (sum(rep["ops_before"].values()), sum(rep["ops_after"].values())),
+            "merged": rep["merged"]["branches_merged"], "verified": verified,
+            "ort": (p50[("onnxruntime", "training")], p50[("onnxruntime", "deploy")]),
+            "ov": (p50[("openvino", "training")], p50[("openvino", "deploy")]),
+            "cpu": entry["hardware"]["cpu"]["model"]}
 
 
-def measure(name: str, threads: int, iters: int) -> dict:
-    torch.manual_seed(0)
-    model = zoo.randomize_batchnorm(zoo.create(name)).eval()
-    x = torch.randn(*zoo.input_shape(name))
-    plain = fusers.reparameterize(model, (x,))
-    report = plain.reparam_report
-    train_sum, deploy_sum = inspect_module(model, (x,)), inspect_module(plain, (x,))
-    feed = {"input0": x.numpy()}
-    with torch.no_grad():
-        reference = model(x)
-    row = {"name": name, "params": (report.params_before, report.params_after),
-           "gflops": (train_sum.flops / 1e9, deploy_sum.flops / 1e9),
-           "ops": (sum(report.ops_before.values()), sum(report.ops_after.values())),
-           "merged": report.count("merge_linear") + report.count("merge_sequence"), "verified": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        onnx = {f: export("onnx", m, tmp / f"{f}.onnx", args=(x,), simplify=False)
-                for f, m in (("train", model), ("deploy", plain))}
-        ov = {f: export("openvino", onnx[f], tmp / f"{f}.xml") for f in onnx}
-        try:
-            tfl = export("tflite", plain, tmp / "deploy.tflite", args=(x,))
-        except Exception as e:  # recorded, not fatal: the table says which targets verified
-            print(f"  {name}: tflite failed: {e}", file=sys.stderr)
-            tfl = None
-        for target, art in (("ORT", onnx["deploy"]), ("OV", ov["deploy"]), ("TFLite", tfl)):
-            if art is not None and _verify(art, reference, feed):
-                row["verified"].append(target)
-        for kind, arts in (("ort", onnx), ("ov", ov)):
-            opts = {"threads": threads, "allow_spinning": False} if kind == "ort" else {"threads": threads}
-            runners = [open_runner(arts[f], **opts) for f in ("train", "deploy")]
-            for r in runners:
-                r.activate()
-            row[kind] = interleaved_p50(runners, feed, 3, iters)
-            for r in runners:
-                r.deactivate()
-    return row
+def _latency(pair) -> tuple[str, str]:
+    train, deploy = pair
+    if train is None or deploy is None:
+        return "failed", "-"
+    return f"{train:.2f} / {deploy:.2f}", f"{train / deploy:.2f}×"
 
 
 def table(rows: list[dict], threads: int) -> str:
@@ -80,12 +62,14 @@ def table(rows: list[dict], threads: int) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, g, o = r["params"], r["gflops"], r["ops"]
-        lines.append(f"| {r['name']} | {p[0] / 1e6:.2f} M → {p[1] / 1e6:.2f} M | {g[0]:.2f} → {g[1]:.2f} | "
+        ort, ov = _latency(r["ort"]), _latency(r["ov"])
+        lines.append(f"| {r['name']} | {p[0] / 1e6:.2f} M → {p[1] / 1e6:.2f} M | {g[0]:.3f} → {g[1]:.3f} | "
                      f"{o[0]} → {o[1]} | {r['merged']} | {', '.join(r['verified']) or 'none'} | "
-                     f"{r['ort'][0]:.1f} / {r['ort'][1]:.1f} | {r['ort'][0] / r['ort'][1]:.2f}× | "
-                     f"{r['ov'][0]:.1f} / {r['ov'][1]:.1f} | {r['ov'][0] / r['ov'][1]:.2f}× |")
-    lines.append(f"\nGenerated by `python scripts/zoo_table.py --write-readme` ({threads} threads, batch 1, "
-                 "default input shapes, random weights); ratio = training p50 / deploy p50.")
+                     f"{ort[0]} | {ort[1]} | {ov[0]} | {ov[1]} |")
+    cpu = rows[0]["cpu"] if rows else "?"
+    lines.append(f"\nGenerated by `python scripts/zoo_table.py --write-readme` on {cpu} ({threads} threads, batch 1, "
+                 "default input shapes, random weights): `deploy convert` then `deploy bench --compare-train "
+                 "--runtimes onnxruntime,openvino`; ratio = training p50 / deploy p50.")
     return "\n".join(lines)
 
 
@@ -93,13 +77,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(zoo.names()))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--min-ms", type=float, default=1000.0, help="measured time per form and runtime")
+    ap.add_argument("--keep", metavar="DIR", help="keep the run directories in DIR")
     ap.add_argument("--write-readme", action="store_true")
     args = ap.parse_args()
+    settings = BenchSettings(min_ms=args.min_ms)
     rows = []
-    for name in args.models.split(","):
-        print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        rows.append(measure(name, args.threads, args.iters))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        for name in args.models.split(","):
+            print(f"measuring {name} ...", file=sys.stderr, flush=True)
+            rows.append(measure(name, root, args.threads, settings))
     text = table(rows, args.threads)
     print(text)
     if args.write_readme:
