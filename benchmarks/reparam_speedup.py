@@ -32,10 +32,13 @@ from runtimes.bench import BenchJob, BenchSettings, run_isolated
 MODELS = ("timm:repvgg_a0", "timm:mobileone_s0", "yolov7_tiny_rep", "timm:fastvit_t8", "timm:repvit_m0_9")
 
 
-def _ops(path: str) -> Counter:
+def _structure(path: str) -> tuple[Counter, list]:
+    """Op counts, and every node's type and attributes with the weight shapes (to tell identical graphs)."""
     import onnx
 
-    return Counter(n.op_type for n in onnx.load(path, load_external_data=False).graph.node)
+    graph = onnx.load(path).graph
+    nodes = [(n.op_type, [str(a) for a in n.attribute]) for n in graph.node]
+    return Counter(n.op_type for n in graph.node), [nodes, sorted(tuple(i.dims) for i in graph.initializer)]
 
 
 def forms_of(spec: str, model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.nn.Module]:
@@ -57,7 +60,10 @@ def measure(spec: str, threads: int, settings: BenchSettings, work: Path) -> dic
         onnx = export("onnx", module, work / f"{name}.onnx", args=(x,))
         files["onnxruntime"][name] = onnx.path
         files["openvino"][name] = export("openvino", onnx, work / f"{name}.xml").path
-    out = {"spec": spec, "shape": shape, "ops": {n: _ops(p) for n, p in files["onnxruntime"].items()}}
+    if "timm" in forms:  # the control: a second session of the very same file measures the noise floor
+        files["onnxruntime"]["timm copy"] = files["onnxruntime"]["timm"]
+        files["openvino"]["timm copy"] = files["openvino"]["timm"]
+    out = {"spec": spec, "shape": shape, "structure": {n: _structure(p) for n, p in files["onnxruntime"].items()}}
     for runtime, paths in files.items():
         job = BenchJob(runtime, paths, shape, threads=threads, settings=settings)
         rows = run_isolated(job, str(work))["rows"]
@@ -77,25 +83,30 @@ def main() -> int:
     args = ap.parse_args()
     settings = BenchSettings(warmup_iters=5, warmup_ms=300, min_iters=args.min_iters, min_ms=args.min_ms)
     header = (f"{'model':<20} {'runtime':<12} {'train p50':>10} {'ours p50':>9} {'timm p50':>9} "
-              f"{'train/ours':>10} {'ours/timm':>9}")
+              f"{'train/ours':>10} {'ours/timm':>9} {'noise':>6}")
     results = []
     for spec in args.models.split(","):
         print(f"measuring {spec} ...", file=sys.stderr, flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             results.append(measure(spec, args.threads, settings, Path(tmp)))
-    print(f"batch 1, fp32, {args.threads} threads; p50 in ms; ours/timm <= 1.00: ours at least as fast")
+    print(f"batch 1, fp32, {args.threads} threads; p50 in ms; ours/timm <= 1.00: ours at least as fast; noise: "
+          "|p50 of a second session of timm's file / timm's p50 - 1|")
     print(header)
     for r in results:
         for runtime in ("onnxruntime", "openvino"):
             p = r[runtime]
             timm = f"{p['timm']:9.3f}" if "timm" in p else f"{'-':>9}"
             ratio = f"{p['ours'] / p['timm']:9.2f}" if "timm" in p else f"{'-':>9}"
+            noise = f"{abs(p['timm copy'] / p['timm'] - 1):6.1%}" if "timm" in p else f"{'-':>6}"
             print(f"{r['spec']:<20} {runtime:<12} {p['training']:10.3f} {p['ours']:9.3f} {timm} "
-                  f"{p['training'] / p['ours']:9.2f}x {ratio}")
-        if "timm" in r["ops"] and r["ops"]["ours"] != r["ops"]["timm"]:
-            diff = {k: (r["ops"]["ours"][k], r["ops"]["timm"][k]) for k in set(r["ops"]["ours"]) | set(r["ops"]["timm"])
-                    if r["ops"]["ours"][k] != r["ops"]["timm"][k]}
-            print(f"{'':<20} ONNX ops ours vs timm: " + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in sorted(diff.items())))
+                  f"{p['training'] / p['ours']:9.2f}x {ratio} {noise}")
+        st = r["structure"]
+        if "timm" in st:
+            (ours, ours_graph), (timm, timm_graph) = st["ours"], st["timm"]
+            diff = {k: (ours[k], timm[k]) for k in set(ours) | set(timm) if ours[k] != timm[k]}
+            same = "identical" if ours_graph == timm_graph else "same op counts, different attributes or weights"
+            print(f"{'':<20} ONNX graphs ours vs timm: " + (", ".join(f"{k} {a} vs {b}" for k, (a, b) in
+                                                                    sorted(diff.items())) or same))
     return 0
 
 

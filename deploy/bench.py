@@ -26,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -189,8 +189,12 @@ def _export_form(module, x: torch.Tensor, runtimes: Sequence[str], precision: st
 
 
 def _cost(module, x: torch.Tensor) -> dict:
+    import fusers
+
     from .inspect import inspect_module, layer_costs
 
+    if isinstance(module, torch.export.ExportedProgram):  # captured again: a dynamic batch gets concrete shapes
+        module = fusers.capture(module.module(), (x,))
     s = inspect_module(module, (x,))
     return {"flops": s.flops, "params": s.params, "memory_access": s.memory_access, "elementwise": s.elementwise,
             "forks": s.forks, "fork_branches": s.fork_branches, "ops": s.nodes, "convolutions": s.convolutions,
@@ -323,7 +327,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         "isolation": {"subprocess": "each runtime timed in its own Python process",
                       "none": "all runtimes in one process"}[opts.isolation]
         + "; training and deploy forms of one runtime interleaved call by call; ONNX Runtime intra-op spinning off",
-        "settings": {**opts.settings.__dict__, "runtime_settings": settings_used},
+        "settings": {**asdict(opts.settings), "runtime_settings": settings_used},
         "hardware": {"cpu": cpu, "gpus": gpu_facts(), "versions": versions()},
         "results": rows,
         "speedups": speedups(rows),
@@ -387,7 +391,8 @@ def plot(entry: dict, path: Path, title: str) -> None:
                         fontsize=8, xytext=(0, 2), textcoords="offset points")
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_ylabel("latency p50 (ms), whisker to p90")
-    ax.set_title(f"{title}: {entry['threads']} thread(s)", fontsize=9)
+    where = "torch on CUDA, " if entry["device"] == "cuda" else ""
+    ax.set_title(f"{title}: {where}{entry['threads']} CPU thread(s)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

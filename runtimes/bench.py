@@ -5,8 +5,8 @@ has run ``warmup_iters`` times *and* for ``warmup_ms``; then the forms are calle
 call each per round, until every form has run ``min_iters`` times *and* for ``min_ms`` in total.
 Interleaving makes the forms share the machine's state (clock, caches, other load), so the ratio
 of two forms is stable on a noisy machine even when their absolute times are not. The order
-rotates every round, so no form always runs right after the same other one (whose weights
-would have pushed its own out of the cache).
+rotates every round and every other round is reversed, so each form runs right after each other
+one equally often (a form that follows another finds the cache filled with the other's weights).
 
 Runtimes are not interleaved with each other: their thread pools spin between calls and steal a
 small machine's cores from the next runtime (measured here: ONNX Runtime's deploy forms looked
@@ -122,8 +122,9 @@ def measure(calls: Mapping[str, Callable[[], object]], settings: BenchSettings |
     totals = dict.fromkeys(calls, 0.0)
     order = list(calls)
     for n in range(1, s.max_iters + 1):
-        k = n % len(order)  # rotate: no form always runs right after the same other form (a cold cache)
-        for name in order[k:] + order[:k]:
+        k = n % len(order)
+        seq = order[k:] + order[:k]
+        for name in reversed(seq) if n % 2 else seq:
             ms = timer(calls[name])
             times[name].append(ms)
             totals[name] += ms

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 import fusers
-from fusers.graph import op_counts
+from fusers.graph import as_conv, module_path, op_counts
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -39,3 +41,24 @@ def reparam(model: nn.Module, *shape, passes=None):
 
 def reasons(report) -> str:
     return " | ".join(r.reason for r in report.refusals())
+
+
+class ConvLayer(NamedTuple):
+    path: str  # the unit's module path (a folded conv carries its conv's or BatchNorm's path: that part dropped)
+    stride: tuple
+    dilation: tuple
+    groups: int
+    in_channels: int
+    kernel: tuple
+
+
+def conv_layers(plain) -> list[ConvLayer]:
+    """Every convolution of a plain graph, in graph order."""
+    out = []
+    for node in plain.graph.nodes:
+        conv = as_conv(plain, node) if node.op == "call_function" else None
+        if conv is not None and conv.kind == "conv":
+            path = module_path(node).removesuffix(".bn").removesuffix(".conv")
+            out.append(ConvLayer(path, tuple(conv.stride), tuple(conv.dilation), conv.groups,
+                                 conv.weight.shape[1] * conv.groups, tuple(conv.weight.shape[2:])))
+    return out

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import conv_layers
 from targets import convert_everywhere
 
 from deploy import zoo
 from deploy.zoo._conv_act import channel_shuffle
 from deploy.zoo.threshnet import threshold_links
-from fusers.graph import as_conv, module_path, op_counts
+from fusers.graph import module_path, op_counts
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -19,18 +20,6 @@ pytest.importorskip("litert_torch")
 
 NUM_CLASSES = 5
 WIDTH = 0.5
-
-
-def _convs(plain):
-    """(unit path, groups, input channels, kernel size) of every conv in the plain graph."""
-    out = []
-    for node in plain.graph.nodes:
-        conv = as_conv(plain, node) if node.op == "call_function" else None
-        if conv is not None and conv.kind == "conv":
-            path = module_path(node)  # the folded conv keeps the path of its conv or its BatchNorm: drop that part
-            path = path.rsplit(".", 1)[0] if path.endswith((".conv", ".bn")) else path
-            out.append((path, conv.groups, conv.weight.shape[1] * conv.groups, tuple(conv.weight.shape[2:])))
-    return out
 
 
 def _cat_arities(plain):
@@ -41,23 +30,23 @@ def check_elan_csp(plain, ops):
     # per stage: downsampling unit, CSP (cross, part, transition), ELAN (short, long, 4 stacked 3x3, transition)
     assert ops["conv2d"] == 1 + 3 * (1 + 3 + 2 + 4 + 1)
     assert _cat_arities(plain) == [2, 2, 2, 6, 6, 6]  # CSP joins two paths; ELAN concatenates all 2 + 4 outputs
-    stacked = [c for c in _convs(plain) if ".stack." in c[0]]
-    assert len(stacked) == 12 and all(c[3] == (3, 3) for c in stacked)
+    stacked = [c for c in conv_layers(plain) if ".stack." in c.path]
+    assert len(stacked) == 12 and all(c.kernel == (3, 3) for c in stacked)
 
 
 def check_ghostnet(plain, ops):
     # stem, 4 bottlenecks (2 ghost modules of 2 convs, stride-2 dw, 2-conv shortcuts), G-Ghost stage (10), last unit
     assert ops["conv2d"] == 1 + (4 * 4 + 2 + 2 * 2) + 10 + 1
-    cheap = [c for c in _convs(plain) if c[0].endswith(".cheap")]
-    assert len(cheap) == 8 + 1 and all(c[1] == c[2] and c[3] == (3, 3) for c in cheap[:-1])  # ghost maps: depthwise
-    assert cheap[-1][0] == "g_ghost.cheap" and cheap[-1][3] == (1, 1)  # G-Ghost: cheap 1x1 of the intrinsic features
+    cheap = [c for c in conv_layers(plain) if c.path.endswith(".cheap")]
+    assert len(cheap) == 8 + 1 and all(c.groups == c.in_channels and c.kernel == (3, 3) for c in cheap[:-1])  # ghost maps: depthwise
+    assert cheap[-1].path == "g_ghost.cheap" and cheap[-1].kernel == (1, 1)  # G-Ghost: cheap 1x1 of the intrinsic features
     assert ops["cat"] == 8 + 2  # one per ghost module, the mix's pooled features, the G-Ghost output
 
 
 def check_shufflenet_v1(plain, ops):
     assert ops["transpose"] == ops["view"] == 6  # the channel shuffle survives in every unit
-    grouped = [c for c in _convs(plain) if 1 < c[1] < c[2]]
-    assert len(grouped) == 2 * 6 - 1 and all(c[1] == 3 and c[3] == (1, 1) for c in grouped)  # g=3 pointwise convs
+    grouped = [c for c in conv_layers(plain) if 1 < c.groups < c.in_channels]
+    assert len(grouped) == 2 * 6 - 1 and all(c.groups == 3 and c.kernel == (1, 1) for c in grouped)  # g=3 pointwise convs
     assert ops["avg_pool2d"] == 3 and ops["cat"] == 3 and ops["add"] == 3  # stride 2 concatenates, stride 1 adds
 
 
@@ -72,8 +61,8 @@ def check_res2net(plain, ops):
     assert ops["split"] == 4
     # residuals (4) + hierarchical adds x_i + y_{i-1} in the two stride-1 blocks (s - 2 = 2 each)
     assert ops["add"] == 4 + 2 * 2
-    hier = [c for c in _convs(plain) if ".convs." in c[0]]
-    assert len(hier) == 4 * 3 and all(c[3] == (3, 3) for c in hier)
+    hier = [c for c in conv_layers(plain) if ".convs." in c.path]
+    assert len(hier) == 4 * 3 and all(c.kernel == (3, 3) for c in hier)
 
 
 def check_threshnet(plain, ops):
@@ -81,8 +70,8 @@ def check_threshnet(plain, ops):
     assert ops["conv2d"] == 1 + 3 * 4 + 2 + 1
     assert _cat_arities(plain) == [2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3]
     # layer 4 of block 1 reads layers 3, 2 and the block input (stem, 12 channels at width 0.5): 6 + 6 + 12
-    layer4 = [c for c in _convs(plain) if c[0] == "body.0.layers.3"]
-    assert layer4[0][2] == 8 + 8 + 12
+    layer4 = [c for c in conv_layers(plain) if c.path == "body.0.layers.3"]
+    assert layer4[0].in_channels == 8 + 8 + 12
 
 
 def check_sdanet(plain, ops):

@@ -6,28 +6,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import conv_layers
 from targets import convert_everywhere
 
 from deploy import zoo
 from deploy.zoo.giraffedet import skip_sources
-from fusers.graph import as_conv, module_path, op_counts
+from fusers.graph import op_counts
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 pytest.importorskip("litert_torch")
 
 NUM_CLASSES = 3
-
-
-def _convs(plain):
-    """(module path, stride, dilation, groups, input channels) of every conv in the plain graph."""
-    out = []
-    for node in plain.graph.nodes:
-        conv = as_conv(plain, node) if node.op == "call_function" else None
-        if conv is not None and conv.kind == "conv":
-            path = module_path(node).removesuffix(".bn").removesuffix(".conv")  # a folded conv carries its BN's path
-            out.append((path, conv.stride, conv.dilation, conv.groups, conv.weight.shape[1] * conv.groups))
-    return out
 
 
 def _leaves(y):
@@ -37,8 +27,8 @@ def _leaves(y):
 def check_panet(plain, ops, y):
     assert [t.shape[-1] for t in y] == [8, 4, 2] and all(t.shape[1] == NUM_CLASSES + 4 for t in y)
     assert ops["upsample_nearest2d"] == 2  # FPN top-down: P4 += up(P5), P3 += up(P4)
-    bottom_up = [c for c in _convs(plain) if c[0].startswith("down.")]
-    assert len(bottom_up) == 2 and all(c[1] == (2, 2) for c in bottom_up)  # path augmentation N_i -> N_i+1
+    bottom_up = [c for c in conv_layers(plain) if c.path.startswith("down.")]
+    assert len(bottom_up) == 2 and all(c.stride == (2, 2) for c in bottom_up)  # path augmentation N_i -> N_i+1
 
 
 def check_giraffedet(plain, ops, y):
@@ -47,20 +37,20 @@ def check_giraffedet(plain, ops, y):
     assert ops["cat"] == 3 * 3  # one queen-fusion concatenation per GFPN node (depth 3, 3 levels)
     # Queen-fusion input widths at level 1 (neck widths 16 / 24 / 32 at width 0.5): the same-level nodes of
     # the log2n skip layers ({0}, {0, 1}, {1, 2}), the finer level pooled (16) and the coarser upsampled (32).
-    fuse = {c[0]: c[4] for c in _convs(plain) if c[0] in ("nodes.0.1.0", "nodes.1.1.0", "nodes.2.1.0")}
+    fuse = {c.path: c.in_channels for c in conv_layers(plain) if c.path in ("nodes.0.1.0", "nodes.1.1.0", "nodes.2.1.0")}
     assert fuse == {"nodes.0.1.0": 24 + 48, "nodes.1.1.0": 2 * 24 + 48, "nodes.2.1.0": 2 * 24 + 48}
 
 
 def check_sa_fpn(plain, ops, y):
     assert [t.shape[-1] for t in y] == [8, 4, 2] and all(t.shape[1] == 4 + NUM_CLASSES for t in y)
     assert ops["softmax"] == 3  # scale attention per output level
-    head = [c for c in _convs(plain) if c[0].startswith("head.")]
+    head = [c for c in conv_layers(plain) if c.path.startswith("head.")]
     assert len(head) == 3 * 5  # the shared sequential head runs once per level (3 tower units + box + cls)
 
 
 def check_small_object_det(plain, ops, y):
     assert [t.shape[1:] for t in y] == [(3 * (5 + NUM_CLASSES), s, s) for s in (2, 4)]  # scales=2: strides 32, 16
-    dilations = [c[2] for c in _convs(plain) if ".branches." in c[0]]
+    dilations = [c.dilation for c in conv_layers(plain) if ".branches." in c.path]
     assert sorted(dilations) == sorted([(1, 1), (2, 2), (3, 3)] * 2)  # parallel dilated branches survive apart
     assert ops["sigmoid"] == 2 * 2 and ops["amax"] == 2 * 2  # CBAM channel + spatial gates at each scale
 
@@ -77,9 +67,9 @@ def check_eatformer(plain, ops, y):
     assert ops["softmax"] == blocks and ops["layer_norm"] == blocks and ops["matmul"] == 2 * blocks  # q·kᵀ, ·v
     # merge_linear refuses to sum branches of different dilation ("mismatched dilations"): MSRA keeps its
     # three depthwise branches, each with its dilation and groups == channels.
-    msra = [c for c in _convs(plain) if ".msra.branches." in c[0]]
-    assert sorted(c[2] for c in msra) == sorted([(1, 1), (2, 2), (3, 3)] * blocks)
-    assert all(c[3] == c[4] for c in msra)  # depthwise
+    msra = [c for c in conv_layers(plain) if ".msra.branches." in c.path]
+    assert sorted(c.dilation for c in msra) == sorted([(1, 1), (2, 2), (3, 3)] * blocks)
+    assert all(c.groups == c.in_channels for c in msra)  # depthwise
 
 
 CASES = {  # name: (factory keywords, input size, structural check); small enough for ~90 s on 2 cores
