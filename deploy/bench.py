@@ -100,6 +100,24 @@ def _check_runtimes(runtimes: Sequence[str], device: str) -> None:
                 raise PipelineError(f"{str(e).rstrip('.')}, or drop {r} from --runtimes") from e
 
 
+def _check_options(opts: BenchOptions) -> str:
+    """Refuse bad options before any work; the device the torch runtime uses."""
+    if opts.isolation not in ISOLATION:
+        raise PipelineError(f"unknown isolation {opts.isolation!r}; choose one of {', '.join(ISOLATION)}")
+    if not opts.batches or min(opts.batches) < 1:
+        raise PipelineError("--batch needs positive batch sizes, e.g. 1,8")
+    if opts.threads is not None and opts.threads < 1:
+        raise PipelineError(f"--threads must be at least 1, got {opts.threads}")
+    device = opts.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opts.runtimes:
+        _check_runtimes(opts.runtimes, device)
+    if opts.chart:
+        require("matplotlib", "bench", "the benchmark chart (or pass --no-chart)")
+    return device
+
+
 def _resolve_dir(opts: BenchOptions, progress: Progress) -> Path:
     """The run directory: ``opts.target`` itself, or where converting the model ``opts.target`` wrote."""
     if os.path.isdir(opts.target):
@@ -188,13 +206,72 @@ def _export_form(module, x: torch.Tensor, runtimes: Sequence[str], precision: st
     return paths
 
 
+def _forms_at(x: torch.Tensor, picked: dict[str, dict], out_dir: Path, report: dict, training, compare_train: bool,
+              work: Path, progress: Progress) -> dict[str, dict[str, str | Exception]]:
+    """``{form: {runtime: file, or the exception of its failed export}}`` at the batch of ``x``: the run's own
+    artifacts where their batch fits, else the forms exported again at this batch."""
+    batch, shape = x.shape[0], report["inputs"]["shape"]
+    precision, opset = report["options"]["precision"], report["options"].get("opset", 18)
+    forms: dict[str, dict[str, str | Exception]] = {
+        "deploy": {r: os.fspath(out_dir / s["path"]) for r, s in picked.items() if batch == shape[0] or _dynamic(s)}}
+    stale = [r for r in picked if r not in forms["deploy"]]
+    if stale:
+        import fusers
+
+        progress(f"batch {batch}: re-running the passes and exporting the deploy form at batch {batch}")
+        plain = fusers.reparameterize(training, (x,), seed=report["options"].get("seed", 0))
+        forms["deploy"].update(_export_form(plain, x, stale, precision, opset, work / f"deploy-b{batch}", progress,
+                                            "deploy"))
+    if compare_train:
+        progress(f"batch {batch}: exporting the training form the same way ...")
+        forms["training"] = _export_form(training, x, list(picked), precision, opset, work / f"training-b{batch}",
+                                         progress, "training")
+    return forms
+
+
+def _time_runtime(job: BenchJob, forms: dict, isolation: str, work: Path, settings_used: dict,
+                  progress: Progress) -> list[dict]:
+    """Rows of timing the forms of ``job.runtime`` (its ``forms`` are filled here); failures become rows."""
+    runtime, batch = job.runtime, job.input_shape[0]
+    rows = []
+    for form in ("training", "deploy"):
+        got = forms.get(form, {}).get(runtime)
+        if isinstance(got, Exception):
+            rows.append({"runtime": runtime, "batch": batch, "form": form, "variant": job.precision,
+                         "error": f"export failed: {first_line(got)}"})
+        elif got is not None:
+            job.forms[form] = got
+    if not job.forms:
+        return rows
+    s = job.settings
+    progress(f"batch {batch}: timing {' and '.join(job.forms)} on {runtime} (at least {s.min_iters} calls and "
+             f"{s.min_ms:.0f} ms each) ...")
+    try:
+        result = run_isolated(job, os.fspath(work)) if isolation == "subprocess" else run_job(job)
+    except Exception as e:
+        return rows + [{"runtime": runtime, "batch": batch, "form": f, "variant": job.precision,
+                        "error": first_line(e)} for f in job.forms]
+    settings_used[runtime] = result["settings"]
+    for row in result["rows"]:
+        rows.append({"runtime": runtime, "batch": batch, **row})
+        if "p50" in row:
+            progress(f"  {runtime} {row['variant']} {row['form']}: p50 {row['p50']:.3f} ms (p90 {row['p90']:.3f}, "
+                     f"{row['iters']} calls)")
+        else:
+            progress(f"  {runtime} {row['form']}: FAILED {row['error']}")
+    return rows
+
+
 def _cost(module, x: torch.Tensor) -> dict:
     import fusers
 
     from .inspect import inspect_module, layer_costs
 
     if isinstance(module, torch.export.ExportedProgram):  # captured again: a dynamic batch gets concrete shapes
-        module = fusers.capture(module.module(), (x,))
+        module = module.module()
+        for m in module.modules():  # an exported program's module comes in train mode; it has no BatchNorm left
+            m.training = False
+        module = fusers.capture(module, (x,))
     s = inspect_module(module, (x,))
     return {"flops": s.flops, "params": s.params, "memory_access": s.memory_access, "elementwise": s.elementwise,
             "forks": s.forks, "fork_branches": s.fork_branches, "ops": s.nodes, "convolutions": s.convolutions,
@@ -216,19 +293,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     """Benchmark a run directory (or a model, converted first); see the module docstring."""
     progress = progress or _noop
     started = time.perf_counter()
-    if opts.isolation not in ISOLATION:
-        raise PipelineError(f"unknown isolation {opts.isolation!r}; choose one of {', '.join(ISOLATION)}")
-    if not opts.batches or min(opts.batches) < 1:
-        raise PipelineError("--batch needs positive batch sizes, e.g. 1,8")
-    if opts.threads is not None and opts.threads < 1:
-        raise PipelineError(f"--threads must be at least 1, got {opts.threads}")
-    device = opts.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if opts.runtimes:
-        _check_runtimes(opts.runtimes, device)
-    if opts.chart:
-        require("matplotlib", "bench", "the benchmark chart (or pass --no-chart)")
+    device = _check_options(opts)
     out_dir = _resolve_dir(opts, progress)
     report = load_report(out_dir)
     picked, notes = _stage_files(report, opts.runtimes)
@@ -238,7 +303,6 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     threads = opts.threads or usable_cpus()
     shape = list(report["inputs"]["shape"])
     precision = report["options"]["precision"]
-    opset = report["options"].get("opset", 18)
 
     training = None
     needs_training = opts.compare_train or any(b != shape[0] and not _dynamic(s) for b in opts.batches
@@ -259,50 +323,11 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     try:
         for batch in opts.batches:
             x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(0))
-            forms: dict[str, dict[str, str | Exception]] = {
-                "deploy": {r: os.fspath(out_dir / s["path"]) for r, s in picked.items()
-                           if batch == shape[0] or _dynamic(s)}}
-            stale = [r for r in picked if r not in forms["deploy"]]
-            if stale:
-                import fusers
-
-                progress(f"batch {batch}: re-running the passes and exporting the deploy form at batch {batch}")
-                plain = fusers.reparameterize(training, (x,), seed=report["options"].get("seed", 0))
-                forms["deploy"].update(_export_form(plain, x, stale, precision, opset, work / f"deploy-b{batch}",
-                                                    progress, "deploy"))
-            if opts.compare_train:
-                progress(f"batch {batch}: exporting the training form the same way ...")
-                forms["training"] = _export_form(training, x, list(picked), precision, opset,
-                                                 work / f"training-b{batch}", progress, "training")
+            forms = _forms_at(x, picked, out_dir, report, training, opts.compare_train, work, progress)
             for runtime in picked:
-                files = {}
-                for form in ("training", "deploy"):
-                    got = forms.get(form, {}).get(runtime)
-                    if isinstance(got, Exception):
-                        rows.append({"runtime": runtime, "batch": batch, "form": form, "variant": precision,
-                                     "error": f"export failed: {first_line(got)}"})
-                    elif got is not None:
-                        files[form] = got
-                if not files:
-                    continue
-                job = BenchJob(runtime, files, [batch, *shape[1:]], threads=threads, precision=precision,
+                job = BenchJob(runtime, {}, [batch, *shape[1:]], threads=threads, precision=precision,
                                device=device if runtime == "torch" else "cpu", settings=opts.settings)
-                progress(f"batch {batch}: timing {' and '.join(files)} on {runtime} "
-                         f"(at least {opts.settings.min_iters} calls and {opts.settings.min_ms:.0f} ms each) ...")
-                try:
-                    result = run_isolated(job, os.fspath(work)) if opts.isolation == "subprocess" else run_job(job)
-                except Exception as e:
-                    rows += [{"runtime": runtime, "batch": batch, "form": f, "variant": precision,
-                              "error": first_line(e)} for f in files]
-                    continue
-                settings_used[runtime] = result["settings"]
-                for row in result["rows"]:
-                    rows.append({"runtime": runtime, "batch": batch, **row})
-                    if "p50" in row:
-                        progress(f"  {runtime} {row['variant']} {row['form']}: p50 {row['p50']:.3f} ms "
-                                 f"(p90 {row['p90']:.3f}, {row['iters']} calls)")
-                    else:
-                        progress(f"  {runtime} {row['form']}: FAILED {row['error']}")
+                rows += _time_runtime(job, forms, opts.isolation, work, settings_used, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -314,7 +339,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     for r in rows:
         flops = cost.get(r["form"], {}).get("flops")
         on_cpu = not (r["runtime"] == "torch" and device == "cuda") and r["runtime"] != "tensorrt"
-        if "p50" in r and flops and cpu["peak_gflops"] and on_cpu:
+        if "p50" in r and flops and cpu["peak_gflops"] and on_cpu:  # FLOPs of the run's batch, scaled
             r["achieved_fraction"] = flops * r["batch"] / shape[0] / (r["p50"] * 1e-3) / (cpu["peak_gflops"] * 1e9)
     entry = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

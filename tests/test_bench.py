@@ -219,3 +219,30 @@ def test_torch_cuda_variants(tiny_onnx):
     result = run_job(job)
     assert {r["variant"] for r in result["rows"]} == {"fp32", "fp16", "channels_last"}
     assert all(r["p50"] > 0 for r in result["rows"]) and "CUDA events" in result["settings"]["timer"]
+
+
+def test_bench_a_model_converts_it_first_with_the_runtimes_targets(tmp_path):
+    pytest.importorskip("onnxruntime")
+    proc = run_deploy("bench", "repvgg_digits", "--runtimes", "onnxruntime", "--out", "run", "--threads", "1",
+                      "--min-ms", "20", "--min-iters", "5", "--warmup-ms", "0", "--no-chart", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [s["name"] for s in report["stages"]] == ["training", "pt2", "onnx", "onnx-simplified"]
+    assert report["load"]["spec"] == "repvgg_digits"
+    assert {r["runtime"] for r in report["benchmarks"][0]["results"]} == {"onnxruntime"}
+
+
+def test_bench_a_dynamic_run_at_other_batches_uses_its_own_files(tmp_path):
+    pytest.importorskip("onnxruntime")
+    conv = run_deploy("convert", "repvgg_digits", "--dynamic", "--targets", "onnx", "--out", "dyn", "-q",
+                      cwd=tmp_path)
+    assert conv.returncode == 0, conv.stderr[-2000:]
+    proc = run_deploy("bench", "dyn", "--runtimes", "onnxruntime,torch", "--batch", "1,3", "--threads", "1",
+                      "--min-ms", "20", "--min-iters", "5", "--warmup-ms", "0", "--no-chart", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "re-running the passes" not in proc.stderr  # the dynamic artifacts take batch 3 as they are
+    entry = json.loads((tmp_path / "dyn" / "report.json").read_text())["benchmarks"][0]
+    assert sorted((r["runtime"], r["batch"]) for r in entry["results"]) == [
+        ("onnxruntime", 1), ("onnxruntime", 3), ("torch", 1), ("torch", 3)]
+    # the cost model of a dynamic program is taken at the run's shape: concrete byte counts
+    assert entry["cost"]["deploy"]["memory_access"] > 0 and entry["cost"]["deploy"]["batchnorms"] == 0
