@@ -1,17 +1,17 @@
 """Conv-BN-activation unit shared by the plain-network zoo entries (ELAN/CSP, GhostNet, ShuffleNet, ...).
 
-``conv_bn_act`` is ``_layers.conv_bn`` with 'same' padding and an activation appended, kept as
-three named submodules (``conv``, ``bn``, ``act``) so the captured graph shows the
-``conv2d`` → ``batch_norm`` → activation pattern that ``fold_bn`` folds.
+``conv_bn_act`` is ``_layers.ConvBNAct`` in the argument order these entries use (groups before
+the activation, which is a module class such as ``nn.ReLU``, or ``None`` for a linear unit).
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from ._layers import ConvBNAct
 
 __all__ = ["channel_shuffle", "conv_bn_act"]
 
@@ -23,15 +23,9 @@ def conv_bn_act(
     stride: int = 1,
     groups: int = 1,
     act: Callable[[], nn.Module] | None = nn.ReLU,
-) -> nn.Sequential:
+) -> ConvBNAct:
     """``act(bn(conv(x)))`` with padding ``kernel_size // 2``; ``act=None`` leaves the unit linear."""
-    layers = OrderedDict(
-        conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
-        bn=nn.BatchNorm2d(out_channels),
-    )
-    if act is not None:
-        layers["act"] = act()
-    return nn.Sequential(layers)
+    return ConvBNAct(in_channels, out_channels, kernel_size, stride, groups=groups, act=act)
 
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -10,29 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._layers import ConvBNAct, activation
+
 __all__ = ["BasicBlock", "ConvBNAct", "ResidualBackbone", "activation", "downsample_to", "upsample_to"]
 
 
-def activation(act: str | None) -> nn.Module:
-    """``"relu"``, ``"leaky"`` (slope 0.1), ``"silu"``, ``"gelu"``, or ``None`` for the identity."""
-    table = {"relu": nn.ReLU, "leaky": lambda: nn.LeakyReLU(0.1), "silu": nn.SiLU, "gelu": nn.GELU, None: nn.Identity}
-    if act not in table:
-        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(k for k in table if k)} or None")
-    return table[act]()
-
-
-class ConvBNAct(nn.Module):
-    """``act(bn(conv(x)))``, 'same' padding for any dilation (``dilation * (k // 2)``)."""
-
-    def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, d: int = 1, groups: int = 1,
-                 act: str | None = "relu") -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, s, d * (k // 2), dilation=d, groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(c2)
-        self.act = activation(act)
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
 
 
 class BasicBlock(nn.Module):

@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-from ._layers import conv_bn, scale_channels
+from ._layers import ConvBNAct, activation, conv_bn, scale_channels
 
 __all__ = ["ANCHORS", "Conv", "ELAN", "IDetect", "ImplicitA", "ImplicitM", "RepConv", "SPPCSPC", "YOLOv7Tiny", "yolov7_tiny_rep"]
 
@@ -36,25 +36,11 @@ ANCHORS = ((10, 13, 16, 30, 33, 23), (30, 61, 62, 45, 59, 119), (116, 90, 156, 1
 STRIDES = (8.0, 16.0, 32.0)
 
 
-def _activation(act: str) -> nn.Module:
-    if act == "leaky":
-        return nn.LeakyReLU(0.1)
-    if act == "silu":
-        return nn.SiLU()
-    raise ValueError(f"unknown activation {act!r}; expected 'leaky' or 'silu'")
-
-
-class Conv(nn.Module):
-    """``act(bn(conv(x)))`` with 'same' padding: YOLO's basic unit."""
+class Conv(ConvBNAct):
+    """YOLO's basic unit ``act(bn(conv(x)))`` with 'same' padding and YOLO's BatchNorm settings."""
 
     def __init__(self, c1: int, c2: int, k: int = 1, s: int = 1, act: str = "leaky") -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c1, c2, k, s, k // 2, bias=False)
-        self.bn = nn.BatchNorm2d(c2, eps=1e-3, momentum=0.03)
-        self.act = _activation(act)
-
-    def forward(self, x):
-        return self.act(self.bn(self.conv(x)))
+        super().__init__(c1, c2, k, s, act=act, eps=1e-3, momentum=0.03)
 
 
 class RepConv(nn.Module):
@@ -65,7 +51,7 @@ class RepConv(nn.Module):
         self.dense = conv_bn(c1, c2, k, stride=s, padding=k // 2)
         self.one_by_one = conv_bn(c1, c2, 1, stride=s)
         self.identity = nn.BatchNorm2d(c1) if c1 == c2 and s == 1 else None
-        self.act = _activation(act)
+        self.act = activation(act)
 
     def forward(self, x):
         y = self.dense(x) + self.one_by_one(x)
