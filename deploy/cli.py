@@ -27,14 +27,21 @@ COMMANDS = ("convert", "verify", "inspect", "bench", "zoo")
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"input shape must look like 1,3,224,224, got {text!r}") from None
-    if not shape or min(shape) < 1:
-        raise argparse.ArgumentTypeError(f"input shape must be positive integers, got {text!r}")
-    return shape
+def _positive_ints(what: str, example: str):
+    """An argparse type: comma- (or x-) separated positive integers, e.g. ``1,3,224,224``."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must look like {example}, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be positive integers, got {text!r}")
+        return values
+    return parse
+
+
+_shape = _positive_ints("input shape", "1,3,224,224")
+_batches = _positive_ints("batch sizes", "1,8")
 
 
 def _passes(text: str) -> tuple[str, ...]:
@@ -51,16 +58,6 @@ def _targets(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("", "none"):
         return ()
     return tuple(t.strip().lower() for t in text.split(",") if t.strip())
-
-
-def _batches(text: str) -> tuple[int, ...]:
-    try:
-        batches = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"batch sizes must look like 1,8, got {text!r}") from None
-    if not batches or min(batches) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return batches
 
 
 def _runtimes(text: str) -> tuple[str, ...]:
