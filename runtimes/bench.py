@@ -207,15 +207,15 @@ def run_job(job: BenchJob) -> dict:
                 calls[form] = (lambda r=runner, f=feed: r.infer(f, check=False))
             except Exception as e:  # one form failing does not stop the others
                 rows.append({"form": form, "variant": job.precision, "error": f"{type(e).__name__}: {e}"})
-        effective = {r.name: getattr(r, "effective_precision", None) for r in runners}
+        effective = {getattr(r, "effective_precision", None) for r in runners} - {None}
         for form, stats in measure(calls, job.settings, batch=batch).items() if calls else ():
             rows.append({"form": form, "variant": job.precision, **stats.to_dict()})
     finally:
         for r in runners:
             r.deactivate()
     settings = _settings_note(job)
-    if any(effective.values()):
-        settings["effective_precision"] = sorted({p for p in effective.values() if p})
+    if effective:
+        settings["effective_precision"] = sorted(effective)
     return {"rows": rows, "settings": settings}
 
 
