@@ -20,7 +20,6 @@ both forms (FLOPs, parameters, memory access, element-wise ops, forks) in total 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -37,11 +36,11 @@ from runtimes.bench import ISOLATION, RUNTIMES, BenchJob, BenchSettings, run_iso
 from runtimes.hardware import cpu_facts, gpu_facts, usable_cpus
 
 from . import sources
-from .pipeline import PT2, ConvertOptions, PipelineError, convert, load_report, versions
+from .pipeline import (PT2, ConvertOptions, PipelineError, _check_targets, _export_stages, _save_pt2, convert,
+                       load_report, versions)
 
 __all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "RUNTIME_OF_STAGE"]
 
-log = logging.getLogger(__name__)
 
 # the stage of a convert run whose artifact each runtime measures (the last that exists)
 RUNTIME_OF_STAGE = {"torch": ("pt2",), "onnxruntime": ("onnx", "onnx-simplified"), "openvino": ("openvino",),
@@ -49,7 +48,6 @@ RUNTIME_OF_STAGE = {"torch": ("pt2",), "onnxruntime": ("onnx", "onnx-simplified"
 _TARGET_OF = {"onnxruntime": "onnx", "openvino": "openvino", "tflite": "tflite", "tensorrt": "tensorrt"}
 _NEEDS = {"onnxruntime": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino"),
           "tflite": ("ai_edge_litert", "tflite"), "tensorrt": ("tensorrt", "tensorrt")}
-_SUFFIX = {"torch": ".pt2", "onnxruntime": ".onnx", "openvino": ".xml", "tflite": ".tflite", "tensorrt": ".engine"}
 
 Progress = Callable[[str], None]
 
@@ -172,37 +170,25 @@ def _load_training(report: dict) -> torch.nn.Module:
                             ) from e
 
 
-def _export_form(module, x: torch.Tensor, runtimes: Sequence[str], precision: str, opset: int, folder: Path,
+def _export_form(module, x: torch.Tensor, runtimes: Sequence[str], report: dict, folder: Path,
                  progress: Progress, label: str) -> dict[str, str | Exception]:
-    """Export ``module`` at input ``x`` for each runtime, the way ``deploy convert`` does: ``{runtime: path}``,
-    or the exception where an exporter fails."""
-    from exporters import export
-
+    """Export ``module`` at input ``x`` for each runtime with ``deploy convert``'s own export steps and the run's
+    precision and opset: ``{runtime: path}``, or the error where an export failed."""
     folder.mkdir(parents=True, exist_ok=True)
+    opts = ConvertOptions(precision=report["options"]["precision"], opset=report["options"].get("opset", 18))
+    targets = _check_targets([_TARGET_OF[r] for r in runtimes if r in _TARGET_OF], opts.precision)
+    made = _export_stages(targets, module, (x,), folder, opts, {}, lambda m: progress(f"  {label} form: {m}"))
+    stages = {stage.name: (stage, art) for stage, art in made}
     paths: dict[str, str | Exception] = {}
-    onnx_art = None
     for runtime in runtimes:
-        path = folder / f"model{_SUFFIX[runtime]}"
-        progress(f"  exporting the {label} form for {runtime} ...")
-        try:
-            if runtime == "torch":
-                ep = torch.export.export(module, (x,), strict=False)
-                torch.export.save(ep, os.fspath(path))
-            elif runtime in ("onnxruntime", "openvino", "tensorrt"):
-                if onnx_art is None:
-                    onnx_art = export("onnx", module, folder / "model.onnx", args=(x,), opset=opset)
-                if runtime == "openvino":
-                    export("openvino", onnx_art, path, precision=precision)
-                elif runtime == "tensorrt":
-                    export("tensorrt", onnx_art, path, precision=precision)
-                else:
-                    path = Path(onnx_art.path)
-            else:
-                export("tflite", module, path, args=(x,), precision=precision)
-            paths[runtime] = os.fspath(path)
-        except Exception as e:
-            log.debug("export of the %s form for %s failed", label, runtime, exc_info=True)
-            paths[runtime] = e
+        if runtime == "torch":
+            try:
+                paths[runtime] = _save_pt2(module, (x,), folder / PT2, False, {}).path
+            except PipelineError as e:
+                paths[runtime] = e
+            continue
+        stage, art = next(stages[n] for n in reversed(RUNTIME_OF_STAGE[runtime]) if n in stages)
+        paths[runtime] = art.path if art is not None else PipelineError(stage.error)
     return paths
 
 
@@ -211,7 +197,6 @@ def _forms_at(x: torch.Tensor, picked: dict[str, dict], out_dir: Path, report: d
     """``{form: {runtime: file, or the exception of its failed export}}`` at the batch of ``x``: the run's own
     artifacts where their batch fits, else the forms exported again at this batch."""
     batch, shape = x.shape[0], report["inputs"]["shape"]
-    precision, opset = report["options"]["precision"], report["options"].get("opset", 18)
     forms: dict[str, dict[str, str | Exception]] = {
         "deploy": {r: os.fspath(out_dir / s["path"]) for r, s in picked.items() if batch == shape[0] or _dynamic(s)}}
     stale = [r for r in picked if r not in forms["deploy"]]
@@ -220,12 +205,11 @@ def _forms_at(x: torch.Tensor, picked: dict[str, dict], out_dir: Path, report: d
 
         progress(f"batch {batch}: re-running the passes and exporting the deploy form at batch {batch}")
         plain = fusers.reparameterize(training, (x,), seed=report["options"].get("seed", 0))
-        forms["deploy"].update(_export_form(plain, x, stale, precision, opset, work / f"deploy-b{batch}", progress,
-                                            "deploy"))
+        forms["deploy"].update(_export_form(plain, x, stale, report, work / f"deploy-b{batch}", progress, "deploy"))
     if compare_train:
         progress(f"batch {batch}: exporting the training form the same way ...")
-        forms["training"] = _export_form(training, x, list(picked), precision, opset, work / f"training-b{batch}",
-                                         progress, "training")
+        forms["training"] = _export_form(training, x, list(picked), report, work / f"training-b{batch}", progress,
+                                         "training")
     return forms
 
 
