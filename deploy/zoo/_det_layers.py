@@ -12,7 +12,8 @@ from torch import nn
 
 from ._layers import ConvBNAct, activation
 
-__all__ = ["BasicBlock", "ConvBNAct", "ResidualBackbone", "activation", "downsample_to", "upsample_to"]
+__all__ = ["BasicBlock", "ConvBNAct", "ResidualBackbone", "activation", "downsample_to", "stage_outputs",
+           "upsample_to"]
 
 
 
@@ -54,12 +55,16 @@ class ResidualBackbone(nn.Module):
         self.out_channels = tuple(widths[-num_outputs:])
 
     def forward(self, x) -> list[torch.Tensor]:
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats[-self.num_outputs:]
+        return stage_outputs(self.stem(x), self.stages)[-self.num_outputs:]
+
+
+def stage_outputs(x: torch.Tensor, stages) -> list[torch.Tensor]:
+    """Run ``stages`` in sequence on ``x``; the output of every stage, finest first."""
+    feats = []
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    return feats
 
 
 def upsample_to(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

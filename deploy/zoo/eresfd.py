@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._det_layers import BasicBlock, ConvBNAct, upsample_to
+from ._det_layers import BasicBlock, ConvBNAct, stage_outputs, upsample_to
 from ._layers import scale_channels
 
 __all__ = ["ContextModule", "EResFD", "eresfd"]
@@ -62,11 +62,7 @@ class EResFD(nn.Module):
         self.box = nn.ModuleList(nn.Conv2d(n, anchors * 4, 3, padding=1) for _ in range(levels))
 
     def forward(self, x):
-        x = F.max_pool2d(self.stem(x), 2)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
+        feats = stage_outputs(F.max_pool2d(self.stem(x), 2), self.stages)
         p = [lat(f) for lat, f in zip(self.lateral, feats[-self.levels:])]
         half = self.levels // 2
         for i in range(self.levels - 2, half - 1, -1):  # top-down over the coarse half

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._det_layers import ConvBNAct, upsample_to
+from ._det_layers import ConvBNAct, stage_outputs, upsample_to
 from ._layers import scale_channels
 
 __all__ = ["GiraffeDet", "SpaceToDepthStage", "giraffedet", "skip_sources"]
@@ -70,11 +70,7 @@ class GiraffeDet(nn.Module):
         self.pred = nn.ModuleList(nn.Conv2d(ch, num_classes + 4, 1) for ch in nk)
 
     def forward(self, x):
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
+        feats = stage_outputs(self.stem(x), self.stages)
         layers = [[unit(f) for unit, f in zip(self.inputs, feats[-len(self.inputs):])]]
         for src, layer in zip(self.sources, self.nodes):  # queen fusion with skip-layer connections
             prev, out = layers[-1], []

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._det_layers import ConvBNAct, upsample_to
+from ._det_layers import ConvBNAct, stage_outputs, upsample_to
 from ._layers import scale_channels
 
 __all__ = ["Attention", "DarknetResidual", "DilatedFusion", "SmallObjectYOLO", "small_object_det"]
@@ -91,11 +91,7 @@ class SmallObjectYOLO(nn.Module):
         self.scales = scales
 
     def forward(self, x):
-        x = self.stem(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
+        feats = stage_outputs(self.stem(x), self.stages)
         feats = feats[-self.scales:][::-1]
         maps, y = [], None
         for i, f in enumerate(feats):
