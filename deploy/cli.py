@@ -100,7 +100,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     import fusers
 
-    from .pipeline import DEFAULT_TARGETS, TARGETS
+    from exporters import targets as registry
+
+    from .pipeline import default_targets, target_names
     from .sources import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(
@@ -118,10 +120,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"zoo name, timm:NAME, torchvision:NAME, path/to/file.py:FACTORY, or a checkpoint holding a "
                    f"whole pickled model (default {DEFAULT_MODEL}, trained weights shipped)")
     _model_args(c)
-    c.add_argument("--targets", type=_targets, default=DEFAULT_TARGETS, metavar="LIST",
-                   help=f"comma-separated formats from {','.join(TARGETS)}, or none (default "
-                   f"{','.join(DEFAULT_TARGETS)})")
-    c.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+    c.add_argument("--targets", type=_targets, default=None, metavar="LIST",
+                   help=f"comma-separated formats from {','.join(target_names())}, or none (default "
+                   f"{','.join(default_targets())})")
+    c.add_argument("--precision", choices=sorted({p for t in registry.all_targets() for p in t.precisions}),
+                   default="fp32",
                    help="artifact precision (the .pt2 and the main ONNX file stay fp32; default fp32)")
     c.add_argument("--dynamic", action="store_true", help="dynamic batch dimension where the format allows it")
     c.add_argument("--passes", type=_passes, default=None, metavar="LIST",
@@ -245,9 +248,9 @@ def cmd_convert(args) -> int:
     report = result.report
     samples = report["inputs"].get("samples")
     training = result.stages[0]
-    if samples and samples["labels"] and training.accuracy is not None:
+    if samples and samples["labels"] and training.verification.accuracy is not None:
         print(f"\ntask check on {samples['count']} held-out samples: training-form accuracy "
-              f"{100 * training.accuracy:.2f}%; every stage's accuracy and agreement are in the table")
+              f"{100 * training.verification.accuracy:.2f}%; every stage's accuracy and agreement are in the table")
     failures = _failures(result.stages)
     for line in failures:
         print(line)
@@ -264,7 +267,7 @@ def cmd_verify(args) -> int:
     failures = _failures(result.stages)
     for line in failures:
         print(line)
-    changed = [s.name for s in result.stages if s.changed]
+    changed = [s.name for s in result.stages if s.verification.changed]
     if changed:
         print(f"changed since convert (sha256 differs): {', '.join(changed)}")
     tol = result.tolerance
@@ -274,10 +277,12 @@ def cmd_verify(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import FORMAT_OF_SUFFIX, inspect_path, inspect_source
+    from exporters import targets as registry
+
+    from .inspect import inspect_path, inspect_source
 
     target = args.target
-    if os.path.splitext(target)[1].lower() in FORMAT_OF_SUFFIX:
+    if registry.by_suffix(target) is not None:
         summary = inspect_path(target)
     else:
         summary = inspect_source(target, args.input_shape, checkpoint=args.checkpoint,
@@ -325,17 +330,27 @@ def cmd_bench(args) -> int:
 def cmd_zoo(args) -> int:
     from . import zoo
 
-    rows = [[name, "x".join(map(str, zoo.input_shape(name)[1:])), "trained" if zoo.has_weights(name) else "random",
-             zoo.describe(name)] for name in zoo.names()]
+    import textwrap
+
     from .report import text_table
 
-    print(text_table(["model", "input", "weights", "description"], rows))
+    headers = ["model", "input", "weights", "description"]
+    rows = [[name, "x".join(map(str, zoo.input_shape(name)[1:])), "trained" if zoo.has_weights(name) else "random"]
+            for name in zoo.names()]
+    columns = 100  # the description takes what the first three columns leave; continuation lines sit under it
+    left = sum(max(len(h), *(len(r[i]) for r in rows)) + 2 for i, h in enumerate(headers[:3]))
+    lines = []
+    for row, name in zip(rows, zoo.names()):
+        wrapped = textwrap.wrap(zoo.describe(name), width=max(columns - left, 30), break_on_hyphens=False)
+        lines.append(row + wrapped[:1])
+        lines += [["", "", "", cont] for cont in wrapped[1:]]
+    print(text_table(headers, lines))
     return EXIT_OK
 
 
 def _errors() -> tuple[type[BaseException], ...]:
     import fusers
-    from exporters.base import DeployError
+    from runtimes.core import DeployError
 
     from .sources import SourceError
 

@@ -3,8 +3,11 @@
 Each format is read into the same small graph (nodes with a native op type, a kind, input and
 output tensor names, and the MACs of convolutions and linear layers); one analysis serves all:
 
-- **parameters**: floating-point constant values in the graph (weights, biases, BatchNorm
-  statistics), each constant counted once;
+- **parameters**: of a torch model or ``.pt2``, the module's parameters (:func:`count_parameters`:
+  ``module.parameters()``, trainable or not, a tensor shared under two names counted once), with
+  its buffers (BatchNorm running statistics, ``num_batches_tracked``) counted apart; of an ONNX,
+  OpenVINO or TFLite file, which has no such distinction, the floating-point constant values in
+  the graph (weights, biases, and BatchNorm statistics if left unfolded), each counted once;
 - **MACs**: multiply-accumulates of convolutions and linear layers,
   ``numel(output) x (weight numel / output channels)``; FLOPs = 2 x MACs;
 - **mergeable branches**: an addition whose operands, looking through BatchNorm and per-channel
@@ -30,13 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters.base import require
+from runtimes.core import count_parameters, require
 
-__all__ = ["OpSummary", "inspect_path", "inspect_module", "inspect_source", "layer_costs", "FORMAT_OF_SUFFIX"]
+__all__ = ["OpSummary", "count_parameters", "inspect_path", "inspect_module", "inspect_source", "layer_costs",
+           "read_torch", "read_onnx", "read_openvino", "read_tflite"]
 
 log = logging.getLogger(__name__)
-
-FORMAT_OF_SUFFIX = {".pt2": "pt2", ".onnx": "onnx", ".xml": "openvino", ".tflite": "tflite"}
 
 # native op type -> kind, per format. Kinds: conv, linear, bn, binary (add/sub/mul/div), sum, pad, pool,
 # pass (no arithmetic: looked through), other.
@@ -79,7 +81,7 @@ class _Node:
     macs: int = 0
     kernel: str = ""
     bytes: int = 0  # memory access: bytes read (inputs, weights) + written (outputs); torch graphs only
-    params: int = 0  # floating-point constants it reads; torch graphs only
+    params: int = 0  # parameters it reads (buffers not counted); torch graphs only
     module: str = ""  # the module it came from; torch graphs only
 
 
@@ -94,7 +96,8 @@ class OpSummary:
     convolutions: int = 0
     conv_kernels: dict[str, int] = field(default_factory=dict)
     linears: int = 0
-    params: int = 0
+    params: int = 0   # torch: count_parameters; artifacts: floating-point constants
+    buffers: int = 0  # torch: buffers (BatchNorm running statistics, ...); artifacts: 0
     macs: int = 0
     batchnorms: int = 0
     branch_groups: int = 0
@@ -123,7 +126,7 @@ class OpSummary:
         lines = [f"{self.source} ({self.format})",
                  f"inputs:        {'; '.join(self.inputs) or '-'}",
                  f"outputs:       {'; '.join(self.outputs) or '-'}",
-                 f"parameters:    {self.params:,}",
+                 f"parameters:    {self.params:,}" + (f" (+ {self.buffers:,} in buffers)" if self.buffers else ""),
                  f"MACs:          {_si(self.macs)} (FLOPs {_si(self.flops)} = 2 x MACs of convolutions and "
                  "linear layers)",
                  f"convolutions:  {self.convolutions}" + (f" ({kernels})" if kernels else "")
@@ -302,21 +305,26 @@ def _as_graph_module(module, args):
 
 def _torch_graph(gm, summary: OpSummary) -> OpSummary:
     nodes, consts = _torch_nodes(gm, summary)
-    return _analyze(summary, nodes, consts)
+    _analyze(summary, nodes, consts)
+    summary.params, summary.buffers = count_parameters(gm)
+    return summary
 
 
 def _torch_nodes(gm, summary: OpSummary) -> tuple[list[_Node], dict[str, int]]:
-    """The nodes and float constants of an fx graph; fills the summary's input/output specs."""
+    """The nodes and constants of an fx graph, each constant mapped to its parameter count (0 for a
+    buffer or a lifted constant: the module's registration decides, not the op reading it); fills
+    the summary's input/output specs."""
     import torch
 
     from fusers.graph import fetch_attr, module_path
 
+    parameters = {id(p) for p in gm.parameters()}
     nodes, consts = [], {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             value = fetch_attr(gm, node.target)
             if isinstance(value, torch.Tensor):
-                consts[node.name] = value.numel() if value.is_floating_point() else 0
+                consts[node.name] = value.numel() if id(value) in parameters else 0
             continue
         if node.op == "placeholder":
             val = node.meta.get("val")
@@ -363,7 +371,7 @@ def _torch_nodes(gm, summary: OpSummary) -> tuple[list[_Node], dict[str, int]]:
     return nodes, consts
 
 
-def _onnx_graph(path: str, summary: OpSummary) -> OpSummary:
+def read_onnx(path: str, summary: OpSummary) -> OpSummary:
     onnx = require("onnx", "onnx", "inspecting ONNX files")
     from onnx import numpy_helper, shape_inference
 
@@ -374,7 +382,7 @@ def _onnx_graph(path: str, summary: OpSummary) -> OpSummary:
         summary.notes.append(f"ONNX shape inference failed ({type(e).__name__}); MACs may be incomplete")
     graph = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    summary.format = f"onnx, opset {opset}"
+    summary.format = f"{summary.format}, opset {opset}"
     shapes: dict[str, tuple] = {}
     for v in list(graph.value_info) + list(graph.output) + list(graph.input):
         dims = v.type.tensor_type.shape.dim
@@ -426,7 +434,7 @@ def _onnx_graph(path: str, summary: OpSummary) -> OpSummary:
     return _analyze(summary, nodes, consts)
 
 
-def _openvino_graph(path: str, summary: OpSummary) -> OpSummary:
+def read_openvino(path: str, summary: OpSummary) -> OpSummary:
     ov = require("openvino", "openvino", "inspecting OpenVINO IR files")
     model = ov.Core().read_model(path)
 
@@ -488,7 +496,7 @@ def _const_shape(op, index: int, const_shapes: dict, name) -> tuple | None:
     return None
 
 
-def _tflite_graph(path: str, summary: OpSummary) -> OpSummary:
+def read_tflite(path: str, summary: OpSummary) -> OpSummary:
     lite = require("ai_edge_litert.interpreter", "tflite", "inspecting TFLite files")
     it = lite.Interpreter(model_path=path)
     tensors = {d["index"]: d for d in it.get_tensor_details()}
@@ -539,55 +547,56 @@ def _const_through(index: int, ops, consts) -> bool:
 # -------------------------------------------------------------------------------------------- entry
 
 def _merged_from_run(path: Path) -> dict | None:
-    """What the deploy run that wrote ``path`` merged, from the report.json beside it."""
-    report = path.parent / "report.json"
+    """What the deploy run that wrote ``path`` merged, from the run record beside it."""
+    from .record import PipelineError, load_record
+
     try:
-        with open(report) as f:
-            data = json.load(f)
-        if data.get("tool") != "reparam-deploy":
-            return None
-        files = {f for s in data.get("stages", []) for f in s.get("files", [])}
-        if path.name not in files:
-            return None
-        return dict(data["reparameterize"]["merged"], **{"from": str(report)})
-    except (OSError, ValueError, KeyError, TypeError):
+        record = load_record(path.parent)
+    except PipelineError:
         return None
+    if not any(path.name in s.files.files for s in record.stages) or "merged" not in record.reparameterize:
+        return None
+    return dict(record.reparameterize["merged"], **{"from": str(path.parent / "report.json")})
+
+
+def read_torch(path: str, summary: OpSummary) -> OpSummary:
+    """A ``.pt2`` written by torch.export (with the merge counts of the run that wrote it, when it says)."""
+    import torch
+
+    extra = {"deploy.json": ""}
+    ep = torch.export.load(os.fspath(path), extra_files=extra)
+    _torch_graph(ep.module(), summary)
+    if extra["deploy.json"]:
+        summary.merged = dict(json.loads(extra["deploy.json"]).get("merged") or {},
+                              **{"from": f"{Path(path).name} metadata"})
+    return summary
 
 
 def inspect_path(path: str | os.PathLike) -> OpSummary:
-    """Summary of an artifact file: ``.pt2``, ``.onnx``, OpenVINO ``.xml`` or ``.tflite``."""
+    """Summary of an artifact file of any registered target with a reader (``.pt2``, ``.onnx``, OpenVINO
+    ``.xml``, ``.tflite``, ...)."""
+    from exporters import targets as registry
+
     p = Path(path)
-    fmt = FORMAT_OF_SUFFIX.get(p.suffix.lower())
-    if fmt is None:
+    target = registry.by_suffix(p)
+    if target is None or target.inspect is None:
+        known = [s for t in registry.all_targets() if t.inspect for s in t.suffixes]
         raise ValueError(f"cannot inspect {p}: unknown extension {p.suffix!r}; expected "
-                         f"{', '.join(FORMAT_OF_SUFFIX)} or a model (zoo name, timm:NAME, file.py:FACTORY)")
+                         f"{', '.join(known)} or a model (zoo name, timm:NAME, file.py:FACTORY)")
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist; check the path")
-    summary = OpSummary(str(p), fmt)
-    from runtimes.base import CorruptArtifact
+    summary = OpSummary(str(p), target.name)
+    from runtimes.core import CorruptArtifact
 
     try:
-        if fmt == "pt2":
-            import torch
-
-            extra = {"deploy.json": ""}
-            ep = torch.export.load(os.fspath(p), extra_files=extra)
-            _torch_graph(ep.module(), summary)
-            if extra["deploy.json"]:
-                summary.merged = dict(json.loads(extra["deploy.json"]).get("merged") or {},
-                                      **{"from": f"{p.name} metadata"})
-        elif fmt == "onnx":
-            _onnx_graph(os.fspath(p), summary)
-        elif fmt == "openvino":
-            _openvino_graph(os.fspath(p), summary)
-        else:
-            _tflite_graph(os.fspath(p), summary)
+        registry.resolve(target.inspect)(os.fspath(p), summary)
     except (ImportError, CorruptArtifact):
         raise
     except Exception as e:
-        raise CorruptArtifact(f"cannot read {p} as {fmt}: {type(e).__name__}: "
+        raise CorruptArtifact(f"cannot read {p} as {target.name}: {type(e).__name__}: "
                               f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')}") from e
-    summary.merged = summary.merged or _merged_from_run(p)
+    if summary.merged is None:
+        summary.merged = _merged_from_run(p)
     return summary
 
 

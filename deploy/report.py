@@ -1,8 +1,8 @@
 """Run reports: ``report.json`` (machine-readable) and ``report.md`` (the same, as tables a person reads).
 
-The report is the plain dict that :func:`deploy.pipeline.convert` builds; this module only writes
-and renders it. ``stage_table`` gives the rows of the stage table that both ``report.md`` and the
-command line's final table show.
+The report is the JSON of a :class:`deploy.record.RunRecord`; this module only writes and renders it.
+``stage_table`` gives the rows of the stage table that both ``report.md`` and the command line's
+final table show.
 """
 
 from __future__ import annotations
@@ -51,31 +51,29 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def _get(stage, key):
-    return stage.get(key) if isinstance(stage, dict) else getattr(stage, key)
+def _stages(stages: Sequence) -> list:
+    from .record import StageRecord
+
+    return [StageRecord.from_dict(s) if isinstance(s, dict) else s for s in stages]
 
 
 def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], list[list[str]]]:
     """Headers and rows: stage, format, file, size, precision, max rel error, [samples error, accuracy,
     agreement], pass/fail. ``stages`` are StageRecords or their dicts."""
-    task = any(_get(s, "accuracy") is not None for s in stages)
-    samples = any(_get(s, "samples_max_rel") is not None for s in stages)
+    stages = _stages(stages)
+    task = any(s.verification.accuracy is not None for s in stages)
+    samples = any(s.verification.samples_max_rel is not None for s in stages)
     headers = ["stage", "format"] + (["file"] if files else []) + ["size", "precision", "max rel error"]
     headers += (["samples max rel"] if samples else []) + (["accuracy", "agreement"] if task else []) + ["result"]
     rows = []
     for s in stages:
-        name = _get(s, "name")
-        if name == "training":
-            result = "reference"
-        elif _get(s, "passed"):
-            result = "pass" + (" (changed)" if _get(s, "changed") else "")
-        else:
-            result = "FAIL" + (" (changed)" if _get(s, "changed") else "")
-        row = [name, _get(s, "format")] + ([_get(s, "path") or "-"] if files else [])
-        row += [human_size(_get(s, "size")), _get(s, "precision"),
-                "-" if name == "training" else _num(_get(s, "max_rel"))]
-        row += [_num(_get(s, "samples_max_rel"))] if samples else []
-        row += [_pct(_get(s, "accuracy")), _pct(_get(s, "agreement"))] if task else []
+        v = s.verification
+        changed = " (changed)" if v.changed else ""
+        result = "reference" if s.name == "training" else ("pass" if v.passed else "FAIL") + changed
+        row = [s.name, s.format] + ([s.path or "-"] if files else [])
+        row += [human_size(s.files.size), s.precision, "-" if s.name == "training" else _num(v.max_rel)]
+        row += [_num(v.samples_max_rel)] if samples else []
+        row += [_pct(v.accuracy), _pct(v.agreement)] if task else []
         rows.append(row + [result])
     return headers, rows
 
@@ -159,11 +157,12 @@ def to_markdown(report: dict) -> str:
     """``report.md``: summary, stages, task accuracy, passes and refusals, inputs, versions, timings."""
     model, inputs, rep = report["model"], report["inputs"], report["reparameterize"]
     tol = report.get("tolerance", {})
-    stages = report["stages"]
+    stages = _stages(report["stages"])
     verdict = "all stages pass" if report["passed"] else f"FAILED: {', '.join(report['failed'])}"
     lines = [f"# deploy report: {model['spec']}", "",
              f"**Result: {verdict}.**", "",
-             f"- model: `{model['spec']}` ({model['kind']}, {model['class']}, {model['params']:,} parameters)",
+             f"- model: `{model['spec']}` ({model['kind']}, {model['class']}, {model['params']:,} parameters"
+             + (f" + {model['buffers']:,} in buffers)" if model.get("buffers") else ")"),
              f"- weights: {model['weights']}",
              f"- input: {'x'.join(map(str, inputs['shape']))} float32"
              + (f" (verified at {'x'.join(map(str, inputs['verified_shape']))})"
@@ -178,13 +177,12 @@ def to_markdown(report: dict) -> str:
     lines += ["## Stages", "", "Every stage runs on its own runtime and is compared with the training model on "
               "the same inputs (error = max |a - b| / max |a| per output, worst output).", "",
               markdown_table(headers, rows), ""]
-    failed = [s for s in stages if not s["passed"] and s["name"] != "training"]
+    failed = [s for s in stages if not s.passed and s.name != "training"]
     if failed:
-        lines += ["Failures:", ""] + [f"- **{s['name']}** ({s.get('path') or 'not written'}): {s['reason']}"
-                                      for s in failed] + [""]
-    detail = [[s["name"], s["parent"] or "-", _num(s["max_abs"]), _num(s["max_rel"]), _num(s["parent_max_rel"]),
-               _num(s["cosine"], ".8f"), _num(s["export_seconds"], ".2f"), _num(s["verify_seconds"], ".2f")]
-              for s in stages if s["name"] != "training"]
+        lines += ["Failures:", ""] + [f"- **{s.name}** ({s.path or 'not written'}): {s.reason}" for s in failed] + [""]
+    detail = [[s.name, s.parent or "-", _num(s.verification.max_abs), _num(s.verification.max_rel),
+               _num(s.verification.parent_max_rel), _num(s.verification.cosine, ".8f"), _num(s.export.seconds, ".2f"),
+               _num(s.verification.seconds, ".2f")] for s in stages if s.name != "training"]
     lines += ["### Errors and timings", "", markdown_table(
         ["stage", "made from", "max abs", "max rel", "max rel vs parent", "min cosine", "export s", "verify s"],
         detail), ""]
@@ -193,6 +191,7 @@ def to_markdown(report: dict) -> str:
         lines += ["## Inputs", "", f"- seeded: {'x'.join(map(str, inputs['verified_shape']))}, "
                   f"{inputs['seeded']['distribution']}, seed {inputs['seeded']['seed']}",
                   f"- samples: {samples['count']} from `{samples['path']}`"
+                  + (" (shipped with the model)" if samples.get("shipped_with_model") else "")
                   + (" with labels (task-level verification)" if samples["labels"] else ""), ""]
     merged = rep["merged"]
     lines += ["## Reparameterization", "",
@@ -207,7 +206,8 @@ def to_markdown(report: dict) -> str:
                                _num(p["max_rel_error"]), _num(p["seconds"], ".2f")] for p in rep["passes"]]), ""]
     if rep["refusals"]:
         lines += ["Refused rewrites (left as they are):", ""]
-        lines += [f"- `{r['site']}`: {r['reason']}" for r in rep["refusals"][:50]]
+        lines += [f"- `{r['site']}` ({r.get('pass', '?')}, {r.get('code', '?')}): {r['reason']}"
+                  for r in rep["refusals"][:50]]
         if len(rep["refusals"]) > 50:
             lines.append(f"- ... {len(rep['refusals']) - 50} more in report.json")
         lines.append("")
@@ -217,7 +217,7 @@ def to_markdown(report: dict) -> str:
     lines += ["Ops changed: " + (", ".join(changed) or "none"), ""]
     for i, entry in enumerate(report.get("benchmarks", []), 1):
         lines += _bench_markdown(i, entry)
-    notes = report.get("notes", []) + [f"{s['name']}: {n}" for s in stages for n in s.get("notes", [])]
+    notes = report.get("notes", []) + [f"{s.name}: {n}" for s in stages for n in s.notes]
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     lines += ["## Versions", "", markdown_table(["package", "version"],

@@ -26,7 +26,6 @@ without ``--checkpoint``, a pickled model) must already be in eval mode, unless 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -40,7 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from runtimes.core import count_parameters, first_line, set_training
+
 from . import zoo
+from .record import sha256
 
 __all__ = ["SourceError", "LoadedModel", "load_model", "load_checkpoint", "read_state_dict", "parse_source",
            "DEFAULT_MODEL", "sha256"]
@@ -74,18 +76,11 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
+        params, buffers = count_parameters(self.model)
         return {"spec": self.spec, "kind": self.kind, "name": self.name, "class": type(self.model).__name__,
                 "input_shape": list(self.input_shape) if self.input_shape else None, "weights": self.weights,
                 "trained": self.trained, "samples": self.samples, "checkpoint": self.checkpoint,
-                "params": sum(p.numel() for p in self.model.parameters()), "notes": list(self.notes)}
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+                "params": params, "buffers": buffers, "notes": list(self.notes)}
 
 
 # ------------------------------------------------------------------------------------------- parsing
@@ -133,7 +128,7 @@ def _torch_load(path: Path, *, allow_pickle: bool, what: str):
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # not a class the safe loader refused: the file itself is bad
             raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
-                              f"({_first_line(e)}); check that the file is complete") from e
+                              f"({first_line(e)}); check that the file is complete") from e
         if not allow_pickle:
             raise
         log.warning("%s %s holds Python objects besides tensors; unpickling it fully (weights_only=False): "
@@ -141,19 +136,15 @@ def _torch_load(path: Path, *, allow_pickle: bool, what: str):
         first = e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
-                          f"({_first_line(e)}); check that the file is complete") from e
+                          f"({first_line(e)}); check that the file is complete") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as e:
-        raise SourceError(f"cannot unpickle {what} {path}: {_first_line(e)}; the classes it was saved with must "
+        raise SourceError(f"cannot unpickle {what} {path}: {first_line(e)}; the classes it was saved with must "
                           "be importable: pass --code-path DIR, the repository that defines them") from e
     except Exception as e:
-        raise SourceError(f"{what} {path} cannot be read by torch.load ({_first_line(e)}); check that the "
+        raise SourceError(f"{what} {path} cannot be read by torch.load ({first_line(e)}); check that the "
                           "file is complete") from first
-
-
-def _first_line(exc: BaseException) -> str:
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
 
 
 def _is_state_dict(obj) -> bool:
@@ -303,7 +294,7 @@ def _file(path: str, factory: str, num_classes: int | None) -> LoadedModel:
         spec.loader.exec_module(module)
     except Exception as e:
         sys.modules.pop(mod_name, None)
-        raise SourceError(f"importing {path} failed: {type(e).__name__}: {_first_line(e)}; fix the file (it must "
+        raise SourceError(f"importing {path} failed: {type(e).__name__}: {first_line(e)}; fix the file (it must "
                           "import without arguments)") from e
     finally:
         sys.path.remove(str(p.parent))
@@ -319,10 +310,10 @@ def _file(path: str, factory: str, num_classes: int | None) -> LoadedModel:
     except TypeError as e:
         if kwargs and "num_classes" in str(e):
             raise SourceError(f"{path}:{factory}() takes no num_classes argument; drop --num-classes") from e
-        raise SourceError(f"calling {path}:{factory}() failed: {_first_line(e)}; it must take no required "
+        raise SourceError(f"calling {path}:{factory}() failed: {first_line(e)}; it must take no required "
                           "arguments") from e
     except Exception as e:
-        raise SourceError(f"calling {path}:{factory}() failed: {type(e).__name__}: {_first_line(e)}") from e
+        raise SourceError(f"calling {path}:{factory}() failed: {type(e).__name__}: {first_line(e)}") from e
     if not isinstance(model, nn.Module):
         raise SourceError(f"{path}:{factory}() returned a {type(model).__name__}, not a torch.nn.Module; return "
                           "the model")
@@ -344,7 +335,7 @@ def _pickle(path: str) -> LoadedModel:
     except SourceError:
         raise
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SourceError(f"model checkpoint {path} is not a file torch.load can read ({_first_line(e)}); check "
+        raise SourceError(f"model checkpoint {path} is not a file torch.load can read ({first_line(e)}); check "
                           "that the file is complete") from e
     model, key = raw, None
     if isinstance(raw, Mapping):
@@ -370,7 +361,7 @@ def _pt2(path: str) -> LoadedModel:
     try:
         ep = torch.export.load(p)
     except Exception as e:
-        raise SourceError(f"{path} is not a torch.export program ({_first_line(e)}); save one with "
+        raise SourceError(f"{path} is not a torch.export program ({first_line(e)}); save one with "
                           "torch.export.save") from e
     user = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
     shape = tuple(user[0].meta["val"].shape) if len(user) == 1 and "val" in user[0].meta else None
@@ -380,14 +371,6 @@ def _pt2(path: str) -> LoadedModel:
 
 def _in_train_mode(model: nn.Module) -> list[str]:
     return [name or type(model).__name__ for name, m in model.named_modules() if m.training]
-
-
-def _set_eval(model: nn.Module) -> None:
-    try:
-        model.eval()
-    except NotImplementedError:  # modules made by torch.export refuse .eval()
-        for m in model.modules():
-            m.training = False
 
 
 def _forget_shadowed_modules(code_dir: str) -> None:
@@ -456,6 +439,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
                               "inference; call model.eval() before returning/saving it, or pass --eval to convert "
                               "it in eval mode")
         loaded.notes.append("the model was in train mode; switched to eval mode (--eval)")
-    _set_eval(model)
+    set_training(model, False)
     log.info("loaded %s (%s): %s, %s", spec, kind, type(model).__name__, loaded.weights)
     return loaded

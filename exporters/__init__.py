@@ -1,4 +1,4 @@
-"""Exporters: one module per artifact format, each returning an :class:`Artifact` record.
+"""Exporters: one module per artifact format, each declaring its :class:`~exporters.targets.Target`.
 
     >>> from exporters import export
     >>> onnx_art = export("onnx", plain_model, "out/model.onnx", args=(x,))
@@ -8,16 +8,22 @@
 Formats that read a torch module take ``args`` (example inputs); OpenVINO and TensorRT read the
 ONNX artifact. An op a format cannot express raises :class:`ExportError` naming op and format;
 a missing optional package raises :class:`MissingDependency` naming the pip extra. Heavy packages
-are imported only when a format is used.
+are imported only when a format is used. ``exporters.targets`` is the registry the pipeline,
+``deploy verify``, ``deploy inspect`` and ``deploy bench`` look formats up in.
+
+``exporters`` sits above ``runtimes``: it imports runners and the shared vocabulary
+(``runtimes.core``); nothing in ``runtimes`` imports ``exporters``.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
-from .base import Artifact, CorruptArtifact, DeployError, ExportError, MissingDependency, TensorSpec
+from runtimes.core import Artifact, CorruptArtifact, DeployError, ExportError, MissingDependency, TensorSpec
+
+from . import targets
+from .targets import Target
 
 __all__ = [
     "Artifact",
@@ -26,37 +32,33 @@ __all__ = [
     "ExportError",
     "MissingDependency",
     "CorruptArtifact",
-    "FORMATS",
+    "Target",
+    "targets",
     "export",
     "exporter",
+    "open_runner",
 ]
-
-# format -> (module, function, reads a torch module)
-FORMATS: dict[str, tuple[str, str, bool]] = {
-    "onnx": ("exporters.onnx", "export_onnx", True),
-    "openvino": ("exporters.openvino", "export_openvino", False),
-    "tflite": ("exporters.tflite", "export_tflite", True),
-    "tensorrt": ("exporters.tensorrt", "export_tensorrt", False),
-}
 
 
 def exporter(fmt: str) -> Callable[..., Artifact]:
     """The export function of ``fmt``."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; known formats: {', '.join(FORMATS)}")
-    module, func, _ = FORMATS[fmt]
-    return getattr(importlib.import_module(module), func)
+    try:
+        target = targets.get(fmt)
+    except KeyError as e:
+        raise ValueError(f"unknown export format {fmt!r}; known formats: {', '.join(targets.names())}") from e
+    if target.function is None:
+        raise ValueError(f"format {fmt!r} has no library export function; use its target's export step")
+    return targets.resolve(target.function)
 
 
 def export(fmt: str, model_or_artifact: Any, path, *, args=None, **options) -> Artifact:
-    """Export ``model_or_artifact`` to ``path`` in format ``fmt`` ("onnx", "openvino", "tflite", "tensorrt").
+    """Export ``model_or_artifact`` to ``path`` in format ``fmt`` ("onnx", "openvino", "tflite", "tensorrt", "pt2").
 
     ``args`` are the example inputs for formats that trace a torch module (and for OpenVINO when
     given a module); ``options`` go to the format's function (``precision=``, ``dynamic=``, ...).
     """
     func = exporter(fmt)
-    _, _, traces = FORMATS[fmt]
-    if traces:
+    if targets.get(fmt).source == "torch":
         if isinstance(model_or_artifact, Artifact):
             raise ExportError(f"{fmt} export needs the torch module, not the {model_or_artifact.format} artifact "
                               f"{model_or_artifact.path}.")
@@ -66,3 +68,18 @@ def export(fmt: str, model_or_artifact: Any, path, *, args=None, **options) -> A
     if args is not None and fmt == "openvino":  # OpenVINO can also convert a torch module
         options["args"] = args
     return func(model_or_artifact, path, **options)
+
+
+def open_runner(artifact: Artifact | str, **kwargs):
+    """A runner for an artifact record or a file of any registered target (chosen by format, else by suffix)."""
+    import os
+
+    if isinstance(artifact, Artifact):
+        target = targets.get(artifact.format) if artifact.format in targets.names(selectable=False) else None
+        target = target or targets.by_suffix(artifact.path)
+    else:
+        target = targets.by_suffix(artifact)
+    if target is None:
+        raise ValueError(f"cannot tell the format of {getattr(artifact, 'path', artifact)}; known suffixes: "
+                         f"{', '.join(s for t in targets.all_targets() for s in t.suffixes)}")
+    return target.open(artifact if isinstance(artifact, Artifact) else os.fspath(artifact), **kwargs)

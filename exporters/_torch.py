@@ -8,18 +8,17 @@ without them (parameters are shared, not copied) whose ``training`` flags are of
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-import torch
-from torch import fx
-from torch.utils import _pytree as pytree
+from typing import TYPE_CHECKING
 
-from fusers.capture import as_args  # noqa: F401  (re-exported for the exporters)
+from runtimes.core import ExportError, eval_mode, first_line, output_leaves
 
-from .base import ExportError, first_line
+if TYPE_CHECKING:
+    import torch
+    from torch import fx
 
 __all__ = ["as_args", "plain_graph_module", "to_graph_module", "eval_flags", "output_leaves", "io_names",
            "source_line"]
@@ -31,24 +30,19 @@ def _is_guard(node: fx.Node) -> bool:
     return node.op == "call_module" and str(node.target).startswith("_guards_fn")
 
 
-@contextlib.contextmanager
-def eval_flags(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Set ``training=False`` on every submodule, restoring the flags afterwards.
+eval_flags = eval_mode  # the flags are set directly: modules made by torch.export refuse .eval()
 
-    Flags are set directly because the modules made by ``torch.export`` refuse ``.eval()``.
-    """
-    saved = [(m, m.training) for m in module.modules()]
-    for m, _ in saved:
-        m.training = False
-    try:
-        yield module
-    finally:
-        for m, flag in saved:
-            m.training = flag
+
+def as_args(example_inputs) -> tuple:
+    """Example inputs as a tuple of positional arguments (see ``fusers.capture.as_args``)."""
+    from fusers.capture import as_args as _as_args
+
+    return _as_args(example_inputs)
 
 
 def plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` without the input-shape guards of torch.export, in eval mode; weights shared."""
+    from torch import fx
     graph = copy.deepcopy(gm.graph)
     for node in list(graph.nodes):
         if _is_guard(node) and not node.users:
@@ -61,6 +55,8 @@ def plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def to_graph_module(model, args: tuple) -> fx.GraphModule:
     """``model`` as a guard-free GraphModule: captured with torch.export unless it already is a graph."""
+    import torch
+    from torch import fx
     if isinstance(model, torch.export.ExportedProgram):
         model = model.module()
     if not isinstance(model, fx.GraphModule):
@@ -74,18 +70,6 @@ def to_graph_module(model, args: tuple) -> fx.GraphModule:
             except Exception as e:
                 raise ExportError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}") from e
     return plain_graph_module(model)
-
-
-def output_leaves(module: torch.nn.Module, args: tuple) -> list[torch.Tensor]:
-    """Run ``module`` once and return its outputs flattened leaf by leaf (tuples, lists, dicts)."""
-    with torch.no_grad(), eval_flags(module):
-        out = module(*args)
-    leaves = pytree.tree_leaves(out)
-    bad = [type(v).__name__ for v in leaves if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ExportError(f"the model returns non-tensor outputs ({', '.join(sorted(set(bad)))}); "
-                          "exported graphs can only return tensors.")
-    return leaves
 
 
 def io_names(given: Sequence[str] | None, count: int, prefix: str) -> list[str]:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import logging
 
-from torch import fx
+from typing import TYPE_CHECKING
+
+from runtimes.core import ExportError
 
 from ._torch import as_args, eval_flags, plain_graph_module, source_line
-from .base import ExportError
+
+if TYPE_CHECKING:
+    from torch import fx
 
 __all__ = ["legalize_for_tflite"]
 

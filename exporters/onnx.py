@@ -25,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.core import Artifact, ExportError, TensorSpec, first_line, require
+
 from ._torch import as_args, io_names, output_leaves, to_graph_module
-from .base import Artifact, ExportError, TensorSpec, first_line, require
+from .targets import ExportJob, Product, Target
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "export_onnx_raw", "simplify_onnx", "describe_onnx",
-           "convert_onnx_to_fp16", "op_counts"]
+           "convert_onnx_to_fp16", "op_counts", "TARGET"]
 
 log = logging.getLogger(__name__)
 
@@ -275,3 +277,38 @@ def convert_onnx_to_fp16(src: Artifact | str | os.PathLike, path=None, *, rtol: 
                           f"{result.summary()}.")
     art.note(f"fp16 weights and activations, fp32 inputs/outputs; max rel error vs fp32 {result.max_rel:.2e}")
     return art
+
+
+def _export_target(job: ExportJob) -> list[Product]:
+    """``model.onnx`` (stage ``onnx``), its onnxsim result ``model.sim.onnx`` when that verified (stage
+    ``onnx-simplified``), and for ``--precision fp16`` an fp16 copy ``model.fp16.onnx`` (``onnx-fp16``)."""
+    art = export_onnx(job.module, job.args, job.folder / "model.onnx", dynamic=job.dynamic, opset=job.opset,
+                      simplified_path=job.folder / "model.sim.onnx")
+    sim = job.folder / "model.sim.onnx"
+    if art.parent is None and sim.exists():
+        sim.unlink()  # onnxsim's rejected result: the note in the record says why
+    if art.parent:
+        made = [Product("onnx", describe_onnx(art.parent, precision="fp32"), main=False),
+                Product("onnx-simplified", art, parent="onnx")]
+    else:
+        made = [Product("onnx", art)]
+    if job.precision == "fp16":
+        try:
+            made.append(Product("onnx-fp16", convert_onnx_to_fp16(art, job.folder / "model.fp16.onnx"),
+                                parent=made[-1].stage, main=False))
+        except Exception as e:  # the fp32 files stand on their own
+            made.append(Product("onnx-fp16", None, parent=made[-1].stage, main=False, error=first_line(e),
+                                precision="fp16"))
+    return made
+
+
+TARGET = Target(
+    name="onnx", title="ONNX", runtime="onnxruntime", suffixes=(".onnx",), source="torch",
+    export=_export_target, function="exporters.onnx:export_onnx",
+    runner="runtimes.onnxruntime_runner:OnnxRuntimeRunner",
+    requires=(("onnx", _EXTRA), ("onnxscript", _EXTRA), ("onnxruntime", _EXTRA), ("onnxsim", _EXTRA)),
+    inspect="deploy.inspect:read_onnx", default=True,
+    bench_options={"optimization": "all", "allow_spinning": False},
+    bench_note={"graph_optimization": "all", "intra_op_allow_spinning": 0},
+    description="ONNX (dynamo exporter, onnxsim re-verified), run on ONNX Runtime",
+)

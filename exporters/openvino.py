@@ -21,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ._torch import as_args, io_names, output_leaves, to_graph_module
-from .base import Artifact, ExportError, TensorSpec, check_precision, first_line, require
+from runtimes.core import Artifact, ExportError, TensorSpec, check_precision, first_line, require
 
-__all__ = ["export_openvino", "describe_openvino"]
+from ._torch import as_args, io_names, output_leaves, to_graph_module
+from .targets import ExportJob, Product, Target
+
+__all__ = ["export_openvino", "describe_openvino", "TARGET"]
 
 log = logging.getLogger(__name__)
 _EXTRA = "openvino"
@@ -130,3 +132,22 @@ def export_openvino(source, path, *, precision: str = "fp32", args=None, input_n
         art.note("fp16 weights (save_model compress_to_fp16=True); run with INFERENCE_PRECISION_HINT=f16")
     log.info("exported %s (%s, from %s)", path, precision, kind)
     return art
+
+
+def _export_target(job: ExportJob) -> list[Product]:
+    return [Product("openvino", export_openvino(job.source, job.folder / "model.xml", precision=job.precision))]
+
+
+def _files(art: Artifact) -> list[str]:
+    return [art.path, str(Path(art.path).with_suffix(".bin"))]
+
+
+TARGET = Target(
+    name="openvino", title="OpenVINO", runtime="openvino", suffixes=(".xml",), source="onnx",
+    export=_export_target, function="exporters.openvino:export_openvino",
+    runner="runtimes.openvino_runner:OpenVINORunner", runner_options=lambda precision: {"precision": precision},
+    requires=(("openvino", "openvino"),), files=_files, inspect="deploy.inspect:read_openvino", default=True,
+    bench_options={"config": {"PERFORMANCE_HINT": "LATENCY"}},
+    bench_note={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "the run's precision"},
+    description="OpenVINO IR (.xml + .bin) converted from the ONNX file, explicit inference precision",
+)

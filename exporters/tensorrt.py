@@ -24,10 +24,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import Artifact, ExportError, TensorSpec, check_precision, require
+from runtimes.core import Artifact, ExportError, TensorSpec, check_precision, require
+
+from .targets import ExportJob, Product, Target
 
 __all__ = ["PrecisionPlan", "profile_shapes", "precision_plan", "sidecar_metadata", "export_tensorrt",
-           "parse_version", "DEFAULT_WORKSPACE"]
+           "parse_version", "DEFAULT_WORKSPACE", "TARGET"]
 
 log = logging.getLogger(__name__)
 
@@ -213,3 +215,33 @@ def export_tensorrt(source: Artifact | str | os.PathLike, path, *, precision: st
         art.note(note)
     log.info("built %s (%s, TensorRT %s, %s)", path, precision, trt.__version__, device)
     return art
+
+
+def _export_target(job: ExportJob) -> list[Product]:
+    art = export_tensorrt(job.source, job.folder / "model.engine", precision=job.precision, dynamic=job.dynamic)
+    sidecar = Path(art.path + ".json")
+    if sidecar.exists():  # paths in the sidecar relative to the run directory, like the run's record
+        root = str(job.folder.resolve()) + os.sep
+        data = json.loads(sidecar.read_text())
+        data = {k: v[len(root):] if isinstance(v, str) and v.startswith(root) else v for k, v in data.items()}
+        sidecar.write_text(json.dumps(data, indent=2))
+    return [Product("tensorrt", art)]
+
+
+def _files(art: Artifact) -> list[str]:
+    sidecar = art.path + ".json"
+    return [art.path] + ([sidecar] if os.path.exists(sidecar) else [])
+
+
+def _check_cuda(purpose: str) -> None:
+    from runtimes.tensorrt_runner import require_cuda
+
+    require_cuda(purpose)
+
+
+TARGET = Target(
+    name="tensorrt", title="TensorRT", runtime="tensorrt", suffixes=(".engine", ".plan", ".trt"), source="onnx",
+    export=_export_target, function="exporters.tensorrt:export_tensorrt",
+    runner="runtimes.tensorrt_runner:TensorRTRunner", requires=(("tensorrt", "tensorrt"),), files=_files,
+    check=_check_cuda, device="cuda", description="TensorRT engine built from the ONNX file (GPU only)",
+)

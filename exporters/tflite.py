@@ -22,11 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes.core import Artifact, ExportError, TensorSpec, check_precision, first_line, require
+
 from ._torch import as_args, io_names, output_leaves, to_graph_module
-from .base import Artifact, ExportError, TensorSpec, check_precision, first_line, require
+from .targets import ExportJob, Product, Target
 from .legalize import legalize_for_tflite
 
-__all__ = ["export_tflite", "describe_tflite"]
+__all__ = ["export_tflite", "describe_tflite", "TARGET"]
 
 log = logging.getLogger(__name__)
 _EXTRA = "tflite"
@@ -76,7 +78,7 @@ def describe_tflite(path, *, input_names: Sequence[str] | None = None, output_na
     runner = LiteRTRunner(path)
     with runner:
         specs, n_out = runner.get_input_specs(), len(runner.output_names)
-        natives_in, natives_out, signature = runner._native_inputs, runner._native_outputs, runner.signature
+        natives_in, natives_out, signature = runner.native_inputs, runner.native_outputs, runner.signature
         feed = {s.name: np.zeros(s.concrete_shape(1), s.dtype) for s in specs}
         outs = list(runner.infer(feed).values())
     in_names = io_names(input_names, len(specs), "input")
@@ -148,3 +150,17 @@ def export_tflite(model, args, path, *, precision: str = "fp32", nhwc: bool | Se
         art.note("fp16 weights (litert-torch full_fp16_recipe: fp16 constants + DEQUANTIZE), fp32 inputs/outputs")
     log.info("exported %s (%s)", path, precision)
     return art
+
+
+def _export_target(job: ExportJob) -> list[Product]:
+    return [Product("tflite", export_tflite(job.module, job.args, job.folder / "model.tflite",
+                                            precision=job.precision))]
+
+
+TARGET = Target(
+    name="tflite", title="TFLite", runtime="tflite", suffixes=(".tflite",), source="torch",
+    export=_export_target, function="exporters.tflite:export_tflite", runner="runtimes.litert_runner:LiteRTRunner",
+    requires=(("litert_torch", _EXTRA), ("ai_edge_litert", _EXTRA)), inspect="deploy.inspect:read_tflite",
+    default=True, bench_note={"delegate": "XNNPACK (LiteRT default)"},
+    description="TFLite through litert-torch, run on LiteRT",
+)

@@ -1,10 +1,15 @@
-"""Graph capture, the pass manager and the rewrite passes of the reparameterization compiler."""
+"""Graph capture, the pass manager and the rewrite passes of the reparameterization compiler.
+
+A pass speaks the rule API of ``fusers.rules``: ``match(gm, node) -> Match | Refusal | None``,
+then ``rewrite(gm, match) -> str``; a :class:`Refusal` carries a :class:`RefusalCode`.
+"""
 
 from __future__ import annotations
 
 from .capture import CaptureError, InputError, capture
-from .manager import Pass, PassManager, Report
+from .manager import PassManager, PassRecord, Report
 from .reparam import DEFAULT_PASSES, last_report, reparameterize
+from .rules import Instrument, Match, Pass, Refusal, RefusalCode
 
 __all__ = ["capture", "reparameterize", "last_report", "DEFAULT_PASSES", "CaptureError", "InputError",
-           "Pass", "PassManager", "Report"]
+           "Pass", "Match", "Refusal", "RefusalCode", "Instrument", "PassManager", "PassRecord", "Report"]

@@ -11,9 +11,14 @@ With ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s`` (eval-mode Batc
 * BN -> conv (unpadded): ``K' = K * s[in]``,             ``b' = b + sum(K * t[in])``
 * branch sum:            ``K = sum(place(K_i))``,        ``b = sum(b_i)`` (kernels aligned on input offsets)
 * 1x1 -> kxk sequence:   ``K = K2 . K1`` per group,      ``b = b2 + sum(K2 * b1)``
+* RM carry (conv ``i`` of a residual chain with block input ``x`` of ``C_x`` channels):
+  ``K' = [[K, 0], [0, D]]``, ``b' = [b, 0]`` where ``D`` is a ``C_x`` identity placed at the tap that
+  reads input offset 0; the last conv adds the shortcut ``S`` (identity or a 1x1 kernel) at that tap:
+  ``K' = [K, S]``, ``b' = b + b_S``
 
 Everything is meant to be computed in float64; callers round once at the end.
-A condition that makes a rewrite inexact raises :class:`NotExact` with the reason.
+A condition that makes a rewrite inexact raises :class:`NotExact` with a
+:class:`~fusers.rules.RefusalCode` and the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ import math
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from .rules import RefusalCode
 
 __all__ = [
     "NotExact",
@@ -35,11 +42,18 @@ __all__ = [
     "avgpool_branch",
     "merge_branches",
     "compose_pointwise",
+    "dirac_tap",
+    "carry_input",
+    "add_shortcut",
 ]
 
 
 class NotExact(Exception):
-    """A rewrite would change the function; the message says why."""
+    """A rewrite would change the function; ``code`` says which condition failed, the message why."""
+
+    def __init__(self, code: RefusalCode, message: str):
+        super().__init__(message)
+        self.code = code
 
 
 def _per_out(v: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -95,7 +109,8 @@ def regroup(kernel: torch.Tensor, groups_from: int, groups_to: int) -> torch.Ten
     if groups_from == groups_to:
         return kernel
     if groups_from % groups_to:
-        raise NotExact(f"groups {groups_from} cannot be expressed with groups {groups_to}")
+        raise NotExact(RefusalCode.GROUPS_INCOMPATIBLE,
+                       f"groups {groups_from} cannot be expressed with groups {groups_to}")
     c_out, c_in_from = kernel.shape[:2]
     c_in_to = c_in_from * groups_from // groups_to
     out = kernel.new_zeros(c_out, c_in_to, *kernel.shape[2:])
@@ -152,7 +167,7 @@ def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
     ndim = len(in_size)
     strides = {b.stride for b in branches}
     if len(strides) > 1:
-        raise NotExact(f"mismatched strides {sorted(strides)}")
+        raise NotExact(RefusalCode.STRIDE_MISMATCH, f"mismatched strides {sorted(strides)}")
     stride = branches[0].stride
     dilation = []
     for dim in range(ndim):  # mixed dilations meet on their gcd grid (dilated kernels get zero taps)
@@ -170,14 +185,17 @@ def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
     bias = torch.zeros(c_out, dtype=branches[0].kernel.dtype)
     for b in branches:
         if b.kernel.shape[0] != c_out:
-            raise NotExact(f"branch '{b.label}' has {b.kernel.shape[0]} output channels, expected {c_out}")
+            raise NotExact(RefusalCode.CHANNEL_MISMATCH,
+                           f"branch '{b.label}' has {b.kernel.shape[0]} output channels, expected {c_out}")
         if _conv_out(in_size, b.kernel.shape[2:], b.stride, b.padding, b.dilation) != out_size:
-            raise NotExact(f"branch '{b.label}' output size differs from the merged conv's")
+            raise NotExact(RefusalCode.OUTPUT_SIZE_MISMATCH,
+                           f"branch '{b.label}' output size differs from the merged conv's")
         index = [slice(None), slice(None)]
         for d in range(ndim):
             shift = -b.padding[d] - lo[d]
             if shift % dilation[d]:
-                raise NotExact(f"branch '{b.label}' is off the dilation grid in spatial dim {d}")
+                raise NotExact(RefusalCode.OFF_DILATION_GRID,
+                               f"branch '{b.label}' is off the dilation grid in spatial dim {d}")
             start = shift // dilation[d]
             index.append(slice(start, start + b.kernel.shape[2 + d]))
         kernel[tuple(index)] += regroup(b.kernel, b.groups, groups)
@@ -209,13 +227,13 @@ def compose_pointwise(first: Branch, second: Branch) -> Branch:
     The caller proves the padding of ``second`` reads what ``first`` gives on a zero input.
     """
     if any(k != 1 for k in first.kernel.shape[2:]) or any(first.stride) != 1 or any(first.padding):
-        raise NotExact("the first conv of a sequence must be 1x1, stride 1, unpadded")
+        raise NotExact(RefusalCode.NOT_POINTWISE, "the first conv of a sequence must be 1x1, stride 1, unpadded")
     groups = math.gcd(first.groups, second.groups)
     k1 = regroup(first.kernel, first.groups, groups).flatten(1)  # [mid, in/g]
     k2 = regroup(second.kernel, second.groups, groups)  # [out, mid/g, *k]
     mid_g, out_g = k1.shape[0] // groups, k2.shape[0] // groups
     if k2.shape[1] != mid_g:
-        raise NotExact("channel counts of the sequence do not chain")
+        raise NotExact(RefusalCode.CHANNEL_MISMATCH, "channel counts of the sequence do not chain")
     parts, biases = [], []
     for g in range(groups):
         a = k1[g * mid_g:(g + 1) * mid_g]
@@ -227,3 +245,50 @@ def compose_pointwise(first: Branch, second: Branch) -> Branch:
     kernel = torch.cat(parts, 0)
     bias = second.bias + torch.cat(biases, 0)
     return Branch(kernel, bias, second.stride, second.padding, second.dilation, groups, "sequence")
+
+
+def dirac_tap(kernel_size, padding, dilation) -> tuple[int, ...] | None:
+    """The kernel tap that reads input offset 0 (``d * j - p == 0`` in every dim), or None."""
+    taps = []
+    for k, p, d in zip(kernel_size, padding, dilation):
+        if p % d or not 0 <= p // d < k:
+            return None
+        taps.append(p // d)
+    return tuple(taps)
+
+
+def carry_input(kernel, bias, carried: int, tap: tuple[int, ...], first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A conv of an RM chain widened by ``carried`` outputs that copy the block input ``x`` unchanged.
+
+    ``first``: the conv reads ``x`` itself (its first ``carried`` input channels are ``x``); otherwise
+    ``x`` arrives as ``carried`` extra input channels after the main ones. The copy is a Dirac kernel
+    at ``tap`` (the tap that reads offset 0, so padding is never read) with zero bias:
+    ``K' = [[K, 0], [D, 0]]`` (first) or ``[[K, 0], [0, D]]``, ``b' = [b, 0]``.
+    """
+    out, cin = kernel.shape[:2]
+    extra_in = 0 if first else carried
+    k = kernel.new_zeros(out + carried, cin + extra_in, *kernel.shape[2:])
+    k[:out, :cin] = kernel
+    start = 0 if first else cin
+    k[out:, start:start + carried][(slice(None), slice(None)) + tuple(tap)] = torch.eye(carried, dtype=kernel.dtype)
+    b = bias if bias is not None else kernel.new_zeros(out)
+    return k, torch.cat([b, kernel.new_zeros(carried)])
+
+
+def add_shortcut(kernel, bias, carried: int, tap: tuple[int, ...], shortcut_kernel=None, shortcut_bias=None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last conv of an RM chain, reading ``x`` as ``carried`` extra input channels, plus the shortcut.
+
+    ``K' = [K, S]`` with ``S`` at ``tap``: the identity (``shortcut_kernel`` None) or a 1x1 kernel
+    ``[out, carried]`` (a BN-folded downsample, i.e. padded to the conv's kernel size);
+    ``b' = b + b_S``. The block's ``conv(...) + shortcut(x)`` becomes this one conv.
+    """
+    out, cin = kernel.shape[:2]
+    k = kernel.new_zeros(out, cin + carried, *kernel.shape[2:])
+    k[:, :cin] = kernel
+    s = torch.eye(carried, dtype=kernel.dtype) if shortcut_kernel is None else shortcut_kernel.reshape(out, carried)
+    k[:, cin:][(slice(None), slice(None)) + tuple(tap)] += s
+    b = bias if bias is not None else kernel.new_zeros(out)
+    if shortcut_bias is not None:
+        b = b + shortcut_bias
+    return k, b

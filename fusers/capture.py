@@ -14,6 +14,8 @@ import warnings
 import torch
 from torch import fx
 
+from runtimes.core import first_line, set_training
+
 __all__ = ["capture", "CaptureError", "InputError", "as_args"]
 
 log = logging.getLogger(__name__)
@@ -48,21 +50,8 @@ def _where(exc: BaseException) -> str:
     return f" at {os.path.basename(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0].strip() if text else type(exc).__name__
-
-
 def _shapes(args) -> str:
     return ", ".join(str(tuple(a.shape)) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
-
-
-def set_training(model: torch.nn.Module, mode: bool) -> None:
-    try:
-        model.train(mode)
-    except NotImplementedError:  # modules made by torch.export refuse .train()/.eval()
-        for m in model.modules():
-            m.training = mode
 
 
 def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
@@ -79,11 +68,11 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
                 model(*args)
         except Exception as e:
             raise InputError(f"{type(model).__name__} fails on example inputs of shape {_shapes(args)}: "
-                             f"{_first_line(e)}{_where(e)}; pass inputs the model accepts") from e
+                             f"{first_line(e)}{_where(e)}; pass inputs the model accepts") from e
         try:
             ep = torch.export.export(model, args, strict=False)
         except Exception as e:
-            raise CaptureError(f"torch.export cannot capture {type(model).__name__}: {_first_line(e)}{_where(e)}; "
+            raise CaptureError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}{_where(e)}; "
                                "rewrite that operation without data-dependent Python control flow") from e
     finally:
         set_training(model, was_training)

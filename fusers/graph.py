@@ -1,5 +1,7 @@
 """Small helpers over the captured torch.fx graph of aten ops: reading constants, describing
-convolutions and BatchNorms, adding weights, naming sites. No math here (see ``algebra``)."""
+convolutions and BatchNorms, adding weights, building convolutions (:func:`build_conv` inserts one
+without rewiring; :func:`replace_conv` also rewires the node it replaces), naming sites. No math
+here (see ``algebra``); patterns over several nodes are in ``matchers``."""
 
 from __future__ import annotations
 
@@ -9,6 +11,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+
+__all__ = ["CONV_OPS", "CONV_TRANSPOSE_OPS", "BN_OPS", "Conv", "BatchNorm", "fetch_attr", "is_const", "const_value",
+           "shape", "sole_user", "as_conv", "as_avgpool", "as_batchnorm", "per_channel", "module_path", "common_path",
+           "common_meta", "site", "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
+           "op_counts", "remove_unused_attributes", "share_identical_weights"]
 
 aten = torch.ops.aten
 
@@ -231,14 +238,16 @@ def add_tensor(gm: torch.nn.Module, hint: str, value: torch.Tensor, parameter: b
     return name
 
 
-def replace_conv(gm, old: fx.Node, x: fx.Node, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
-                 stride=(), padding=(), dilation=(), groups: int = 1, output_padding=(), hint: str = "",
-                 insert_before: fx.Node | None = None) -> fx.Node:
-    """Insert a conv/linear with new constant weights computing ``old``'s value; rewire and return it."""
+def build_conv(gm, x: fx.Node, kind: str, weight: torch.Tensor, bias: torch.Tensor | None, stride=(), padding=(),
+               dilation=(), groups: int = 1, output_padding=(), *, hint: str, meta: dict,
+               insert_before: fx.Node) -> fx.Node:
+    """Insert a conv/linear of ``x`` with new constant weights before ``insert_before``; no user is rewired.
+
+    ``hint`` names the new weights; the node takes ``val``, ``nn_module_stack`` and ``stack_trace``
+    from ``meta`` (the meta of the value it will stand for).
+    """
     graph = gm.graph
-    hint = hint or common_path([old]) or old.name
-    anchor = insert_before or old
-    with graph.inserting_before(anchor):
+    with graph.inserting_before(insert_before):
         w = graph.get_attr(add_tensor(gm, f"{hint}.weight", weight))
         b = graph.get_attr(add_tensor(gm, f"{hint}.bias", bias)) if bias is not None else None
         nd = weight.dim() - 2
@@ -251,7 +260,16 @@ def replace_conv(gm, old: fx.Node, x: fx.Node, kind: str, weight: torch.Tensor, 
         else:
             op = {1: aten.conv1d.default, 2: aten.conv2d.default}[nd]
             new = graph.call_function(op, (x, w, b, list(stride), list(padding), list(dilation), groups))
-    new.meta.update({k: v for k, v in old.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    new.meta.update({k: v for k, v in meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
+    return new
+
+
+def replace_conv(gm, old: fx.Node, x: fx.Node, kind: str, weight: torch.Tensor, bias: torch.Tensor | None,
+                 stride=(), padding=(), dilation=(), groups: int = 1, output_padding=(), hint: str = "",
+                 insert_before: fx.Node | None = None) -> fx.Node:
+    """:func:`build_conv` computing ``old``'s value, with every user of ``old`` rewired to it."""
+    new = build_conv(gm, x, kind, weight, bias, stride, padding, dilation, groups, output_padding,
+                     hint=hint or common_path([old]) or old.name, meta=old.meta, insert_before=insert_before or old)
     old.replace_all_uses_with(new)
     return new
 

@@ -3,7 +3,8 @@
 After every pass the graph (held in float64) runs on seeded inputs and is compared with the
 captured model's float64 outputs. A pass whose result differs by more than ``tolerance``
 (relative to each output's scale) is undone; its rewrites are then retried one at a time so
-the exact ones are kept and each inexact one is reported with the error it caused.
+the exact ones are kept and each inexact one is reported (:attr:`RefusalCode.ROLLED_BACK`) with
+the error it caused. Instruments observe the run (see ``rules.Instrument``).
 """
 
 from __future__ import annotations
@@ -11,79 +12,27 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import fx
 
-from .graph import remove_unused_attributes, site
+from .graph import is_erased, remove_unused_attributes
 from .numerics import max_rel_error
+from .rules import ROLLBACK_CODES, Match, Pass, Refusal, RefusalCode
 
-__all__ = ["Pass", "NodePass", "Site", "Refusal", "PassRecord", "Report", "PassManager"]
+__all__ = ["Pass", "Match", "Refusal", "RefusalCode", "PassRecord", "Report", "PassManager"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Refusal:
-    site: str
-    reason: str
-
-
-@dataclass
-class Site:
-    """One rewrite a pass can make: ``apply(gm)`` performs it and returns a short description."""
-
-    name: str
-    apply: object  # Callable[[fx.GraphModule], str]
-
-
-class Pass:
-    """A named rewrite. ``find`` returns the sites it would rewrite and the ones it refuses."""
-
-    name = "pass"
-
-    def find(self, gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
-        raise NotImplementedError
-
-
-class NodePass(Pass):
-    """A pass that judges each node on its own.
-
-    ``analyze(gm, node)`` returns None (no pattern here), ``(None, reason)`` (a pattern it refuses)
-    or a plan; ``rewrite(gm, node, plan)`` carries a plan out and describes it. The plan is made
-    again when the rewrite runs, since earlier rewrites of the same pass may have moved its inputs.
-    """
-
-    refusal = "not rewritten"
-
-    def analyze(self, gm: fx.GraphModule, node: fx.Node):
-        raise NotImplementedError
-
-    def rewrite(self, gm: fx.GraphModule, node: fx.Node, plan) -> str:
-        raise NotImplementedError
-
-    def find(self, gm):
-        sites, refusals = [], []
-        for node in gm.graph.nodes:
-            plan = self.analyze(gm, node)
-            if plan is None:
-                continue
-            if plan[0] is None:
-                refusals.append(Refusal(site([node]), f"{self.refusal}: {plan[1]}"))
-            else:
-                sites.append(Site(site([node]), lambda gm, node=node: self._rewrite_again(gm, node)))
-        return sites, refusals
-
-    def _rewrite_again(self, gm, node) -> str:
-        plan = self.analyze(gm, node)
-        if plan is None or plan[0] is None:
-            return "skipped: the site changed"
-        return self.rewrite(gm, node, plan)
-
-
-@dataclass
 class PassRecord:
+    """One pass in one round: its rewrites (``site: what``), what it refused in that round, what the
+    float64 check undid, the largest error it left, and its time."""
+
     name: str
     round: int
     rewrites: list[str] = field(default_factory=list)
@@ -92,10 +41,22 @@ class PassRecord:
     max_rel_error: float = 0.0
     seconds: float = 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "round": self.round, "rewrites": list(self.rewrites),
+                "refusals": [r.to_dict() for r in self.refusals],
+                "rolled_back": [r.to_dict() for r in self.rolled_back],
+                "max_rel_error": self.max_rel_error, "seconds": self.seconds}
+
 
 @dataclass
 class Report:
-    """What reparameterization did: per pass, rewrites, refusals with reasons, measured errors."""
+    """What reparameterization did: per pass, rewrites, refusals with reasons, measured errors.
+
+    :meth:`refusals` is the one list of what was not done: the refusals that still stand in the
+    final graph. A site refused by one pass and rewritten by a later one (an identity BatchNorm
+    that ``fold_bn`` refuses and ``merge_linear`` merges) is not in it; a site refused in every
+    round is listed once. Every total (:meth:`refused`, :meth:`summary`) counts that list.
+    """
 
     passes: list[PassRecord] = field(default_factory=list)
     float64_error: float = 0.0
@@ -105,33 +66,45 @@ class Report:
     params_before: int = 0
     params_after: int = 0
     seconds: dict = field(default_factory=dict)
+    standing: list[Refusal] | None = field(default=None, repr=False)  # set by ``settle`` when the passes end
 
     def count(self, pass_name: str | None = None) -> int:
+        """Rewrites made (by ``pass_name``, or by every pass)."""
         return sum(len(p.rewrites) for p in self.passes if pass_name in (None, p.name))
 
     def refusals(self) -> list[Refusal]:
-        """Why rewrites did not happen in the final graph: each pass's last refusals, and every rollback."""
-        last = {p.name: p for p in self.passes}
-        found = [r for p in last.values() for r in p.refusals] + [r for p in self.passes for r in p.rolled_back]
-        seen, out = set(), []
-        for r in found:
-            if (r.site, r.reason) not in seen:
-                seen.add((r.site, r.reason))
-                out.append(r)
-        return out
+        """The refusals that stand: their nodes are all still in the final graph; one per pass and site."""
+        return list(self.standing) if self.standing is not None else _latest(self.passes)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def refused(self, pass_name: str | None = None) -> int:
+        """How many refusals stand (of ``pass_name``, or of every pass)."""
+        return sum(1 for r in self.refusals() if pass_name in (None, r.pass_name))
+
+    def settle(self, gm: fx.GraphModule) -> None:
+        """Fix :meth:`refusals` against the final graph ``gm`` (the pass manager calls this at the end)."""
+        names = {n.name for n in gm.graph.nodes}
+        self.standing = [r for r in _latest(self.passes) if all(n in names for n in r.nodes)]
+
+    def to_dict(self) -> dict[str, Any]:
+        refusals = self.refusals()
+        return {"passes": [p.to_dict() for p in self.passes], "refusals": [r.to_dict() for r in refusals],
+                "rewrites": self.count(), "refused": len(refusals),
+                "float64_error": self.float64_error, "float32_error": self.float32_error,
+                "ops_before": dict(self.ops_before), "ops_after": dict(self.ops_after),
+                "params_before": self.params_before, "params_after": self.params_after, "seconds": dict(self.seconds)}
 
     def summary(self) -> str:
-        """A plain-text table for people."""
-        lines = [f"{'pass':<18}{'round':>6}{'rewrites':>10}{'refused':>9}{'rolled back':>13}{'f64 rel err':>14}"]
-        for p in self.passes:
-            if p.rewrites or p.refusals or p.rolled_back:
-                lines.append(f"{p.name:<18}{p.round:>6}{len(p.rewrites):>10}{len(p.refusals):>9}"
-                             f"{len(p.rolled_back):>13}{p.max_rel_error:>14.2e}")
-        for r in self.refusals():
-            lines.append(f"  refused {r.site}: {r.reason}")
+        """A plain-text table for people; the refused count is the number of refusals listed under it."""
+        refusals = self.refusals()
+        undone = sum(r.code in ROLLBACK_CODES for r in refusals)
+        rows = [f"{p.name:<18}{p.round:>6}{len(p.rewrites):>10}{len(p.rolled_back):>13}{p.max_rel_error:>14.2e}"
+                for p in self.passes if p.rewrites or p.rolled_back]
+        header = f"{'pass':<18}{'round':>6}{'rewrites':>10}{'rolled back':>13}{'f64 rel err':>14}"
+        lines = [header, *rows] if rows else []
+        lines.append(f"total: {self.count()} rewrites, {len(refusals)} refused"
+                     + (f" ({undone} rolled back by the float64 check)" if undone else ""))
+        for r in refusals:
+            lines.append(f"  refused {r.site} [{r.pass_name}: {r.code.value}]: {r.reason}")
         lines.append(f"float64 max rel error vs captured model: {self.float64_error:.2e}")
         if self.float32_error is not None:
             lines.append(f"float32 max rel error vs training model: {self.float32_error:.2e}")
@@ -143,29 +116,50 @@ class Report:
         return "\n".join(lines)
 
 
+def _latest(records: list[PassRecord]) -> list[Refusal]:
+    """Every refusal and rollback of every round, one per pass and site: the latest judgement."""
+    latest: dict[tuple, Refusal] = {}
+    for p in records:
+        for r in p.refusals + p.rolled_back:
+            latest[r.key] = r  # a dict keeps the first position, the value is replaced
+    return list(latest.values())
+
+
 class PassManager:
     """Runs ``passes`` in order, repeatedly, until a round makes no rewrite.
 
     Rewrites are applied in chunks: a chunk ends once it has added ``budget_bytes`` of new
     weights, then the graph is checked and the weights it replaced are freed. This bounds peak
     memory to about the float64 model plus one chunk, whatever the pass.
+
+    ``instruments`` receive ``on_pass_start(name, round)`` and ``on_pass_end(record)`` for every
+    pass of every round, and ``on_run_end(report)`` from :meth:`finish`.
     """
 
     def __init__(self, passes: list[Pass], inputs, reference, tolerance: float = 1e-9, max_rounds: int = 8,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None, instruments: Iterable[Any] = ()):
         self.passes, self.inputs, self.reference = passes, inputs, reference
         self.tolerance, self.max_rounds, self.budget = tolerance, max_rounds, budget_bytes
+        self.instruments = list(instruments)
+
+    def _notify(self, event: str, *args) -> None:
+        for instrument in self.instruments:
+            method = getattr(instrument, event, None)
+            if method is not None:
+                method(*args)
 
     def _error(self, gm) -> float:
         with torch.no_grad():
             return max_rel_error(self.reference, gm(*self.inputs))
 
     def run(self, gm: fx.GraphModule, report: Report) -> None:
+        """Rewrite ``gm`` in place, appending a record per pass and round; then settle the refusals."""
         if self.budget is None:
             self.budget = max(_nbytes(gm) // 4, 1 << 20)
         for round_ in range(1, self.max_rounds + 1):
             changed = False
             for p in self.passes:
+                self._notify("on_pass_start", p.name, round_)
                 start = time.perf_counter()
                 record = self._run_pass(p, gm, round_)
                 record.seconds = time.perf_counter() - start
@@ -173,72 +167,91 @@ class PassManager:
                 changed |= bool(record.rewrites)
                 log.info("%s (round %d): %d rewrites, %d refused, %d rolled back, error %.1e", p.name, round_,
                          len(record.rewrites), len(record.refusals), len(record.rolled_back), record.max_rel_error)
+                self._notify("on_pass_end", record)
             if not changed:
-                return
+                break
+        report.settle(gm)
 
-    def _apply(self, p: Pass, gm, names: list[str], sites: dict | None = None,
-               budget: int | None = None) -> list[tuple[str, str]]:
-        """Apply the named sites in order (found anew unless ``sites`` is current), stopping past ``budget`` bytes."""
-        if sites is None:
-            sites = {s.name: s for s in p.find(gm)[0]}
-        base, done = _nbytes(gm), []
-        for name in names:
-            if name in sites:
-                done.append((name, sites[name].apply(gm)))
+    def finish(self, report: Report) -> None:
+        """Hand the completed report to the instruments (``reparameterize`` calls this last)."""
+        self._notify("on_run_end", report)
+
+    def _apply(self, p: Pass, gm, matches: list[Match], budget: int | None = None
+               ) -> tuple[list[tuple[Match, str]], list[Match]]:
+        """Rewrite the sites in order, each matched again first, stopping past ``budget`` new bytes.
+
+        Returns the rewrites made (match, description) and the matches not reached.
+        """
+        by_name = {n.name: n for n in gm.graph.nodes}
+        base, done, rest = _nbytes(gm) if budget is not None else 0, [], []
+        for i, m in enumerate(matches):
+            node = by_name.get(m.nodes[0])
+            fresh = p.match(gm, node) if node is not None and not is_erased(node) else None
+            if isinstance(fresh, Match):
+                done.append((m, p.rewrite(gm, fresh)))
+            else:
+                log.debug("%s: %s skipped, the site changed", p.name, m.site)
             if budget is not None and _nbytes(gm) - base > budget:
+                rest = matches[i + 1:]
                 break
         gm.graph.lint()
         gm.recompile()
-        return done
+        return done, rest
 
     def _run_pass(self, p: Pass, gm, round_: int) -> PassRecord:
-        """Apply every site the pass finds once, a chunk at a time, each chunk checked."""
+        """Apply every site the pass matches once, a chunk at a time, each chunk checked."""
         record = PassRecord(p.name, round_)
-        found, record.refusals = p.find(gm)
-        sites = {s.name: s for s in found}
-        pending = list(sites)
+        pending = []
+        for found in p.matches(gm):
+            if isinstance(found, Match):
+                found.plan = None  # matched again before its rewrite: holding every plan would hold every new kernel
+                pending.append(found)
+            else:
+                record.refusals.append(found)
         while pending:
             saved = copy.deepcopy(gm.graph)
             try:
-                done = self._apply(p, gm, pending, sites, self.budget)
+                done, rest = self._apply(p, gm, pending, self.budget)
                 err = self._error(gm)
             except Exception as e:  # a crashing rewrite is a bug: undo it, say so, keep going
                 log.exception("pass %s crashed; its rewrites were undone", p.name)
                 self._restore(gm, saved)
-                record.rolled_back.append(Refusal(p.name, f"pass crashed: {type(e).__name__}: {e}"))
+                record.rolled_back.append(Refusal(p.name, RefusalCode.CRASHED, [],
+                                                  f"pass crashed: {type(e).__name__}: {e}"))
                 return record
-            names = [name for name, _ in done]
-            pending = [n for n in pending if n not in names and n in sites] if done else []
             if err <= self.tolerance:
-                record.rewrites += [f"{name}: {what}" for name, what in done]
+                record.rewrites += [f"{m.site}: {what}" for m, what in done]
                 record.max_rel_error = max(record.max_rel_error, err)
             else:
                 self._restore(gm, saved)
-                self._bisect(p, gm, record, names, saved)
-                sites = {s.name: s for s in p.find(gm)[0]}  # the restored graph has new node objects
+                self._bisect(p, gm, record, [m for m, _ in done], saved)
+            pending = rest
             remove_unused_attributes(gm)  # weights replaced by an accepted chunk are freed now
         return record
 
-    def _bisect(self, p: Pass, gm, record: PassRecord, names: list[str], saved) -> None:
+    def _bisect(self, p: Pass, gm, record: PassRecord, matches: list[Match], saved) -> None:
         """Retry each rewrite of a failed chunk alone; keep the exact ones, report the others."""
         good = []
-        for name in names:
-            self._apply(p, gm, [name])
+        for m in matches:
+            self._apply(p, gm, [m])
             err = self._error(gm)
             self._restore(gm, saved)
             if err <= self.tolerance:
-                good.append(name)
+                good.append(m)
             else:
-                record.rolled_back.append(Refusal(name, f"rolled back: float64 error {err:.1e} > {self.tolerance:.0e}"))
+                record.rolled_back.append(Refusal(p.name, RefusalCode.ROLLED_BACK, m.nodes,
+                                                  f"rolled back: float64 error {err:.1e} > {self.tolerance:.0e}",
+                                                  m.path))
         if not good:
             return
-        done = self._apply(p, gm, good)
+        done, _ = self._apply(p, gm, good)
         err = self._error(gm)
         if err > self.tolerance:  # exact alone, inexact together: keep none of them
             self._restore(gm, saved)
-            record.rolled_back.append(Refusal(p.name, f"rewrites interact: error {err:.1e}"))
+            record.rolled_back.append(Refusal(p.name, RefusalCode.REWRITES_INTERACT, [n for m in good for n in m.nodes],
+                                              f"rewrites interact: error {err:.1e}"))
             return
-        record.rewrites += [f"{n}: {what}" for n, what in done]
+        record.rewrites += [f"{m.site}: {what}" for m, what in done]
         record.max_rel_error = max(record.max_rel_error, err)
 
     @staticmethod

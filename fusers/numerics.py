@@ -1,11 +1,17 @@
-"""Numbers for the exactness proof: dtype conversion of a captured graph, seeded inputs,
-leaf-by-leaf comparison of nested outputs."""
+"""Numbers for the exactness proof: dtype conversion of a captured graph and seeded inputs.
+
+The comparison of nested outputs is the project's one error measure, ``runtimes.core.max_rel_error``
+(``max|a - b| / max|a|`` per output leaf), re-exported here with ``leaves`` (its tensor leaves).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+
+from runtimes.core import max_rel_error
+from runtimes.core import tensor_leaves as leaves
 
 __all__ = ["convert_dtype", "seeded_like", "leaves", "max_rel_error"]
 
@@ -57,29 +63,3 @@ def seeded_like(example, seed: int = 0, dtype=None):
         return t.clone()
 
     return pytree.tree_map(make, example)
-
-
-def leaves(outputs) -> list[torch.Tensor]:
-    """Tensor leaves of a nested output (tuples, lists, dicts), in order."""
-    return [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
-
-
-def max_rel_error(reference, outputs) -> float:
-    """Largest ``max|a - b| / max|a|`` over the leaves (error relative to each output's scale)."""
-    ref, out = leaves(reference), leaves(outputs)
-    if len(ref) != len(out):
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(ref, out):
-        if a.shape != b.shape:
-            return float("inf")
-        if not a.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(a, b) else float("inf"))
-            continue
-        a, b = a.double(), b.double()
-        scale = a.abs().max().item() if a.numel() else 0.0
-        diff = (a - b).abs().max().item() if a.numel() else 0.0
-        if diff != diff:  # NaN
-            return float("inf")
-        worst = max(worst, diff / scale if scale > 0 else diff)
-    return worst

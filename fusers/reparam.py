@@ -1,18 +1,29 @@
-"""``reparameterize``: capture, rewrite in float64 under proof, round once, check in float32."""
+"""``reparameterize``: capture, rewrite in float64 under proof, round once, check in float32.
+
+The result is the captured ``GraphModule`` (``ep.module()``) rewritten, returned as an ordinary
+module: ``.eval()``/``.train()``, ``deepcopy``, ``state_dict``, ``.to()`` and ``torch.compile`` work,
+and it exports again with ``torch.export`` / ``torch.onnx.export``. Its graph is the deploy form
+whatever its ``training`` flag says (no op in it depends on the mode).
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import fx
 
-from .capture import set_training, as_args, capture
+from runtimes.core import eval_mode, max_rel_error, set_training
+
+from .capture import as_args, capture
 from .graph import op_counts, remove_unused_attributes, share_identical_weights
-from .manager import Pass, PassManager, Report
-from .numerics import convert_dtype, max_rel_error, seeded_like
+from .manager import PassManager, Report
+from .numerics import convert_dtype, seeded_like
 from .passes import REGISTRY
+from .rules import Pass
 
 __all__ = ["DEFAULT_PASSES", "reparameterize", "last_report", "resolve_passes"]
 
@@ -21,6 +32,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PASSES: tuple[str, ...] = ("fold_constants", "fold_bn", "push_affine", "fold_into_next", "merge_linear",
                                    "merge_sequence")
 TOLERANCE = 1e-9
+_PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 _LAST: list[Report] = []
 
 
@@ -49,7 +61,7 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verify: bool = True,
-                   seed: int = 0) -> fx.GraphModule:
+                   seed: int = 0, instruments: Iterable[Any] = ()) -> fx.GraphModule:
     """Return a plain deploy module computing the same function as ``model``.
 
     ``model`` is untouched (its train/eval mode is restored). Rewrites run on a float64 copy of
@@ -57,6 +69,9 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     model's to ``1e-9`` relative, or the pass's inexact rewrites are rolled back and reported.
     Weights are rounded to the model's dtype once, at the end. With ``verify`` the result is also
     compared with ``model`` itself in its own dtype (``report.float32_error``).
+
+    ``instruments`` observe the passes (``on_pass_start``, ``on_pass_end``) and receive the finished
+    report (``on_run_end``); see ``fusers.rules.Instrument``.
     """
     args = as_args(example_inputs)
     report, times = Report(), {}
@@ -72,7 +87,8 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     check_inputs = seeded_like(args, seed, dtype=torch.float64)
     with torch.no_grad():
         reference = gm(*check_inputs)
-    PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE).run(gm, report)
+    manager = PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE, instruments=instruments)
+    manager.run(gm, report)
     remove_unused_attributes(gm)
     shared = share_identical_weights(gm)
     if shared:
@@ -86,21 +102,26 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     if verify:
         start = time.perf_counter()
         inputs = seeded_like(args, seed + 1)
-        was_training = model.training
-        set_training(model, False)
-        try:
-            with torch.no_grad():
-                report.float32_error = max_rel_error(model(*inputs), gm(*inputs))
-        finally:
-            set_training(model, was_training)
+        with torch.no_grad(), eval_mode(model):
+            report.float32_error = max_rel_error(model(*inputs), gm(*inputs))
         times["verify"] = time.perf_counter() - start
     report.ops_after = op_counts(gm)
     report.params_after = sum(p.numel() for p in gm.parameters())
     report.seconds = times
-    gm.reparam_report = report
-    for module in gm.modules():  # the graph is eval-mode already; ep.module() forbids .eval()
-        module.training = False
+    _ordinary_module(gm, report)
     _LAST[:] = [report]
-    log.info("reparameterized %s: %d rewrites, float64 error %.1e", type(model).__name__, report.count(),
-             report.float64_error)
+    log.info("reparameterized %s: %d rewrites, %d refused, float64 error %.1e", type(model).__name__,
+             report.count(), len(report.refusals()), report.float64_error)
+    manager.finish(report)
     return gm
+
+
+def _ordinary_module(gm: fx.GraphModule, report: Report) -> None:
+    """Give ``gm`` back ``nn.Module``'s ``train``/``eval`` (``ep.module()`` replaces them, on the instance,
+    by methods that raise NotImplementedError), put it in eval mode and attach ``reparam_report`` so
+    that ``copy.deepcopy`` keeps it (GraphModule copies the attributes its meta names)."""
+    for name in ("train", "eval"):
+        vars(gm).pop(name, None)
+    set_training(gm, False)
+    gm.reparam_report = report
+    gm.meta.setdefault(_PRESERVED, {})["reparam_report"] = report

@@ -1,5 +1,9 @@
 """Runners (one file per runtime), the output comparator and stage-by-stage verification.
 
+The lowest layer: ``runtimes.core`` holds the vocabulary every package shares (artifact records,
+tensor specs, errors, lazy requirements, output leaves, eval mode, the error measure); nothing here
+imports ``exporters`` or ``deploy``.
+
     >>> from runtimes import open_runner, make_inputs, compare
     >>> with open_runner("out/model.onnx", threads=1) as r:
     ...     outputs = r.infer(make_inputs(r, seed=0))
@@ -12,9 +16,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from exporters.base import Artifact, CorruptArtifact, MissingDependency
-
 from .base import InputMismatch, Runner
+from .core import Artifact, CorruptArtifact, MissingDependency
 from .compare import (
     ChainResult,
     ComparisonResult,
@@ -37,22 +40,13 @@ from .torch_runner import TorchRunner
 
 __all__ = [
     "Runner", "TorchRunner", "OnnxRuntimeRunner", "OpenVINORunner", "LiteRTRunner", "TensorRTRunner",
-    "open_runner", "RUNNERS_BY_SUFFIX", "InputMismatch", "CorruptArtifact", "MissingDependency",
+    "open_runner", "RUNNERS", "RUNNERS_BY_SUFFIX", "InputMismatch", "CorruptArtifact", "MissingDependency",
     "make_inputs", "load_inputs", "save_inputs", "flatten", "compare", "verify_chain", "Tolerance",
     "ComparisonResult", "OutputComparison", "Stage", "StageResult", "ChainResult",
 ]
 
-RUNNERS_BY_SUFFIX: dict[str, type[Runner]] = {
-    ".onnx": OnnxRuntimeRunner,
-    ".xml": OpenVINORunner,
-    ".tflite": LiteRTRunner,
-    ".engine": TensorRTRunner,
-    ".plan": TensorRTRunner,
-    ".trt": TensorRTRunner,
-    ".pt2": TorchRunner,
-}
-_BY_FORMAT = {"onnx": OnnxRuntimeRunner, "openvino": OpenVINORunner, "tflite": LiteRTRunner,
-              "tensorrt": TensorRTRunner, "pt2": TorchRunner}
+RUNNERS = (OnnxRuntimeRunner, OpenVINORunner, LiteRTRunner, TensorRTRunner, TorchRunner)
+RUNNERS_BY_SUFFIX: dict[str, type[Runner]] = {suffix: cls for cls in RUNNERS for suffix in cls.suffixes}
 
 
 def open_runner(target: Any, **kwargs) -> Runner:
@@ -62,11 +56,10 @@ def open_runner(target: Any, **kwargs) -> Runner:
     artifact's record supplies the input/output names and, for OpenVINO, the precision.
     """
     if isinstance(target, Artifact):
-        cls = _BY_FORMAT.get(target.format) or RUNNERS_BY_SUFFIX.get(os.path.splitext(target.path)[1])
+        cls = RUNNERS_BY_SUFFIX.get(os.path.splitext(target.path)[1].lower())
         if cls is None:
-            raise ValueError(f"no runner for artifact format {target.format!r} ({target.path})")
-        if cls is OpenVINORunner:
-            kwargs.setdefault("precision", target.precision)
+            raise ValueError(f"no runner for artifact format {target.format!r} ({target.path}); exporters.open_runner "
+                             "also knows the formats registered as targets")
         return cls(target.path, artifact=target, **kwargs)
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import Artifact, CorruptArtifact, DeployError, MissingDependency, TensorSpec
+from .core import Artifact, CorruptArtifact, DeployError, MissingDependency, TensorSpec
 
 __all__ = ["Runner", "InputMismatch", "CorruptArtifact", "MissingDependency", "check_file", "corrupt"]
 
@@ -51,6 +51,7 @@ class Runner:
     """Base class of all runners; see the module docstring."""
 
     runtime = "base"
+    suffixes: tuple[str, ...] = ()  # the file suffixes it opens
 
     def __init__(self, name: str | None = None, *, threads: int | None = None,
                  artifact: Artifact | None = None):

@@ -34,11 +34,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 __all__ = ["Stats", "BenchSettings", "BenchJob", "measure", "stats_of", "run_job", "run_isolated", "wall_timer",
-           "RUNTIMES", "ISOLATION"]
+           "ISOLATION"]
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("torch", "onnxruntime", "openvino", "tflite", "tensorrt")
 ISOLATION = ("subprocess", "none")
 
 
@@ -139,13 +138,18 @@ def measure(calls: Mapping[str, Callable[[], object]], settings: BenchSettings |
 class BenchJob:
     """The forms of one model on one runtime: ``forms`` maps a form name to its file for that runtime.
 
-    ``precision`` is the artifacts' precision (OpenVINO's inference hint follows it); ``device``
-    is "cpu" or "cuda" (torch only). ``input_shape`` includes the batch.
+    ``runner`` and ``runner_options`` say how to open a file (the caller takes them from the
+    format's target, so this module needs no table of runtimes); ``precision`` is the artifacts'
+    precision; ``device`` is "cpu" or "cuda" (torch only: CUDA events, three variants).
+    ``input_shape`` includes the batch.
     """
 
     runtime: str
     forms: dict[str, str]
     input_shape: list[int]
+    runner: str = "runtimes.torch_runner:TorchRunner"  # "module:Class" of the runner
+    runner_options: dict = field(default_factory=dict)  # keyword arguments for it (besides threads)
+    note: dict = field(default_factory=dict)  # how the runtime was set up, for the report
     threads: int | None = None
     precision: str = "fp32"
     device: str = "cpu"
@@ -163,27 +167,15 @@ class BenchJob:
 
 
 def _runner(job: BenchJob, path: str):
-    from . import LiteRTRunner, OnnxRuntimeRunner, OpenVINORunner, TensorRTRunner, TorchRunner
+    """The runner ``job`` names (``"module:Class"``), made with the job's options for timing."""
+    import importlib
 
-    if job.runtime == "onnxruntime":
-        return OnnxRuntimeRunner(path, threads=job.threads, optimization="all", allow_spinning=False)
-    if job.runtime == "openvino":
-        return OpenVINORunner(path, precision=job.precision, threads=job.threads,
-                              config={"PERFORMANCE_HINT": "LATENCY"})
-    if job.runtime == "tflite":
-        return LiteRTRunner(path, threads=job.threads)
-    if job.runtime == "tensorrt":
-        return TensorRTRunner(path)
-    if job.runtime == "torch":
-        return TorchRunner(path, threads=job.threads)
-    raise ValueError(f"unknown runtime {job.runtime!r}; known runtimes: {', '.join(RUNTIMES)}")
-
-
-def _settings_note(job: BenchJob) -> dict:
-    notes = {"onnxruntime": {"graph_optimization": "all", "intra_op_allow_spinning": 0},
-             "openvino": {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": job.precision},
-             "tflite": {"delegate": "XNNPACK (LiteRT default)"}}
-    return {"threads": job.threads, **notes.get(job.runtime, {})}
+    module, _, name = job.runner.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    options = dict(job.runner_options)
+    if job.threads is not None:
+        options["threads"] = job.threads
+    return cls(path, **options)
 
 
 def run_job(job: BenchJob) -> dict:
@@ -194,7 +186,7 @@ def run_job(job: BenchJob) -> dict:
     """
     x = np.random.default_rng(job.seed).standard_normal(job.input_shape).astype(np.float32)
     batch = int(job.input_shape[0])
-    if job.runtime == "torch" and job.device == "cuda":
+    if job.device == "cuda":
         return _run_torch_cuda(job, x)
     rows, calls, runners = [], {}, []
     try:
@@ -213,7 +205,7 @@ def run_job(job: BenchJob) -> dict:
     finally:
         for r in runners:
             r.deactivate()
-    settings = _settings_note(job)
+    settings = {"threads": job.threads, **job.note}
     if effective:
         settings["effective_precision"] = sorted(effective)
     return {"rows": rows, "settings": settings}

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from exporters.base import TensorSpec, first_line
+from .core import TensorSpec, first_line
 
 __all__ = [
     "DEFAULT_RTOL",

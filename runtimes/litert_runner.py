@@ -8,18 +8,58 @@ else as ``input0.. / output0..``, the exporters' default names.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import sys
+import tempfile
+from collections.abc import Iterator
 
 import numpy as np
 
-from exporters.base import Artifact, TensorSpec, require
+from .core import Artifact, TensorSpec, require
 
 from .base import Runner, check_file, corrupt
 
 __all__ = ["LiteRTRunner"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log() -> Iterator[None]:
+    """Hold what LiteRT's C++ code writes on file descriptor 2 while the block runs.
+
+    The XNNPACK delegate announces itself there (``INFO: Created TensorFlow Lite XNNPACK delegate
+    for CPU.``, once a process, when the first interpreter allocates its tensors) and no environment
+    variable silences it (``TF_CPP_MIN_LOG_LEVEL`` does not). ``INFO:`` lines go to the debug log;
+    anything else (warnings, errors) is written back to stderr when the block ends, raising or not.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            kept = []
+            for line in text.splitlines(keepends=True):
+                if line.startswith("INFO: "):
+                    log.debug("LiteRT: %s", line.rstrip())
+                else:
+                    kept.append(line)
+            if kept:
+                os.write(2, "".join(kept).encode())
 
 
 def _numbered(names) -> list[str]:
@@ -34,6 +74,7 @@ class LiteRTRunner(Runner):
     """Runs a ``.tflite`` file through its (first, or named) signature."""
 
     runtime = "litert"
+    suffixes = (".tflite",)
 
     def __init__(self, path, *, threads: int | None = None, signature: str | None = None, name: str | None = None,
                  artifact: Artifact | None = None):
@@ -47,7 +88,9 @@ class LiteRTRunner(Runner):
         path = check_file(self.path, "TFLite")
         lite = require("ai_edge_litert.interpreter", "tflite", "the LiteRT runner")
         try:
-            self.interpreter = lite.Interpreter(model_path=path, num_threads=self.threads)
+            with _native_stderr_to_log():  # allocating applies the XNNPACK delegate, which says so on stderr
+                self.interpreter = lite.Interpreter(model_path=path, num_threads=self.threads)
+                self.interpreter.allocate_tensors()
             signatures = self.interpreter.get_signature_list()
         except Exception as e:
             raise corrupt(path, "TFLite", e) from e
@@ -58,25 +101,25 @@ class LiteRTRunner(Runner):
             self.signature = key
             self._runner = self.interpreter.get_signature_runner(key)
             details = self._runner.get_input_details()
-            self._native_inputs = _numbered(details)
-            self._native_outputs = _numbered(signatures[key]["outputs"])
-            in_details = [details[n] for n in self._native_inputs]
+            self.native_inputs = _numbered(details)
+            self.native_outputs = _numbered(signatures[key]["outputs"])
+            in_details = [details[n] for n in self.native_inputs]
         else:  # a model without signatures: plain tensor indices
             self.interpreter.allocate_tensors()
             in_details = self.interpreter.get_input_details()
-            self._native_inputs = [d["name"] for d in in_details]
-            self._native_outputs = [d["name"] for d in self.interpreter.get_output_details()]
+            self.native_inputs = [d["name"] for d in in_details]
+            self.native_outputs = [d["name"] for d in self.interpreter.get_output_details()]
         self.input_specs = [
             TensorSpec(f"input{i}", tuple(int(v) if v >= 0 else None for v in d.get("shape_signature", d["shape"])),
                        np.dtype(d["dtype"]).name)
             for i, d in enumerate(in_details)]
-        self.output_names = [f"output{i}" for i in range(len(self._native_outputs))]
+        self.output_names = [f"output{i}" for i in range(len(self.native_outputs))]
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(feed[s.name]) for s in self.input_specs]
         if self._runner is not None:
-            result = self._runner(**dict(zip(self._native_inputs, arrays)))
-            return [np.array(result[n]) for n in self._native_outputs]
+            result = self._runner(**dict(zip(self.native_inputs, arrays)))
+            return [np.array(result[n]) for n in self.native_outputs]
         it = self.interpreter
         for d, a in zip(it.get_input_details(), arrays):
             it.set_tensor(d["index"], a)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from exporters.base import Artifact, TensorSpec, require
+from .core import Artifact, TensorSpec, require
 
 from .base import Runner, check_file, corrupt
 
@@ -48,6 +48,7 @@ class OnnxRuntimeRunner(Runner):
     """
 
     runtime = "onnxruntime"
+    suffixes = (".onnx",)
 
     def __init__(self, path, *, providers: Sequence[str] | str = ("cpu",), optimization: str = "basic",
                  threads: int | None = None, allow_spinning: bool | None = None, name: str | None = None,
@@ -92,11 +93,11 @@ class OnnxRuntimeRunner(Runner):
         self.input_specs = [TensorSpec(i.name, tuple(d if isinstance(d, int) else (d or None) for d in i.shape),
                                        _ORT_DTYPES.get(i.type, "float32")) for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._native_inputs = [i.name for i in self.session.get_inputs()]
+        self.native_inputs = [i.name for i in self.session.get_inputs()]
         log.debug("%s: providers %s", path, self.session.get_providers())
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        native = {n: feed[s.name] for n, s in zip(self._native_inputs, self.input_specs)} if self.input_specs \
+        native = {n: feed[s.name] for n, s in zip(self.native_inputs, self.input_specs)} if self.input_specs \
             else feed
         return self.session.run(None, native)
 

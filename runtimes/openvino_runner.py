@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from exporters.base import Artifact, TensorSpec, require
+from .core import Artifact, TensorSpec, require
 
 from .base import Runner, check_file, corrupt
 
@@ -27,13 +27,16 @@ _PRECISION_OF = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp
 
 
 class OpenVINORunner(Runner):
-    """Runs an OpenVINO IR; ``precision`` "fp32" (default) or "fp16"; ``threads`` -> INFERENCE_NUM_THREADS."""
+    """Runs an OpenVINO IR; ``precision`` "fp32" or "fp16" (default: the artifact record's, else fp32);
+    ``threads`` -> INFERENCE_NUM_THREADS."""
 
     runtime = "openvino"
+    suffixes = (".xml",)
 
-    def __init__(self, path, *, device: str = "CPU", precision: str = "fp32", threads: int | None = None,
+    def __init__(self, path, *, device: str = "CPU", precision: str | None = None, threads: int | None = None,
                  config: dict | None = None, name: str | None = None, artifact: Artifact | None = None):
         super().__init__(name, threads=threads, artifact=artifact)
+        precision = precision or (artifact.precision if artifact is not None else "fp32")
         if precision not in _HINTS:
             raise ValueError(f"precision must be one of {', '.join(_HINTS)}, got {precision!r}")
         self.path = str(path)
@@ -72,7 +75,7 @@ class OpenVINORunner(Runner):
             self.input_specs.append(TensorSpec(_port_name(port, f"input{i}"), shape,
                                                np.dtype(port.get_element_type().to_dtype()).name))
         self.output_names = [_port_name(p, f"output{i}") for i, p in enumerate(self.compiled.outputs)]
-        self._native_inputs = [s.name for s in self.input_specs]
+        self.native_inputs = [s.name for s in self.input_specs]
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         arrays = [np.ascontiguousarray(feed[s.name]) for s in self.input_specs]

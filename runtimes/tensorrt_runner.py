@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from exporters.base import Artifact, MissingDependency, TensorSpec, require
+from .core import Artifact, MissingDependency, TensorSpec, require
 
 from .base import Runner, check_file, corrupt
 
@@ -38,6 +38,7 @@ class TensorRTRunner(Runner):
     """Runs a serialized TensorRT engine on the current CUDA device (optimization profile 0)."""
 
     runtime = "tensorrt"
+    suffixes = (".engine", ".plan", ".trt")
 
     def __init__(self, path, *, threads: int | None = None, name: str | None = None,
                  artifact: Artifact | None = None):

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from exporters.base import Artifact, TensorSpec, dtype_name
+from .core import Artifact, TensorSpec, dtype_name
 
 from .base import Runner, check_file, corrupt
 
@@ -27,6 +27,7 @@ class TorchRunner(Runner):
     """
 
     runtime = "torch"
+    suffixes = (".pt2",)
 
     def __init__(self, module, *, example_inputs=None, input_specs: Sequence[TensorSpec] | None = None,
                  input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,

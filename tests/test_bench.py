@@ -87,22 +87,32 @@ def tiny_onnx(tmp_path_factory):
     return art.path, str(folder / "tiny.pt2")
 
 
+def _job(runtime: str, forms: dict, **kwargs) -> BenchJob:
+    """A job for ``runtime`` set up the way deploy bench sets it up: runner and options from the target."""
+    from exporters import targets
+
+    target = targets.by_runtime(runtime)
+    return BenchJob(runtime, forms, [1, 3, 16, 16], runner=target.runner,
+                    runner_options={**target.runner_options("fp32"), **target.bench_options}, note=target.bench_note,
+                    **kwargs)
+
+
 def test_runners_honour_the_thread_count(tiny_onnx):
     from runtimes.bench import _runner
 
     onnx_path, pt2_path = tiny_onnx
-    job = BenchJob("onnxruntime", {}, [1, 3, 16, 16], threads=1)
+    job = _job("onnxruntime", {}, threads=1)
     with _runner(job, onnx_path) as r:
         opts = r.session.get_session_options()
         assert opts.intra_op_num_threads == 1
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert opts.graph_optimization_level.name == "ORT_ENABLE_ALL"
     before = torch.get_num_threads()
-    with _runner(BenchJob("torch", {}, [1, 3, 16, 16], threads=1), pt2_path):
+    with _runner(_job("torch", {}, threads=1), pt2_path):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
     pytest.importorskip("openvino")
-    with _runner(BenchJob("openvino", {}, [1, 3, 16, 16], threads=1), onnx_path) as r:
+    with _runner(_job("openvino", {}, threads=1), onnx_path) as r:
         assert int(r.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
 
 
@@ -110,8 +120,8 @@ def test_run_job_reports_every_form_and_the_failures(tiny_onnx, tmp_path):
     onnx_path, _ = tiny_onnx
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
-    job = BenchJob("onnxruntime", {"deploy": onnx_path, "training": str(broken)}, [1, 3, 16, 16], threads=1,
-                   settings=BenchSettings(warmup_iters=1, warmup_ms=0, min_iters=7, min_ms=0))
+    job = _job("onnxruntime", {"deploy": onnx_path, "training": str(broken)}, threads=1,
+               settings=BenchSettings(warmup_iters=1, warmup_ms=0, min_iters=7, min_ms=0))
     rows = {r["form"]: r for r in run_job(job)["rows"]}
     assert rows["deploy"]["iters"] == 7 and rows["deploy"]["p50"] <= rows["deploy"]["p90"] <= rows["deploy"]["p99"]
     assert "corrupt" in rows["training"]["error"]
@@ -137,6 +147,7 @@ def bench_dir(digits_run, tmp_path_factory):
     return out, proc
 
 
+@pytest.mark.e2e
 def test_bench_appends_results_costs_and_a_chart(bench_dir):
     out, proc = bench_dir
     report = json.loads((out / "report.json").read_text())
@@ -168,6 +179,7 @@ def test_bench_appends_results_costs_and_a_chart(bench_dir):
     assert "deploy form" in proc.stdout and "speed" in proc.stdout
 
 
+@pytest.mark.e2e
 def test_bench_again_appends_and_keeps_the_verification_valid(bench_dir):
     out, _ = bench_dir
     proc = run_deploy("bench", str(out), "--runtimes", "onnxruntime", "--threads", "1", "--isolation", "none",
@@ -187,6 +199,7 @@ def test_bench_again_appends_and_keeps_the_verification_valid(bench_dir):
     (["--batch", "0"], "batch sizes must be positive"),
     (["--min-iters", "1"], "min_iters >= 2"),
 ])
+@pytest.mark.e2e
 def test_bench_bad_arguments_are_one_sentence(digits_run, args, words, tmp_path):
     if "tensorrt" in args and torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the tensorrt refusal is about missing TensorRT instead")
@@ -196,6 +209,7 @@ def test_bench_bad_arguments_are_one_sentence(digits_run, args, words, tmp_path)
     assert proc.stderr.strip().count("\n") == 0 or "usage" in proc.stderr
 
 
+@pytest.mark.e2e
 def test_bench_refuses_a_directory_without_a_report_or_the_artifact(digits_run, tmp_path):
     proc = run_deploy("bench", str(tmp_path), cwd=tmp_path)
     assert proc.returncode == 2 and "holds no report.json" in proc.stderr
@@ -221,6 +235,7 @@ def test_torch_cuda_variants(tiny_onnx):
     assert all(r["p50"] > 0 for r in result["rows"]) and "CUDA events" in result["settings"]["timer"]
 
 
+@pytest.mark.e2e
 def test_bench_a_model_converts_it_first_with_the_runtimes_targets(tmp_path):
     pytest.importorskip("onnxruntime")
     proc = run_deploy("bench", "repvgg_digits", "--runtimes", "onnxruntime", "--out", "run", "--threads", "1",
@@ -232,6 +247,7 @@ def test_bench_a_model_converts_it_first_with_the_runtimes_targets(tmp_path):
     assert {r["runtime"] for r in report["benchmarks"][0]["results"]} == {"onnxruntime"}
 
 
+@pytest.mark.e2e
 def test_bench_a_dynamic_run_at_other_batches_uses_its_own_files(tmp_path):
     pytest.importorskip("onnxruntime")
     conv = run_deploy("convert", "repvgg_digits", "--dynamic", "--targets", "onnx", "--out", "dyn", "-q",

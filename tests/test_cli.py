@@ -19,9 +19,11 @@ import torch
 from conftest import run_deploy
 
 from deploy import cli, zoo
-from deploy.sources import sha256
+from deploy.record import sha256
 
 onnx = pytest.importorskip("onnx")
+
+pytestmark = pytest.mark.e2e  # the command line in subprocesses and full conversions
 
 STAGES = ["training", "pt2", "onnx", "onnx-simplified", "openvino", "tflite"]
 
@@ -154,15 +156,17 @@ def test_default_run_writes_every_artifact_and_all_stages_pass(digits_run):
     assert report["inputs"]["shape"] == [1, 1, 8, 8]
     assert report["inputs"]["samples"]["count"] == 360 and report["inputs"]["samples"]["labels"]
     # task-level check: every form classifies the held-out digits exactly like the training form
-    accuracies = {s["name"]: s["accuracy"] for s in stages}
+    accuracies = {s["name"]: s["verification"]["accuracy"] for s in stages}
     assert accuracies["training"] > 0.9 and len(set(accuracies.values())) == 1, accuracies
-    assert all(s["agreement"] == 1.0 for s in stages)
+    assert all(s["verification"]["agreement"] == 1.0 for s in stages)
     for s in stages[1:]:
-        assert s["passed"] and s["max_rel"] <= 1e-5 and s["samples_max_rel"] <= 1e-5, s
-        assert s["size"] == sum((out / f).stat().st_size for f in s["files"]) > 0
-        assert all(sha256(out / f) == h for f, h in s["sha256"].items())
-    assert stages[4]["files"] == ["model.xml", "model.bin"] and stages[4]["parent"] == "onnx-simplified"
-    assert stages[5]["parent"] == "pt2" and stages[3]["parent"] == "onnx"
+        v, files = s["verification"], s["files"]
+        assert v["passed"] and v["max_rel"] <= 1e-5 and v["samples_max_rel"] <= 1e-5, s
+        assert files["size"] == sum((out / f).stat().st_size for f in files["files"]) > 0
+        assert all(sha256(out / f) == h for f, h in files["sha256"].items())
+    assert stages[4]["files"]["files"] == ["model.xml", "model.bin"]
+    assert stages[4]["export"]["parent"] == "onnx-simplified"
+    assert stages[5]["export"]["parent"] == "pt2" and stages[3]["export"]["parent"] == "onnx"
     merged = report["reparameterize"]["merged"]
     assert (merged["branch_groups_merged"], merged["branches_merged"], merged["batchnorms_folded"]) == (6, 15, 15)
     assert (merged["convolutions_before"], merged["convolutions_after"]) == (12, 6)
@@ -235,7 +239,7 @@ def test_convert_timm_torchvision_and_file_models_end_to_end(model, groups, bran
     assert not any(hub.rglob("*")), "nothing may be downloaded"
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["training", "pt2", "onnx", "onnx-simplified"]
-    assert report["passed"] and all(s["max_rel"] <= 1e-5 for s in report["stages"][1:])
+    assert report["passed"] and all(s["verification"]["max_rel"] <= 1e-5 for s in report["stages"][1:])
     merged = report["reparameterize"]["merged"]
     assert (merged["branch_groups_merged"], merged["branches_merged"], merged["batchnorms_folded"]) == \
         (groups, branches, bns)
@@ -341,7 +345,7 @@ def test_unsupported_ops(capsys, tmp_path, factory):
     assert "drop onnx from --targets" in out
     assert "FAILED openvino (not written): not exported: its source, the ONNX export, failed" in out
     report = json.loads((tmp_path / "cm" / "report.json").read_text())
-    assert report["failed"] == ["onnx", "openvino"] and report["stages"][1]["passed"]
+    assert report["failed"] == ["onnx", "openvino"] and report["stages"][1]["verification"]["passed"]
     assert sorted(p.name for p in (tmp_path / "cm").iterdir()) == ["model.deploy.pt2", "report.json", "report.md",
                                                                    "verify"]
 

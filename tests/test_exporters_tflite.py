@@ -75,6 +75,7 @@ def test_fp32_nested_model_matches_torch(folder):
     assert result.passed and result.max_rel <= 1e-5, result.summary()
 
 
+@pytest.mark.e2e
 def test_fp16_has_half_weights_and_agrees_within_1e_2(folder):
     from ai_edge_litert.interpreter import Interpreter
 

@@ -42,9 +42,9 @@ def test_training_form_of_the_default_model():
     assert (summary.macs, summary.convolutions, summary.linears) == (macs, convs, linears) == (666_240, 12, 1)
     assert summary.flops == 2 * macs and summary.conv_kernels == {"3x3": 6, "1x1": 6}
     assert (summary.branch_groups, summary.branches, summary.batchnorms) == (6, 15, 15)
-    bn_buffers = sum(m.running_mean.numel() + m.running_var.numel() for m in model.modules()
-                     if isinstance(m, nn.BatchNorm2d))
-    assert summary.params == sum(p.numel() for p in model.parameters()) + bn_buffers
+    bn_buffers = sum(m.running_mean.numel() + m.running_var.numel() + m.num_batches_tracked.numel()
+                     for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert (summary.params, summary.buffers) == (sum(p.numel() for p in model.parameters()), bn_buffers)
     assert summary.ops["conv2d"] == 12 and summary.ops["batch_norm"] == 15 and summary.ops["add"] == 9
     assert summary.inputs == ["x 1x1x8x8 float32"] and summary.outputs == ["output0 1x10 float32"]
     text = summary.summary()
@@ -100,6 +100,7 @@ def test_residual_through_a_nonlinearity_is_not_mergeable():
     assert (summary.branch_groups, summary.branches, summary.batchnorms) == (0, 0, 2)
 
 
+@pytest.mark.e2e
 def test_every_artifact_of_the_default_run_reports_the_same_numbers(digits_run):
     proc, out = digits_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,6 +123,7 @@ def test_every_artifact_of_the_default_run_reports_the_same_numbers(digits_run):
     assert "model.deploy.pt2 metadata" in inspect_path(out / "model.deploy.pt2").merged["from"]
 
 
+@pytest.mark.e2e
 def test_fp16_artifacts_count_their_weights_once(tmp_path):
     pytest.importorskip("openvino")
     pytest.importorskip("litert_torch")

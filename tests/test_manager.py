@@ -1,47 +1,52 @@
-"""The pass manager keeps exact rewrites and rolls back inexact ones, with the reason."""
+"""The pass manager keeps exact rewrites and rolls back inexact ones, with the reason; instruments
+see every pass; refusals that stand are counted once, with their codes."""
+
+import re
 
 import torch
 from torch import nn
 
 import fusers
-from fusers.graph import CONV_OPS, as_conv, replace_conv
-from fusers.manager import Pass, Site
+from deploy import zoo
+from fusers.graph import as_conv, replace_conv
+from fusers.rules import Pass, RefusalCode
 from helpers import randomize_bn
 
 
 class ScaleWeights(Pass):
-    """A deliberately broken pass: rescales every conv's weights by ``factors[i]``."""
+    """A deliberately broken pass: rescales the weights of the conv named ``n`` by ``factors[n]``."""
 
     name = "scale_weights"
 
     def __init__(self, factors):
         self.factors = factors
 
-    def find(self, gm):
-        convs = [n for n in gm.graph.nodes if n.target in CONV_OPS]
-        return [Site(n.name, self._rewrite(n, f)) for n, f in zip(convs, self.factors)], []
+    def match(self, gm, node):
+        return self.found([node], self.factors[node.name]) if node.name in self.factors else None
 
-    @staticmethod
-    def _rewrite(node, factor):
-        def apply(gm):
-            c = as_conv(gm, node)
-            replace_conv(gm, node, c.x, "conv", c.weight * factor, c.bias, c.stride, c.padding, c.dilation, c.groups)
-            gm.graph.erase_node(node)
-            return f"x{factor}"
-        return apply
+    def rewrite(self, gm, match):
+        (node,) = [n for n in gm.graph.nodes if n.name == match.nodes[0]]
+        c = as_conv(gm, node)
+        replace_conv(gm, node, c.x, "conv", c.weight * match.plan, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        gm.graph.erase_node(node)
+        return f"x{match.plan}"
 
 
 def test_inexact_rewrite_is_rolled_back_and_exact_one_kept():
     model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
     x = torch.randn(1, 3, 10, 10)
-    deploy = fusers.reparameterize(model, (x,), passes=[ScaleWeights([1.0, 1.001])])
+    deploy = fusers.reparameterize(model, (x,), passes=[ScaleWeights({"conv2d": 1.0, "conv2d_1": 1.001})])
     report = deploy.reparam_report
     (record,) = [p for p in report.passes if p.name == "scale_weights" and p.round == 1]
     assert len(record.rewrites) == 1 and record.rewrites[0].endswith("x1.0")
-    assert len(record.rolled_back) == 1 and "rolled back: float64 error" in record.rolled_back[0].reason
+    assert len(record.rolled_back) == 1 and record.rolled_back[0].code is RefusalCode.ROLLED_BACK
+    assert record.rolled_back[0].reason.startswith("rolled back: float64 error")
     assert report.float64_error == 0.0
     with torch.no_grad():
         torch.testing.assert_close(deploy(x), model(x), rtol=0, atol=0)
+    # the rolled-back site still stands at the end, once, although every round retried it
+    (standing,) = report.refusals()
+    assert standing.code is RefusalCode.ROLLED_BACK and standing.nodes == record.rolled_back[0].nodes
 
 
 def test_unknown_pass_name_is_a_clear_error():
@@ -51,3 +56,104 @@ def test_unknown_pass_name_is_a_clear_error():
         assert "unknown pass 'fold_bnn'" in str(e) and "fold_bn" in str(e)
     else:
         raise AssertionError("no error")
+
+
+class Recorder:
+    """An instrument: what the manager told it, in order."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_pass_start(self, name, round):
+        self.events.append(("start", name, round))
+
+    def on_pass_end(self, record):
+        self.events.append(("end", record))
+
+    def on_run_end(self, report):
+        self.events.append(("run_end", report))
+
+
+class EndOnly:
+    """An instrument with one of the optional methods."""
+
+    def __init__(self):
+        self.reports = []
+
+    def on_run_end(self, report):
+        self.reports.append(report)
+
+
+def test_instruments_see_every_pass_record_and_the_final_report():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    recorder, end_only = Recorder(), EndOnly()
+    deploy = fusers.reparameterize(model, (torch.randn(1, 3, 8, 8),), instruments=[recorder, end_only])
+    report = deploy.reparam_report
+    starts = [e[1:] for e in recorder.events if e[0] == "start"]
+    ends = [e[1] for e in recorder.events if e[0] == "end"]
+    assert starts == [(p.name, p.round) for p in report.passes]
+    assert ends == report.passes  # the same records, zero-rewrite ones included
+    assert any(not p.rewrites for p in ends) and report.count("fold_bn") == 1
+    assert [e[0] for e in recorder.events[:2]] == ["start", "end"]  # each start is followed by its end
+    assert recorder.events[-1] == ("run_end", report) and end_only.reports == [report]
+    assert report.float32_error is not None  # the report is complete when on_run_end sees it
+
+
+def _summary_counts(summary: str) -> tuple[int, list[str]]:
+    (total,) = re.findall(r"^total: \d+ rewrites, (\d+) refused", summary, re.M)
+    return int(total), [ln for ln in summary.splitlines() if ln.startswith("  refused ")]
+
+
+def test_repvgg_refusal_counts_agree_and_merged_identity_bns_are_not_refusals():
+    model = zoo.randomize_batchnorm(zoo.create("repvgg_a0", width=0.0625)).eval()
+    deploy = fusers.reparameterize(model, (torch.randn(1, 3, 32, 32),))
+    report = deploy.reparam_report
+    # fold_bn refused the identity-branch BatchNorms in round 1; merge_linear merged them after
+    (first,) = [p for p in report.passes if p.name == "fold_bn" and p.round == 1]
+    identity = [r for r in first.refusals if r.code is RefusalCode.NO_PRODUCER]
+    assert len(identity) == 17 and all(".identity" in r.site for r in identity)
+    names = {n.name for n in deploy.graph.nodes}
+    assert not names & {n for r in identity for n in r.nodes}
+    refusals = report.refusals()
+    assert refusals == []
+    total, listed = _summary_counts(report.summary())
+    assert total == len(refusals) == len(listed) == report.refused() == report.to_dict()["refused"]
+    assert report.to_dict()["refusals"] == []
+
+
+class TwoRefusals(nn.Module):
+    """A BatchNorm without running statistics, and a BN before a zero-padded conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 4, 3)
+        self.batch = nn.BatchNorm2d(4, track_running_stats=False)
+        self.pre = nn.BatchNorm2d(4)
+        self.c1 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.c1(self.pre(torch.relu(self.batch(self.c0(x)))))
+
+
+def test_refusals_that_stand_are_listed_once_with_code_and_reason():
+    model = randomize_bn(TwoRefusals())
+    deploy = fusers.reparameterize(model, (torch.randn(2, 3, 10, 10),))
+    report = deploy.reparam_report
+    refusals = report.refusals()
+    assert sorted((r.pass_name, r.code) for r in refusals) == [
+        ("fold_bn", RefusalCode.NO_PRODUCER),       # pre: after a ReLU, before a padded conv
+        ("fold_bn", RefusalCode.NO_RUNNING_STATS),  # batch
+        ("fold_into_next", RefusalCode.PADDED_CONV),  # c1 reads pre through its zero padding
+    ]
+    rounds = max(p.round for p in report.passes)
+    assert rounds >= 1 and sum(len(p.refusals) for p in report.passes) == 3 * rounds  # refused again each round
+    total, listed = _summary_counts(report.summary())
+    assert total == len(refusals) == len(listed) == 3
+    assert all(r.reason and r.reason in ln for r, ln in zip(refusals, listed))
+    (batch,) = [r for r in refusals if r.code is RefusalCode.NO_RUNNING_STATS]
+    assert batch.path == "batch" and batch.site == f"batch ({batch.nodes[0]})"
+    assert "running statistics" in batch.reason
+    d = batch.to_dict()
+    assert d["pass"] == "fold_bn" and d["code"] == "no_running_stats" and d["nodes"] == batch.nodes
+    assert d["site"] == batch.site and d["reason"] == batch.reason
+    assert report.to_dict()["refusals"] == [r.to_dict() for r in refusals]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from deploy import pipeline
-from deploy.pipeline import ConvertOptions, PipelineError, convert, plan_out_dir, run_batched, verify
+from deploy.pipeline import ConvertOptions, PipelineError, convert, plan_out_dir, verify
+from deploy.verification import run_batched
 from deploy.report import jsonable, stage_table, text_table
 
 pytest.importorskip("onnxruntime")
@@ -131,12 +132,14 @@ def test_convert_report_structure(onnx_run, net, samples):
     assert result.passed and result.out_dir == str(out)
     stages = {s.name: s for s in result.stages}
     assert list(stages) == ["training", "pt2", "onnx", "onnx-simplified"]
-    assert stages["training"].accuracy == 0.75 and all(s.agreement == 1.0 for s in stages.values())
-    assert all(s.accuracy == 0.75 for s in stages.values())
+    v = {name: s.verification for name, s in stages.items()}
+    assert v["training"].accuracy == 0.75 and all(r.agreement == 1.0 for r in v.values())
+    assert all(r.accuracy == 0.75 for r in v.values())
     for s in result.stages[1:]:
-        assert s.passed and s.max_rel <= 1e-6 and s.samples_max_rel <= 1e-6 and s.cosine > 0.999999
-        assert s.artifact["path"] == s.path and not s.path.startswith("/")
-    assert stages["onnx-simplified"].parent_max_rel is not None and stages["pt2"].parent_max_rel is None
+        r = s.verification
+        assert s.passed and r.max_rel <= 1e-6 and r.samples_max_rel <= 1e-6 and r.cosine > 0.999999
+        assert s.export.artifact.path == s.path and not s.path.startswith("/")
+    assert v["onnx-simplified"].parent_max_rel is not None and v["pt2"].parent_max_rel is None
     report = json.loads((out / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert report["tool"] == "reparam-deploy" and report["passed"]
     assert report["inputs"]["samples"] == {"path": samples, "count": 20, "labels": True, "shipped_with_model": False}
@@ -146,7 +149,8 @@ def test_convert_report_structure(onnx_run, net, samples):
     assert rep["merged"]["branch_groups_merged"] == 2 and rep["merged"]["branches_merged"] == 5
     assert rep["merged"]["batchnorms_folded"] == 5 and rep["ops_after"].get("batch_norm", 0) == 0
     assert rep["params_after"] < rep["params_before"] and rep["float64_error"] <= 1e-9
-    assert report["stages"][2]["checks"]["seeded"]["vs_reference"]["outputs"][0]["rtol"] == 1e-5
+    assert report["report_version"] == 2
+    assert report["stages"][2]["verification"]["checks"]["seeded"]["vs_reference"]["outputs"][0]["rtol"] == 1e-5
     # progress went to the callback, one line per long step
     assert any("fold_bn (round 1)" in ln for ln in lines) and any("exported onnx" in ln for ln in lines)
     assert not any(": 0 rewrites, 0 refused, 0 rolled back" in ln for ln in lines)
@@ -165,7 +169,7 @@ def test_verify_detects_missing_and_corrupt_files(onnx_run, tmp_path):
     _, out, _ = onnx_run
     fresh = verify(out)
     assert fresh.passed and [s.name for s in fresh.stages] == ["training", "pt2", "onnx", "onnx-simplified"]
-    assert not any(s.changed for s in fresh.stages) and fresh.stages[2].accuracy == 0.75
+    assert not any(s.verification.changed for s in fresh.stages) and fresh.stages[2].verification.accuracy == 0.75
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     (copy / "model.onnx").unlink()
@@ -175,7 +179,7 @@ def test_verify_detects_missing_and_corrupt_files(onnx_run, tmp_path):
     failed = {s.name: s.reason for s in result.failed}
     assert set(failed) == {"pt2", "onnx"}, failed
     assert "missing file(s): model.onnx" in failed["onnx"] and "corrupt" in failed["pt2"]
-    assert next(s for s in result.stages if s.name == "pt2").changed
+    assert next(s for s in result.stages if s.name == "pt2").verification.changed
     assert next(s for s in result.stages if s.name == "onnx-simplified").passed  # its parent is gone, it is not
     assert verify(out, rtol=1e-12).failed  # a tighter tolerance than the run's
     with pytest.raises(PipelineError, match="holds no report.json"):
@@ -192,7 +196,7 @@ def test_fp16_and_dynamic_batch(tmp_path, net):
     assert (stages["onnx"].precision, stages["onnx-fp16"].precision, stages["openvino"].precision) == \
         ("fp32", "fp16", "fp16")
     assert stages["openvino"].parent == "onnx-simplified" and stages["onnx-fp16"].parent == "onnx-simplified"
-    assert 1e-6 < stages["openvino"].max_rel <= 3e-2 and stages["pt2"].max_rel <= 1e-5
+    assert 1e-6 < stages["openvino"].verification.max_rel <= 3e-2 and stages["pt2"].verification.max_rel <= 1e-5
     import onnx
 
     fp16 = onnx.load(tmp_path / "o" / "model.fp16.onnx")
@@ -201,7 +205,7 @@ def test_fp16_and_dynamic_batch(tmp_path, net):
                                 if i.name in conv_weights)
     assert result.report["inputs"]["verified_shape"] == [2, 3, 12, 12]
     assert any("batch 2" in n for n in result.report["notes"])
-    assert stages["onnx"].artifact["inputs"][0]["shape"] == ["batch", 3, 12, 12]
+    assert stages["onnx"].export.artifact.inputs[0].shape == ("batch", 3, 12, 12)
     program = torch.export.load(tmp_path / "o" / "model.deploy.pt2").module()
     from deploy.sources import load_model
 
@@ -226,7 +230,7 @@ def test_failures_leave_nothing_behind(tmp_path, net, samples, monkeypatch):
     def crash(*args, **kwargs):  # an error in the middle of a run: the partial directory goes away
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "_save_pt2", crash)
+    monkeypatch.setattr(pipeline, "record_reference", crash)
     with pytest.raises(KeyboardInterrupt):
         convert(ConvertOptions(model=net, targets=(), out=str(out)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noshape.py"]
@@ -237,3 +241,50 @@ def test_tensorrt_target_without_tensorrt_is_refused_before_any_work(tmp_path, m
     with pytest.raises(PipelineError, match=r"'tensorrt'.*reparam-deploy\[tensorrt\].*drop tensorrt"):
         convert(ConvertOptions(targets=("tensorrt",), out=str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+
+
+REFUSED = '''
+import torch
+from torch import nn
+
+
+def build():
+    """conv -> ReLU -> BN -> zero-padded 3x3 conv: the BN can fold neither backwards (ReLU) nor forwards
+    (the padded border would see its shift); a RepVGG-style identity BN that merge_linear absorbs later."""
+    torch.manual_seed(0)
+    net = nn.Module()
+    net.c1, net.bn, net.c2 = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+    net.c3, net.bn3, net.idbn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+    for bn in (net.bn, net.bn3, net.idbn):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+
+    def forward(x):
+        y = net.c2(net.bn(torch.relu(net.c1(x))))
+        return net.bn3(net.c3(y)) + net.idbn(y)
+
+    net.forward = forward
+    return net.eval()
+'''
+
+
+def test_refusal_counts_agree_everywhere(tmp_path):
+    """The refused count on the console, the per-pass counts and the reasons in report.json and report.md are
+    one number; an identity BN that fold_bn leaves and merge_linear merges is not a refusal."""
+    (tmp_path / "refused.py").write_text(REFUSED)
+    lines: list[str] = []
+    result = convert(ConvertOptions(model=f"{tmp_path / 'refused.py'}:build", input_shape=(1, 3, 8, 8), targets=(),
+                                    out=str(tmp_path / "o")), progress=lines.append)
+    assert result.passed
+    rep = result.report["reparameterize"]
+    standing = rep["refusals"]
+    assert standing and all(r["reason"] and r["code"] for r in standing)
+    assert sorted((r["pass"], r["code"]) for r in standing) == [("fold_bn", "no_producer"),
+                                                                ("fold_into_next", "padded_conv")], standing
+    assert not any("idbn" in r["site"] for r in standing)  # merged by merge_linear: not a refusal
+    console = next(ln for ln in lines if ln.startswith("reparameterized in"))
+    assert f"{len(standing)} refused" in console, console
+    assert sum(p["refused"] for p in rep["passes"]) == len(standing) == rep["refused"]
+    md = (tmp_path / "o" / "report.md").read_text()
+    listed = md[md.index("Refused rewrites"):].split("\n\n")[1].splitlines()
+    assert len(listed) == len(standing) and all(ln.startswith("- `") for ln in listed)

@@ -62,6 +62,7 @@ def test_randomize_batchnorm_is_deterministic_and_in_range():
     assert torch.equal(sa[key], sb[key]) and not torch.equal(sa[key], sc[key])
 
 
+@pytest.mark.e2e  # every zoo classifier through torch.export: the sweep, not needed while changing a pass
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifier_forward_export_and_float64(name):
     model = _tiny(name)

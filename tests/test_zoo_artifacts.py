@@ -12,6 +12,8 @@ from deploy import zoo
 from exporters import export
 from runtimes import Stage, open_runner, verify_chain
 
+pytestmark = pytest.mark.e2e  # zoo models through every CPU format
+
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
 pytest.importorskip("litert_torch")

@@ -104,6 +104,7 @@ def test_channel_shuffle_interleaves_groups():
     assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(CHECKS))
 def test_seed_classifier_converts_everywhere(name, tmp_path):
     torch.manual_seed(0)

@@ -82,6 +82,7 @@ CASES = {  # name: (factory keywords, input size, structural check); small enoug
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_paper_model_everywhere(name, tmp_path):
     kwargs, size, check = CASES[name]

@@ -10,35 +10,36 @@ from __future__ import annotations
 
 from .. import algebra
 from ..graph import as_batchnorm, as_conv, erase_unused, replace_conv, shape, sole_user
-from ..manager import NodePass
-
+from ..rules import Match, Pass, RefusalCode
 
 _BATCH_STATS = "BatchNorm uses batch statistics (train mode or track_running_stats=False); folding needs running statistics"
 
 
-class FoldBatchNorm(NodePass):
+class FoldBatchNorm(Pass):
     name = "fold_bn"
     refusal = "BatchNorm not folded"
 
-    def analyze(self, gm, node):
+    def match(self, gm, node):
         bn = as_batchnorm(gm, node)
         if bn is None:
             return None
-        conv = as_conv(gm, bn.x)
         if not bn.foldable:
-            return None, _BATCH_STATS
-        if conv is None:  # reported only if it is still there when the passes are done
+            return self.refuse(RefusalCode.NO_RUNNING_STATS, [node], _BATCH_STATS)
+        conv = as_conv(gm, bn.x)
+        if conv is None:  # stands only if the BN is still there when the passes are done
             what = getattr(bn.x, "target", getattr(bn.x, "op", "input"))
-            return None, (f"it follows {getattr(what, '__name__', what)}, not a conv or Linear, and feeds no "
-                          "unpadded conv; kept as an affine op")
+            return self.refuse(RefusalCode.NO_PRODUCER, [node],
+                               f"it follows {getattr(what, '__name__', what)}, not a conv or Linear, and feeds no "
+                               "unpadded conv; kept as an affine op")
         if sole_user(conv.node) is not node:
-            return None, f"{conv.node.name} output is also used elsewhere"
+            return self.refuse(RefusalCode.OTHER_USERS, [node], f"{conv.node.name} output is also used elsewhere")
         if conv.kind == "linear" and len(shape(conv.node) or ()) != 2:
-            return None, "BatchNorm after a Linear with a non-2-D output normalises another dim"
-        return conv, bn
+            return self.refuse(RefusalCode.LINEAR_NOT_2D, [node],
+                               "BatchNorm after a Linear with a non-2-D output normalises another dim")
+        return self.found([node], (conv, bn))
 
-    def rewrite(self, gm, node, plan):
-        conv, bn = plan
+    def rewrite(self, gm, match: Match) -> str:
+        conv, bn = match.plan
         s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
         if conv.kind == "conv_transpose":
             k, b = algebra.fuse_conv_transpose_bn(conv.weight, conv.bias, s, t, conv.groups)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..graph import add_tensor, erase_unused, fetch_attr
-from ..manager import Pass, Site
+from ..rules import Match, Pass
 
 aten = torch.ops.aten
 _NEVER = ("rand", "randn", "randint", "bernoulli", "dropout", "empty", "normal", "uniform", "_assert", "native_dropout")
@@ -21,22 +21,46 @@ def _foldable_op(node) -> bool:
     return node.op == "call_function" and not any(name.startswith(p) for p in _NEVER)
 
 
+def _constants(gm) -> dict:
+    """For every node: whether it is computed from weights only."""
+    const = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            const[node] = isinstance(fetch_attr(gm, node.target), torch.Tensor)
+        elif _foldable_op(node):
+            const[node] = all(const.get(a, False) for a in node.all_input_nodes)
+        else:
+            const[node] = False
+    return const
+
+
+def _on_frontier(node, const) -> bool:
+    """A constant tensor that something non-constant reads: where a folded value goes."""
+    return (node.op == "call_function" and const[node] and isinstance(node.meta.get("val"), torch.Tensor)
+            and any(not const[u] for u in node.users))
+
+
 class FoldConstants(Pass):
     name = "fold_constants"
 
-    def find(self, gm):
-        const = {}
+    def matches(self, gm):
+        const = _constants(gm)
         for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                const[node] = isinstance(fetch_attr(gm, node.target), torch.Tensor)
-            elif _foldable_op(node):
-                const[node] = all(const.get(a, False) for a in node.all_input_nodes)
-            else:
-                const[node] = False
-        frontier = [n for n in gm.graph.nodes
-                    if n.op == "call_function" and const[n] and isinstance(n.meta.get("val"), torch.Tensor)
-                    and any(not const[u] for u in n.users)]
-        return [Site(n.name, _folder(n)) for n in frontier], []
+            if _on_frontier(node, const):
+                yield self.found([node], node)
+
+    def match(self, gm, node):
+        return self.found([node], node) if _on_frontier(node, _constants(gm)) else None
+
+    def rewrite(self, gm, match: Match) -> str:
+        node = match.plan
+        value = _evaluate(gm, node, {}).detach().clone()
+        with gm.graph.inserting_before(node):
+            attr = gm.graph.get_attr(add_tensor(gm, f"const_{node.name}", value, parameter=False))
+        attr.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(attr)
+        erase_unused(gm.graph, [node])
+        return f"{node.target} -> constant {tuple(value.shape)}"
 
 
 def _evaluate(gm, node, memo):
@@ -52,16 +76,3 @@ def _evaluate(gm, node, memo):
             value = node.target(*args, **kwargs)
     memo[node] = value
     return value
-
-
-def _folder(node):
-    def apply(gm):
-        value = _evaluate(gm, node, {}).detach().clone()
-        with gm.graph.inserting_before(node):
-            attr = gm.graph.get_attr(add_tensor(gm, f"const_{node.name}", value, parameter=False))
-        attr.meta["val"] = node.meta.get("val")
-        node.replace_all_uses_with(attr)
-        erase_unused(gm.graph, [node])
-        return f"{node.target} -> constant {tuple(value.shape)}"
-    return apply
-

@@ -19,10 +19,10 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..graph import (aten, as_avgpool, as_batchnorm, as_conv, common_meta, const_value, erase_unused, per_channel, replace_conv, shape,
-                     site, sole_user)
-from ..manager import Pass, Refusal, Site
-from . import merge_sequence
+from ..graph import (aten, as_avgpool, as_batchnorm, as_conv, build_conv, common_meta, common_path, const_value,
+                     erase_unused, per_channel, shape, sole_user)
+from ..matchers import Sequence, conv_branch, match_sequence
+from ..rules import Match, Pass, Refusal, RefusalCode
 
 _COMBINE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.neg.default}
 _IN_PLACE = {aten.add_.Tensor: aten.add.Tensor, aten.sub_.Tensor: aten.sub.Tensor, aten.mul_.Tensor: aten.mul.Tensor}
@@ -126,15 +126,12 @@ def _branch(gm, node, channel_dim):
     """``(Branch, input, kind, nodes it replaces)`` when ``node`` is a linear function of one input."""
     out = shape(node)
     if channel_dim == 1:
-        seq = merge_sequence.analyze(gm, node, check_cost=False)  # the sum pays for the kxk kernel
-        if seq is not None and seq[0] is not None:
-            first, merged, chain = seq
-            return merged, first.x, "conv", chain
+        seq = match_sequence(gm, node, check_cost=False)  # the sum pays for the kxk kernel
+        if isinstance(seq, Sequence):
+            return seq.merged, seq.first.x, "conv", seq.chain
     conv = as_conv(gm, node)
     if conv is not None and conv.kind in ("conv", "linear") and isinstance(conv.x, fx.Node):
-        bias = conv.bias if conv.bias is not None else torch.zeros(conv.weight.shape[0], dtype=conv.weight.dtype)
-        b = algebra.Branch(conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, node.name)
-        return b, conv.x, conv.kind, [node]
+        return conv_branch(conv, node.name), conv.x, conv.kind, [node]
     bn = as_batchnorm(gm, node)
     if bn is not None and bn.foldable and channel_dim == 1 and isinstance(bn.x, fx.Node):
         s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
@@ -150,7 +147,8 @@ def _branch(gm, node, channel_dim):
     return None
 
 
-def analyze(gm, root) -> tuple[Plan | None, list[Refusal]]:
+def analyze(gm, root, refuse) -> tuple[Plan | None, list[Refusal]]:
+    """The merge plan of the tree rooted at ``root`` (or None) and the refusals of groups it leaves apart."""
     out = shape(root)
     if out is None or len(out) < 2:
         return None, []
@@ -167,11 +165,11 @@ def analyze(gm, root) -> tuple[Plan | None, list[Refusal]]:
             continue
         if not kinds & {"conv", "linear"}:
             return None, []
-        return _plan(root, terms, flat, "linear" if "linear" in kinds else "conv", refusals), refusals
+        return _plan(root, terms, flat, "linear" if "linear" in kinds else "conv", refusals, refuse), refusals
     return None, refusals
 
 
-def _plan(root, terms, flat, kind, refusals) -> Plan | None:
+def _plan(root, terms, flat, kind, refusals, refuse) -> Plan | None:
     by_src: dict[fx.Node, list[Term]] = {}
     for t in terms:
         by_src.setdefault(t.src, []).append(t)
@@ -190,13 +188,14 @@ def _plan(root, terms, flat, kind, refusals) -> Plan | None:
         try:
             merged = algebra.merge_branches([t.branch.scaled(t.coef) for t in group], tuple(in_size))
         except algebra.NotExact as e:
-            refusals.append(Refusal(site([t.node for t in group]), f"branches not merged: {e}"))
+            refusals.append(refuse(e.code, [t.node for t in group], str(e)))
             plan.rest.extend(group)
             continue
         before = sum(t.branch.kernel.numel() for t in group)
         if merged.kernel.numel() > before:  # e.g. small dilated kernels with no large kernel to absorb them
-            refusals.append(Refusal(site([t.node for t in group]), f"branches not merged: one kernel would hold "
-                                    f"{merged.kernel.numel():,} weights, the branches hold {before:,}"))
+            refusals.append(refuse(RefusalCode.WOULD_GROW, [t.node for t in group],
+                                   f"one kernel would hold {merged.kernel.numel():,} weights, "
+                                   f"the branches hold {before:,}"))
             plan.rest.extend(group)
             continue
         if absorb:
@@ -204,7 +203,7 @@ def _plan(root, terms, flat, kind, refusals) -> Plan | None:
             const_taken = True
         plan.groups.append(group)
         plan.merged.append(merged)
-    _explain_nonlinear(plan, by_src, refusals)
+    _explain_nonlinear(plan, by_src, refusals, refuse)
     if not plan.groups or any(not bool((t.coef == 1).all()) for t in plan.rest) or (has_const and not const_taken):
         return None
     for group in plan.groups:
@@ -212,7 +211,7 @@ def _plan(root, terms, flat, kind, refusals) -> Plan | None:
     return plan
 
 
-def _explain_nonlinear(plan, by_src, refusals) -> None:
+def _explain_nonlinear(plan, by_src, refusals, refuse) -> None:
     """A leaf that is a nonlinear function of a merged branch's input: say why it stays apart."""
     sources = {src for src, g in by_src.items() if any(t.kind in ("conv", "linear") for t in g)}
     for t in plan.rest:
@@ -224,43 +223,46 @@ def _explain_nonlinear(plan, by_src, refusals) -> None:
             if not ins:
                 break
             if ins[0] in sources:
-                refusals.append(Refusal(site([t.node]), f"branch through {t.node.target} is not linear in "
-                                        f"{ins[0].name}; not merged"))
+                refusals.append(refuse(RefusalCode.NONLINEAR_BRANCH, [t.node],
+                                       f"branch through {t.node.target} is not linear in {ins[0].name}"))
                 break
             node = ins[0]
 
 
 class MergeLinear(Pass):
     name = "merge_linear"
+    refusal = "branches not merged"
 
-    def find(self, gm):
-        sites, refusals, consumed = [], [], set()
-        for node in reversed(list(gm.graph.nodes)):
+    def matches(self, gm):
+        consumed = set()
+        for node in reversed(list(gm.graph.nodes)):  # outermost sums first; their inner sums are consumed
             if not _is_combinator(node) or node in consumed:
                 continue
-            plan, why = analyze(gm, node)
-            refusals += why
+            plan, refusals = analyze(gm, node, self.refuse)
+            yield from refusals
             if plan is not None:
                 consumed |= plan.consumed
-                sites.append(Site(site([node]), _merger(node)))
-        return sites, refusals
+                yield self.found([node], plan)
 
+    def match(self, gm, node):
+        if not _is_combinator(node):
+            return None
+        plan, refusals = analyze(gm, node, self.refuse)
+        if plan is not None:
+            return self.found([node], plan)
+        return refusals[0] if refusals else None
 
-def _merger(root):
-    def apply(gm):
-        plan, _ = analyze(gm, root)
-        if plan is None:
-            return "skipped: the site changed"
+    def rewrite(self, gm, match: Match) -> str:
+        plan = match.plan
+        root, graph = plan.root, gm.graph
         outs = []
         for group, b in zip(plan.groups, plan.merged):
-            src = group[0].src
-            hint = site([t.node for t in group]).split(" ")[0]
-            new = replace_conv(gm, _Placeholder(root, [t.node for t in group]), src, plan.kind, b.kernel, b.bias, b.stride, b.padding,
-                               b.dilation, b.groups, hint=hint, insert_before=root)
-            outs.append(new)
+            nodes = [t.node for t in group]
+            meta = dict(common_meta(nodes), val=root.meta.get("val"))
+            outs.append(build_conv(gm, group[0].src, plan.kind, b.kernel, b.bias, b.stride, b.padding, b.dilation,
+                                   b.groups, hint=common_path(nodes) or nodes[0].name, meta=meta, insert_before=root))
         outs += [t.node for t in plan.rest]
         value = outs[0]
-        graph = gm.graph
         for other in outs[1:]:
             with graph.inserting_before(root):
                 value = graph.call_function(aten.add.Tensor, (value, other))
@@ -269,15 +271,3 @@ def _merger(root):
         erase_unused(graph, plan.consumed)
         labels = "+".join(sorted(t.kind for g in plan.groups for t in g))
         return f"{labels} -> {len(plan.groups)} {plan.kind}" + (f" + {len(plan.rest)} kept" if plan.rest else "")
-    return apply
-
-
-class _Placeholder:
-    """Stands for the root in ``replace_conv`` so the new conv is built without rewiring yet."""
-
-    def __init__(self, root, nodes):
-        self.meta = dict(common_meta(nodes), val=root.meta.get("val"))
-        self.name = root.name
-
-    def replace_all_uses_with(self, new):
-        pass

@@ -9,35 +9,27 @@ Not a default pass: exporters run it for the targets that need it.
 from __future__ import annotations
 
 from ..graph import aten, erase_unused
-from ..manager import NodePass
+from ..matchers import MAX_EXPONENT, integer_exponent
+from ..rules import Match, Pass, RefusalCode
 
-MAX_EXPONENT = 16
-
-
-def integer_exponent(node) -> int | None:
-    """The exponent of an ``aten.pow.Tensor_Scalar`` node when it is an integer in 1..MAX_EXPONENT."""
-    if node.op != "call_function" or node.target != aten.pow.Tensor_Scalar:
-        return None
-    n = node.args[1]
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or float(n) != int(n):
-        return None
-    return int(n) if 1 <= int(n) <= MAX_EXPONENT else None
+__all__ = ["PowToMul", "integer_exponent", "MAX_EXPONENT"]
 
 
-class PowToMul(NodePass):
+class PowToMul(Pass):
     name = "pow_to_mul"
     refusal = "power kept"
 
-    def analyze(self, gm, node):
+    def match(self, gm, node):
         if node.op != "call_function" or node.target not in (aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor):
             return None
         n = integer_exponent(node)
         if n is None:
-            return None, f"exponent {node.args[1]!r} is not an integer in 1..{MAX_EXPONENT}; no exact product form"
-        return (n,)
+            return self.refuse(RefusalCode.NON_INTEGER_EXPONENT, [node], f"exponent {node.args[1]!r} is not an "
+                               f"integer in 1..{MAX_EXPONENT}; no exact product form")
+        return self.found([node], (node, n))
 
-    def rewrite(self, gm, node, plan):
-        (n,), graph = plan, gm.graph
+    def rewrite(self, gm, match: Match) -> str:
+        (node, n), graph = match.plan, gm.graph
         result, base, created = None, node.args[0], []
 
         def mul(a, b):

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from ..graph import add_tensor, as_batchnorm, as_conv, aten, erase_unused, shape
-from ..manager import NodePass
+from ..rules import Match, Pass, RefusalCode
 
 _MOVES = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.chunk.default,
           aten.split.Tensor, aten.split_with_sizes.default, aten.contiguous.default, aten.clone.default,
@@ -60,11 +60,11 @@ def _channel_maps(bn, moves, ends) -> list[torch.Tensor] | None:
     return maps
 
 
-class PushAffine(NodePass):
+class PushAffine(Pass):
     name = "push_affine"
     refusal = "BatchNorm not moved"
 
-    def analyze(self, gm, node):
+    def match(self, gm, node):
         bn = as_batchnorm(gm, node)
         if bn is None or not bn.foldable or node.target is operator.getitem or not isinstance(bn.x, fx.Node):
             return None
@@ -73,14 +73,15 @@ class PushAffine(NodePass):
             return None
         moves, ends = found
         if any(any(as_conv(gm, conv).padding) for _, conv in ends):
-            return None, "a conv behind the data movement zero-pads its input"
+            return self.refuse(RefusalCode.PADDED_CONV, [node], "a conv behind the data movement zero-pads its input")
         maps = _channel_maps(bn, moves, ends)
         if maps is None:
-            return None, "the data movement mixes channels"
-        return bn, ends, maps
+            return self.refuse(RefusalCode.MIXES_CHANNELS, [node], "the data movement mixes channels")
+        return self.found([node], (bn, ends, maps))
 
-    def rewrite(self, gm, node, plan):
-        bn, ends, maps = plan
+    def rewrite(self, gm, match: Match) -> str:
+        bn, ends, maps = match.plan
+        node = bn.node
         graph = gm.graph
         params = [bn.weight, bn.bias, bn.mean, bn.var]
         for (tensor, conv), index in zip(ends, maps):

@@ -15,6 +15,8 @@ convolutions with activations ``a`` between them, becomes a plain chain:
   the BN-folded 1x1 downsample kernel (placed at the same tap, i.e. padded to the conv's kernel),
   whose bias joins the conv's bias. The add disappears.
 
+The kernels are ``algebra.carry_input`` and ``algebra.add_shortcut``; the tap is ``algebra.dirac_tap``.
+
 Opt-in (not in ``DEFAULT_PASSES``): the carried channels make the convs wider, which costs FLOPs
 (a lot in bottleneck blocks); ``benchmarks/rm_speed.py`` measures when it pays.
 """
@@ -26,8 +28,9 @@ import math
 import torch
 from torch import fx
 
-from ..graph import aten, as_conv, erase_unused, replace_conv, shape, site, sole_user
-from ..manager import NodePass
+from .. import algebra
+from ..graph import aten, as_conv, common_path, erase_unused, replace_conv, shape, sole_user
+from ..rules import Match, Pass, RefusalCode
 
 INF = math.inf
 _KEEP_RANGE = {aten.max_pool2d.default, aten.max_pool1d.default, aten.avg_pool2d.default, aten.avg_pool1d.default,
@@ -72,17 +75,11 @@ def passes_unchanged(act) -> tuple[float, float] | None:
 
 
 def _dirac_tap(conv) -> tuple[int, ...] | None:
-    """The kernel tap that reads input offset 0 (``d * j - p == 0``), or None."""
-    taps = []
-    for k, p, d in zip(conv.weight.shape[2:], conv.padding, conv.dilation):
-        if p % d or not 0 <= p // d < k:
-            return None
-        taps.append(p // d)
-    return tuple(taps)
+    return algebra.dirac_tap(conv.weight.shape[2:], conv.padding, conv.dilation)
 
 
 def analyze(gm, add):
-    """``(x, chain convs, activations, shortcut conv or None)`` or ``(None, reason)`` or None."""
+    """``(x, chain convs, activations, shortcut conv or None)``, ``(RefusalCode, reason)`` or None."""
     if getattr(add, "target", None) not in (aten.add.Tensor, aten.add_.Tensor) or add.kwargs.get("alpha", 1) != 1 \
             or len(add.args) != 2:
         return None
@@ -120,19 +117,21 @@ def _check(add, x, chain, acts, short):
         p_lo, p_hi = passes_unchanged(act)
         if lo < p_lo or hi > p_hi:
             where = "may be negative" if lo < 0 else f"may exceed {p_hi:g}"
-            return None, (f"block input {x.name} {where} (range [{lo:g}, {hi:g}]); {act.target.__name__} would "
+            code = RefusalCode.NOT_NONNEGATIVE if lo < 0 else RefusalCode.OUT_OF_RANGE
+            return code, (f"block input {x.name} {where} (range [{lo:g}, {hi:g}]); {act.target.__name__} would "
                           "change the carried values, and no exact form exists")
     if any(c.groups != 1 for c in chain):
-        return None, "a grouped conv in the block; carrying the input would make it dense"
+        return RefusalCode.GROUPED_CONV, "a grouped conv in the block; carrying the input would make it dense"
     if any(_dirac_tap(c) is None for c in chain):
-        return None, "a conv has no kernel tap that reads input offset 0"
+        return RefusalCode.NO_DIRAC_TAP, "a conv has no kernel tap that reads input offset 0"
     stride = [math.prod(c.stride[d] for c in chain) for d in range(chain[0].ndim)]
     if short is not None:
         if any(k != 1 for k in short.weight.shape[2:]) or any(short.padding) or list(short.stride) != stride \
                 or short.groups != 1:
-            return None, "the shortcut conv is not a 1x1, unpadded conv with the block's total stride"
+            return RefusalCode.SHORTCUT_SHAPE, ("the shortcut conv is not a 1x1, unpadded conv with the block's "
+                                                "total stride")
     elif any(s != 1 for s in stride):
-        return None, "identity shortcut around a strided chain"
+        return RefusalCode.STRIDED_IDENTITY, "identity shortcut around a strided chain"
     return x, chain, acts, short
 
 
@@ -144,40 +143,34 @@ def _meta_shape(node, channels: int) -> None:
         node.meta["val"] = torch.empty(new_shape, dtype=old.dtype, device="meta")
 
 
-class RepMerge(NodePass):
+class RepMerge(Pass):
     name = "rm"
     refusal = "residual kept"
 
-    def analyze(self, gm, node):
-        return analyze(gm, node)
+    def match(self, gm, node):
+        found = analyze(gm, node)
+        if found is None:
+            return None
+        if isinstance(found[0], RefusalCode):
+            return self.refuse(found[0], [node], found[1])
+        return self.found([node], (node, *found))
 
-    def rewrite(self, gm, add, plan):
-        x, chain, acts, short = plan
+    def rewrite(self, gm, match: Match) -> str:
+        add, x, chain, acts, short = match.plan
         cx = shape(x)[1]
-        dtype = chain[0].weight.dtype
         widths, last = [], len(chain) - 1
         for i, c in enumerate(chain):
-            o, cin = c.weight.shape[:2]
-            carried_in = cx if i > 0 else 0
-            tap = (slice(None), slice(None)) + _dirac_tap(c)
+            tap = _dirac_tap(c)
+            o = c.weight.shape[0]
             if i < last:
-                k = c.weight.new_zeros(o + cx, cin + carried_in, *c.weight.shape[2:])
-                k[:o, :cin] = c.weight
-                dirac = k[o:, (cin if i > 0 else 0):][tap]
-                dirac.copy_(torch.eye(cx, dtype=dtype))
-                bias = torch.cat([c.bias if c.bias is not None else c.weight.new_zeros(o), c.weight.new_zeros(cx)])
+                k, bias = algebra.carry_input(c.weight, c.bias, cx, tap, first=i == 0)
                 widths.append(f"{o}->{o + cx}")
             else:
-                k = c.weight.new_zeros(o, cin + carried_in, *c.weight.shape[2:])
-                k[:, :cin] = c.weight
-                s_kernel = short.weight.flatten(1) if short is not None else torch.eye(cx, dtype=dtype)
-                k[:, cin:][tap] += s_kernel
-                bias = c.bias if c.bias is not None else c.weight.new_zeros(o)
-                if short is not None and short.bias is not None:
-                    bias = bias + short.bias
+                k, bias = algebra.add_shortcut(c.weight, c.bias, cx, tap,
+                                               *((short.weight, short.bias) if short is not None else ()))
             target = add if i == last else c.node
             new = replace_conv(gm, target, c.x, "conv", k, bias, c.stride, c.padding, c.dilation, 1,
-                               hint=site([c.node]).split(" ")[0], insert_before=c.node if i < last else add)
+                               hint=common_path([c.node]) or c.node.name, insert_before=c.node if i < last else add)
             if i < last:
                 _meta_shape(new, o + cx)
                 _meta_shape(acts[i], o + cx)

@@ -1,0 +1,153 @@
+"""Export a torch module into the artifacts of a set of targets: the export step of ``deploy convert``,
+``deploy bench`` (the training form, and the deploy form at another batch) and the tuner.
+
+:func:`check_targets` refuses unknown targets, unsupported precisions and missing packages before
+any work; :func:`export_forms` runs each target's export (a target after the one it is converted
+from), turning a failed export into a failed stage whose partial files are removed, so the other
+targets go on. Targets are looked up in the registry (``exporters.targets``); nothing here knows a
+format by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from exporters import targets as registry
+from exporters.targets import ExportJob, Product, Target
+from runtimes.core import DeployError, MissingDependency, first_line
+
+from .record import ExportRecord, FilesRecord, PipelineError, StageRecord
+
+__all__ = ["check_targets", "export_forms", "main_stage"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def check_targets(names: Sequence[str], precision: str) -> list[Target]:
+    """The targets to export for ``names`` (with those made in every run and the sources they are converted
+    from), in export order; :class:`PipelineError` for an unknown target, a precision it cannot produce, or a
+    package or device it lacks."""
+    known = registry.names()
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise PipelineError(f"unknown target(s) {', '.join(unknown)}; known targets: {', '.join(known)} (or none)")
+    precisions = sorted({p for t in registry.all_targets() for p in t.precisions})
+    if precision not in precisions:
+        raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(precisions)}")
+    order = registry.export_order(names)
+    for t in order:
+        if t.name in names and precision not in t.precisions:
+            raise PipelineError(f"the {t.name} target cannot produce {precision} (it makes "
+                                f"{', '.join(t.precisions)}); drop {t.name} from --targets or change --precision")
+        try:
+            registry.check_available(t)
+        except MissingDependency as e:
+            raise PipelineError(f"{str(e).rstrip('.')}; drop {t.name} from --targets on this machine") from e
+    return order
+
+
+def main_stage(made: Sequence[StageRecord], target: str) -> StageRecord | None:
+    """The stage that stands for ``target`` among ``made``: its last main product, else its failed stage."""
+    mine = [s for s in made if s.export.format == target]
+    mains = [s for s in mine if s.export.main and not s.export.error]
+    return (mains or mine or [None])[-1]
+
+
+def export_forms(module, args: tuple, folder: str | Path, targets: Sequence[Target], *, precision: str = "fp32",
+                 dynamic: bool = False, opset: int = 18, metadata: dict | None = None,
+                 progress: Progress | None = None) -> list[StageRecord]:
+    """Export ``module`` (example inputs ``args``) for ``targets`` (in export order, see :func:`check_targets`)
+    into ``folder``: one :class:`StageRecord` per stage made, its files relative to ``folder``.
+
+    A target converted from another one gets that target's main artifact; when that export failed, it
+    fails too, saying why. ``metadata`` goes into the artifacts that can hold it (the pt2 archive).
+    """
+    progress = progress or _noop
+    folder = Path(folder)
+    made: list[StageRecord] = []
+    main: dict[str, StageRecord] = {}  # target -> the stage that stands for it
+    for target in targets:
+        source = main.get(target.source) if target.source != "torch" else None
+        parent = source.name if source is not None else ("pt2" if target.name != "pt2" else "training")
+        if target.source != "torch" and source is None:
+            msg = f"not exported: its source, the {registry.get(target.source).label} export, failed"
+            made.append(StageRecord(target.name, ExportRecord(target.name, parent=target.source, precision=precision,
+                                                              error=msg)))
+            continue
+        job = ExportJob(module, args, folder, precision=precision if precision in target.precisions else "fp32",
+                        dynamic=dynamic, opset=opset, source=source.export.artifact_in(folder) if source else None,
+                        metadata=dict(metadata or {}))
+        products, error, seconds = _attempt(target, job, progress)
+        if error:
+            made.append(StageRecord(target.name, ExportRecord(target.name, parent=parent, precision=job.precision,
+                                                              seconds=seconds, error=error)))
+            continue
+        for i, p in enumerate(products):
+            stage = _stage(target, p, parent, folder, seconds if i == 0 else None)
+            made.append(stage)
+            if p.main and not p.error:
+                main[target.name] = stage
+    return made
+
+
+def _attempt(target: Target, job: ExportJob, progress: Progress) -> tuple[list[Product], str, float]:
+    """Run ``target``'s export: ``(products, "", seconds)``, or ``([], message, seconds)`` with its files removed."""
+    before = set(job.folder.iterdir())
+    progress(f"exporting {target.name} ({job.precision}) ...")
+    start = time.perf_counter()
+    try:
+        products = target.export(job)
+    except Exception as e:
+        for p in set(job.folder.iterdir()) - before:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        msg = first_line(e) if isinstance(e, DeployError) else f"{type(e).__name__}: {first_line(e)}"
+        if not isinstance(e, MissingDependency):
+            msg = f"{msg.rstrip('.')}; drop {target.name} from --targets or change the model"
+        log.debug("export %s failed", target.name, exc_info=True)
+        progress(f"export {target.name} FAILED: {msg}")
+        return [], msg, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    progress(f"exported {target.name} in {seconds:.1f} s")
+    return products, "", seconds
+
+
+def _stage(target: Target, p: Product, parent: str, folder: Path, seconds: float | None) -> StageRecord:
+    precision = p.precision or (p.artifact.precision if p.artifact is not None else "fp32")
+    export = ExportRecord(target.name, parent=p.parent or parent, precision=precision, seconds=seconds, error=p.error,
+                          main=p.main)
+    if p.artifact is None:
+        return StageRecord(p.stage, export)
+    art = p.artifact
+    files = FilesRecord.of(folder, target.files(art))
+    export.notes = list(art.notes)
+    export.artifact = _relative(art, folder)
+    return StageRecord(p.stage, export, files)
+
+
+def _relative(art, folder: Path):
+    """A copy of ``art`` whose paths (and any path string in its metadata) are relative to ``folder``."""
+    from runtimes.core import Artifact
+
+    root = str(folder.resolve())
+
+    def rel(obj):
+        if isinstance(obj, str):
+            resolved = str(Path(obj).resolve()) if obj.startswith(("/", ".")) or obj.startswith(str(folder)) else obj
+            return str(Path(resolved).relative_to(root)) if resolved.startswith(root + "/") else obj
+        if isinstance(obj, dict):
+            return {k: rel(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [rel(v) for v in obj]
+        return obj
+
+    return Artifact.from_dict(rel(art.to_dict()))

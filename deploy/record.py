@@ -1,0 +1,374 @@
+"""The run record: what a ``deploy convert`` run made and proved, as dataclasses; ``report.json`` is their JSON.
+
+A :class:`RunRecord` holds the model, the options, the inputs, the reparameterization report and
+one :class:`StageRecord` per stage. A stage is three separate records: how it was made
+(:class:`ExportRecord`), its files (:class:`FilesRecord`: paths relative to the run directory,
+sizes and sha256 hashes) and how it verified (:class:`VerificationRecord`). ``to_dict`` /
+``from_dict`` convert to and from JSON; ``report_version`` is the schema version. Version 1 files
+(flat stage dicts, written by reparam-deploy 0.1 before the records were split) are read and
+upgraded; a newer version is refused with a sentence saying which version wrote it.
+
+:class:`RunDirectory` is the atomic commit of a run: everything is written into a hidden partial
+sibling of the output directory, which replaces the output directory only when the run is done;
+on an error the partial folder is removed and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from runtimes.core import Artifact, DeployError, first_line
+
+__all__ = ["SCHEMA_VERSION", "TOOL", "REPORT_NAME", "PipelineError", "ExportRecord", "FilesRecord",
+           "VerificationRecord", "StageRecord", "RunOptions", "SamplesRecord", "InputsRecord", "RunRecord",
+           "RunDirectory", "sha256", "load_record", "is_run_dir"]
+
+SCHEMA_VERSION = 2
+TOOL = "reparam-deploy"
+REPORT_NAME = "report.json"
+
+
+class PipelineError(DeployError):
+    """A run cannot start or go on; the message names the problem and the fix."""
+
+
+def sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _known(cls, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
+@dataclass
+class ExportRecord:
+    """How a stage was made: by which target (format), from which stage, at which precision, in how long."""
+
+    format: str  # the target that made it ("torch" for the training model)
+    parent: str | None = None
+    precision: str = "fp32"
+    seconds: float | None = None
+    artifact: Artifact | None = None  # its paths relative to the run directory
+    notes: list[str] = field(default_factory=list)
+    error: str = ""  # the export failed (or could not run)
+    main: bool = True  # the stage that stands for its target (what bench times, what converted targets read)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["artifact"] = self.artifact.to_dict() if self.artifact is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExportRecord:
+        d = _known(cls, d)
+        if d.get("artifact") is not None:
+            d["artifact"] = Artifact.from_dict(d["artifact"])
+        return cls(**d)
+
+    def artifact_in(self, root: str | os.PathLike) -> Artifact | None:
+        """The artifact record with its paths under ``root``."""
+        if self.artifact is None:
+            return None
+        art = Artifact.from_dict(self.artifact.to_dict())
+        art.path = os.fspath(Path(root) / art.path)
+        if art.parent:
+            art.parent = os.fspath(Path(root) / art.parent)
+        return art
+
+
+@dataclass
+class FilesRecord:
+    """The files of a stage, relative to the run directory, with their total size and sha256 hashes."""
+
+    files: list[str] = field(default_factory=list)
+    size: int = 0
+    sha256: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str | None:
+        return self.files[0] if self.files else None
+
+    @classmethod
+    def of(cls, root: str | os.PathLike, files: list[str]) -> FilesRecord:
+        """Size and hashes of ``files`` (absolute, or relative to ``root``), recorded relative to ``root``."""
+        root = Path(root)
+        rel = [os.path.relpath(f, root) if os.path.isabs(f) else f for f in files]
+        return cls(rel, sum((root / f).stat().st_size for f in rel), {f: sha256(root / f) for f in rel})
+
+    def check(self, root: str | os.PathLike) -> tuple[list[str], list[str]]:
+        """``(missing, changed)`` files under ``root``: absent, or whose sha256 differs from the record."""
+        root = Path(root)
+        missing = [f for f in self.files if not (root / f).is_file()]
+        changed = [f for f, h in self.sha256.items() if f not in missing and sha256(root / f) != h]
+        return missing, changed
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FilesRecord:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class VerificationRecord:
+    """How a stage compared with the training model (seeded inputs, and samples when there are any)."""
+
+    passed: bool = False
+    reason: str = ""
+    blame: str | None = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    cosine: float | None = None
+    parent_max_rel: float | None = None
+    samples_max_rel: float | None = None
+    accuracy: float | None = None
+    agreement: float | None = None
+    changed: bool = False  # a file's sha256 differs from the one recorded at conversion
+    seconds: float | None = None
+    checks: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VerificationRecord:
+        return cls(**_known(cls, d))
+
+
+@dataclass
+class StageRecord:
+    """One stage of a run: how it was made, its files, how it verified."""
+
+    name: str
+    export: ExportRecord
+    files: FilesRecord = field(default_factory=FilesRecord)
+    verification: VerificationRecord = field(default_factory=VerificationRecord)
+
+    # the facts every reader wants, without knowing which record holds them
+    @property
+    def format(self) -> str:
+        return self.export.format
+
+    @property
+    def parent(self) -> str | None:
+        return self.export.parent
+
+    @property
+    def precision(self) -> str:
+        return self.export.precision
+
+    @property
+    def path(self) -> str | None:
+        return self.files.path
+
+    @property
+    def passed(self) -> bool:
+        return self.verification.passed
+
+    @property
+    def reason(self) -> str:
+        return self.verification.reason or self.export.error
+
+    @property
+    def notes(self) -> list[str]:
+        return self.export.notes + [n for n in self.verification.notes if n not in self.export.notes]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "export": self.export.to_dict(), "files": self.files.to_dict(),
+                "verification": self.verification.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StageRecord:
+        return cls(d["name"], ExportRecord.from_dict(d["export"]), FilesRecord.from_dict(d.get("files") or {}),
+                   VerificationRecord.from_dict(d.get("verification") or {}))
+
+    @classmethod
+    def from_v1(cls, d: dict) -> StageRecord:
+        """A stage of a version-1 report (one flat dict)."""
+        export = ExportRecord.from_dict({**d, "seconds": d.get("export_seconds")})
+        verification = VerificationRecord.from_dict({**d, "seconds": d.get("verify_seconds"), "notes": []})
+        return cls(d["name"], export, FilesRecord.from_dict(d), verification)
+
+
+@dataclass
+class RunOptions:
+    targets: list[str] = field(default_factory=list)
+    precision: str = "fp32"
+    dynamic: bool = False
+    passes: list[str] = field(default_factory=list)
+    seed: int = 0
+    opset: int = 18
+
+
+@dataclass
+class SamplesRecord:
+    """Real samples the run verified on: where they came from (relative to the working directory of the run,
+    or the package that shipped them) and how many."""
+
+    path: str
+    count: int
+    labels: bool
+    shipped_with_model: bool = False
+
+
+@dataclass
+class InputsRecord:
+    shape: list[int]
+    verified_shape: list[int]
+    dtype: str = "float32"
+    seeded: dict = field(default_factory=dict)
+    samples: SamplesRecord | None = None
+
+
+@dataclass
+class RunRecord:
+    """Everything ``report.json`` holds; see the module docstring."""
+
+    model: dict
+    load: dict
+    options: RunOptions
+    inputs: InputsRecord
+    tolerance: dict
+    reparameterize: dict
+    stages: list[StageRecord]
+    timings: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    machine: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    command: str | None = None
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    out_dir: str = ""
+    benchmarks: list[dict] = field(default_factory=list)
+    tool: str = TOOL
+    report_version: int = SCHEMA_VERSION
+
+    @property
+    def failed(self) -> list[str]:
+        return [s.name for s in self.stages if not s.passed]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failed
+
+    def stage(self, name: str) -> StageRecord | None:
+        return next((s for s in self.stages if s.name == name), None)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["options"], d["inputs"] = asdict(self.options), asdict(self.inputs)
+        d["stages"] = [s.to_dict() for s in self.stages]
+        d["passed"], d["failed"] = self.passed, self.failed
+        if not self.benchmarks:
+            del d["benchmarks"]
+        head = {k: d.pop(k) for k in ("tool", "report_version", "command", "created", "out_dir", "passed", "failed")}
+        return {**head, **d}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = REPORT_NAME) -> RunRecord:
+        if not isinstance(d, dict) or d.get("tool") != TOOL:
+            raise PipelineError(f"{where} is not a deploy report; pass the output directory of deploy convert")
+        version = d.get("report_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise PipelineError(f"{where} was written by a newer reparam-deploy (report_version {version}); this "
+                                f"version reads report versions up to {SCHEMA_VERSION}: upgrade reparam-deploy or "
+                                "rerun deploy convert")
+        try:
+            stages_in = d["stages"]
+            if not isinstance(stages_in, list) or not all(isinstance(s, dict) for s in stages_in):
+                raise TypeError("'stages' is not a list of stage records")
+            stages = [StageRecord.from_v1(s) if version == 1 else StageRecord.from_dict(s) for s in stages_in]
+            inputs = dict(d["inputs"])
+            if inputs.get("samples"):
+                inputs["samples"] = SamplesRecord(**_known(SamplesRecord, inputs["samples"]))
+            return cls(
+                model=dict(d["model"]), load=dict(d.get("load") or {"spec": d["model"]["spec"]}),
+                options=RunOptions(**_known(RunOptions, d["options"])),
+                inputs=InputsRecord(**_known(InputsRecord, inputs)), tolerance=dict(d.get("tolerance") or {}),
+                reparameterize=dict(d.get("reparameterize") or {}), stages=stages,
+                timings=dict(d.get("timings") or {}), versions=dict(d.get("versions") or {}),
+                machine=dict(d.get("machine") or {}), notes=list(d.get("notes") or []), command=d.get("command"),
+                created=d.get("created", ""), out_dir=d.get("out_dir", ""),
+                benchmarks=list(d.get("benchmarks") or []), report_version=SCHEMA_VERSION)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PipelineError(f"{where} is malformed (report_version {version}: {first_line(e)}); rerun deploy "
+                                "convert") from e
+
+    def write(self, out_dir: str | os.PathLike) -> tuple[str, str]:
+        """``report.json`` and ``report.md`` into ``out_dir``."""
+        from .report import write_reports
+
+        return write_reports(self.to_dict(), out_dir)
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    try:
+        with open(Path(path) / REPORT_NAME) as f:
+            return json.load(f).get("tool") == TOOL
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_record(out_dir: str | os.PathLike) -> RunRecord:
+    """The run record of a ``deploy convert`` output directory; a :class:`PipelineError` says what is wrong."""
+    root = Path(out_dir)
+    path = root / REPORT_NAME
+    if not root.is_dir():
+        raise PipelineError(f"{out_dir} is not a directory; pass the output directory of deploy convert")
+    if not path.is_file():
+        raise PipelineError(f"{out_dir} holds no {REPORT_NAME}; pass the output directory of deploy convert")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except ValueError as e:
+        raise PipelineError(f"{path} is not valid JSON ({first_line(e)}); rerun deploy convert") from e
+    return RunRecord.from_dict(data, str(path))
+
+
+class RunDirectory:
+    """The atomic commit of a run into ``out_dir`` (see the module docstring).
+
+        with RunDirectory(out_dir, replaces) as run:
+            ... write into run.tmp ...
+            run.commit()
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, replaces: bool):
+        self.out_dir = Path(out_dir)
+        self.replaces = replaces
+        self.tmp = Path(os.path.abspath(self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"))
+        self.committed = False
+
+    def __enter__(self) -> RunDirectory:
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        return self
+
+    def commit(self) -> None:
+        """Move the finished run into place, replacing the previous one when ``replaces``."""
+        if self.replaces and self.out_dir.exists():
+            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+            self.out_dir.rename(old)
+            self.tmp.rename(self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.out_dir)
+        self.committed = True
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)

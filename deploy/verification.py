@@ -1,0 +1,246 @@
+"""Verification of a run's stages against the training model's recorded outputs.
+
+``record_reference`` runs the training model once on the seeded input (and on the real samples)
+and writes the inputs and outputs into the run's ``verify/`` folder; ``verify_stages`` runs every
+stage's artifact on its own runtime (looked up in the target registry) on those same inputs and
+returns one :class:`~deploy.record.VerificationRecord` per stage, compared with the reference and
+with the stage it was made from (so the stage that introduced a mismatch is named). With labelled
+samples it adds accuracy and agreement with the training model (100 % required of fp32 stages).
+Nothing here changes the records it is given: ``convert`` and ``verify`` put the results in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from exporters import targets as registry
+from runtimes.core import first_line
+
+from .record import PipelineError, StageRecord, VerificationRecord
+
+__all__ = ["record_reference", "verify_stages", "run_batched", "read_samples", "torch_threads", "open_stage"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def torch_threads(shape) -> int | None:
+    """One thread for small inputs: many small calls gain nothing from torch's thread pool but its
+    synchronization, which on a busy machine costs more than the work."""
+    return 1 if shape and math.prod(shape) < 100_000 else None
+
+
+def read_samples(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Real inputs from an ``.npz``: one input array ``(N, ...)`` plus optional integer ``labels`` ``(N,)``."""
+    if not os.path.isfile(path):
+        raise PipelineError(f"--inputs file {path} does not exist; pass an .npz holding the input array "
+                            "(and optionally 'labels')")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise PipelineError(f"--inputs file {path} is not a readable .npz ({first_line(e)}); save it with "
+                            "numpy.savez(path, input0=images, labels=labels)") from e
+    labels = arrays.pop("labels", None)
+    if len(arrays) != 1:
+        raise PipelineError(f"--inputs file {path} holds {len(arrays)} input arrays ({', '.join(arrays)}); the model "
+                            "has one input: save one array (and optionally 'labels')")
+    (name, x), = arrays.items()
+    if len(x) == 0:
+        raise PipelineError(f"--inputs array {name!r} in {path} holds no samples; save at least one")
+    if x.ndim != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:]):
+        raise PipelineError(f"--inputs array {name!r} has shape {tuple(x.shape)} but the model input is "
+                            f"{','.join(map(str, shape))}; samples must be (N, {', '.join(map(str, shape[1:]))})")
+    if labels is not None and (labels.shape != (len(x),) or labels.dtype.kind not in "iu"):
+        raise PipelineError(f"--inputs 'labels' must be {len(x)} integer class indices, got shape "
+                            f"{tuple(labels.shape)} dtype {labels.dtype}")
+    return np.ascontiguousarray(x.astype(np.float32)), labels
+
+
+def run_batched(runner, x: np.ndarray, batch: int) -> list[np.ndarray]:
+    """Run ``runner`` on the rows of ``x`` in chunks of ``batch`` (the last one padded); outputs concatenated."""
+    chunks: list[list[np.ndarray]] = []
+    for i in range(0, len(x), batch):
+        part = x[i:i + batch]
+        k = len(part)
+        if k < batch:
+            part = np.concatenate([part, np.repeat(part[-1:], batch - k, axis=0)])
+        outs = list(runner.infer([np.ascontiguousarray(part)]).values())
+        chunks.append([o[:k] if o.ndim and o.shape[0] == batch else o for o in outs])
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+    """Write the seeded input, the training model's outputs on it, and the samples and their outputs."""
+    from runtimes import TorchRunner, save_inputs
+
+    vdir.mkdir(exist_ok=True)
+    save_inputs(vdir / "inputs.npz", {"input0": x})
+    with TorchRunner(model, threads=torch_threads(x.shape)) as runner:
+        ref = list(runner.infer([x]).values())
+        np.savez(vdir / "reference.npz", **{f"output{i}": o for i, o in enumerate(ref)})
+        if samples is not None:
+            xs, labels = samples
+            try:  # an eager model takes any batch: fewer, larger calls
+                samples_ref = run_batched(runner, xs, min(len(xs), 64))
+            except Exception:
+                samples_ref = run_batched(runner, xs, x.shape[0])
+            np.savez(vdir / "samples.npz", input0=xs, **({"labels": labels} if labels is not None else {}))
+            np.savez(vdir / "samples_reference.npz", **{f"output{i}": o for i, o in enumerate(samples_ref)})
+
+
+def open_stage(stage: StageRecord, root: Path, **kwargs):
+    """A runner for ``stage``'s artifact in ``root``, with its target's options."""
+    target = registry.get(stage.format)
+    art = stage.export.artifact_in(root)
+    if target.name == "pt2" and art.inputs:
+        kwargs.setdefault("threads", torch_threads(art.inputs[0].concrete_shape(1)))
+    return target.open(art, precision=stage.precision, **kwargs)
+
+
+def _batch_of(stage: StageRecord, n: int) -> int:
+    art = stage.export.artifact
+    shape = art.inputs[0].shape if art is not None and art.inputs else (None,)
+    return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else n
+
+
+def _tolerance(precision: str, rtol: float | None, atol: float):
+    from runtimes import Tolerance
+
+    tol = Tolerance.for_precision(precision)
+    if rtol is not None:
+        tol.rtol = rtol
+    tol.atol = atol
+    return tol
+
+
+def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None, atol: float,
+                  progress: Progress | None = None) -> dict[str, VerificationRecord]:
+    """Verify ``stages`` (the first one the training reference) from the files in ``root``.
+
+    Stages whose export failed are not run; the result has a record for every other stage.
+    """
+    from runtimes import Stage, verify_chain
+
+    progress = progress or _noop
+    vdir = root / "verify"
+    inputs = _load_npz(vdir / "inputs.npz")
+    reference = list(_load_npz(vdir / "reference.npz").values())
+    samples = _load_npz(vdir / "samples.npz") if (vdir / "samples.npz").exists() else None
+    samples_ref = list(_load_npz(vdir / "samples_reference.npz").values()) if samples else None
+    labels = samples.pop("labels", None) if samples else None
+    x_samples = next(iter(samples.values())) if samples else None
+
+    training, rest = stages[0], [s for s in stages[1:] if not s.export.error]
+    results = {s.name: VerificationRecord() for s in rest}
+    runners, failed_open = {}, {}
+    for s in rest:
+        try:
+            runners[s.name] = open_stage(s, root).activate()
+        except Exception as e:  # a corrupt or missing file is this stage's failure, not the run's
+            failed_open[s.name] = e
+    outs_samples: dict[str, list[np.ndarray]] = {}
+
+    def call(s: StageRecord, on_samples: bool):
+        def run(feed):
+            if s.name in failed_open:
+                raise failed_open[s.name]
+            start = time.perf_counter()
+            if on_samples:
+                outs = run_batched(runners[s.name], x_samples, _batch_of(s, len(x_samples)))
+                outs_samples[s.name] = outs
+            else:
+                progress(f"verifying {s.name} ({s.path})")
+                outs = list(runners[s.name].infer(list(feed.values())).values())
+            r = results[s.name]
+            r.seconds = (r.seconds or 0.0) + time.perf_counter() - start
+            return outs
+        return run
+
+    def tol(s: StageRecord):
+        precision = s.precision
+        if getattr(runners.get(s.name), "effective_precision", None) == "bf16" and rtol is None:
+            precision = "bf16"
+            results[s.name].notes.append("OpenVINO ran the f16 hint in bf16 on this CPU (no native fp16); bf16 "
+                                         "tolerance used")
+        return _tolerance(precision, rtol, atol)
+
+    by_name = {s.name: s for s in stages}
+    included = {training.name} | {s.name for s in rest}
+
+    def parent(s: StageRecord) -> str:  # the nearest ancestor that is verified too
+        p = s.parent
+        while p is not None and p not in included:
+            p = by_name[p].parent if p in by_name else None
+        return p or training.name
+
+    try:
+        tolerances = {s.name: tol(s) for s in rest}
+        chain = [Stage(training.name, lambda feed: reference)] + [
+            Stage(s.name, call(s, False), parent(s), s.precision, tolerances[s.name]) for s in rest]
+        seeded = verify_chain(chain, inputs)
+        on_samples = None
+        if samples is not None:
+            chain = [Stage(training.name, lambda feed: samples_ref)] + [
+                Stage(s.name, call(s, True), parent(s), s.precision, tolerances[s.name]) for s in rest]
+            on_samples = verify_chain(chain, {"input0": x_samples})
+    finally:
+        for r in runners.values():
+            r.deactivate()
+
+    ref_pred = np.argmax(samples_ref[0], axis=1) if labels is not None and samples_ref[0].ndim == 2 else None
+    results[training.name] = VerificationRecord(passed=True, reason="reference")
+    if ref_pred is not None:
+        results[training.name].accuracy, results[training.name].agreement = float(np.mean(ref_pred == labels)), 1.0
+    for s in rest:
+        v, res, reasons = results[s.name], seeded[s.name], []
+        v.checks = {"seeded": res.to_dict()}
+        v.blame = res.blame
+        if res.error:
+            reasons.append(res.error)
+        elif res.vs_reference is not None:
+            vr = res.vs_reference
+            v.max_abs, v.max_rel = vr.max_abs, vr.max_rel
+            v.cosine = min((o.cosine for o in vr.outputs), default=None)
+            v.parent_max_rel = res.vs_parent.max_rel if res.vs_parent else None
+            if not vr.passed:
+                reasons.append(f"seeded inputs: {vr.summary()}")
+        ok = res.passed
+        if on_samples is not None and not res.error:
+            sres = on_samples[s.name]
+            v.checks["samples"] = sres.to_dict()
+            if sres.error:
+                reasons.append(f"samples: {sres.error}")
+            elif sres.vs_reference is not None:
+                v.samples_max_rel = sres.vs_reference.max_rel
+                if not sres.vs_reference.passed:
+                    reasons.append(f"samples: {sres.vs_reference.summary()}")
+            ok = ok and sres.passed
+            if ref_pred is not None and s.name in outs_samples:
+                pred = np.argmax(outs_samples[s.name][0], axis=1)
+                v.accuracy = float(np.mean(pred == labels))
+                v.agreement = float(np.mean(pred == ref_pred))
+                if s.precision == "fp32" and v.agreement < 1.0:
+                    ok = False
+                    reasons.append(f"fp32 predictions differ from the training model on "
+                                   f"{int(np.sum(pred != ref_pred))} of {len(pred)} samples")
+        v.passed, v.reason = ok and not reasons, "; ".join(reasons)
+        log.info("stage %s: %s", s.name, "pass" if v.passed else f"FAIL: {v.reason}")
+    return results
