@@ -33,7 +33,7 @@ import torch
 
 from exporters import targets as registry
 from runtimes.bench import ISOLATION, BenchJob, BenchSettings, run_isolated, run_job
-from runtimes.core import MissingDependency, first_line, require
+from runtimes.core import MissingDependency, first_line, require, set_training
 from runtimes.hardware import cpu_facts, gpu_facts, usable_cpus
 
 from . import sources
@@ -244,8 +244,7 @@ def _cost(module, x: torch.Tensor) -> dict:
 
     if isinstance(module, torch.export.ExportedProgram):  # captured again: a dynamic batch gets concrete shapes
         module = module.module()
-        for m in module.modules():  # an exported program's module comes in train mode; it has no BatchNorm left
-            m.training = False
+        set_training(module, False)  # an exported program's module comes in train mode; it has no BatchNorm left
         module = fusers.capture(module, (x,))
     s = inspect_module(module, (x,))
     return {"flops": s.flops, "params": s.params, "memory_access": s.memory_access, "elementwise": s.elementwise,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from typing import TYPE_CHECKING
 
-from runtimes.core import ExportError, eval_mode, first_line, output_leaves
+from runtimes.core import ExportError, eval_mode, first_line, output_leaves, set_training
 
 if TYPE_CHECKING:
     import torch
@@ -43,13 +43,13 @@ def as_args(example_inputs) -> tuple:
 def plain_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of ``gm`` without the input-shape guards of torch.export, in eval mode; weights shared."""
     from torch import fx
+
     graph = copy.deepcopy(gm.graph)
     for node in list(graph.nodes):
         if _is_guard(node) and not node.users:
             graph.erase_node(node)
     out = fx.GraphModule(gm, graph, class_name=type(gm).__name__.split(".")[-1] or "GraphModule")
-    for m in out.modules():
-        m.training = False
+    set_training(out, False)
     return out
 
 

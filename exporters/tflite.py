@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.core import Artifact, ExportError, TensorSpec, check_precision, first_line, require
+from runtimes.core import Artifact, ExportError, TensorSpec, check_precision, first_line, require, set_training
 
 from ._torch import as_args, io_names, output_leaves, to_graph_module
 from .targets import ExportJob, Product, Target
@@ -120,7 +120,7 @@ def export_tflite(model, args, path, *, precision: str = "fp32", nhwc: bool | Se
         if any(args[i].ndim != 4 for i in in_idx) or any(leaves[i].ndim != 4 for i in out_idx):
             raise ExportError("nhwc layout applies to 4-D (N, C, H, W) tensors only.")
         module = litert_torch.to_channel_last_io(module, args=in_idx, outputs=out_idx)
-        module.training = False
+        set_training(module, False)
         sample = tuple(a.permute(0, 2, 3, 1).contiguous() if i in in_idx else a for i, a in enumerate(args))
     quant_config = None
     if precision == "fp16":

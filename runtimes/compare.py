@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import TensorSpec, first_line
+from .core import TensorSpec, as_numpy, first_line, leaves
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -89,18 +89,7 @@ def flatten(outputs) -> list[np.ndarray]:
 
     Dicts are flattened in insertion order, as torch.export and torch.onnx do.
     """
-    from torch.utils import _pytree as pytree
-
-    return [_to_numpy(v) for v in pytree.tree_leaves(outputs)]
-
-
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
+    return [as_numpy(v) for v in leaves(outputs)]
 
 
 def _named_leaves(outputs, names: Sequence[str] | None) -> tuple[list[str], list[np.ndarray]]:

@@ -41,8 +41,10 @@ __all__ = [
     "check_precision",
     "dtype_name",
     "first_line",
+    "leaves",
     "output_leaves",
     "tensor_leaves",
+    "as_numpy",
     "eval_mode",
     "set_training",
     "count_parameters",
@@ -224,11 +226,17 @@ class Artifact:
 
 # ------------------------------------------------------------------------------ torch-side helpers
 
-def tensor_leaves(outputs) -> list:
-    """The leaves of a nested output (tuples, lists, dicts in insertion order) that are tensors or arrays."""
+def leaves(outputs) -> list:
+    """The leaves of a nested output (tuples, lists, dicts in insertion order, as torch.export and torch.onnx
+    flatten them)."""
     from torch.utils import _pytree as pytree
 
-    return [v for v in pytree.tree_leaves(outputs) if hasattr(v, "shape")]
+    return pytree.tree_leaves(outputs)
+
+
+def tensor_leaves(outputs) -> list:
+    """The leaves of a nested output that are tensors or arrays."""
+    return [v for v in leaves(outputs) if hasattr(v, "shape")]
 
 
 def output_leaves(module, args: tuple) -> list:
@@ -296,7 +304,7 @@ def max_rel_error(reference, outputs) -> float:
         return math.inf
     worst = 0.0
     for a, b in zip(ref, out):
-        a, b = _numpy(a), _numpy(b)
+        a, b = as_numpy(a), as_numpy(b)
         if a.shape != b.shape:
             return math.inf
         if a.dtype.kind not in "fc":
@@ -315,7 +323,7 @@ def max_rel_error(reference, outputs) -> float:
     return worst
 
 
-def _numpy(value):
+def as_numpy(value):
     """A numpy view of a tensor (bfloat16 widened to float32) or an array."""
     import numpy as np
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core import Artifact, TensorSpec, dtype_name
+from .core import Artifact, TensorSpec, as_numpy, dtype_name, eval_mode, leaves
 
 from .base import Runner, check_file, corrupt
 
@@ -42,7 +42,7 @@ class TorchRunner(Runner):
         self._input_names = list(input_names) if input_names is not None else None
         self._given_output_names = list(output_names) if output_names is not None else None
         self._saved_threads: int | None = None
-        self._saved_flags: list = []
+        self._eval = None  # the eval-mode context while active
 
     def activate_impl(self) -> None:
         import torch
@@ -65,9 +65,8 @@ class TorchRunner(Runner):
         self.device = torch.device(want)
         # a copy goes to the GPU: Module.to() works in place and would move the caller's model
         self._module = copy.deepcopy(module).to(self.device) if self.device.type != "cpu" else module
-        self._saved_flags = [(m, m.training) for m in self._module.modules()]
-        for m, _ in self._saved_flags:
-            m.training = False
+        self._eval = eval_mode(self._module)
+        self._eval.__enter__()  # left in deactivate_impl
         if self.threads is not None:
             self._saved_threads = torch.get_num_threads()
             torch.set_num_threads(self.threads)
@@ -81,22 +80,19 @@ class TorchRunner(Runner):
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         import torch
-        from torch.utils import _pytree as pytree
 
         order = [s.name for s in self.input_specs] if self.input_specs else list(feed)
         args = [torch.from_numpy(np.ascontiguousarray(feed[n])).to(self.device) for n in order]
         with torch.inference_mode():
             out = self._module(*args)
-        leaves = pytree.tree_leaves(out)
-        return [v.detach().float().cpu().numpy() if v.dtype == torch.bfloat16 else v.detach().cpu().numpy()
-                for v in leaves]
+        return [as_numpy(v) for v in leaves(out)]
 
     def deactivate_impl(self) -> None:
         import torch
 
-        for m, flag in self._saved_flags:
-            m.training = flag
-        self._saved_flags = []
+        if self._eval is not None:
+            self._eval.__exit__(None, None, None)  # the module's own train/eval flags back
+            self._eval = None
         if self._saved_threads is not None:
             torch.set_num_threads(self._saved_threads)
             self._saved_threads = None

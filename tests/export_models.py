@@ -5,18 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-    return model.eval()
+from deploy import zoo
 
 
 def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -69,7 +58,7 @@ def make(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = {"convnet": ConvNet, "nested": NestedNet, "conv": lambda: nn.Conv2d(3, 4, 3, padding=1),
              "pow": PowHead}[name]()
-    return _randomize_bn(model, seed)
+    return zoo.randomize_batchnorm(model, seed).eval()
 
 
 def capture(model: nn.Module, *args) -> torch.fx.GraphModule:

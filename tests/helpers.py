@@ -8,22 +8,14 @@ import torch
 from torch import nn
 
 import fusers
+from deploy import zoo
 from fusers.graph import as_conv, module_path, op_counts
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm statistics and affine parameters far from the identity."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            if m.running_mean is not None:
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            if m.affine:
-                m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.data.copy_(torch.randn(n, generator=g) * 0.5)
-    return model.eval()
+    """Every BatchNorm with statistics and affine parameters far from the identity (``zoo.randomize_batchnorm``),
+    in eval mode."""
+    return zoo.randomize_batchnorm(model, seed).eval()
 
 
 def reparam(model: nn.Module, *shape, passes=None):
