@@ -288,3 +288,14 @@ def test_refusal_counts_agree_everywhere(tmp_path):
     md = (tmp_path / "o" / "report.md").read_text()
     listed = md[md.index("Refused rewrites"):].split("\n\n")[1].splitlines()
     assert len(listed) == len(standing) and all(ln.startswith("- `") for ln in listed)
+
+
+def test_shipped_samples_are_recorded_by_name_not_by_install_path(tmp_path):
+    from deploy import zoo
+
+    result = convert(ConvertOptions(targets=(), out=str(tmp_path / "d")))
+    samples = result.report["inputs"]["samples"]
+    assert samples == {"path": "digits_test.npz", "count": 360, "labels": True, "shipped_with_model": True}
+    md = (tmp_path / "d" / "report.md").read_text()
+    package_dir = str(__import__("pathlib").Path(zoo.__file__).parent)
+    assert "- samples: 360 from `digits_test.npz` (shipped with the model)" in md and package_dir not in md

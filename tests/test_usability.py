@@ -167,3 +167,18 @@ def test_readme_synopsis_names_every_option_of_every_command():
             missing[name] = absent
     assert not missing, f"options missing from the README synopsis: {missing}"
     assert "model.sim.onnx" in synopsis
+
+
+def test_checking_the_targets_imports_no_runtime():
+    """Start-up: refusing a missing package before any work must not import the heavy ones that are present
+    (litert-torch alone takes ~5 s to import); the export imports them when it runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom deploy.forms import check_targets\n"
+            "order = check_targets(['onnx', 'openvino', 'tflite'], 'fp32')\n"
+            "print([t.name for t in order])\n"
+            "print(sorted(m for m in ('litert_torch', 'onnxsim', 'onnxscript', 'openvino', 'onnxruntime') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == ["['pt2', 'onnx', 'openvino', 'tflite']", "[]"]
