@@ -35,11 +35,12 @@ from exporters import targets as registry
 from runtimes.bench import ISOLATION, BenchJob, BenchSettings, run_isolated, run_job
 from runtimes.core import MissingDependency, first_line, require, set_training
 from runtimes.hardware import cpu_facts, gpu_facts, usable_cpus
+from runtimes.pt2_archive import load_program
 
 from . import sources
 from .forms import check_targets, export_forms, main_stage
 from .pipeline import PT2, ConvertOptions, PipelineError, convert, versions
-from .record import RunRecord, StageRecord, load_record
+from .record import RunRecord, StageRecord, inside, load_record
 
 __all__ = ["BenchOptions", "BenchResult", "bench", "speedups"]
 
@@ -60,6 +61,8 @@ class BenchOptions:
     isolation: str = "subprocess"
     chart: bool = True
     convert: ConvertOptions | None = None  # how to convert a MODEL (its targets follow the runtimes)
+    allow_changed: bool = False  # time artifacts whose sha256 differs from the run's record
+    trust_pickle: bool = False  # load what would unpickle (reloading a pickled training model, a changed .pt2)
     command: str | None = None
 
 
@@ -148,14 +151,41 @@ def _stage_files(record: RunRecord, runtimes: Sequence[str] | None) -> tuple[dic
     return picked, notes
 
 
+def _check_unchanged(stages: Sequence[StageRecord], out_dir: Path, allow_changed: bool,
+                     trust_pickle: bool) -> list[str]:
+    """Refuse stages whose files changed since convert (sha256): they are not the artifacts that were verified.
+    With ``allow_changed`` they are timed as they are, with a note each (a changed ``.pt2`` also needs
+    ``trust_pickle``). Paths are checked to be inside ``out_dir`` and hashes compared before anything is opened."""
+    notes, refused = [], []
+    for s in {s.name: s for s in stages}.values():
+        _, changed = s.files.check(out_dir)
+        if not changed:
+            continue
+        if not allow_changed:
+            refused.append(f"{s.name} ({', '.join(changed)})")
+        elif s.format == "pt2" and not trust_pickle:
+            raise PipelineError(f"{', '.join(changed)} changed since convert (sha256 differs), and loading a changed "
+                                ".pt2 can run code from it; pass --trust-pickle if you trust its source")
+        else:
+            notes.append(f"{s.name}: {', '.join(changed)} changed since convert (sha256 differs); timed as it is "
+                         "now (--allow-changed)")
+    if refused:
+        raise PipelineError(f"file(s) changed since convert (sha256 differs): {'; '.join(refused)}; they are not the "
+                            "artifacts that were verified: rerun deploy convert, or pass --allow-changed to time "
+                            "them as they are")
+    return notes
+
+
 def _dynamic(stage: StageRecord) -> bool:
     art = stage.export.artifact
     shape = art.inputs[0].shape if art is not None and art.inputs else (1,)
     return not (isinstance(shape[0], int) and shape[0] > 0)
 
 
-def _load_training(record: RunRecord) -> torch.nn.Module:
-    args = dict(record.load)
+def _load_training(record: RunRecord, trust_pickle: bool = False) -> torch.nn.Module:
+    """The run's training model, loaded as ``record.load`` says; trust to unpickle comes from this command's
+    ``trust_pickle``, never from the record (whoever can edit an artifact can edit ``report.json`` too)."""
+    args = dict(record.load, trust_pickle=trust_pickle)
     spec = args.pop("spec")
     try:
         return sources.load_model(spec, **{k: v for k, v in args.items() if v is not None}).model
@@ -189,7 +219,8 @@ def _forms_at(x: torch.Tensor, picked: dict[str, StageRecord], out_dir: Path, re
     artifacts where their batch fits, else the forms exported again at this batch."""
     batch, shape = x.shape[0], record.inputs.shape
     forms: dict[str, dict[str, str | Exception]] = {
-        "deploy": {r: os.fspath(out_dir / s.path) for r, s in picked.items() if batch == shape[0] or _dynamic(s)}}
+        "deploy": {r: os.fspath(inside(out_dir, s.path)) for r, s in picked.items()
+                   if batch == shape[0] or _dynamic(s)}}
     stale = [r for r in picked if r not in forms["deploy"]]
     if stale:
         import fusers
@@ -271,6 +302,8 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     out_dir = _resolve_dir(opts, progress)
     record = load_record(out_dir)
     picked, notes = _stage_files(record, opts.runtimes)
+    plain_stages = [s for s in record.stages if PT2 in s.files.files]  # the .pt2 the cost model reads
+    notes += _check_unchanged([*picked.values(), *plain_stages], out_dir, opts.allow_changed, opts.trust_pickle)
     if not picked:
         raise PipelineError(f"no verified artifact in {out_dir} to benchmark; rerun deploy convert")
     _check_runtimes(list(picked), device)
@@ -285,7 +318,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
              f"({threads} thread(s), batch {','.join(map(str, opts.batches))}, "
              f"{'each runtime in its own process' if opts.isolation == 'subprocess' else 'one process'})")
     try:
-        training = _load_training(record)
+        training = _load_training(record, opts.trust_pickle)
     except PipelineError as e:
         if needs_training:
             raise
@@ -301,7 +334,9 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
             for runtime, stage in picked.items():
                 target = registry.by_runtime(runtime)
                 job = BenchJob(runtime, {}, [batch, *shape[1:]], runner=target.runner,
-                               runner_options={**target.runner_options(stage.precision), **target.bench_options},
+                               runner_options={**target.runner_options(stage.precision), **target.bench_options,
+                                               **({"trust_pickle": True} if opts.trust_pickle and
+                                                  target.name == "pt2" else {})},
                                note=target.bench_note, threads=threads, precision=precision,
                                device=device if target.name == "pt2" else "cpu", settings=opts.settings)
                 rows += _time_runtime(job, forms, opts.isolation, work, settings_used, progress)
@@ -309,7 +344,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         shutil.rmtree(work, ignore_errors=True)
 
     x1 = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    cost = {"deploy": _cost(torch.export.load(os.fspath(out_dir / PT2)), x1)}
+    cost = {"deploy": _cost(load_program(out_dir / PT2, trust_pickle=opts.trust_pickle), x1)}
     if training is not None:
         cost["training"] = _cost(training, x1)
     cpu = cpu_facts(threads)

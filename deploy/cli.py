@@ -9,16 +9,20 @@
 
 ``deploy MODEL [options]`` (no command) is ``deploy convert MODEL [options]``. Exit status: 0 when
 every stage passes, 1 when a stage failed verification or export (the report names it), 2 for bad
-input (one sentence naming the problem and the fix). Progress goes to stderr, results to stdout.
+input (one sentence naming the problem and the fix), 130 after Ctrl-C and 143 after SIGTERM (the
+partial output removed either way). Progress goes to stderr, results to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
 import shlex
+import signal
 import sys
 import time
 import warnings
@@ -30,14 +34,61 @@ EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 def _positive_ints(what: str, example: str):
     """An argparse type: comma- (or x-) separated positive integers, e.g. ``1,3,224,224``."""
     def parse(text: str) -> tuple[int, ...]:
+        parts = [v.strip() for v in text.replace("x", ",").split(",")]
+        if "" in parts:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} has an empty entry; write it like {example}.")
         try:
-            values = tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+            values = tuple(int(v) for v in parts)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must look like {example}, got {text!r}") from None
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(f"{what} must be positive integers, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{what} must look like {example}, got {text!r}.") from None
+        if min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be positive integers (each >= 1), got {text!r}.")
         return values
     return parse
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum`` (argparse names the option in its message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}.")
+        return value
+    return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed torch's generators take (0 up to 2**63 - 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..{2**63 - 1}, got {text!r}.")
+    return value
+
+
+def _opset(text: str) -> int:
+    """An argparse type: an ONNX opset the exporter can write (MIN_OPSET up to what the installed onnx defines)."""
+    from exporters.onnx import MIN_OPSET, max_opset
+    from runtimes.core import MissingDependency
+
+    try:
+        newest = max_opset()
+    except MissingDependency:  # no onnx: the onnx target says so when it is asked for
+        newest = None
+    valid = f"{MIN_OPSET}..{newest}" if newest else f">= {MIN_OPSET}"
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < MIN_OPSET or (newest and value > newest):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ONNX opset the exporter can write: choose one in "
+                                         f"{valid} (default 18).")
+    return value
 
 
 _shape = _positive_ints("input shape", "1,3,224,224")
@@ -68,9 +119,19 @@ def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}.") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}.")
+    return value
+
+
+def _width(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 (e.g. 0.5), got {text!r}.")
     return value
 
 
@@ -80,21 +141,27 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress lines, only the result")
 
 
+_TRUST_HELP = ("load files that hold pickled Python objects (a whole pickled model such as a YOLOv7 checkpoint, a "
+               "--checkpoint with objects beyond tensors, a .pt2 that would unpickle): loading them runs code from "
+               "them, so only pass this for files from a source you trust")
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", metavar="PATH", help="state dict to load strictly (also nested under "
                    "state_dict/model/ema; 'module.' prefixes stripped)")
     p.add_argument("--checkpoint-key", metavar="KEY", help="entry of the checkpoint that holds the weights")
     p.add_argument("--code-path", metavar="DIR", action="append", default=[],
                    help="add DIR to sys.path to unpickle a whole-model checkpoint (e.g. a YOLOv7 checkout)")
-    p.add_argument("--num-classes", type=int, metavar="N", help="classifier classes for zoo/timm/torchvision "
-                   "models (to match a checkpoint)")
-    p.add_argument("--width", type=float, help="zoo width multiplier (default: the published width)")
+    p.add_argument("--num-classes", type=_at_least(1), metavar="N", help="classifier classes for "
+                   "zoo/timm/torchvision models (to match a checkpoint)")
+    p.add_argument("--width", type=_width, help="zoo width multiplier (default: the published width)")
     p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                    help="example input shape (default: the model's, e.g. 1,3,224,224)")
     p.add_argument("--eval", dest="allow_train_mode", action="store_true",
                    help="convert a model that arrives in train mode in eval mode (its BatchNorm running "
                    "statistics are used)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random inputs and random weights (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs and random weights (default 0)")
+    p.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -134,9 +201,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--rtol", type=_positive_float, help="relative tolerance (default by precision: fp32 1e-5, "
                    "fp16 1e-2)")
     c.add_argument("--atol", type=_positive_float, default=0.0, help="absolute tolerance (default 0)")
-    c.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    c.add_argument("--opset", type=_opset, default=18, help="ONNX opset, from 17 up to the newest the installed "
+                   "onnx defines (default 18)")
     c.add_argument("--out", metavar="DIR", help="output directory (default runs/<model>, which replaces an earlier "
-                   "run there)")
+                   "run there unless someone added files to it)")
     c.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy")
     _common(c)
 
@@ -144,6 +212,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("dir", metavar="DIR", help="output directory of deploy convert")
     v.add_argument("--rtol", type=_positive_float, help="relative tolerance (default: the run's)")
     v.add_argument("--atol", type=_positive_float, help="absolute tolerance (default: the run's)")
+    v.add_argument("--allow-changed", action="store_true", help="verify files whose sha256 differs from the "
+                   "report as they are now (without it a changed file fails its stage: it is not the artifact that "
+                   "was verified)")
+    v.add_argument("--trust-pickle", action="store_true", help="load a changed .pt2, or one that would unpickle "
+                   "(this runs code from it): only for files from a source you trust")
     _common(v)
 
     i = sub.add_parser("inspect", help="op summary of a model or an artifact (.pt2, .onnx, .xml, .tflite)")
@@ -158,10 +231,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("target", nargs="?", default=DEFAULT_MODEL, metavar="DIR_OR_MODEL",
                    help=f"output directory of deploy convert, or a MODEL to convert first (default {DEFAULT_MODEL})")
     b.add_argument("--runtimes", type=_runtimes, metavar="LIST",
-                   help="comma-separated from torch,onnxruntime,openvino,tflite,tensorrt (default: every runtime the "
-                   "run has a verified artifact for)")
-    b.add_argument("--threads", type=int, metavar="N", help="threads per runtime (default: the CPUs this process "
-                   "may use)")
+                   help=f"comma-separated from {','.join(registry.runtimes())} (default: every runtime the run has a "
+                   "verified artifact for)")
+    b.add_argument("--threads", type=_at_least(1), metavar="N", help="threads per runtime (default: the CPUs this "
+                   "process may use)")
     b.add_argument("--batch", type=_batches, default=(1,), metavar="LIST", help="batch sizes, e.g. 1,8 (default 1)")
     b.add_argument("--warmup-ms", type=_positive_float, default=200.0, help="warm-up time per form (default 200)")
     b.add_argument("--warmup-iters", type=int, default=5, help="warm-up calls per form, at least (default 5)")
@@ -178,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(b)
     b.add_argument("--out", metavar="DIR", help="where to convert a MODEL (default runs/<model>)")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy")
+    b.add_argument("--allow-changed", action="store_true", help="time artifacts whose sha256 differs from the "
+                   "run's report (refused without it: they are not the artifacts that were verified)")
     _common(b)
 
     z = sub.add_parser("zoo", help="list the built-in models")
@@ -242,7 +317,7 @@ def cmd_convert(args) -> int:
         num_classes=args.num_classes, width=args.width, input_shape=args.input_shape, targets=args.targets,
         precision=args.precision, dynamic=args.dynamic, passes=args.passes, inputs=args.inputs, rtol=args.rtol,
         atol=args.atol, out=args.out, force=args.force, allow_train_mode=args.allow_train_mode, seed=args.seed,
-        opset=args.opset, command=command)
+        opset=args.opset, command=command, trust_pickle=args.trust_pickle)
     result = convert(opts, progress=_Progress(args.quiet))
     print(_stage_lines(result.stages))
     report = result.report
@@ -262,14 +337,18 @@ def cmd_convert(args) -> int:
 def cmd_verify(args) -> int:
     from .pipeline import verify
 
-    result = verify(args.dir, rtol=args.rtol, atol=args.atol, progress=_Progress(args.quiet))
+    result = verify(args.dir, rtol=args.rtol, atol=args.atol, progress=_Progress(args.quiet),
+                    allow_changed=args.allow_changed, trust_pickle=args.trust_pickle)
     print(_stage_lines(result.stages))
     failures = _failures(result.stages)
     for line in failures:
         print(line)
     changed = [s.name for s in result.stages if s.verification.changed]
     if changed:
-        print(f"changed since convert (sha256 differs): {', '.join(changed)}")
+        print(f"changed since convert (sha256 differs): {', '.join(changed)}; "
+              + ("verified again as they are now (--allow-changed)" if args.allow_changed else
+                 "a changed file is not the artifact that was verified: rerun deploy convert, or pass "
+                 "--allow-changed to verify the files as they are now"))
     tol = result.tolerance
     print(f"\n{_verdict(result.stages, failures)} (rtol {tol['rtol'] or 'by precision'}, atol {tol['atol']}; "
           f"{result.seconds:.1f} s)")
@@ -283,12 +362,13 @@ def cmd_inspect(args) -> int:
 
     target = args.target
     if registry.by_suffix(target) is not None:
-        summary = inspect_path(target)
+        summary = inspect_path(target, trust_pickle=args.trust_pickle)
     else:
         summary = inspect_source(target, args.input_shape, checkpoint=args.checkpoint,
                                  checkpoint_key=args.checkpoint_key, code_path=args.code_path,
                                  num_classes=args.num_classes, width=args.width,
-                                 allow_train_mode=args.allow_train_mode, seed=args.seed)
+                                 allow_train_mode=args.allow_train_mode, seed=args.seed,
+                                 trust_pickle=args.trust_pickle)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.summary())
     return EXIT_OK
 
@@ -309,10 +389,11 @@ def cmd_bench(args) -> int:
     conv = ConvertOptions(
         model=args.target, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key, code_path=args.code_path,
         num_classes=args.num_classes, width=args.width, input_shape=args.input_shape, out=args.out, force=args.force,
-        allow_train_mode=args.allow_train_mode, seed=args.seed, command=command)
+        allow_train_mode=args.allow_train_mode, seed=args.seed, command=command, trust_pickle=args.trust_pickle)
     opts = BenchOptions(args.target, runtimes=args.runtimes, threads=args.threads, batches=args.batch,
                         settings=settings, compare_train=args.compare_train, device=args.device,
-                        isolation=args.isolation, chart=args.chart, convert=conv, command=command)
+                        isolation=args.isolation, chart=args.chart, convert=conv, command=command,
+                        allow_changed=args.allow_changed, trust_pickle=args.trust_pickle)
     result = bench(opts, progress=_Progress(args.quiet))
     entry = result.entry
     print(text_table(*bench_table(entry)))
@@ -358,6 +439,34 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (SourceError, DeployError, fusers.CaptureError, fusers.InputError, FileNotFoundError, ValueError)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that a run removes its partial output."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`_Terminated` while a command runs (a second one is ignored during the cleanup)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (deploy.cli.main called from a worker thread): signals stay as they are
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _os_error(e: OSError) -> str:
+    """One sentence for an operating-system refusal (a read-only folder, a file where a folder should be)."""
+    where = f": {e.filename}" if e.filename else ""
+    return f"{(e.strerror or str(e)).lower()}{where}; check the path and its permissions"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
@@ -369,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,
                 "zoo": cmd_zoo}
     try:
-        return handlers[args.command](args)
+        with _sigterm_as_interrupt():
+            return handlers[args.command](args)
     except _errors() as e:
         message = str(e).strip().rstrip(".")
         print(f"deploy {args.command}: error: {message}.", file=sys.stderr)
@@ -379,9 +489,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into head
         sys.stdout = open(os.devnull, "w")
         return EXIT_OK
-    except KeyboardInterrupt:
-        print(f"deploy {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except (PermissionError, NotADirectoryError, IsADirectoryError) as e:
+        print(f"deploy {args.command}: error: {_os_error(e)}.", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger(__name__).exception("details")
+        return EXIT_ERROR
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"deploy {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was "
+              "written", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 and 130, as a shell reports them
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ format by name.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from exporters import targets as registry
 from exporters.targets import ExportJob, Product, Target
-from runtimes.core import DeployError, MissingDependency, first_line
+from runtimes.core import Artifact, DeployError, MissingDependency, first_line
 
 from .record import ExportRecord, FilesRecord, PipelineError, StageRecord
 
@@ -73,7 +74,7 @@ def export_forms(module, args: tuple, folder: str | Path, targets: Sequence[Targ
     fails too, saying why. ``metadata`` goes into the artifacts that can hold it (the pt2 archive).
     """
     progress = progress or _noop
-    folder = Path(folder)
+    folder = Path(os.path.abspath(folder))
     made: list[StageRecord] = []
     main: dict[str, StageRecord] = {}  # target -> the stage that stands for it
     for target in targets:
@@ -134,16 +135,13 @@ def _stage(target: Target, p: Product, parent: str, folder: Path, seconds: float
     return StageRecord(p.stage, export, files)
 
 
-def _relative(art, folder: Path):
-    """A copy of ``art`` whose paths (and any path string in its metadata) are relative to ``folder``."""
-    from runtimes.core import Artifact
-
-    root = str(folder.resolve())
+def _relative(art: Artifact, folder: Path) -> Artifact:
+    """A copy of ``art`` whose paths under ``folder`` (also those in its metadata) are relative to it."""
+    root = str(folder) + os.sep
 
     def rel(obj):
         if isinstance(obj, str):
-            resolved = str(Path(obj).resolve()) if obj.startswith(("/", ".")) or obj.startswith(str(folder)) else obj
-            return str(Path(resolved).relative_to(root)) if resolved.startswith(root + "/") else obj
+            return obj[len(root):] if obj.startswith(root) else obj
         if isinstance(obj, dict):
             return {k: rel(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):

@@ -29,6 +29,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from inspect import signature
 from pathlib import Path
 
 import numpy as np
@@ -375,7 +376,13 @@ def read_onnx(path: str, summary: OpSummary) -> OpSummary:
     onnx = require("onnx", "onnx", "inspecting ONNX files")
     from onnx import numpy_helper, shape_inference
 
-    model = onnx.load(path)
+    from runtimes.base import check_file
+    from runtimes.core import CorruptArtifact
+
+    model = onnx.load(check_file(path, "ONNX"))
+    if not model.graph.node and not model.graph.output:
+        raise CorruptArtifact(f"ONNX file {path} holds no graph (no nodes and no outputs), so there is nothing to "
+                              "inspect; export the model again")
     try:
         model = shape_inference.infer_shapes(model)
     except Exception as e:  # shapes are only needed for MACs
@@ -435,8 +442,10 @@ def read_onnx(path: str, summary: OpSummary) -> OpSummary:
 
 
 def read_openvino(path: str, summary: OpSummary) -> OpSummary:
+    from runtimes.openvino_runner import read_ir
+
     ov = require("openvino", "openvino", "inspecting OpenVINO IR files")
-    model = ov.Core().read_model(path)
+    model = read_ir(ov.Core(), path)
 
     def name(output) -> str:
         return f"{output.get_node().get_friendly_name()}:{output.get_index()}"
@@ -559,12 +568,26 @@ def _merged_from_run(path: Path) -> dict | None:
     return dict(record.reparameterize["merged"], **{"from": str(path.parent / "report.json")})
 
 
-def read_torch(path: str, summary: OpSummary) -> OpSummary:
-    """A ``.pt2`` written by torch.export (with the merge counts of the run that wrote it, when it says)."""
-    import torch
+def _changed_since_run(path: Path) -> bool:
+    """Whether the deploy run beside ``path`` recorded it with another sha256 (False when no run records it)."""
+    from .record import PipelineError, load_record, sha256
+
+    try:
+        record = load_record(path.parent)
+    except PipelineError:
+        return False
+    recorded = [s.files.sha256[path.name] for s in record.stages if path.name in s.files.sha256]
+    return bool(recorded) and sha256(path) not in recorded
+
+
+def read_torch(path: str, summary: OpSummary, *, trust_pickle: bool = False) -> OpSummary:
+    """A ``.pt2`` written by torch.export (with the merge counts of the run that wrote it, when it says), loaded
+    with :func:`runtimes.pt2_archive.load_program`: refused when loading it would run code, unless
+    ``trust_pickle``."""
+    from runtimes.pt2_archive import load_program
 
     extra = {"deploy.json": ""}
-    ep = torch.export.load(os.fspath(path), extra_files=extra)
+    ep = load_program(os.fspath(path), trust_pickle=trust_pickle, extra_files=extra)
     _torch_graph(ep.module(), summary)
     if extra["deploy.json"]:
         summary.merged = dict(json.loads(extra["deploy.json"]).get("merged") or {},
@@ -572,9 +595,11 @@ def read_torch(path: str, summary: OpSummary) -> OpSummary:
     return summary
 
 
-def inspect_path(path: str | os.PathLike) -> OpSummary:
+def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False) -> OpSummary:
     """Summary of an artifact file of any registered target with a reader (``.pt2``, ``.onnx``, OpenVINO
-    ``.xml``, ``.tflite``, ...)."""
+    ``.xml``, ``.tflite``, ...). A reader that can run code from a file (a ``.pt2`` with pickles) refuses it
+    unless ``trust_pickle``; a file that a deploy run beside it recorded with another sha256 is noted, and
+    such a ``.pt2`` is not opened at all without ``trust_pickle``."""
     from exporters import targets as registry
 
     p = Path(path)
@@ -586,11 +611,19 @@ def inspect_path(path: str | os.PathLike) -> OpSummary:
     if not p.is_file():
         raise FileNotFoundError(f"{p} does not exist; check the path")
     summary = OpSummary(str(p), target.name)
-    from runtimes.core import CorruptArtifact
+    from runtimes.core import CorruptArtifact, UntrustedFile
 
+    reader = registry.resolve(target.inspect)
+    trusting = "trust_pickle" in signature(reader).parameters
+    if _changed_since_run(p):
+        if trusting and not trust_pickle:
+            raise UntrustedFile(f"{p} changed since deploy convert wrote it (its sha256 differs from "
+                                f"{p.parent / 'report.json'}), and loading a changed {p.suffix} file can run code "
+                                "from it; pass --trust-pickle if you trust its source")
+        summary.notes.append(f"{p.name} changed since deploy convert wrote it (sha256 differs from report.json)")
     try:
-        registry.resolve(target.inspect)(os.fspath(p), summary)
-    except (ImportError, CorruptArtifact):
+        reader(os.fspath(p), summary, **({"trust_pickle": trust_pickle} if trusting else {}))
+    except (ImportError, CorruptArtifact, UntrustedFile):
         raise
     except Exception as e:
         raise CorruptArtifact(f"cannot read {p} as {target.name}: {type(e).__name__}: "

@@ -42,7 +42,8 @@ from exporters.pt2 import FILENAME as PT2
 from . import sources
 from .forms import check_targets, export_forms
 from .record import (REPORT_NAME, InputsRecord, PipelineError, RunDirectory, RunOptions, RunRecord, SamplesRecord,
-                     StageRecord, ExportRecord, VerificationRecord, is_run_dir, load_record)
+                     StageRecord, ExportRecord, VerificationRecord, inside, is_run_dir, load_record,
+                     unlisted_files)
 from .sources import LoadedModel
 from .verification import read_samples, record_reference, verify_stages
 
@@ -88,6 +89,7 @@ class ConvertOptions:
     seed: int = 0
     opset: int = 18
     command: str | None = None  # the command line, for the report
+    trust_pickle: bool = False  # unpickle a checkpoint / pickled model fully (runs code from it)
 
 
 @dataclass
@@ -155,15 +157,20 @@ def _check_passes(passes):
         raise PipelineError(f"{e}; fix --passes ('default' expands to {','.join(fusers.DEFAULT_PASSES)})") from e
 
 
-def plan_out_dir(out: str | None, model_name: str, force: bool) -> tuple[Path, bool]:
+def plan_out_dir(out: str | None, model_name: str, force: bool, reads: Sequence[str | os.PathLike] = ()
+                 ) -> tuple[Path, bool]:
     """The output directory and whether an existing one will be replaced.
 
-    Without ``out`` the run goes to ``runs/<model>`` and replaces a previous run there. An
-    explicit ``out`` that exists needs ``force``. A non-empty directory that holds no deploy
-    report is never replaced.
+    Without ``out`` the run goes to ``runs/<model>`` and replaces a previous run there, unless
+    the previous run's folder holds files its report does not list (someone added them) and
+    ``force`` is not given. An explicit ``out`` that exists needs ``force``. A non-empty directory
+    that holds no deploy report is never replaced, nor one that holds the current directory or a
+    file of ``reads`` (the model, checkpoint and samples the run reads). Its parent must be a
+    writable folder. All of this is checked before any work.
     """
     default = out is None
     path = Path(out) if out is not None else Path("runs") / model_name
+    _check_writable(path)
     if not path.exists():
         return path, False
     if not path.is_dir():
@@ -175,7 +182,34 @@ def plan_out_dir(out: str | None, model_name: str, force: bool) -> tuple[Path, b
     if not (default or force or empty):
         raise PipelineError(f"output directory {path} already exists; pass --force to replace it or choose another "
                             "--out")
+    here = path.resolve()
+    if here == Path.cwd().resolve() or here in Path.cwd().resolve().parents:
+        raise PipelineError(f"output directory {path} is or holds the current directory, which replacing it would "
+                            "delete; choose another --out or run deploy from another directory")
+    for read in reads:
+        if here == Path(read).resolve() or here in Path(read).resolve().parents:
+            raise PipelineError(f"output directory {path} holds {read}, which this run reads and replacing the "
+                                "directory would delete; move it out or choose another --out")
+    added = unlisted_files(path)
+    if default and added and not force:
+        raise PipelineError(f"{path} holds {len(added)} file(s) the previous run did not write ("
+                            f"{', '.join(added[:5])}{', ...' if len(added) > 5 else ''}); replacing the previous run "
+                            "would delete them: move them out, pass --out DIR, or pass --force to replace it anyway")
     return path, True
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse an output directory whose nearest existing ancestor is a file or a folder this process cannot
+    write into (the run needs a hidden sibling of ``path`` beside it)."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PipelineError(f"cannot create the output directory {path}: {parent} is a file, not a folder; choose "
+                            "another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot create the output directory {path}: the folder {parent} is not writable "
+                            "(permission denied); choose another --out")
 
 
 class _PassProgress:
@@ -231,7 +265,8 @@ def load_arguments(opts: ConvertOptions) -> dict:
                                                                                          else "")
     return {"spec": spec, "checkpoint": absolute(opts.checkpoint), "checkpoint_key": opts.checkpoint_key,
             "code_path": [absolute(d) for d in opts.code_path], "num_classes": opts.num_classes,
-            "width": opts.width, "allow_train_mode": opts.allow_train_mode, "seed": opts.seed}
+            "width": opts.width, "allow_train_mode": opts.allow_train_mode, "seed": opts.seed,
+            "trust_pickle": opts.trust_pickle}
 
 
 def _default_name(model: str) -> str:
@@ -239,6 +274,26 @@ def _default_name(model: str) -> str:
     name = {"file": f"{Path(target).stem}_{factory}", "pickle": Path(target).stem,
             "pt2": Path(target).stem.split(".")[0]}.get(kind, target)
     return name.replace("/", "_")
+
+
+def _check_shipped_samples(path: str, shape: tuple[int, ...], model: str) -> None:
+    """The samples shipped with a model are verified on only at their own shape; an --input-shape that differs
+    is refused naming them (not --inputs, which the user did not pass)."""
+    with np.load(path, allow_pickle=False) as data:
+        arrays = [data[k].shape for k in data.files if k != "labels"]
+    if len(arrays) == 1 and tuple(arrays[0][1:]) != tuple(shape[1:]):
+        per_sample = ",".join(map(str, arrays[0][1:]))
+        raise PipelineError(f"--input-shape {','.join(map(str, shape))} does not fit the held-out samples shipped "
+                            f"with {model} ({os.path.basename(path)}: {arrays[0][0]} samples of {per_sample}); "
+                            f"drop --input-shape, use N,{per_sample}, or pass --inputs with samples of your shape")
+
+
+def _reads(opts: ConvertOptions) -> list[str]:
+    """The files and folders a run reads (its model file, checkpoint, samples, code): the output directory it
+    replaces must not hold them."""
+    kind, target, _ = sources.parse_source(opts.model)
+    model = [target] if kind in ("file", "pickle", "pt2") else []
+    return model + [p for p in (opts.checkpoint, opts.inputs) if p] + list(opts.code_path)
 
 
 def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertResult:
@@ -249,7 +304,11 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     wanted = list(default_targets() if opts.targets is None else opts.targets)
     order = check_targets(wanted, opts.precision)
     _check_passes(opts.passes)
-    out_dir, replaces = plan_out_dir(opts.out, _default_name(opts.model), opts.force)
+    out_dir, replaces = plan_out_dir(opts.out, _default_name(opts.model), opts.force, reads=_reads(opts))
+    if replaces and is_run_dir(out_dir):
+        added = unlisted_files(out_dir)
+        progress(f"replacing the previous run in {out_dir}" + (f", and {len(added)} file(s) it did not write: "
+                                                              f"{', '.join(added)}" if added else ""))
     if opts.inputs is not None and not os.path.isfile(opts.inputs):
         raise PipelineError(f"--inputs file {opts.inputs} does not exist; pass an .npz holding the input array "
                             "(and optionally 'labels')")
@@ -258,13 +317,16 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     start = time.perf_counter()
     loaded: LoadedModel = sources.load_model(
         opts.model, checkpoint=opts.checkpoint, checkpoint_key=opts.checkpoint_key, code_path=opts.code_path,
-        num_classes=opts.num_classes, width=opts.width, allow_train_mode=opts.allow_train_mode, seed=opts.seed)
+        num_classes=opts.num_classes, width=opts.width, allow_train_mode=opts.allow_train_mode, seed=opts.seed,
+        trust_pickle=opts.trust_pickle)
     timings["load"] = time.perf_counter() - start
     progress(f"loaded {type(loaded.model).__name__} ({loaded.weights})")
     shape = tuple(opts.input_shape or loaded.input_shape or ())
     if not shape:
         raise PipelineError(f"{opts.model} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
     samples_path = opts.inputs or loaded.samples
+    if samples_path and not opts.inputs:
+        _check_shipped_samples(samples_path, shape, opts.model)
     samples = read_samples(samples_path, shape) if samples_path else None
     notes = list(loaded.notes)
     capture_shape = shape
@@ -351,12 +413,17 @@ def _record(opts: ConvertOptions, loaded: LoadedModel, shape, capture_shape, tar
 
 
 def verify(out_dir: str | os.PathLike, *, rtol: float | None = None, atol: float | None = None,
-           progress: Progress | None = None) -> VerifyResult:
+           progress: Progress | None = None, allow_changed: bool = False, trust_pickle: bool = False) -> VerifyResult:
     """Re-run the verification of a ``convert`` output directory from its report and files.
 
     Stages are compared with the training outputs recorded at conversion time, with the run's
-    tolerances unless ``rtol`` / ``atol`` are given. A stage whose files changed since the run is
-    flagged (``changed``); a stage that failed to export then is failed again.
+    tolerances unless ``rtol`` / ``atol`` are given; a stage that failed to export then is failed again.
+
+    Every path the report names is checked to be inside the directory, and every file's sha256 is
+    compared with the report, before anything is opened. A changed file is not the artifact that was
+    verified: its stage fails (its numbers are still measured and shown) unless ``allow_changed``, which
+    verifies it as it is now and notes that. A changed ``.pt2`` is not even loaded unless
+    ``trust_pickle``; any ``.pt2`` that would unpickle is refused without it, whatever its hash.
     """
     progress = progress or _noop
     start = time.perf_counter()
@@ -364,25 +431,38 @@ def verify(out_dir: str | os.PathLike, *, rtol: float | None = None, atol: float
     record = load_record(root)
     rtol = record.tolerance.get("rtol") if rtol is None else rtol
     atol = record.tolerance.get("atol", 0.0) if atol is None else atol
-    if not (root / "verify" / "reference.npz").is_file():
+    if not (inside(root, "verify", "the verification folder") / "reference.npz").is_file():
         raise PipelineError(f"{root}/verify/reference.npz is missing; the recorded training outputs are needed: "
                             "rerun deploy convert")
     stages, changed = [], {}
     for s in record.stages:
         export = dataclasses.replace(s.export, notes=list(s.export.notes))
         if s.name != "training" and not export.error:
+            s.export.artifact_in(root)  # refuses a path outside the run directory before anything is opened
             missing, changed[s.name] = s.files.check(root)
             if missing:
                 export.error = f"missing file(s): {', '.join(missing)}"
+            elif changed[s.name] and s.format == "pt2" and not trust_pickle:
+                export.error = (f"{', '.join(changed[s.name])} changed since convert (sha256 differs) and was not "
+                                "loaded: loading a changed .pt2 can run code from it; pass --trust-pickle if you "
+                                "trust its source")
         stages.append(StageRecord(s.name, export, s.files))
-    results = verify_stages(root, stages, rtol, atol, progress)
+    results = verify_stages(root, stages, rtol, atol, progress, trust_pickle=trust_pickle)
     out = []
     for s in stages:
         v = results.get(s.name) or _export_failure(s)
-        if changed.get(s.name):
-            v.changed = True
-            v.notes.append("file changed since convert (sha256 differs)")
-            if not v.passed:
-                v.reason = f"{v.reason}; its file changed since convert (sha256 differs)"
+        v.changed = bool(changed.get(s.name))
+        if v.changed and not s.export.error:  # (a changed .pt2 left unloaded failed already, saying why)
+            if allow_changed:
+                v.notes.append("file changed since convert (sha256 differs); verified again as it is now "
+                               "(--allow-changed)")
+                if not v.passed:
+                    v.reason = f"{v.reason}; its file changed since convert (sha256 differs)"
+            else:
+                v.notes.append("file changed since convert (sha256 differs)")
+                why = ("its file changed since convert (sha256 differs): it is not the artifact that was verified"
+                       + ("; its outputs still match: pass --allow-changed to accept it as it is now" if v.passed
+                          else ""))
+                v.passed, v.reason = False, f"{v.reason}; {why}" if v.reason else why
         out.append(dataclasses.replace(s, verification=v))
     return VerifyResult(str(root), out, {"rtol": rtol, "atol": atol}, time.perf_counter() - start)

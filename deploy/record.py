@@ -10,13 +10,18 @@ upgraded; a newer version is refused with a sentence saying which version wrote 
 
 :class:`RunDirectory` is the atomic commit of a run: everything is written into a hidden partial
 sibling of the output directory, which replaces the output directory only when the run is done;
-on an error the partial folder is removed and nothing is left behind.
+on an error (and on Ctrl-C or SIGTERM, which the command line turns into an interrupt) the partial
+folder is removed and nothing is left behind. A run killed outright (SIGKILL) cannot clean up:
+the next run into the same place removes the partial folders of processes that no longer exist.
+A folder that cannot be deleted is reported with a warning, never skipped in silence.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,11 +33,13 @@ from runtimes.core import Artifact, DeployError, first_line
 
 __all__ = ["SCHEMA_VERSION", "TOOL", "REPORT_NAME", "PipelineError", "ExportRecord", "FilesRecord",
            "VerificationRecord", "StageRecord", "RunOptions", "SamplesRecord", "InputsRecord", "RunRecord",
-           "RunDirectory", "sha256", "load_record", "is_run_dir"]
+           "RunDirectory", "sha256", "load_record", "is_run_dir", "unlisted_files", "inside"]
 
 SCHEMA_VERSION = 2
 TOOL = "reparam-deploy"
 REPORT_NAME = "report.json"
+
+log = logging.getLogger(__name__)
 
 
 class PipelineError(DeployError):
@@ -45,6 +52,24 @@ def sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def inside(root: str | os.PathLike, path: str | os.PathLike, what: str = "a file") -> Path:
+    """``root / path`` for a ``path`` read from a run record, refused with a :class:`PipelineError` unless it stays
+    inside the run directory ``root``: an absolute path, a ``..`` escape or a symbolic link out is refused
+    before anything there is opened. Every path ``report.json`` names goes through here."""
+    text = os.fspath(path)
+    rel = Path(text)
+    real_root = Path(os.path.realpath(root))
+    escapes = not text or rel.is_absolute() or bool(rel.drive)
+    if not escapes:
+        real = Path(os.path.realpath(real_root / rel))
+        escapes = real != real_root and real_root not in real.parents
+    if escapes:
+        raise PipelineError(f"{Path(root) / REPORT_NAME} names {what} {text!r}, which is outside the run directory "
+                            f"{root}: refused (a run names its own files, relative to its directory); rerun "
+                            "deploy convert")
+    return Path(root) / rel
 
 
 def _known(cls, d: dict) -> dict:
@@ -78,13 +103,13 @@ class ExportRecord:
         return cls(**d)
 
     def artifact_in(self, root: str | os.PathLike) -> Artifact | None:
-        """The artifact record with its paths under ``root``."""
+        """The artifact record with its paths under ``root`` (each checked by :func:`inside`)."""
         if self.artifact is None:
             return None
         art = Artifact.from_dict(self.artifact.to_dict())
-        art.path = os.fspath(Path(root) / art.path)
+        art.path = os.fspath(inside(root, art.path, "an artifact path"))
         if art.parent:
-            art.parent = os.fspath(Path(root) / art.parent)
+            art.parent = os.fspath(inside(root, art.parent, "an artifact's parent path"))
         return art
 
 
@@ -108,10 +133,12 @@ class FilesRecord:
         return cls(rel, sum((root / f).stat().st_size for f in rel), {f: sha256(root / f) for f in rel})
 
     def check(self, root: str | os.PathLike) -> tuple[list[str], list[str]]:
-        """``(missing, changed)`` files under ``root``: absent, or whose sha256 differs from the record."""
-        root = Path(root)
-        missing = [f for f in self.files if not (root / f).is_file()]
-        changed = [f for f, h in self.sha256.items() if f not in missing and sha256(root / f) != h]
+        """``(missing, changed)`` files under ``root``: absent, or whose sha256 differs from the record. Every
+        path is checked by :func:`inside` before any file is opened."""
+        paths = {f: inside(root, f, "a stage file") for f in [*self.files, *self.sha256]}
+        missing = [f for f in self.files if not paths[f].is_file()]
+        changed = [f for f, h in self.sha256.items() if f not in missing and (not paths[f].is_file()
+                                                                             or sha256(paths[f]) != h)]
         return missing, changed
 
     def to_dict(self) -> dict:
@@ -322,6 +349,36 @@ def is_run_dir(path: str | os.PathLike) -> bool:
         return False
 
 
+def unlisted_files(out_dir: str | os.PathLike) -> list[str]:
+    """Files under the run directory ``out_dir`` that its report does not list (relative paths, sorted): files
+    someone added after the run, which replacing the directory would delete. The report is read leniently
+    (a malformed one lists nothing, so every artifact counts as unlisted)."""
+    root = Path(out_dir)
+    try:
+        with open(root / REPORT_NAME) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = None
+    data = data if isinstance(data, dict) else {}
+    listed = {REPORT_NAME, "report.md"}
+    stages = data.get("stages")
+    for s in stages if isinstance(stages, list) else []:
+        files = s.get("files") if isinstance(s, dict) else None
+        files = files.get("files") if isinstance(files, dict) else files  # version 2 / version 1
+        listed.update(os.path.normpath(f) for f in files or [] if isinstance(f, str))
+    benchmarks = data.get("benchmarks")
+    for b in benchmarks if isinstance(benchmarks, list) else []:
+        if isinstance(b, dict) and isinstance(b.get("chart"), str):
+            listed.add(os.path.normpath(b["chart"]))
+    found = []
+    for folder, dirs, files in os.walk(root):
+        rel = os.path.relpath(folder, root)
+        if rel == "verify" or rel.startswith("verify" + os.sep):  # the recorded reference outputs
+            continue
+        found += [os.path.normpath(os.path.join(rel, f)) for f in files]
+    return sorted(f for f in found if f not in listed)
+
+
 def load_record(out_dir: str | os.PathLike) -> RunRecord:
     """The run record of a ``deploy convert`` output directory; a :class:`PipelineError` says what is wrong."""
     root = Path(out_dir)
@@ -351,24 +408,101 @@ class RunDirectory:
         self.replaces = replaces
         self.tmp = Path(os.path.abspath(self.out_dir.parent / f".{self.out_dir.name}.partial-{os.getpid()}"))
         self.committed = False
+        self.warnings: list[str] = []  # what could not be cleaned up (also logged)
 
     def __enter__(self) -> RunDirectory:
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir()
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.remove_stale()
+            _remove_tree(self.tmp)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise PipelineError(f"cannot create the output directory {self.out_dir}: "
+                                f"{(e.strerror or str(e)).lower()} ({e.filename or self.tmp}); choose another "
+                                "--out") from e
         return self
+
+    def _leftovers(self) -> list[tuple[Path, str, int]]:
+        """``(folder, kind, pid)`` of the partial and old folders of other runs into ``out_dir``."""
+        prefix = f".{self.out_dir.name}."
+        found = []
+        for p in self.out_dir.parent.glob(f"{glob.escape(prefix)}*-*"):
+            kind, _, pid = p.name[len(prefix):].rpartition("-")
+            if kind in ("partial", "old") and pid.isdigit() and int(pid) != os.getpid() and p.is_dir():
+                found.append((p, kind, int(pid)))
+        return found
+
+    def remove_stale(self) -> list[Path]:
+        """Delete the partial (and superseded old) folders of runs whose process is gone (killed, say, by
+        SIGKILL); a live process's folders are never touched. Returns the folders removed."""
+        removed = []
+        for path, kind, pid in self._leftovers():
+            if _alive(pid):
+                continue
+            if kind == "old" and not self.out_dir.exists():  # the run died between its two renames: this is
+                self._warn(f"{path} holds the previous run of {self.out_dir} (its replacement was killed); "
+                           f"kept: rename it to {self.out_dir.name} or delete it")
+                continue
+            problem = _remove_tree(path)
+            if problem:
+                self._warn(f"could not remove the stale folder {path} of a killed run ({problem}); delete it")
+            else:
+                log.info("removed %s, left by process %d which no longer runs", path, pid)
+                removed.append(path)
+        return removed
 
     def commit(self) -> None:
         """Move the finished run into place, replacing the previous one when ``replaces``."""
-        if self.replaces and self.out_dir.exists():
-            old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
-            self.out_dir.rename(old)
-            self.tmp.rename(self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.out_dir)
+        try:
+            if self.replaces and self.out_dir.exists():
+                old = self.out_dir.parent / f".{self.out_dir.name}.old-{os.getpid()}"
+                self.out_dir.rename(old)
+                try:
+                    self.tmp.rename(self.out_dir)
+                except OSError:
+                    old.rename(self.out_dir)  # put the previous run back
+                    raise
+                problem = _remove_tree(old)
+                if problem:
+                    self._warn(f"the previous run was replaced but its folder {old} could not be deleted "
+                               f"({problem}); delete it")
+            else:
+                self.tmp.rename(self.out_dir)
+        except OSError as e:
+            raise PipelineError(f"cannot move the finished run into {self.out_dir}: "
+                                f"{(e.strerror or str(e)).lower()}; choose another --out") from e
         self.committed = True
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)
 
     def __exit__(self, *exc) -> None:
         if not self.committed:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            problem = _remove_tree(self.tmp)
+            if problem:
+                self._warn(f"could not remove the partial folder {self.tmp} ({problem}); delete it")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def _remove_tree(path: Path) -> str | None:
+    """Delete ``path`` if it exists; the first problem in words, or None when it is gone."""
+    problems: list[str] = []
+
+    def note(_func, where, exc_info):
+        e = exc_info[1]
+        problems.append(f"{where}: {(getattr(e, 'strerror', None) or str(e)).lower()}")
+
+    if os.path.lexists(path):
+        shutil.rmtree(path, onerror=note)
+    return problems[0] if problems else None

@@ -40,11 +40,13 @@ def human_size(n: int | None) -> str:
 
 
 def _num(v, fmt: str = ".2e") -> str:
+    """A number as text; ``None`` as "-", a non-finite float as "inf" / "nan" (report.json stores them as
+    those strings)."""
     if v is None:
         return "-"
     if isinstance(v, str):
         return v
-    return format(v, fmt)
+    return format(v, fmt) if math.isfinite(v) else str(float(v))
 
 
 def _pct(v) -> str:
@@ -199,7 +201,7 @@ def to_markdown(report: dict) -> str:
               f"{merged['batchnorms_folded']} BatchNorms folded; convolutions {merged['convolutions_before']} -> "
               f"{merged['convolutions_after']}; MACs {merged['macs_before']:,} -> {merged['macs_after']:,}; "
               f"parameters {rep['params_before']:,} -> {rep['params_after']:,}; float64 max rel error "
-              f"{rep['float64_error']:.2e} (vs the captured graph), float32 {_num(rep['float32_error'])} "
+              f"{_num(rep['float64_error'])} (vs the captured graph), float32 {_num(rep['float32_error'])} "
               "(vs the training model).", "",
               markdown_table(["pass", "round", "rewrites", "refused", "rolled back", "f64 rel err", "seconds"],
                              [[p["name"], p["round"], p["rewrites"], p["refused"], p["rolled_back"],

@@ -5,7 +5,8 @@
     torchvision:resnet18        torchvision.models.get_model(name, weights=None)
     path/to/net.py:build        build() from the user's own file (its folder is put on sys.path)
     path/to/best.pt             a whole pickled model, or a dict holding one under 'ema' / 'model'
-                                (YOLOv7 style); --code-path DIR makes its classes importable
+                                (YOLOv7 style); --code-path DIR makes its classes importable; loading
+                                it runs its code, so it needs --trust-pickle
     path/to/model.pt2           a torch.export program (torch.export.save)
 
 Nothing is downloaded: timm and torchvision models are built with random weights unless a
@@ -18,6 +19,13 @@ A checkpoint (``load_checkpoint``) is a state dict, possibly nested under ``stat
 missing, unexpected or mis-shaped key stops the load with the first few keys of each kind, since
 loading with missing keys is how a converted model silently computes garbage.
 
+Checkpoints: unpickling runs code named in the file, so checkpoints are read with torch's
+``weights_only`` loader and an allow-list of the harmless globals real checkpoints hold
+(``_safe_globals``); a file holding anything else (a whole pickled module, a YOLOv7 checkpoint, or
+a crafted object) is refused with the global that stopped the loader, unless ``trust_pickle``
+(``--trust-pickle``). A ``.pt2`` is read with ``runtimes.pt2_archive.load_program``, which refuses
+an archive that would unpickle, unless ``trust_pickle``.
+
 Mode: a model ``deploy`` builds itself (zoo, timm, torchvision, or a factory whose weights come
 from ``--checkpoint``) is put in eval mode. A model that arrives with its weights (a factory
 without ``--checkpoint``, a pickled model) must already be in eval mode, unless ``allow_train_mode``
@@ -26,11 +34,13 @@ without ``--checkpoint``, a pickled model) must already be in eval mode, unless 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import logging
 import os
 import pickle
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,13 +49,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtimes.core import count_parameters, first_line, set_training
+from runtimes.core import UntrustedFile, count_parameters, first_line, set_training, untrusted_message
 
 from . import zoo
 from .record import sha256
 
 __all__ = ["SourceError", "LoadedModel", "load_model", "load_checkpoint", "read_state_dict", "parse_source",
-           "DEFAULT_MODEL", "sha256"]
+           "close_matches", "DEFAULT_MODEL", "sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +117,18 @@ def parse_source(spec: str) -> tuple[str, str, str | None]:
         return "pt2", spec, None
     if os.path.exists(spec) or spec.endswith(PICKLE_SUFFIXES):
         return "pickle", spec, None
-    raise SourceError(f"unknown model {spec!r}: not a zoo model ({', '.join(zoo.names())}), not timm:NAME, "
-                      "torchvision:NAME or path/to/file.py:FACTORY, and no such checkpoint file")
+    guess = close_matches(spec, zoo.names(), n=1, cutoff=0.75)
+    raise SourceError(f"unknown model {spec!r}" + (f" (did you mean {guess[0]}?)" if guess else "")
+                      + f": not a zoo model ({', '.join(zoo.names())}), not timm:NAME, torchvision:NAME or "
+                      "path/to/file.py:FACTORY, and no such checkpoint file")
+
+
+def close_matches(name: str, candidates: Sequence[str], n: int = 8, cutoff: float = 0.6) -> list[str]:
+    """Names of ``candidates`` close to ``name``: those it is a prefix of (shortest first: ``resnet1`` ->
+    resnet18 before resnet101), then the closest by ``difflib``."""
+    prefixed = sorted((c for c in candidates if c.startswith(name) and c != name), key=lambda c: (len(c), c))
+    similar = difflib.get_close_matches(name, candidates, n=n, cutoff=cutoff)
+    return list(dict.fromkeys(prefixed[:n] + similar))[:n]
 
 
 def _require_file(path: str, what: str) -> Path:
@@ -121,18 +141,55 @@ def _require_file(path: str, what: str) -> Path:
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
-def _torch_load(path: Path, *, allow_pickle: bool, what: str):
-    """``torch.load`` with weights_only=True; full unpickling only when ``allow_pickle`` and needed."""
+def _safe_globals() -> list:
+    """The harmless globals real checkpoints hold besides tensors, allowed to torch's ``weights_only`` loader:
+    ``argparse.Namespace`` (the training options of YOLO and timm scripts), numpy scalars and dtypes (best
+    fitness, metrics), ``collections.OrderedDict`` and plain paths. Each only builds a value; none runs code."""
+    import argparse
+    import collections
+    import pathlib
+
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [argparse.Namespace, collections.OrderedDict, pathlib.PurePosixPath, pathlib.PosixPath,
+               pathlib.PureWindowsPath, np.dtype, multiarray.scalar,
+               (multiarray.scalar, "numpy.core.multiarray.scalar")]  # the name numpy 1 pickles it under
+    allowed += sorted({type(np.dtype(c)) for c in "?bhilqpBHILQPefdgFDG"} - {np.dtype}, key=str)  # numpy 2
+    return allowed
+
+
+def _blocking_global(e: Exception, path: Path) -> str:
+    """The global that stopped the ``weights_only`` loader, from its message (or a scan of the file)."""
+    match = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if match:
+        return match.group(1)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_safe_globals()):
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:
+        found = []
+    return ", ".join(found[:3]) or "an object the safe loader refuses"
+
+
+def _torch_load(path: Path, *, trust_pickle: bool, what: str, whole_model: bool = False):
+    """``torch.load`` with ``weights_only=True`` and the allow-list of :func:`_safe_globals`; full unpickling
+    (which runs code from the file) only when ``trust_pickle``. Refused without it, naming the global that
+    stopped the safe loader."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():  # not a class the safe loader refused: the file itself is bad
             raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
                               f"({first_line(e)}); check that the file is complete") from e
-        if not allow_pickle:
-            raise
-        log.warning("%s %s holds Python objects besides tensors; unpickling it fully (weights_only=False): "
-                    "only do this with files you trust", what, path)
+        if not trust_pickle:
+            found = f"Python objects ({_blocking_global(e, path)})"
+            if whole_model:
+                found += ", as a whole pickled model does (a YOLOv7 checkpoint, say)"
+            raise SourceError(untrusted_message(f"{what} {path}", found)) from e
+        log.warning("%s %s holds Python objects besides tensors; unpickling it fully (--trust-pickle): this runs "
+                    "code from the file", what, path)
         first = e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
@@ -161,10 +218,13 @@ def _strip(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], lis
     return state, stripped
 
 
-def read_state_dict(path: str | os.PathLike, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The state dict in checkpoint ``path`` (top level, or under ``key`` / one of NESTED_KEYS) and how it was found."""
+def read_state_dict(path: str | os.PathLike, key: str | None = None, *,
+                    trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict in checkpoint ``path`` (top level, or under ``key`` / one of NESTED_KEYS) and how it was found.
+    A checkpoint holding Python objects beyond :func:`_safe_globals` (a whole module, say) is refused unless
+    ``trust_pickle``."""
     p = _require_file(os.fspath(path), "checkpoint")
-    raw = _torch_load(p, allow_pickle=True, what="checkpoint")
+    raw = _torch_load(p, trust_pickle=trust_pickle, what="checkpoint")
     info = {"path": os.fspath(path), "sha256": sha256(p), "key": None, "stripped": []}
     candidates = [key] if key else [None, *NESTED_KEYS]
     for k in candidates:
@@ -199,13 +259,15 @@ def _listing(keys: Sequence[str]) -> str:
     return ", ".join(keys[:_SHOW]) + more
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None = None) -> dict:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None = None, *,
+                    trust_pickle: bool = False) -> dict:
     """Load the state dict of checkpoint ``path`` into ``model`` strictly; return how it was found.
 
     A common leading component on every checkpoint key (``model.`` of a Lightning module, say) is
-    stripped only when that makes every key and shape match exactly.
+    stripped only when that makes every key and shape match exactly. ``trust_pickle``: see
+    :func:`read_state_dict`.
     """
-    state, info = read_state_dict(path, key)
+    state, info = read_state_dict(path, key, trust_pickle=trust_pickle)
     model_state = model.state_dict()
     missing, unexpected, shapes = _mismatch(model_state, state)
     if missing or unexpected or shapes:
@@ -257,7 +319,7 @@ def _timm(name: str, num_classes: int | None) -> LoadedModel:
     timm = _import("timm", "timm:NAME models", "models")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
+        close = close_matches(name.split(".")[0], timm.list_models())
         raise SourceError(f"timm has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
                           + "; see timm.list_models()")
     model = timm.create_model(name, pretrained=False, **kwargs)
@@ -271,7 +333,9 @@ def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
     try:
         model = tv.models.get_model(name, weights=None, **kwargs)
     except ValueError as e:
-        raise SourceError(f"torchvision has no model {name!r}; see torchvision.models.list_models()") from e
+        close = close_matches(name, tv.models.list_models())
+        raise SourceError(f"torchvision has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
+                          + "; see torchvision.models.list_models()") from e
     return LoadedModel(model, f"torchvision:{name}", "torchvision", name, (1, 3, 224, 224))
 
 
@@ -322,21 +386,18 @@ def _file(path: str, factory: str, num_classes: int | None) -> LoadedModel:
                        tuple(shape) if shape else None, weights="as returned by the factory", trained=True)
 
 
-def _pickle(path: str) -> LoadedModel:
+def _pickle(path: str, trust_pickle: bool = False) -> LoadedModel:
+    """A whole pickled model (or a dict holding one under 'ema' / 'model'): unpickling it runs its code, so it is
+    refused unless ``trust_pickle``; a file that holds only weights is pointed to ``--checkpoint``."""
     p = _require_file(path, "model checkpoint")
-    try:
-        raw = torch.load(p, map_location="cpu", weights_only=True)
-        if _is_state_dict(raw) or (isinstance(raw, Mapping) and any(_is_state_dict(raw.get(k)) for k in NESTED_KEYS)):
-            raise SourceError(f"{path} holds only weights (a state dict), not a model; pass the architecture as "
-                              f"MODEL (a zoo name, timm:NAME, torchvision:NAME or file.py:FACTORY) and --checkpoint "
-                              f"{path}")
-    except pickle.UnpicklingError:
-        raw = _torch_load(p, allow_pickle=True, what="model checkpoint")
-    except SourceError:
-        raise
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SourceError(f"model checkpoint {path} is not a file torch.load can read ({first_line(e)}); check "
-                          "that the file is complete") from e
+    raw = _torch_load(p, trust_pickle=trust_pickle, what="model checkpoint", whole_model=True)
+    holds_module = isinstance(raw, nn.Module) or (isinstance(raw, Mapping) and any(
+        isinstance(v, nn.Module) for v in raw.values()))
+    if not holds_module and (_is_state_dict(raw) or (isinstance(raw, Mapping) and any(
+            _is_state_dict(raw.get(k)) for k in NESTED_KEYS))):
+        raise SourceError(f"{path} holds only weights (a state dict), not a model; pass the architecture as "
+                          f"MODEL (a zoo name, timm:NAME, torchvision:NAME or file.py:FACTORY) and --checkpoint "
+                          f"{path}")
     model, key = raw, None
     if isinstance(raw, Mapping):
         key = next((k for k in ("ema", "model") if isinstance(raw.get(k), nn.Module)), None)
@@ -356,10 +417,14 @@ def _pickle(path: str) -> LoadedModel:
     return loaded
 
 
-def _pt2(path: str) -> LoadedModel:
+def _pt2(path: str, trust_pickle: bool = False) -> LoadedModel:
+    from runtimes.pt2_archive import load_program
+
     p = _require_file(path, "program")
     try:
-        ep = torch.export.load(p)
+        ep = load_program(p, trust_pickle=trust_pickle)
+    except UntrustedFile as e:
+        raise SourceError(str(e)) from e
     except Exception as e:
         raise SourceError(f"{path} is not a torch.export program ({first_line(e)}); save one with "
                           "torch.export.save") from e
@@ -390,8 +455,12 @@ def _forget_shadowed_modules(code_dir: str) -> None:
 
 def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, checkpoint_key: str | None = None,
                code_path: Sequence[str] = (), num_classes: int | None = None, width: float | None = None,
-               allow_train_mode: bool = False, seed: int = 0) -> LoadedModel:
-    """Build or load the model named by ``spec`` (see the module docstring), in eval mode."""
+               allow_train_mode: bool = False, seed: int = 0, trust_pickle: bool = False) -> LoadedModel:
+    """Build or load the model named by ``spec`` (see the module docstring), in eval mode.
+
+    ``trust_pickle``: allow full unpickling of ``--checkpoint`` and of a whole pickled model, and a ``.pt2``
+    that would unpickle; both run code from the file (see "Checkpoints" in the module docstring).
+    """
     for d in code_path:
         if not os.path.isdir(d):
             raise SourceError(f"--code-path {d} is not a directory; pass the folder that holds the model's code")
@@ -401,8 +470,15 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
     kind, target, factory = parse_source(spec)
     if width is not None and kind != "zoo":
         raise SourceError(f"--width applies to zoo models only, not {spec!r}")
+    if num_classes is not None and num_classes < 1:
+        raise SourceError(f"--num-classes must be an integer >= 1 (the classifier's outputs), got {num_classes}")
+    if width is not None and not (0 < width < float("inf")):
+        raise SourceError(f"--width must be a finite number > 0 (e.g. 0.5), got {width}")
     if checkpoint is not None:
         _require_file(checkpoint, "checkpoint")
+        if kind in ("pickle", "pt2"):  # refused before anything is loaded (or unpickled)
+            raise SourceError(f"{spec} already holds its weights; drop --checkpoint (or pass the architecture as "
+                              "MODEL)")
     if kind == "zoo":
         loaded = _zoo(target, num_classes, width, checkpoint)
     elif kind == "timm":
@@ -412,17 +488,14 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
     elif kind == "file":
         loaded = _file(target, factory, num_classes)
     elif kind == "pt2":
-        loaded = _pt2(target)
+        loaded = _pt2(target, trust_pickle)
     else:
-        loaded = _pickle(target)
+        loaded = _pickle(target, trust_pickle)
     if num_classes is not None and kind in ("pickle", "pt2"):
         raise SourceError(f"--num-classes does not apply to {spec!r}: the model is loaded whole")
     model = loaded.model
     if checkpoint is not None:
-        if kind in ("pickle", "pt2"):
-            raise SourceError(f"{spec} already holds its weights; drop --checkpoint (or pass the architecture as "
-                              "MODEL)")
-        loaded.checkpoint = load_checkpoint(model, checkpoint, checkpoint_key)
+        loaded.checkpoint = load_checkpoint(model, checkpoint, checkpoint_key, trust_pickle=trust_pickle)
         loaded.weights, loaded.trained = f"checkpoint {checkpoint}", True
     elif kind in ("zoo", "timm", "torchvision") and not loaded.trained:
         zoo.randomize_batchnorm(model, seed)

@@ -7,6 +7,8 @@ returns one :class:`~deploy.record.VerificationRecord` per stage, compared with 
 with the stage it was made from (so the stage that introduced a mismatch is named). With labelled
 samples it adds accuracy and agreement with the training model (100 % required of fp32 stages).
 Nothing here changes the records it is given: ``convert`` and ``verify`` put the results in place.
+A NaN or an infinity in the inputs (seeded or ``--inputs`` samples) or in the training model's
+outputs is a :class:`PipelineError` naming the array: nothing can be verified against them.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from exporters import targets as registry
-from runtimes.core import first_line
+from runtimes.core import first_line, nonfinite
 
 from .record import PipelineError, StageRecord, VerificationRecord
 
-__all__ = ["record_reference", "verify_stages", "run_batched", "read_samples", "torch_threads", "open_stage"]
+__all__ = ["record_reference", "verify_stages", "run_batched", "read_samples", "torch_threads", "open_stage",
+           "check_finite"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,15 @@ def torch_threads(shape) -> int | None:
     """One thread for small inputs: many small calls gain nothing from torch's thread pool but its
     synchronization, which on a busy machine costs more than the work."""
     return 1 if shape and math.prod(shape) < 100_000 else None
+
+
+def check_finite(arrays, what: str, fix: str) -> None:
+    """Raise :class:`PipelineError` when one of ``arrays`` (``{name: array}``) holds a NaN or an infinity:
+    "``what`` NAME holds N NaN of M values; ``fix``"."""
+    for name, a in arrays.items():
+        bad = nonfinite(a)
+        if bad:
+            raise PipelineError(f"{what} {name!r} holds {bad}; {fix}")
 
 
 def read_samples(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -66,7 +78,13 @@ def read_samples(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
     if labels is not None and (labels.shape != (len(x),) or labels.dtype.kind not in "iu"):
         raise PipelineError(f"--inputs 'labels' must be {len(x)} integer class indices, got shape "
                             f"{tuple(labels.shape)} dtype {labels.dtype}")
-    return np.ascontiguousarray(x.astype(np.float32)), labels
+    with np.errstate(over="ignore"):  # an overflow becomes an infinity, refused below
+        x = np.ascontiguousarray(x.astype(np.float32))
+    rows = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1))
+    which = ", ".join(map(str, rows[:5])) + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    check_finite({name: x}, f"--inputs file {path}: array", f"samples must be finite float32 values: replace or drop "
+                 f"sample{'s' if len(rows) > 1 else ''} {which}")
+    return x, labels
 
 
 def run_batched(runner, x: np.ndarray, batch: int) -> list[np.ndarray]:
@@ -87,14 +105,21 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+_FIX_MODEL = ("nothing can be verified against it: fix the model (a NaN or an overflow in its forward), its "
+              "weights or its inputs")
+
+
 def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray, np.ndarray | None] | None) -> None:
     """Write the seeded input, the training model's outputs on it, and the samples and their outputs."""
     from runtimes import TorchRunner, save_inputs
 
+    check_finite({"input0": x}, "the seeded input", "pass finite inputs")
     vdir.mkdir(exist_ok=True)
     save_inputs(vdir / "inputs.npz", {"input0": x})
     with TorchRunner(model, threads=torch_threads(x.shape)) as runner:
         ref = list(runner.infer([x]).values())
+        check_finite({f"output{i}": o for i, o in enumerate(ref)}, "on the seeded input, the training model's output",
+                     _FIX_MODEL)
         np.savez(vdir / "reference.npz", **{f"output{i}": o for i, o in enumerate(ref)})
         if samples is not None:
             xs, labels = samples
@@ -102,16 +127,22 @@ def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray
                 samples_ref = run_batched(runner, xs, min(len(xs), 64))
             except Exception:
                 samples_ref = run_batched(runner, xs, x.shape[0])
+            check_finite({f"output{i}": o for i, o in enumerate(samples_ref)},
+                         "on the --inputs samples, the training model's output", _FIX_MODEL)
             np.savez(vdir / "samples.npz", input0=xs, **({"labels": labels} if labels is not None else {}))
             np.savez(vdir / "samples_reference.npz", **{f"output{i}": o for i, o in enumerate(samples_ref)})
 
 
-def open_stage(stage: StageRecord, root: Path, **kwargs):
-    """A runner for ``stage``'s artifact in ``root``, with its target's options."""
+def open_stage(stage: StageRecord, root: Path, *, trust_pickle: bool = False, **kwargs):
+    """A runner for ``stage``'s artifact in ``root``, with its target's options. Its paths are checked to be
+    inside ``root`` (``ExportRecord.artifact_in``); a ``.pt2`` that would unpickle is refused when the runner
+    activates, unless ``trust_pickle``."""
     target = registry.get(stage.format)
     art = stage.export.artifact_in(root)
-    if target.name == "pt2" and art.inputs:
-        kwargs.setdefault("threads", torch_threads(art.inputs[0].concrete_shape(1)))
+    if target.name == "pt2":  # the one runner that could unpickle
+        kwargs.setdefault("trust_pickle", trust_pickle)
+        if art.inputs:
+            kwargs.setdefault("threads", torch_threads(art.inputs[0].concrete_shape(1)))
     return target.open(art, precision=stage.precision, **kwargs)
 
 
@@ -132,7 +163,7 @@ def _tolerance(precision: str, rtol: float | None, atol: float):
 
 
 def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None, atol: float,
-                  progress: Progress | None = None) -> dict[str, VerificationRecord]:
+                  progress: Progress | None = None, *, trust_pickle: bool = False) -> dict[str, VerificationRecord]:
     """Verify ``stages`` (the first one the training reference) from the files in ``root``.
 
     Stages whose export failed are not run; the result has a record for every other stage.
@@ -147,13 +178,20 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
     samples_ref = list(_load_npz(vdir / "samples_reference.npz").values()) if samples else None
     labels = samples.pop("labels", None) if samples else None
     x_samples = next(iter(samples.values())) if samples else None
+    fix = "the recorded inputs and outputs cannot verify anything: rerun deploy convert"
+    check_finite(inputs, "verify/inputs.npz: array", fix)
+    check_finite({f"output{i}": o for i, o in enumerate(reference)}, "verify/reference.npz: output", fix)
+    if samples:
+        check_finite(samples, "verify/samples.npz: array", fix)
+        check_finite({f"output{i}": o for i, o in enumerate(samples_ref)}, "verify/samples_reference.npz: output",
+                     fix)
 
     training, rest = stages[0], [s for s in stages[1:] if not s.export.error]
     results = {s.name: VerificationRecord() for s in rest}
     runners, failed_open = {}, {}
     for s in rest:
         try:
-            runners[s.name] = open_stage(s, root).activate()
+            runners[s.name] = open_stage(s, root, trust_pickle=trust_pickle).activate()
         except Exception as e:  # a corrupt or missing file is this stage's failure, not the run's
             failed_open[s.name] = e
     outs_samples: dict[str, list[np.ndarray]] = {}
@@ -218,7 +256,8 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
         elif res.vs_reference is not None:
             vr = res.vs_reference
             v.max_abs, v.max_rel = vr.max_abs, vr.max_rel
-            v.cosine = min((o.cosine for o in vr.outputs), default=None)
+            cosines = [o.cosine for o in vr.outputs]
+            v.cosine = float("nan") if any(math.isnan(c) for c in cosines) else min(cosines, default=None)
             v.parent_max_rel = res.vs_parent.max_rel if res.vs_parent else None
             if not vr.passed:
                 reasons.append(f"seeded inputs: {vr.summary()}")

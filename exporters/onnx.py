@@ -5,7 +5,9 @@
   leaf into ``output0, output1, ...`` (or the given names). Weights are embedded in the ``.onnx``
   file (``external_data=False``), so one file is the whole model.
 - Opset 18 is the default: the opset the dynamo exporter's function library is written in
-  (newer opsets are reached by version conversion; 17 is the oldest accepted).
+  (other opsets are reached by version conversion; 17 is the oldest accepted, ``max_opset()`` the
+  newest the installed onnx defines). A conversion that fails leaves the file at opset 18 without
+  an error from the exporter; the written opset is therefore checked, and a mismatch is an error.
 - ``dynamic=True`` makes dimension 0 of every input a symbol ``batch``. A graph captured with a
   static batch may have that batch baked into a reshape; then an output's first dimension stays a
   constant and the export is refused instead of writing a model that is wrong at other batches.
@@ -30,8 +32,8 @@ from runtimes.core import Artifact, ExportError, TensorSpec, first_line, require
 from ._torch import as_args, io_names, output_leaves, to_graph_module
 from .targets import ExportJob, Product, Target
 
-__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "export_onnx", "export_onnx_raw", "simplify_onnx", "describe_onnx",
-           "convert_onnx_to_fp16", "op_counts", "TARGET"]
+__all__ = ["DEFAULT_OPSET", "MIN_OPSET", "max_opset", "export_onnx", "export_onnx_raw", "simplify_onnx",
+           "describe_onnx", "convert_onnx_to_fp16", "op_counts", "TARGET"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ _ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6:
 
 def _onnx():
     return require("onnx", _EXTRA, "ONNX export")
+
+
+def max_opset() -> int:
+    """The newest ONNX opset the installed onnx package defines: no export can be converted beyond it."""
+    return int(_onnx().defs.onnx_opset_version())
 
 
 def _specs(values) -> list[TensorSpec]:
@@ -106,6 +113,9 @@ def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: b
 
     if opset < MIN_OPSET:
         raise ExportError(f"ONNX opset {opset} is too old; the dynamo exporter needs opset >= {MIN_OPSET}.")
+    if opset > max_opset():
+        raise ExportError(f"ONNX opset {opset} is newer than the installed onnx {onnx.__version__} defines; choose "
+                          f"an opset in {MIN_OPSET}..{max_opset()}.")
     args = as_args(args)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +150,11 @@ def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: b
     except Exception as e:
         raise ExportError(f"onnx.checker rejects the exported file {path}: {first_line(e)}") from e
     art = describe_onnx(path)
+    if art.metadata["opset"] not in (opset, None):  # the exporter keeps its own opset when the version conversion fails
+        path.unlink()
+        raise ExportError(f"ONNX opset {opset} was requested but the exporter wrote opset {art.metadata['opset']} "
+                          f"(its version conversion of this model failed); choose --opset {art.metadata['opset']} "
+                          "or another opset the conversion supports.")
     art.metadata.update(dynamic_batch=dynamic, exporter=f"torch.onnx dynamo (torch {torch.__version__})")
     if dynamic:
         static = [s.name for s in art.outputs if s.shape and isinstance(s.shape[0], int)]

@@ -3,7 +3,9 @@ artifact is compared with, and the torch runtime's artifact.
 
 The module is re-exported with ``torch.export.export`` (a dynamic batch dimension ``batch`` with
 ``dynamic=True``) and saved with ``torch.export.save``; ``metadata`` goes into the archive as
-``deploy.json``.
+``deploy.json``. The program is saved without its example inputs (which ``torch.export.save``
+pickles); its weights and constants are raw tensor bytes, so loading it unpickles nothing. The
+written file is checked with ``runtimes.pt2_archive.scan`` (see that module).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 
 from runtimes.core import Artifact, ExportError, TensorSpec, first_line, output_leaves
+from runtimes.pt2_archive import scan
 
 from ._torch import to_graph_module
 from .targets import ExportJob, Product, Target
@@ -34,7 +37,12 @@ def export_pt2(model, args: tuple, path, *, dynamic: bool = False, metadata: dic
             raise ExportError(f"--dynamic: the plain model cannot take a dynamic batch ({first_line(e)}); its "
                               "graph fixes the batch size: convert without --dynamic") from e
         raise ExportError(f"torch.export cannot re-export the plain model: {first_line(e)}") from e
+    ep.example_inputs = None  # torch.save'd into the archive otherwise: loading would unpickle them
     torch.export.save(ep, os.fspath(path), extra_files={"deploy.json": json.dumps(metadata or {})})
+    found = scan(path)
+    if found:
+        raise ExportError(f"the plain model's program holds {'; '.join(found)}, which would run code when it is "
+                          "loaded; a deploy form should hold plain tensors only")
     leaves = output_leaves(module, args)
     batch = "batch" if dynamic else None
     inputs = [TensorSpec(f"input{i}", ((batch,) + tuple(a.shape[1:])) if batch else tuple(a.shape), "float32")

@@ -8,6 +8,10 @@
   then compute in fp16. Inputs and outputs stay fp32.
 - ``nhwc=True`` wraps the module with ``litert_torch.to_channel_last_io`` so 4-D inputs (and, with
   ``nhwc_outputs``, 4-D outputs) are channels-last, the layout mobile pipelines feed.
+- The record's outputs follow the torch output order. litert-torch names the signature outputs after
+  the output tree (``output_<i>``, or a dict's keys) and the signature lists them by name;
+  ``metadata["tflite_outputs"]`` holds those names in the torch order, and the LiteRT runner reads
+  the outputs by them (see ``runtimes.litert_runner``).
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.core import Artifact, ExportError, TensorSpec, check_precision, first_line, require, set_training
+from runtimes.core import (Artifact, ExportError, TensorSpec, check_precision, eval_mode, first_line, require,
+                           set_training)
 
 from ._torch import as_args, io_names, output_leaves, to_graph_module
 from .targets import ExportJob, Product, Target
 from .legalize import legalize_for_tflite
 
-__all__ = ["export_tflite", "describe_tflite", "TARGET"]
+__all__ = ["export_tflite", "describe_tflite", "litert_output_names", "TARGET"]
 
 log = logging.getLogger(__name__)
 _EXTRA = "tflite"
@@ -70,17 +75,38 @@ def _legalize_error(exc: BaseException) -> ExportError:
     return ExportError(f"litert-torch could not convert the model to TFLite: {first_line(exc)}")
 
 
+def litert_output_names(outputs) -> list[str]:
+    """The signature output names litert-torch gives a module returning ``outputs``, in the torch order:
+    ``output_<i>`` unless the output is a dict, whose leaves are named by their path of keys (and list
+    or tuple indices) joined with ``_``."""
+    from torch.utils import _pytree as pytree
+
+    flat = pytree.tree_flatten_with_path(outputs)[0]
+    if not isinstance(outputs, dict):
+        return [f"output_{i}" for i in range(len(flat))]
+    part = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
+    return ["_".join(part(k) for k in path) for path, _ in flat]
+
+
 def describe_tflite(path, *, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
-                    precision: str = "fp32", parent: str | None = None) -> Artifact:
-    """An artifact record for a ``.tflite`` file, read back through the LiteRT interpreter."""
+                    precision: str = "fp32", parent: str | None = None,
+                    tflite_outputs: Sequence[str] | None = None) -> Artifact:
+    """An artifact record for a ``.tflite`` file, read back through the LiteRT interpreter.
+
+    ``tflite_outputs``: the signature's output names in the model's order, when known (from
+    :func:`litert_output_names`); else the runner works the order out (see ``runtimes.litert_runner``).
+    """
     from runtimes.litert_runner import LiteRTRunner
 
-    runner = LiteRTRunner(path)
+    runner = LiteRTRunner(path, output_order=tflite_outputs)
     with runner:
         specs, n_out = runner.get_input_specs(), len(runner.output_names)
         natives_in, natives_out, signature = runner.native_inputs, runner.native_outputs, runner.signature
         feed = {s.name: np.zeros(s.concrete_shape(1), s.dtype) for s in specs}
         outs = list(runner.infer(feed).values())
+    if tflite_outputs is not None and list(tflite_outputs) != natives_out:
+        log.warning("%s: litert-torch named the outputs %s, expected %s; reading them in the order of the graph's "
+                    "outputs", path, ", ".join(natives_out), ", ".join(tflite_outputs))
     in_names = io_names(input_names, len(specs), "input")
     out_names = io_names(output_names, n_out, "output")
     return Artifact(
@@ -114,6 +140,8 @@ def export_tflite(model, args, path, *, precision: str = "fp32", nhwc: bool | Se
             notes.append(f"legalized {len(rewrites)} pow node(s) into multiplications for TFLite "
                          "(pass pow_to_mul, proven exact in float64)")
     leaves = output_leaves(module, args)
+    with torch.no_grad(), eval_mode(module):
+        signature_outputs = litert_output_names(module(*args))
     in_idx, out_idx = _indices(nhwc, args), _indices(nhwc_outputs, leaves)
     sample = args
     if in_idx or out_idx:
@@ -137,7 +165,8 @@ def export_tflite(model, args, path, *, precision: str = "fp32", nhwc: bool | Se
         raise
     except Exception as e:
         raise _legalize_error(e) from e
-    art = describe_tflite(path, input_names=input_names, output_names=output_names, precision=precision)
+    art = describe_tflite(path, input_names=input_names, output_names=output_names, precision=precision,
+                          tflite_outputs=signature_outputs)
     for note in notes:
         art.note(note)
     art.metadata.update(

@@ -6,10 +6,11 @@ then ``rewrite(gm, match) -> str``; a :class:`Refusal` carries a :class:`Refusal
 
 from __future__ import annotations
 
-from .capture import CaptureError, InputError, capture
+from .capture import BatchNormStatisticsError, CaptureError, InputError, capture
 from .manager import PassManager, PassRecord, Report
 from .reparam import DEFAULT_PASSES, last_report, reparameterize
 from .rules import Instrument, Match, Pass, Refusal, RefusalCode
 
 __all__ = ["capture", "reparameterize", "last_report", "DEFAULT_PASSES", "CaptureError", "InputError",
-           "Pass", "Match", "Refusal", "RefusalCode", "Instrument", "PassManager", "PassRecord", "Report"]
+           "BatchNormStatisticsError", "Pass", "Match", "Refusal", "RefusalCode", "Instrument", "PassManager",
+           "PassRecord", "Report"]

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from runtimes.core import eval_mode, max_rel_error, set_training
+from runtimes.core import eval_mode, max_rel_error, nonfinite, set_training, tensor_leaves
 
-from .capture import as_args, capture
+from .capture import InputError, as_args, capture
 from .graph import op_counts, remove_unused_attributes, share_identical_weights
 from .manager import PassManager, Report
 from .numerics import convert_dtype, seeded_like
@@ -68,7 +68,9 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     the captured graph; after each pass its outputs on seeded inputs must agree with the captured
     model's to ``1e-9`` relative, or the pass's inexact rewrites are rolled back and reported.
     Weights are rounded to the model's dtype once, at the end. With ``verify`` the result is also
-    compared with ``model`` itself in its own dtype (``report.float32_error``).
+    compared with ``model`` itself in its own dtype (``report.float32_error``), and a model whose
+    outputs on the seeded inputs hold NaN or infinities is refused (:class:`InputError`): nothing
+    can be verified against them.
 
     ``instruments`` observe the passes (``on_pass_start``, ``on_pass_end``) and receive the finished
     report (``on_run_end``); see ``fusers.rules.Instrument``.
@@ -87,6 +89,8 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     check_inputs = seeded_like(args, seed, dtype=torch.float64)
     with torch.no_grad():
         reference = gm(*check_inputs)
+    if verify:
+        _check_finite(model, reference)
     manager = PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE, instruments=instruments)
     manager.run(gm, report)
     remove_unused_attributes(gm)
@@ -114,6 +118,14 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
              report.count(), len(report.refusals()), report.float64_error)
     manager.finish(report)
     return gm
+
+
+def _check_finite(model: torch.nn.Module, reference) -> None:
+    """A model whose outputs hold NaN or infinities on seeded inputs cannot be checked: refuse it."""
+    bad = [f"output{i} holds {nonfinite(t)}" for i, t in enumerate(tensor_leaves(reference)) if nonfinite(t)]
+    if bad:
+        raise InputError(f"{type(model).__name__} on seeded inputs: {'; '.join(bad)}; no rewrite can be verified "
+                         "against such outputs: fix the model (a NaN or an overflow in its forward) or its weights")
 
 
 def _ordinary_module(gm: fx.GraphModule, report: Report) -> None:

@@ -17,7 +17,7 @@ import os
 from typing import Any
 
 from .base import InputMismatch, Runner
-from .core import Artifact, CorruptArtifact, MissingDependency
+from .core import Artifact, CorruptArtifact, MissingDependency, UntrustedFile
 from .compare import (
     ChainResult,
     ComparisonResult,
@@ -41,6 +41,7 @@ from .torch_runner import TorchRunner
 __all__ = [
     "Runner", "TorchRunner", "OnnxRuntimeRunner", "OpenVINORunner", "LiteRTRunner", "TensorRTRunner",
     "open_runner", "RUNNERS", "RUNNERS_BY_SUFFIX", "InputMismatch", "CorruptArtifact", "MissingDependency",
+    "UntrustedFile",
     "make_inputs", "load_inputs", "save_inputs", "flatten", "compare", "verify_chain", "Tolerance",
     "ComparisonResult", "OutputComparison", "Stage", "StageResult", "ChainResult",
 ]

@@ -214,13 +214,16 @@ def run_job(job: BenchJob) -> dict:
 def _run_torch_cuda(job: BenchJob, x: np.ndarray) -> dict:
     import torch
 
+    from .pt2_archive import load_program
+
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; bench on cpu instead")
     rows = []
     modules = {}
     for form, path in job.forms.items():
         try:
-            modules[form] = torch.export.load(path).module().to("cuda")
+            trust = bool(job.runner_options.get("trust_pickle", False))
+            modules[form] = load_program(path, trust_pickle=trust).module().to("cuda")
         except Exception as e:
             rows.append({"form": form, "variant": "fp32", "error": f"{type(e).__name__}: {e}"})
     timer = _cuda_timer()

@@ -7,6 +7,13 @@ precision: fp32 1e-5, fp16 1e-2 (bf16, which OpenVINO's CPU plugin runs for an "
 without native fp16, 3e-2). Cosine similarity and, for 2-D ``(N, classes)`` outputs, top-1
 agreement are reported too.
 
+Non-finite values never pass: a NaN or an infinity in an output where the reference has a finite
+value (or another non-finite one) fails that output, and so does any NaN or infinity in the
+reference itself (a comparison with it proves nothing). Only a comparison with a parent stage,
+which decides the blame, counts the same non-finite value at the same position as equal
+(``match_nonfinite``). Outputs given as ``{name: array}`` on both sides, under the same names in
+another order, are matched by name.
+
 :func:`verify_chain` runs stages in order (training torch -> plain torch -> ONNX -> simplified ONNX
 -> OpenVINO / TFLite / TensorRT) on the same inputs and compares each stage with the reference (the
 first stage) and with its parent stage, so the stage that introduced a mismatch is named: a
@@ -25,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .core import TensorSpec, as_numpy, first_line, leaves
+from .core import TensorSpec, as_numpy, first_line, leaves, nonfinite
 
 __all__ = [
     "DEFAULT_RTOL",
@@ -213,7 +220,8 @@ class ComparisonResult:
         worst = max(self.outputs, key=lambda o: o.max_rel / o.rtol if o.rtol else o.max_rel, default=None)
         if worst is None:
             return "no outputs"
-        state = "pass" if self.passed else f"FAIL ({', '.join(self.failed_outputs)})"
+        failed = "; ".join(f"{o.name}: {o.reason}" for o in self.outputs if not o.passed)
+        state = "pass" if self.passed else f"FAIL ({failed})"
         return (f"{state}: {len(self.outputs)} output(s), worst {worst.name} max rel {worst.max_rel:.2e} "
                 f"(rtol {worst.rtol:.0e}), max abs {worst.max_abs:.2e}, cosine {worst.cosine:.6f}")
 
@@ -222,7 +230,8 @@ class ComparisonResult:
                 "outputs": [o.to_dict() for o in self.outputs]}
 
 
-def _compare_one(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float) -> OutputComparison:
+def _compare_one(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float,
+                 match_nonfinite: bool = False) -> OutputComparison:
     if a.shape != b.shape:
         return OutputComparison(name, a.shape, b.shape, math.inf, math.inf, float("nan"), None, rtol, atol, False,
                                 f"shape {b.shape} differs from the reference {a.shape}")
@@ -232,46 +241,63 @@ def _compare_one(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: flo
         return OutputComparison(name, a.shape, b.shape, diff, 0.0 if equal else math.inf, 1.0 if equal else 0.0,
                                 None, rtol, atol, equal, "" if equal else "integer outputs differ")
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    nan_a, nan_b = np.isnan(a64), np.isnan(b64)
+    fin_a, fin_b = np.isfinite(a64), np.isfinite(b64)
+    if not match_nonfinite and not fin_a.all():
+        return OutputComparison(name, a.shape, b.shape, math.inf, math.inf, float("nan"), None, rtol, atol, False,
+                                f"the reference holds {nonfinite(a64)}; a comparison with it proves nothing: fix "
+                                "the model or its inputs")
+    same = (a64 == b64) | (np.isnan(a64) & np.isnan(b64))  # the same infinity, or NaN on both sides
     reason = ""
-    if not np.array_equal(nan_a, nan_b):
-        reason = f"NaN at {int((nan_a != nan_b).sum())} position(s) where the reference has none (or vice versa)"
-    keep = ~(nan_a | nan_b)
+    if not fin_b.all() or not fin_a.all():
+        new_b, lost = ~fin_b & ~same, ~fin_a & ~same
+        if new_b.any():
+            where = "is finite" if fin_a[new_b].all() else "holds other values"
+            reason = f"{nonfinite(b64[new_b])} where the reference {where}"
+        elif lost.any():
+            reason = f"finite values where the reference holds {nonfinite(a64[lost])}"
+    keep = fin_a & fin_b
     a64, b64 = a64[keep], b64[keep]
-    if a64.size == 0:
-        return OutputComparison(name, a.shape, b.shape, 0.0, 0.0, 1.0, None, rtol, atol, not reason, reason)
-    with np.errstate(invalid="ignore", over="ignore"):
-        diff = np.abs(a64 - b64)
-        diff[np.isinf(a64) & (a64 == b64)] = 0.0
-        max_abs = float(diff.max())
-        scale = float(np.abs(a64[np.isfinite(a64)]).max()) if np.isfinite(a64).any() else 0.0
-        max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
-        na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
-        cosine = float(np.dot(a64.ravel(), b64.ravel()) / (na * nb)) if na > 0 and nb > 0 else \
-            (1.0 if na == nb else 0.0)
     top1 = None
     if a.ndim == 2 and a.shape[1] > 1:
         top1 = float(np.mean(np.argmax(np.nan_to_num(a), axis=1) == np.argmax(np.nan_to_num(b), axis=1)))
-    passed = not reason and max_abs <= rtol * scale + atol
-    if not passed and not reason:
+    with np.errstate(invalid="ignore", over="ignore"):
+        na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+        cosine = float(np.dot(a64.ravel(), b64.ravel()) / (na * nb)) if na > 0 and nb > 0 else \
+            (1.0 if na == nb else 0.0)
+        if a64.size == 0:
+            cosine = float("nan") if reason else 1.0
+        if reason:
+            return OutputComparison(name, a.shape, b.shape, math.inf, math.inf, cosine, top1, rtol, atol, False,
+                                    reason)
+        max_abs = float(np.abs(a64 - b64).max()) if a64.size else 0.0
+        scale = float(np.abs(a64).max()) if a64.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
+    passed = max_abs <= rtol * scale + atol
+    if not passed:
         reason = f"max rel error {max_rel:.2e} exceeds rtol {rtol:.0e}"
     return OutputComparison(name, a.shape, b.shape, max_abs, max_rel, cosine, top1, rtol, atol, passed, reason)
 
 
 def compare(reference_outputs, outputs, tolerance=None, *, precision: str = "fp32",
-            names: Sequence[str] | None = None) -> ComparisonResult:
+            names: Sequence[str] | None = None, match_nonfinite: bool = False) -> ComparisonResult:
     """Compare two (possibly nested) sets of outputs leaf by leaf.
 
     ``tolerance``: a float rtol, a :class:`Tolerance`, a ``{name or index: rtol}`` mapping (other
-    outputs use ``precision``'s default), or None for ``precision``'s default.
+    outputs use ``precision``'s default), or None for ``precision``'s default. Outputs are matched
+    by name when both sides name the same outputs, else by position. A NaN or infinity in the
+    reference fails, unless ``match_nonfinite`` (for a comparison with a parent stage, not with the
+    reference): the same non-finite value at the same position then counts as equal.
     """
     tol = Tolerance.coerce(tolerance, precision)
     ref_names, ref = _named_leaves(reference_outputs, names)
-    _, out = _named_leaves(outputs, None)
+    out_names, out = _named_leaves(outputs, None)
+    if out_names != ref_names and sorted(out_names) == sorted(ref_names) and len(set(out_names)) == len(out_names):
+        by_name = dict(zip(out_names, out))  # the same outputs in another order: match them by name
+        out = [by_name[n] for n in ref_names]
     reason = ""
     if len(ref) != len(out):
         reason = f"{len(out)} outputs where the reference has {len(ref)}"
-    results = [_compare_one(name, a, b, tol.rtol_for(name, i), tol.atol)
+    results = [_compare_one(name, a, b, tol.rtol_for(name, i), tol.atol, match_nonfinite)
                for i, (name, a, b) in enumerate(zip(ref_names, ref, out))]
     return ComparisonResult(results, reason)
 
@@ -400,6 +426,7 @@ def verify_chain(stages: Sequence[Stage], inputs: Mapping[str, np.ndarray]) -> C
     by_name: dict[str, StageResult] = {}
     reference: list[np.ndarray] | None = None
     ref_names: list[str] | None = None
+    bad_reference: str | None = None  # the reference stage, when its outputs are not finite
     for i, stage in enumerate(stages):
         stage = _as_runner(stage)
         parent = stage.parent if stage.parent is not None else (stages[i - 1].name if i else None)
@@ -426,14 +453,21 @@ def verify_chain(stages: Sequence[Stage], inputs: Mapping[str, np.ndarray]) -> C
             reference = outs
             if isinstance(stage.runner, Runner) and stage.runner.output_names:
                 ref_names = list(stage.runner.output_names)
+            bad = [f"{name} holds {nonfinite(o)}" for name, o in zip(_named_leaves(outs, ref_names)[0], outs)
+                   if nonfinite(o)]
+            if bad:  # nothing can be verified against it: the reference is the stage that failed
+                res.error, res.blame = f"reference output {'; '.join(bad)}: fix the model or its inputs", stage.name
+                bad_reference = stage.name
         else:
             res.vs_reference = compare(reference, outs, stage.tolerance, precision=stage.precision, names=ref_names)
             if parent is not None and parent != stages[0].name and parent in outputs:
                 res.vs_parent = compare(outputs[parent], outs, stage.tolerance, precision=stage.precision,
-                                        names=ref_names)
+                                        names=ref_names, match_nonfinite=True)
             if not res.passed:
                 p = by_name.get(parent) if parent else None
-                if p is None or p.error or p.passed or (res.vs_parent is not None and not res.vs_parent.passed):
+                if bad_reference:
+                    res.blame = bad_reference  # a non-finite reference fails every comparison with it
+                elif p is None or p.error or p.passed or (res.vs_parent is not None and not res.vs_parent.passed):
                     res.blame = stage.name  # the parent was right (or unknown), or this stage moved away from it
                 else:
                     res.blame = p.blame or p.name  # same numbers as a parent that was already wrong

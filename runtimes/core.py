@@ -3,13 +3,14 @@
 - :class:`Artifact` (one exported file: format, input/output :class:`TensorSpec` records, precision,
   parent artifact, notes) and :class:`TensorSpec`; plain data with ``to_dict``/``from_dict``;
 - the errors: :class:`DeployError` and its kinds (:class:`ExportError`, :class:`MissingDependency`,
-  :class:`CorruptArtifact`); :func:`first_line` of an exception for one-sentence messages;
+  :class:`CorruptArtifact`, :class:`UntrustedFile`); :func:`first_line` of an exception for
+  one-sentence messages, :func:`untrusted_message` for a file that would run code when loaded;
 - :func:`require`: a lazy import that names the pip extra when the package is missing;
 - torch helpers that import torch only when called: :func:`output_leaves` (the tensor leaves of a
   nested output), :func:`eval_mode` (eval flags set and restored, also on modules made by
   ``torch.export``, which refuse ``.eval()``), :func:`count_parameters` (parameters and buffers);
 - the error measure :func:`max_rel_error` (``max|a - b| / max|a|`` per output), for numpy arrays
-  and torch tensors alike.
+  and torch tensors alike, and :func:`nonfinite` (the NaN and infinite values of an array, in words).
 
 This module imports neither ``exporters`` nor ``runtimes``' runners: ``exporters`` sits above
 ``runtimes``, never below it.
@@ -36,6 +37,8 @@ __all__ = [
     "ExportError",
     "MissingDependency",
     "CorruptArtifact",
+    "UntrustedFile",
+    "untrusted_message",
     "require",
     "require_installed",
     "check_precision",
@@ -49,6 +52,7 @@ __all__ = [
     "set_training",
     "count_parameters",
     "max_rel_error",
+    "nonfinite",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,17 @@ class MissingDependency(DeployError, ImportError):
 
 class CorruptArtifact(DeployError):
     """An artifact file exists but cannot be parsed by its runtime (truncated, wrong format...)."""
+
+
+class UntrustedFile(DeployError):
+    """A file would run code from itself when loaded (pickled Python objects, compiled code), and nobody said
+    that its source is trusted."""
+
+
+def untrusted_message(subject: str, found: str) -> str:
+    """One sentence for ``subject`` (e.g. "checkpoint best.pt") that holds ``found`` (e.g. "Python objects
+    (GLOBAL models.yolo.Model)"): loading it runs code from it, and the flag that allows it."""
+    return f"{subject} holds {found}; loading it runs code from it; pass --trust-pickle if you trust its source"
 
 
 def first_line(exc: BaseException) -> str:
@@ -321,6 +336,23 @@ def max_rel_error(reference, outputs) -> float:
         scale = float(np.abs(a).max())
         worst = max(worst, diff / scale if scale > 0 else diff)
     return worst
+
+
+def nonfinite(value) -> str:
+    """The NaN and infinite values of an array or tensor in words (``"3 NaN, 1 +Inf and 2 -Inf of 16 values"``), or
+    ``""`` when every value is finite (integer and boolean arrays always are)."""
+    import numpy as np
+
+    a = as_numpy(value)
+    if a.dtype.kind not in "fc" or a.size == 0:
+        return ""
+    counts = {"NaN": int(np.isnan(a).sum()), "+Inf": int(np.isposinf(a.real).sum() + np.isposinf(a.imag).sum()),
+              "-Inf": int(np.isneginf(a.real).sum() + np.isneginf(a.imag).sum())}
+    found = [f"{n} {kind}" for kind, n in counts.items() if n]
+    if not found:
+        return ""
+    words = found[0] if len(found) == 1 else f"{', '.join(found[:-1])} and {found[-1]}"
+    return f"{words} of {a.size} value{'s' if a.size > 1 else ''}"
 
 
 def as_numpy(value):

@@ -1,9 +1,14 @@
 """LiteRT (TFLite): ``ai_edge_litert.interpreter.Interpreter`` on CPU (XNNPACK), ``num_threads`` set.
 
-litert-torch names a model's signature inputs ``args_0, args_1, ...`` and outputs ``output_0,
-output_1, ...`` (listed in string order, so ``output_10`` comes before ``output_2``). The runner
-orders them by their number and presents them under the artifact record's names when it has one,
-else as ``input0.. / output0..``, the exporters' default names.
+litert-torch names a model's signature inputs ``args_0, args_1, ...``. It names the outputs after
+the torch output tree: ``output_0, output_1, ...`` for a tensor, a tuple or a list; the keys for a
+dict (``{"zeta", "alpha"}`` gives ``zeta, alpha``; a container inside a dict adds ``_<key or
+index>``). The signature lists them in string order (``alpha`` before ``zeta``, ``output_10``
+before ``output_2``), not in the model's order. The runner puts them in the model's order: the
+order the artifact record holds (``tflite_outputs``, written at export), else ``output_N`` by
+number, else the order of the signature's output tensors in the graph (the order litert-torch
+lowers them in: the torch order). It presents them under the artifact record's names when it has
+one, else as ``input0.. / output0..``, the exporters' default names.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -70,17 +75,42 @@ def _numbered(names) -> list[str]:
     return sorted(names, key=key)
 
 
+def _output_order(tensors: dict[str, int], graph_outputs: Sequence[int] | None,
+                  wanted: Sequence[str] | None) -> list[str]:
+    """The signature's output names (``{name: tensor index}``) in the model's order; see the module docstring.
+
+    ``graph_outputs``: the tensor indices of the signature's graph outputs, in order (None when unknown).
+    """
+    names = list(tensors)
+    if wanted is not None and sorted(wanted) == sorted(names):
+        return list(wanted)
+    if all(re.fullmatch(r"output_\d+", n) for n in names):
+        return _numbered(names)
+    position = {t: i for i, t in enumerate(graph_outputs or ())}
+    if all(tensors[n] in position for n in names):
+        return sorted(names, key=lambda n: position[tensors[n]])
+    log.warning("cannot tell the order of the TFLite outputs %s; ordering them by name", ", ".join(names))
+    return _numbered(names)
+
+
 class LiteRTRunner(Runner):
-    """Runs a ``.tflite`` file through its (first, or named) signature."""
+    """Runs a ``.tflite`` file through its (first, or named) signature.
+
+    ``output_order``: the signature's output names in the model's order (default: the artifact
+    record's ``tflite_outputs``; see the module docstring).
+    """
 
     runtime = "litert"
     suffixes = (".tflite",)
 
     def __init__(self, path, *, threads: int | None = None, signature: str | None = None, name: str | None = None,
-                 artifact: Artifact | None = None):
+                 artifact: Artifact | None = None, output_order: Sequence[str] | None = None):
         super().__init__(name, threads=threads, artifact=artifact)
         self.path = str(path)
         self.signature = signature
+        if output_order is None and artifact is not None:
+            output_order = artifact.metadata.get("tflite_outputs")
+        self.output_order = list(output_order) if output_order is not None else None
         self.interpreter = None
         self._runner = None
 
@@ -102,7 +132,9 @@ class LiteRTRunner(Runner):
             self._runner = self.interpreter.get_signature_runner(key)
             details = self._runner.get_input_details()
             self.native_inputs = _numbered(details)
-            self.native_outputs = _numbered(signatures[key]["outputs"])
+            tensors = {n: d["index"] for n, d in self._runner.get_output_details().items()}
+            graph = [d["index"] for d in self.interpreter.get_output_details()] if len(signatures) == 1 else None
+            self.native_outputs = _output_order(tensors, graph, self.output_order)
             in_details = [details[n] for n in self.native_inputs]
         else:  # a model without signatures: plain tensor indices
             self.interpreter.allocate_tensors()

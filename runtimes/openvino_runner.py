@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+from xml.etree import ElementTree
 
 import numpy as np
 
-from .core import Artifact, TensorSpec, require
+from .core import Artifact, CorruptArtifact, TensorSpec, require
 
-from .base import Runner, check_file, corrupt
+from .base import Runner, _reason, check_file
 
-__all__ = ["OpenVINORunner"]
+__all__ = ["OpenVINORunner", "read_ir"]
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,7 @@ class OpenVINORunner(Runner):
             check_file(os.path.splitext(path)[0] + ".bin", "OpenVINO IR weights (.bin)")
         ov = require("openvino", "openvino", "the OpenVINO runner")
         core = ov.Core()
-        try:
-            model = core.read_model(path)
-        except Exception as e:
-            raise corrupt(path, "OpenVINO IR", e) from e
+        model = read_ir(core, path)
         config = {"INFERENCE_PRECISION_HINT": _HINTS[self.precision]}
         if self.threads is not None:
             config["INFERENCE_NUM_THREADS"] = self.threads
@@ -85,6 +83,33 @@ class OpenVINORunner(Runner):
     def deactivate_impl(self) -> None:
         self.request = None
         self.compiled = None
+
+
+def read_ir(core, path: str):
+    """``core.read_model(path)``; a file OpenVINO cannot read is a :class:`CorruptArtifact` naming the file and
+    what is wrong with it (OpenVINO's own message starts with source locations such as
+    ``Exception from src/inference/src/cpp/core.cpp:84``)."""
+    try:
+        return core.read_model(path)
+    except Exception as e:
+        raise CorruptArtifact(f"OpenVINO IR file {path} is corrupt or not a valid OpenVINO IR model "
+                              f"({_ir_problem(path, e)}).") from e
+
+
+def _ir_problem(path: str, exc: BaseException) -> str:
+    """What is wrong with an IR that OpenVINO refused, in words."""
+    if path.endswith(".xml"):
+        try:
+            root = ElementTree.parse(path).getroot()
+        except ElementTree.ParseError as e:
+            return f"its XML is malformed: {e}"
+        if root.tag != "net":
+            return f"its XML root element is <{root.tag}>, not the <net> of an OpenVINO IR"
+        weights = os.path.splitext(path)[0] + ".bin"
+        if "weights" in str(exc).lower() and os.path.isfile(weights):
+            return (f"its weights file {weights} ({os.path.getsize(weights)} bytes) does not hold the weights the "
+                    "XML refers to: it is truncated or belongs to another export")
+    return _reason(exc).split(" Available frontends")[0].strip()
 
 
 def _port_name(port, default: str) -> str:

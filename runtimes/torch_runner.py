@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .core import Artifact, TensorSpec, as_numpy, dtype_name, eval_mode, leaves
+from .core import Artifact, CorruptArtifact, TensorSpec, UntrustedFile, as_numpy, dtype_name, eval_mode, leaves
+from .pt2_archive import load_program
 
 from .base import Runner, check_file, corrupt
 
@@ -24,6 +25,8 @@ class TorchRunner(Runner):
     ``device``: "cpu", "cuda" or "auto" (CUDA when present). ``example_inputs`` (or explicit
     ``input_specs``) define the input names/shapes that feeds are checked against; without either,
     feeds are not checked. ``threads`` sets ``torch.set_num_threads`` while active (restored after).
+    A ``.pt2`` path is loaded with :func:`runtimes.pt2_archive.load_program`: an archive that would run
+    code when loaded is refused unless ``trust_pickle``.
     """
 
     runtime = "torch"
@@ -32,9 +35,10 @@ class TorchRunner(Runner):
     def __init__(self, module, *, example_inputs=None, input_specs: Sequence[TensorSpec] | None = None,
                  input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
                  device: str = "cpu", threads: int | None = None, name: str | None = None,
-                 artifact: Artifact | None = None):
+                 artifact: Artifact | None = None, trust_pickle: bool = False):
         super().__init__(name, threads=threads, artifact=artifact)
         self.module = module
+        self.trust_pickle = trust_pickle
         self.device_request = device
         self.device = None
         self._example = example_inputs
@@ -51,7 +55,9 @@ class TorchRunner(Runner):
         if isinstance(module, (str, os.PathLike)):
             path = check_file(module, "PyTorch program (.pt2)")
             try:
-                module = torch.export.load(path).module()
+                module = load_program(path, trust_pickle=self.trust_pickle).module()
+            except (UntrustedFile, CorruptArtifact):
+                raise
             except Exception as e:
                 raise corrupt(path, "PyTorch program (.pt2)", e) from e
         elif isinstance(module, torch.export.ExportedProgram):

@@ -175,7 +175,11 @@ def test_verify_detects_missing_and_corrupt_files(onnx_run, tmp_path):
     (copy / "model.onnx").unlink()
     data = (copy / "model.deploy.pt2").read_bytes()
     (copy / "model.deploy.pt2").write_bytes(data[: len(data) // 2])
-    result = verify(copy)
+    refused = {s.name: s.reason for s in verify(copy).failed}  # a changed .pt2 is not even loaded
+    assert set(refused) == {"pt2", "onnx"}, refused
+    assert "changed since convert (sha256 differs) and was not loaded" in refused["pt2"]
+    assert "--trust-pickle" in refused["pt2"]
+    result = verify(copy, trust_pickle=True)
     failed = {s.name: s.reason for s in result.failed}
     assert set(failed) == {"pt2", "onnx"}, failed
     assert "missing file(s): model.onnx" in failed["onnx"] and "corrupt" in failed["pt2"]

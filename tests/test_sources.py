@@ -97,7 +97,10 @@ def test_checkpoint_holding_a_module_and_a_lightning_prefix(tmp_path):
     trained = digits.repvgg_digits(pretrained=True)
     torch.save({"model": trained}, tmp_path / "whole.pt")
     model = digits.RepVGGDigits()
-    assert load_checkpoint(model, tmp_path / "whole.pt")["key"] == "model"
+    with pytest.raises(SourceError, match=r"holds Python objects \(deploy\.zoo\.digits\.RepVGGDigits\); loading it "
+                       r"runs code from it; pass --trust-pickle"):
+        load_checkpoint(model, tmp_path / "whole.pt")  # a whole module is unpickled only when trusted
+    assert load_checkpoint(model, tmp_path / "whole.pt", trust_pickle=True)["key"] == "model"
     assert torch.equal(model.head.fc.weight, trained.head.fc.weight)
     torch.save({"state_dict": {f"model.{k}": v for k, v in trained.state_dict().items()}}, tmp_path / "pl.ckpt")
     info = load_checkpoint(digits.RepVGGDigits(), tmp_path / "pl.ckpt")
@@ -177,16 +180,22 @@ def yolo_style_checkpoint(tmp_path, monkeypatch):
 
 def test_pickled_model_needs_its_code_path(yolo_style_checkpoint):
     ckpt, code = yolo_style_checkpoint
-    with pytest.raises(SourceError, match=r"cannot unpickle .*No module named 'models(\.tiny)?'.*--code-path DIR"):
+    refused = (r"holds Python objects \(models\.tiny\.TinyDetector\), as a whole pickled model does .*; loading it "
+               r"runs code from it; pass --trust-pickle")
+    with pytest.raises(SourceError, match=refused):  # refused before any class is imported or built
         load_model(str(ckpt))
-    loaded = load_model(str(ckpt), code_path=[str(code)])
+    with pytest.raises(SourceError, match=r"cannot unpickle .*No module named 'models(\.tiny)?'.*--code-path DIR"):
+        load_model(str(ckpt), trust_pickle=True)
+    with pytest.raises(SourceError, match=refused):
+        load_model(str(ckpt), code_path=[str(code)])
+    loaded = load_model(str(ckpt), code_path=[str(code)], trust_pickle=True)
     assert loaded.kind == "pickle" and type(loaded.model).__name__ == "TinyDetector"
     assert loaded.model.conv.weight.dtype == torch.float32 and loaded.checkpoint["key"] == "model"
     assert any("half-precision" in n for n in loaded.notes)
     assert float(loaded.model.bn.running_mean[0]) == 0.5 and loaded.input_shape is None
     with pytest.raises(SourceError, match=r"saved in train mode .*--eval"):
-        load_model(str(ckpt.parent / "train_mode.pt"), code_path=[str(code)])
-    assert not load_model(str(ckpt.parent / "train_mode.pt"), code_path=[str(code)],
+        load_model(str(ckpt.parent / "train_mode.pt"), code_path=[str(code)], trust_pickle=True)
+    assert not load_model(str(ckpt.parent / "train_mode.pt"), code_path=[str(code)], trust_pickle=True,
                           allow_train_mode=True).model.training
     with pytest.raises(SourceError, match="already holds its weights; drop --checkpoint"):
         load_model(str(ckpt), code_path=[str(code)], checkpoint=str(ckpt))

@@ -15,6 +15,7 @@ and a held-out data set (``zoo.samples("repvgg_digits")``); see :mod:`deploy.zoo
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -98,7 +99,9 @@ def _entry(name: str) -> _Entry:
     try:
         return _ZOO[name]
     except KeyError:
-        raise ValueError(f"unknown zoo model {name!r}; known models: {', '.join(names())}") from None
+        guess = difflib.get_close_matches(name, names(), n=1, cutoff=0.75)
+        raise ValueError(f"unknown zoo model {name!r}" + (f" (did you mean {guess[0]}?)" if guess else "")
+                         + f"; known models: {', '.join(names())}") from None
 
 
 def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
