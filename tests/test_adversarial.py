@@ -123,6 +123,7 @@ def _pickled(obj) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.e2e  # converts the default model first
 def test_crafted_pt2_is_refused_and_the_runs_own_pt2_never_unpickles(run_dir, tmp_path, capsys, monkeypatch):
     marker = tmp_path / "ran"
     pt2 = run_dir / "model.deploy.pt2"
@@ -260,6 +261,7 @@ def _one_ulp(path: Path) -> None:
     onnx.checker.check_model(onnx.load(path))
 
 
+@pytest.mark.e2e  # convert, verify and bench on a run
 def test_one_ulp_edit_of_an_onnx_weight_fails_verify_unless_allowed(run_dir, tmp_path):
     from deploy.bench import BenchOptions, bench
     from runtimes.bench import BenchSettings

@@ -142,6 +142,7 @@ def onnx_run(tmp_path_factory):
 
 # ------------------------------------------------------------------------- 6: leftovers after a kill
 
+@pytest.mark.e2e  # command-line runs
 def test_sigterm_mid_run_removes_the_partial_folder(factory, tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -165,6 +166,7 @@ def test_sigterm_mid_run_removes_the_partial_folder(factory, tmp_path):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+@pytest.mark.e2e  # command-line runs
 def test_a_killed_runs_partial_folder_is_removed_by_the_next_run_but_a_live_ones_is_kept(capsys, tmp_path):
     out = tmp_path / "out"
     dead, live = _dead_pid(), os.getppid()  # the parent of this test process is running
@@ -374,6 +376,7 @@ def test_inspect_of_an_empty_or_graphless_onnx_file_is_an_error(capsys, tmp_path
         assert rc == 2 and words in line and name in line and "ops (0)" not in out
 
 
+@pytest.mark.e2e  # command-line runs
 def test_rerunning_the_default_run_says_what_it_replaces_and_keeps_files_a_user_added(capsys, tmp_path,
                                                                                         monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -237,6 +237,7 @@ def test_a_report_with_non_finite_numbers_renders(models, tmp_path):
 # -------------------------------------------------------------------------------- item 5: dict outputs
 
 
+@pytest.mark.e2e  # through every format
 def test_dict_outputs_in_reverse_alphabetical_order_pass_on_tflite(models, tmp_path):
     pytest.importorskip("litert_torch")
     pytest.importorskip("ai_edge_litert")
