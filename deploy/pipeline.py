@@ -213,7 +213,8 @@ def _check_writable(path: Path) -> None:
 
 
 class _PassProgress:
-    """A pass-manager instrument: one progress line per pass that changed or refused something."""
+    """A pass-manager instrument: one progress line per pass and round that rewrote or rolled back something
+    (refusals are counted once, at the end: only those that stand are refusals)."""
 
     def __init__(self, progress: Progress):
         self.progress = progress

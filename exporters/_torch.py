@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from runtimes.core import ExportError, eval_mode, first_line, output_leaves, set_training
 
 if TYPE_CHECKING:
-    import torch
     from torch import fx
 
 __all__ = ["as_args", "plain_graph_module", "to_graph_module", "eval_flags", "output_leaves", "io_names",
