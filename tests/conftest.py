@@ -7,9 +7,11 @@ verify and inspect tests read that one directory instead of converting again.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,26 @@ def digits_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("default_run")
     proc = run_deploy(cwd=cwd)
     return proc, cwd / "runs" / "repvgg_digits"
+
+
+def main_in_process(capsys, *argv: str) -> tuple[int, str, str]:
+    """``deploy ARGV`` in this process: (exit status, stdout, stderr); argparse's refusals exit 2 too."""
+    from deploy import cli
+
+    try:
+        rc = cli.main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """cli.main configures logging and warnings for a terminal; undo that for the next test."""
+    filters, root = warnings.filters[:], logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    warnings.filters[:] = filters
+    root.handlers[:], root.level = handlers, level
+    logging.captureWarnings(False)

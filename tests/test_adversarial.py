@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_deploy
+from conftest import main_in_process as _main, run_deploy
 
-from deploy import cli
 from deploy.pipeline import ConvertOptions, PipelineError, convert, verify
 from deploy.sources import SourceError, load_model, read_state_dict
 from deploy.zoo import digits
@@ -55,12 +54,6 @@ def _copy(run_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     return copy
-
-
-def _main(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = cli.main(list(argv))
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 # -------------------------------------------------------------------------- 1. a pickle in --checkpoint

@@ -17,12 +17,11 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, main_in_process as _main
 
 from deploy import cli, record, sources, zoo
 from deploy.pipeline import PipelineError, plan_out_dir
@@ -85,27 +84,6 @@ def factory(tmp_path):
     path = tmp_path / "mynet.py"
     path.write_text(FACTORY)
     return path
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.main configures logging and warnings for a terminal; undo that for the next test."""
-    filters, root = warnings.filters[:], logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    warnings.filters[:] = filters
-    root.handlers[:], root.level = handlers, level
-    logging.captureWarnings(False)
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    """``deploy ARGV`` in process: (exit status, stdout, stderr); argparse's refusals exit 2 too."""
-    try:
-        rc = cli.main(list(argv))
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _error_line(err: str) -> str:

@@ -8,15 +8,13 @@ process, which is the same code without the interpreter start-up.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_deploy
+from conftest import main_in_process as _main, run_deploy
 
 from deploy import cli, zoo
 from deploy.record import sha256
@@ -107,23 +105,6 @@ def factory(tmp_path):
     path = tmp_path / "mynet.py"
     path.write_text(FACTORY)
     return path
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """cli.main configures logging and warnings for a terminal; undo that for the next test."""
-    filters, root = warnings.filters[:], logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    warnings.filters[:] = filters
-    root.handlers[:], root.level = handlers, level
-    logging.captureWarnings(False)
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def _error_line(err: str) -> str:
