@@ -555,27 +555,22 @@ def _const_through(index: int, ops, consts) -> bool:
 
 # -------------------------------------------------------------------------------------------- entry
 
-def _merged_from_run(path: Path) -> dict | None:
-    """What the deploy run that wrote ``path`` merged, from the run record beside it."""
+def _run_beside(path: Path):
+    """The run record of the deploy run that wrote ``path`` (the ``report.json`` beside it lists the file),
+    or None."""
     from .record import PipelineError, load_record
 
     try:
         record = load_record(path.parent)
     except PipelineError:
         return None
-    if not any(path.name in s.files.files for s in record.stages) or "merged" not in record.reparameterize:
-        return None
-    return dict(record.reparameterize["merged"], **{"from": str(path.parent / "report.json")})
+    return record if any(path.name in s.files.files for s in record.stages) else None
 
 
-def _changed_since_run(path: Path) -> bool:
-    """Whether the deploy run beside ``path`` recorded it with another sha256 (False when no run records it)."""
-    from .record import PipelineError, load_record, sha256
+def _changed_since(record, path: Path) -> bool:
+    """Whether ``record`` lists ``path`` with another sha256."""
+    from .record import sha256
 
-    try:
-        record = load_record(path.parent)
-    except PipelineError:
-        return False
     recorded = [s.files.sha256[path.name] for s in record.stages if path.name in s.files.sha256]
     return bool(recorded) and sha256(path) not in recorded
 
@@ -615,7 +610,8 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False) -> OpSu
 
     reader = registry.resolve(target.inspect)
     trusting = "trust_pickle" in signature(reader).parameters
-    if _changed_since_run(p):
+    run = _run_beside(p)
+    if run is not None and _changed_since(run, p):
         if trusting and not trust_pickle:
             raise UntrustedFile(f"{p} changed since deploy convert wrote it (its sha256 differs from "
                                 f"{p.parent / 'report.json'}), and loading a changed {p.suffix} file can run code "
@@ -628,8 +624,8 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False) -> OpSu
     except Exception as e:
         raise CorruptArtifact(f"cannot read {p} as {target.name}: {type(e).__name__}: "
                               f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')}") from e
-    if summary.merged is None:
-        summary.merged = _merged_from_run(p)
+    if summary.merged is None and run is not None and "merged" in run.reparameterize:
+        summary.merged = dict(run.reparameterize["merged"], **{"from": str(p.parent / "report.json")})
     return summary
 
 

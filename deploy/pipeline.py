@@ -32,7 +32,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import fusers
@@ -277,18 +276,6 @@ def _default_name(model: str) -> str:
     return name.replace("/", "_")
 
 
-def _check_shipped_samples(path: str, shape: tuple[int, ...], model: str) -> None:
-    """The samples shipped with a model are verified on only at their own shape; an --input-shape that differs
-    is refused naming them (not --inputs, which the user did not pass)."""
-    with np.load(path, allow_pickle=False) as data:
-        arrays = [data[k].shape for k in data.files if k != "labels"]
-    if len(arrays) == 1 and tuple(arrays[0][1:]) != tuple(shape[1:]):
-        per_sample = ",".join(map(str, arrays[0][1:]))
-        raise PipelineError(f"--input-shape {','.join(map(str, shape))} does not fit the held-out samples shipped "
-                            f"with {model} ({os.path.basename(path)}: {arrays[0][0]} samples of {per_sample}); "
-                            f"drop --input-shape, use N,{per_sample}, or pass --inputs with samples of your shape")
-
-
 def _reads(opts: ConvertOptions) -> list[str]:
     """The files and folders a run reads (its model file, checkpoint, samples, code): the output directory it
     replaces must not hold them."""
@@ -326,9 +313,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     if not shape:
         raise PipelineError(f"{opts.model} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
     samples_path = opts.inputs or loaded.samples
-    if samples_path and not opts.inputs:
-        _check_shipped_samples(samples_path, shape, opts.model)
-    samples = read_samples(samples_path, shape) if samples_path else None
+    shipped_with = None if opts.inputs else opts.model
+    samples = read_samples(samples_path, shape, shipped_with) if samples_path else None
     notes = list(loaded.notes)
     capture_shape = shape
     if opts.dynamic and shape[0] == 1:

@@ -54,8 +54,13 @@ def check_finite(arrays, what: str, fix: str) -> None:
             raise PipelineError(f"{what} {name!r} holds {bad}; {fix}")
 
 
-def read_samples(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
-    """Real inputs from an ``.npz``: one input array ``(N, ...)`` plus optional integer ``labels`` ``(N,)``."""
+def read_samples(path: str, shape: tuple[int, ...], shipped_with: str | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Real inputs from an ``.npz``: one input array ``(N, ...)`` plus optional integer ``labels`` ``(N,)``.
+
+    ``shipped_with`` names the model when the samples came with it rather than from ``--inputs``: a
+    shape that does not fit then blames ``--input-shape``, not an option the user did not pass.
+    """
     if not os.path.isfile(path):
         raise PipelineError(f"--inputs file {path} does not exist; pass an .npz holding the input array "
                             "(and optionally 'labels')")
@@ -72,6 +77,11 @@ def read_samples(path: str, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndar
     (name, x), = arrays.items()
     if len(x) == 0:
         raise PipelineError(f"--inputs array {name!r} in {path} holds no samples; save at least one")
+    if (x.ndim != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:])) and shipped_with:
+        per_sample = ",".join(map(str, x.shape[1:]))
+        raise PipelineError(f"--input-shape {','.join(map(str, shape))} does not fit the held-out samples shipped "
+                            f"with {shipped_with} ({os.path.basename(path)}: {len(x)} samples of {per_sample}); "
+                            f"drop --input-shape, use N,{per_sample}, or pass --inputs with samples of your shape")
     if x.ndim != len(shape) or tuple(x.shape[1:]) != tuple(shape[1:]):
         raise PipelineError(f"--inputs array {name!r} has shape {tuple(x.shape)} but the model input is "
                             f"{','.join(map(str, shape))}; samples must be (N, {', '.join(map(str, shape[1:]))})")

@@ -60,3 +60,17 @@ def _restore_logging():
     warnings.filters[:] = filters
     root.handlers[:], root.level = handlers, level
     logging.captureWarnings(False)
+
+
+def error_line(err: str) -> str:
+    """The one error sentence on stderr (progress lines start with '['), and no traceback."""
+    assert "Traceback" not in err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("deploy ")]
+    assert len(lines) == 1, err
+    assert lines[0].endswith("."), lines[0]
+    return lines[0]
+
+
+def leftovers(directory) -> list[str]:
+    """The partial and superseded folders of runs left in ``directory``."""
+    return [p.name for p in directory.iterdir() if ".partial-" in p.name or ".old-" in p.name]

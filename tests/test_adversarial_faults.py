@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, main_in_process as _main
+from conftest import ROOT, error_line, leftovers, main_in_process as _main
 
 from deploy import cli, record, sources, zoo
 from deploy.pipeline import PipelineError, plan_out_dir
@@ -86,19 +86,6 @@ def factory(tmp_path):
     return path
 
 
-def _error_line(err: str) -> str:
-    """The one error sentence on stderr (progress lines start with '['), and no traceback."""
-    assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if ln.startswith("deploy ")]
-    assert len(lines) == 1, err
-    assert lines[0].endswith("."), lines[0]
-    return lines[0]
-
-
-def _leftovers(directory) -> list[str]:
-    return [p.name for p in directory.iterdir() if ".partial-" in p.name or ".old-" in p.name]
-
-
 def _dead_pid() -> int:
     """The id of a process that has exited and been reaped."""
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -141,7 +128,7 @@ def test_sigterm_mid_run_removes_the_partial_folder(factory, tmp_path):
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM); nothing was written" in err and "Traceback" not in err
-    assert not out.exists() and _leftovers(tmp_path) == []
+    assert not out.exists() and leftovers(tmp_path) == []
 
 
 @pytest.mark.e2e  # command-line runs
@@ -153,13 +140,13 @@ def test_a_killed_runs_partial_folder_is_removed_by_the_next_run_but_a_live_ones
         (tmp_path / name / "model.onnx").write_bytes(b"x" * 1000)
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--targets", "none", "--out", str(out), "-q")
     assert rc == 0, err
-    assert sorted(_leftovers(tmp_path)) == sorted([f".out.partial-{live}", f".other.partial-{dead}"])
+    assert sorted(leftovers(tmp_path)) == sorted([f".out.partial-{live}", f".other.partial-{dead}"])
 
     # a killed --force replacement: its old folder goes once the new run is in place
     (tmp_path / f".out.old-{dead}").mkdir()
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--targets", "none", "--out", str(out), "--force", "-q")
     assert rc == 0, err
-    assert f".out.old-{dead}" not in _leftovers(tmp_path)
+    assert f".out.old-{dead}" not in leftovers(tmp_path)
 
 
 def test_a_killed_replacement_keeps_the_previous_run_it_had_moved_aside(tmp_path, caplog):
@@ -202,7 +189,7 @@ def test_a_replaced_folder_that_cannot_be_deleted_is_reported(tmp_path, caplog, 
 def test_an_output_parent_that_is_a_file_or_not_writable_is_one_sentence(capsys, tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("")
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--targets", "none", "--out", str(tmp_path / "afile" / "o"))
-    assert rc == 2 and "is a file, not a folder" in _error_line(err)
+    assert rc == 2 and "is a file, not a folder" in error_line(err)
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -213,7 +200,7 @@ def test_an_output_parent_that_is_a_file_or_not_writable_is_one_sentence(capsys,
             monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.fspath(p) == str(locked)
                                 else real_access(p, mode, **kw))
         rc, _, err = _main(capsys, "convert", "repvgg_digits", "--targets", "none", "--out", str(locked / "o"))
-        line = _error_line(err)
+        line = error_line(err)
         assert rc == 2 and "not writable" in line and str(locked) in line and "loading" not in err
     finally:
         locked.chmod(0o755)
@@ -226,8 +213,8 @@ def test_a_permission_error_mid_run_is_one_sentence_and_leaves_nothing(capsys, t
 
     monkeypatch.setattr(record.RunRecord, "write", refuse)
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--targets", "none", "--out", str(tmp_path / "o"))
-    assert rc == 2 and "permission denied" in _error_line(err)
-    assert not (tmp_path / "o").exists() and _leftovers(tmp_path) == []
+    assert rc == 2 and "permission denied" in error_line(err)
+    assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []
 
 
 def test_a_run_directory_that_cannot_be_created_is_a_pipeline_error(tmp_path):
@@ -249,7 +236,7 @@ def test_a_malformed_report_is_one_sentence_for_verify_bench_and_inspect(onnx_ru
     (run / "report.json").write_text(json.dumps(data))
     for argv in (["verify", str(run)], ["bench", str(run), "--no-chart", "--isolation", "none"]):
         rc, _, err = _main(capsys, *argv)
-        line = _error_line(err)
+        line = error_line(err)
         assert rc == 2 and "report.json" in line and ("not a deploy report" in line or "malformed" in line)
     rc, out, err = _main(capsys, "inspect", str(run / "model.onnx"))  # the artifact itself is fine
     assert rc == 0 and "Traceback" not in err and "Conv" in out
@@ -270,14 +257,14 @@ def test_out_dot_with_force_inside_a_run_directory_is_refused_before_converting(
     before = sorted(p.name for p in run.iterdir())
     monkeypatch.chdir(run)
     rc, _, err = _main(capsys, "convert", f"{factory}:build", "--targets", "none", "--out", ".", "--force")
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "current directory" in line and "loading" not in err
     monkeypatch.chdir(tmp_path)
     shutil.copy(factory, run / "inside.py")  # a model file the run would read, inside what it replaces
     rc, _, err = _main(capsys, "convert", f"{run / 'inside.py'}:build", "--targets", "none", "--out", str(run),
                        "--force")
-    assert rc == 2 and "inside.py, which this run reads" in _error_line(err)
-    assert sorted(p.name for p in run.iterdir()) == sorted(before + ["inside.py"]) and _leftovers(tmp_path) == []
+    assert rc == 2 and "inside.py, which this run reads" in error_line(err)
+    assert sorted(p.name for p in run.iterdir()) == sorted(before + ["inside.py"]) and leftovers(tmp_path) == []
 
 
 # ------------------------------------------------------------------ 8: options accepted and ignored
@@ -337,7 +324,7 @@ def test_an_opset_the_exporter_silently_did_not_convert_to_fails_the_export(tmp_
 def test_a_shape_that_does_not_fit_the_shipped_samples_does_not_blame_inputs(capsys, tmp_path):
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--input-shape", "1,1,16,16", "--targets", "none",
                        "--out", str(tmp_path / "o"))
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "--inputs array" not in line and "shipped with repvgg_digits" in line and "1,8,8" in line
     assert not (tmp_path / "o").exists()
 
@@ -350,7 +337,7 @@ def test_inspect_of_an_empty_or_graphless_onnx_file_is_an_error(capsys, tmp_path
     onnx.save(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])), tmp_path / "nograph.onnx")
     for name, words in (("empty.onnx", "is empty"), ("nograph.onnx", "holds no graph")):
         rc, out, err = _main(capsys, "inspect", str(tmp_path / name))
-        line = _error_line(err)
+        line = error_line(err)
         assert rc == 2 and words in line and name in line and "ops (0)" not in out
 
 
@@ -364,7 +351,7 @@ def test_rerunning_the_default_run_says_what_it_replaces_and_keeps_files_a_user_
     assert rc == 0 and f"replacing the previous run in {os.path.join('runs', 'repvgg_digits')}" in err
     (run / "notes.txt").write_text("mine")
     rc, _, err = _main(capsys, "--targets", "none")
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "notes.txt" in line and "--force" in line and "loading" not in err
     assert (run / "notes.txt").read_text() == "mine"
     rc, _, err = _main(capsys, "--targets", "none", "--force")
@@ -374,7 +361,7 @@ def test_rerunning_the_default_run_says_what_it_replaces_and_keeps_files_a_user_
 
 def test_zoo_typos_get_a_suggestion(capsys, tmp_path):
     rc, _, err = _main(capsys, "convert", "repvgg_a00", "--out", str(tmp_path / "o"))
-    assert rc == 2 and "did you mean repvgg_a0?" in _error_line(err)
+    assert rc == 2 and "did you mean repvgg_a0?" in error_line(err)
     with pytest.raises(ValueError, match=r"did you mean repvgg_a0\?"):
         zoo.create("repvgg_a00")
     assert sources.close_matches("resnet1", ["resnet101", "resnet152", "resnet18", "resnet34"], n=2) == \
@@ -390,12 +377,12 @@ def test_timm_close_matches_put_prefix_matches_first():
 def test_data_dependent_control_flow_is_one_sentence_and_the_graph_only_with_verbose(capsys, tmp_path, factory):
     args = ["convert", f"{factory}:data_dependent", "--input-shape", "1,3,8,8", "--out", str(tmp_path / "dd")]
     rc, _, err = _main(capsys, *args)
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "depends on tensor values" in line and "mynet.py" in line and "-v" in line
     assert "def forward" not in err
     rc, _, err = _main(capsys, *args, "-v")
     assert rc == 2 and "def forward" in err
-    assert not (tmp_path / "dd").exists() and _leftovers(tmp_path) == []
+    assert not (tmp_path / "dd").exists() and leftovers(tmp_path) == []
 
 
 def test_a_corrupt_openvino_file_names_the_file_and_the_problem(capsys, tmp_path):
@@ -411,7 +398,7 @@ def test_a_corrupt_openvino_file_names_the_file_and_the_problem(capsys, tmp_path
     (tmp_path / "t.bin").write_bytes(b"xx")
     for name, words in (("t.xml", "its XML is malformed"), ("w.xml", "w.bin (100 bytes)")):
         rc, _, err = _main(capsys, "inspect", str(tmp_path / name))
-        line = _error_line(err)
+        line = error_line(err)
         assert rc == 2 and str(tmp_path / name) in line and words in line and "core.cpp" not in line
     from runtimes.openvino_runner import OpenVINORunner
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import main_in_process as _main, run_deploy
+from conftest import error_line, leftovers, main_in_process as _main, run_deploy
 
 from deploy import cli, zoo
 from deploy.record import sha256
@@ -107,18 +107,6 @@ def factory(tmp_path):
     return path
 
 
-def _error_line(err: str) -> str:
-    """The one error sentence on stderr (progress lines start with '[')."""
-    lines = [ln for ln in err.splitlines() if ln.startswith("deploy ")]
-    assert len(lines) == 1, err
-    assert lines[0].endswith("."), lines[0]
-    return lines[0]
-
-
-def _no_partials(directory) -> None:
-    assert not [p.name for p in directory.iterdir() if ".partial-" in p.name or ".old-" in p.name]
-
-
 # ------------------------------------------------------------------------------ the built-in default
 
 def test_default_run_writes_every_artifact_and_all_stages_pass(digits_run):
@@ -128,7 +116,7 @@ def test_default_run_writes_every_artifact_and_all_stages_pass(digits_run):
                  "report.json", "report.md", "verify/inputs.npz", "verify/reference.npz", "verify/samples.npz",
                  "verify/samples_reference.npz"):
         assert (out / name).is_file(), name
-    _no_partials(out.parent)
+    assert leftovers(out.parent) == []
     report = json.loads((out / "report.json").read_text())
     stages = report["stages"]
     assert [s["name"] for s in stages] == STAGES
@@ -242,7 +230,7 @@ def test_no_arguments_replaces_the_previous_default_run(capsys, tmp_path, monkey
         assert rc == 0, err
     report = json.loads((tmp_path / "runs" / "repvgg_digits" / "report.json").read_text())
     assert [s["name"] for s in report["stages"]] == ["training", "pt2"] and report["passed"]
-    _no_partials(tmp_path / "runs")
+    assert leftovers(tmp_path / "runs") == []
 
 
 def test_existing_output_directory_needs_force(capsys, tmp_path, factory):
@@ -250,32 +238,32 @@ def test_existing_output_directory_needs_force(capsys, tmp_path, factory):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     rc, _, err = _main(capsys, "convert", f"{factory}:build", "--targets", "none", "--out", str(out))
-    assert rc == 2 and "not written by deploy" in _error_line(err)
+    assert rc == 2 and "not written by deploy" in error_line(err)
     rc, _, err = _main(capsys, "convert", f"{factory}:build", "--targets", "none", "--out", str(out), "--force")
-    assert rc == 2 and "refusing to replace it, even with --force" in _error_line(err)
+    assert rc == 2 and "refusing to replace it, even with --force" in error_line(err)
     assert (out / "keep.txt").read_text() == "mine"
 
     run = tmp_path / "run"
     assert _main(capsys, "convert", f"{factory}:build", "--targets", "none", "--out", str(run), "-q")[0] == 0
     before = (run / "report.json").read_text()
     rc, _, err = _main(capsys, "convert", f"{factory}:build", "--targets", "none", "--out", str(run))
-    assert rc == 2 and "already exists; pass --force" in _error_line(err)
+    assert rc == 2 and "already exists; pass --force" in error_line(err)
     assert (run / "report.json").read_text() == before
     assert _main(capsys, "convert", f"{factory}:build", "--targets", "none", "--out", str(run), "--force",
                  "-q")[0] == 0
-    _no_partials(tmp_path)
+    assert leftovers(tmp_path) == []
 
 
 def test_missing_files_are_named(capsys, tmp_path, factory):
     out = tmp_path / "out"
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out))
-    assert rc == 2 and f"checkpoint {tmp_path / 'nope.pt'} does not exist" in _error_line(err)
+    assert rc == 2 and f"checkpoint {tmp_path / 'nope.pt'} does not exist" in error_line(err)
     rc, _, err = _main(capsys, "convert", str(tmp_path / "nope.py:build"), "--out", str(out))
-    assert rc == 2 and "model file" in _error_line(err) and "does not exist" in err
+    assert rc == 2 and "model file" in error_line(err) and "does not exist" in err
     rc, _, err = _main(capsys, "convert", f"{factory}:missing", "--out", str(out))
-    assert rc == 2 and "defines no function 'missing'" in _error_line(err) and "build" in err
+    assert rc == 2 and "defines no function 'missing'" in error_line(err) and "build" in err
     rc, _, err = _main(capsys, "verify", str(tmp_path))
-    assert rc == 2 and "holds no report.json" in _error_line(err)
+    assert rc == 2 and "holds no report.json" in error_line(err)
     assert not out.exists()
 
 
@@ -286,7 +274,7 @@ def test_wrong_checkpoint_keys_stop_with_the_keys(capsys, tmp_path):
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "bad.pt")
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--checkpoint", str(tmp_path / "bad.pt"),
                        "--out", str(tmp_path / "out"))
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "1 missing key(s): head.fc.weight" in line and "1 unexpected key(s): extra.weight" in line
     assert not (tmp_path / "out").exists()
 
@@ -294,14 +282,14 @@ def test_wrong_checkpoint_keys_stop_with_the_keys(capsys, tmp_path):
     torch.save(other, tmp_path / "other.pt")
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--checkpoint", str(tmp_path / "other.pt"),
                        "--out", str(tmp_path / "out"))
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "more)" in line and "missing key(s)" in line and "unexpected key(s)" in line
 
 
 def test_model_in_train_mode_is_refused_unless_eval_is_given(capsys, tmp_path, factory):
     args = ["convert", f"{factory}:build_in_train_mode", "--targets", "none", "--out", str(tmp_path / "out")]
     rc, _, err = _main(capsys, *args)
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "in train mode" in line and "model.eval()" in line and "--eval" in line
     assert not (tmp_path / "out").exists()
     rc, _, err = _main(capsys, *args, "--eval", "-q")
@@ -314,10 +302,10 @@ def test_unsupported_ops(capsys, tmp_path, factory):
     # torch.export cannot capture data-dependent control flow: nothing is written
     rc, _, err = _main(capsys, "convert", f"{factory}:data_dependent", "--input-shape", "1,3,8,8",
                        "--out", str(tmp_path / "dd"))
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "torch.export cannot capture" in line and "mynet.py" in line
     assert not (tmp_path / "dd").exists()
-    _no_partials(tmp_path)
+    assert leftovers(tmp_path) == []
     # ONNX cannot express cummax: the stage fails, the rest of the run and its report are kept
     rc, out, err = _main(capsys, "convert", f"{factory}:cummax", "--input-shape", "1,3,8,8", "--targets",
                          "onnx,openvino", "--out", str(tmp_path / "cm"))
@@ -334,7 +322,7 @@ def test_unsupported_ops(capsys, tmp_path, factory):
 def test_missing_optional_runtime_names_the_extra(capsys, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino now fails
     rc, _, err = _main(capsys, "convert", "--targets", "onnx,openvino", "--out", str(tmp_path / "out"))
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "'openvino'" in line and "pip install 'reparam-deploy[openvino]'" in line
     assert "drop openvino from --targets" in line
     assert not (tmp_path / "out").exists()
@@ -346,7 +334,7 @@ def test_passes_option(capsys, tmp_path):
     assert cli._passes("default,rm") == (*fusers.DEFAULT_PASSES, "rm")
     assert cli._passes("fold_bn") == ("fold_bn",)
     rc, _, err = _main(capsys, "convert", "--passes", "default,no_such_pass", "--out", str(tmp_path / "out"))
-    line = _error_line(err)
+    line = error_line(err)
     assert rc == 2 and "unknown pass 'no_such_pass'" in line and "known passes:" in line and "fold_bn" in line
     rc, _, err = _main(capsys, "convert", "--passes", "fold_bn", "--targets", "none", "--out", str(tmp_path / "o"),
                        "-q")
