@@ -8,7 +8,8 @@
     deploy zoo                                list the built-in models
 
 ``deploy MODEL [options]`` (no command) is ``deploy convert MODEL [options]``. Exit status: 0 when
-every stage passes, 1 when a stage failed verification or export (the report names it), 2 for bad
+every stage passes, 1 when a stage failed verification or export (the report names it) or, with
+``--strict-plain``, when the deploy graph keeps something that could have merged, 2 for bad
 input (one sentence naming the problem and the fix), 130 after Ctrl-C and 143 after SIGTERM (the
 partial output removed either way). Progress goes to stderr, results to stdout.
 """
@@ -203,6 +204,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", type=_positive_float, default=0.0, help="absolute tolerance (default 0)")
     c.add_argument("--opset", type=_opset, default=18, help="ONNX opset, from 17 up to the newest the installed "
                    "onnx defines (default 18)")
+    c.add_argument("--strict-plain", action="store_true", help="exit 1 when the deploy graph keeps anything that "
+                   "could have merged (a BatchNorm, a sum of parallel linear branches, an in-place write); the "
+                   "run is written either way and report.md lists them")
     c.add_argument("--out", metavar="DIR", help="output directory (default runs/<model>, which replaces an earlier "
                    "run there unless someone added files to it)")
     c.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy")
@@ -329,8 +333,15 @@ def cmd_convert(args) -> int:
     failures = _failures(result.stages)
     for line in failures:
         print(line)
+    left = report["reparameterize"].get("left_unfused") or []
+    if left:
+        print(f"\nleft unfused: {len(left)}" + "".join(f"\n  {x['kind']} {x['site']}: {x['reason']}" for x in left[:10])
+              + (f"\n  ... {len(left) - 10} more in report.md" if len(left) > 10 else ""))
     print(f"\n{_verdict(result.stages, failures)}; report: {os.path.join(result.out_dir, 'report.md')} "
           f"({report['timings']['total']:.1f} s)")
+    if left and args.strict_plain:
+        print(f"--strict-plain: {len(left)} site(s) left unfused (listed above); the deploy graph is not plain")
+        return EXIT_FAILED
     return EXIT_OK if result.passed else EXIT_FAILED
 
 

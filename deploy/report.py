@@ -213,6 +213,13 @@ def to_markdown(report: dict) -> str:
         if len(rep["refusals"]) > 50:
             lines.append(f"- ... {len(rep['refusals']) - 50} more in report.json")
         lines.append("")
+    left = rep.get("left_unfused") or []
+    lines += [f"Left unfused: {len(left)}" + (" (the deploy graph keeps no BatchNorm, unmerged parallel branches or "
+                                               "in-place write)" if not left else ":"), ""]
+    lines += [f"- {x['kind']} `{x['site']}`: {x['reason']}" for x in left[:50]]
+    if len(left) > 50:
+        lines.append(f"- ... {len(left) - 50} more in report.json")
+    lines += [""] if left else []
     before, after = rep["ops_before"], rep["ops_after"]
     changed = [f"{k} {before.get(k, 0)} -> {after.get(k, 0)}" for k in sorted(set(before) | set(after))
                if before.get(k, 0) != after.get(k, 0)]

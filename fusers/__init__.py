@@ -7,10 +7,11 @@ then ``rewrite(gm, match) -> str``; a :class:`Refusal` carries a :class:`Refusal
 from __future__ import annotations
 
 from .capture import BatchNormStatisticsError, CaptureError, InputError, capture
+from .leftovers import Leftover, find_leftovers
 from .manager import PassManager, PassRecord, Report
 from .reparam import DEFAULT_PASSES, last_report, reparameterize
 from .rules import Instrument, Match, Pass, Refusal, RefusalCode
 
 __all__ = ["capture", "reparameterize", "last_report", "DEFAULT_PASSES", "CaptureError", "InputError",
            "BatchNormStatisticsError", "Pass", "Match", "Refusal", "RefusalCode", "Instrument", "PassManager",
-           "PassRecord", "Report"]
+           "PassRecord", "Report", "Leftover", "find_leftovers"]

@@ -160,7 +160,8 @@ def avgpool_branch(channels: int, kernel_size, stride, padding, dtype=torch.floa
 def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
     """Sum of branches on one input as one conv.
 
-    Tap ``j`` of a branch reads input offset ``d * j - p``; branches are placed in a common
+    Tap ``j`` of a branch reads input offset ``d * j - p``; a negative ``p`` is a branch that crops its
+    input (ACNet); branches are placed in a common
     kernel so equal offsets coincide. Exact when strides agree, the offsets of all branches
     lie on one dilation grid, and the merged conv has the branches' output size.
     """
@@ -178,6 +179,9 @@ def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
     lo = [min(-b.padding[d] for b in branches) for d in range(ndim)]
     hi = [max(dilation[d] * (b.kernel.shape[2 + d] - 1) - b.padding[d] for b in branches) for d in range(ndim)]
     size = [(hi[d] - lo[d]) // dilation[d] + 1 for d in range(ndim)]
+    if any(x > 0 for x in lo):
+        raise NotExact(RefusalCode.OUTPUT_SIZE_MISMATCH, "every branch crops its input in a spatial dim: the merged "
+                       "conv would need negative padding")
     out_size = _conv_out(in_size, size, stride, [-x for x in lo], dilation)
     c_out = branches[0].kernel.shape[0]
     c_in_g = branches[0].kernel.shape[1] * branches[0].groups // groups

@@ -15,13 +15,21 @@ from torch import fx
 __all__ = ["CONV_OPS", "CONV_TRANSPOSE_OPS", "BN_OPS", "Conv", "BatchNorm", "fetch_attr", "is_const", "const_value",
            "shape", "sole_user", "as_conv", "as_avgpool", "as_batchnorm", "per_channel", "module_path", "common_path",
            "common_meta", "site", "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
-           "op_counts", "remove_unused_attributes", "share_identical_weights"]
+           "op_counts", "remove_unused_attributes", "share_identical_weights", "VIEW_OPS", "written_arg", "view_root",
+           "written_nodes"]
 
 aten = torch.ops.aten
 
 CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2}
 CONV_TRANSPOSE_OPS = {aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 2}
 BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
+# ops whose result shares memory with their first argument: an in-place write into it changes both
+VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+            aten.expand.default, aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.alias.default, aten.as_strided.default,
+            aten.narrow.default, aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+            aten.unbind.int, aten.diagonal.default, aten.unflatten.int, aten.flatten.using_ints, aten.detach.default,
+            aten.view_as.default, aten.expand_as.default, operator.getitem}
 
 
 def fetch_attr(gm: torch.nn.Module, target: str):
@@ -288,6 +296,37 @@ def erase_unused(graph: fx.Graph, nodes) -> None:
         stack.extend(inputs)
 
 
+def written_arg(node) -> fx.Node | None:
+    """The tensor an in-place op (``copy_``, ``fill_``, ``relu_``, ``index_put_`` ...) writes into, or None."""
+    schema = getattr(getattr(node, "target", None), "_schema", None)
+    if schema is None or node.op != "call_function":
+        return None
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            arg = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            return arg if isinstance(arg, fx.Node) else None
+    return None
+
+
+def view_root(node: fx.Node) -> fx.Node:
+    """The tensor whose memory ``node`` views (``node`` itself when it is no view)."""
+    while node.op == "call_function" and node.target in VIEW_OPS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def written_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Every node whose value an in-place op changes after it is computed: written tensors and their views."""
+    roots = {view_root(w) for n in graph.nodes if (w := written_arg(n)) is not None}
+    out, stack = set(roots), list(roots)
+    while stack:
+        for user in stack.pop().users:
+            if user.target in VIEW_OPS and user not in out:
+                out.add(user)
+                stack.append(user)
+    return out
+
+
 def is_erased(node: fx.Node) -> bool:
     return getattr(node, "_erased", False)
 
@@ -336,8 +375,9 @@ def share_identical_weights(gm: fx.GraphModule) -> int:
         value = fetch_attr(gm, node.target)
         if not isinstance(value, torch.Tensor) or value.numel() == 0:
             continue
+        grad = value.requires_grad  # a BatchNorm's running_mean must not become a trainable bias of equal value
         value = value.detach()
-        key = (tuple(value.shape), value.dtype, float(value.double().sum()), float(value.flatten()[0]))
+        key = (tuple(value.shape), value.dtype, grad, float(value.double().sum()), float(value.flatten()[0]))
         for other in first.setdefault(key, []):
             if other != node.target and torch.equal(fetch_attr(gm, other), value):
                 rename[node.target] = other

@@ -67,6 +67,7 @@ class Report:
     params_after: int = 0
     seconds: dict = field(default_factory=dict)
     standing: list[Refusal] | None = field(default=None, repr=False)  # set by ``settle`` when the passes end
+    leftovers: list = field(default_factory=list)  # ``leftovers.Leftover``s: what could have merged and did not
 
     def count(self, pass_name: str | None = None) -> int:
         """Rewrites made (by ``pass_name``, or by every pass)."""
@@ -89,6 +90,7 @@ class Report:
         refusals = self.refusals()
         return {"passes": [p.to_dict() for p in self.passes], "refusals": [r.to_dict() for r in refusals],
                 "rewrites": self.count(), "refused": len(refusals),
+                "left_unfused": [left.to_dict() for left in self.leftovers],
                 "float64_error": self.float64_error, "float32_error": self.float32_error,
                 "ops_before": dict(self.ops_before), "ops_after": dict(self.ops_after),
                 "params_before": self.params_before, "params_after": self.params_after, "seconds": dict(self.seconds)}
@@ -105,6 +107,9 @@ class Report:
                      + (f" ({undone} rolled back by the float64 check)" if undone else ""))
         for r in refusals:
             lines.append(f"  refused {r.site} [{r.pass_name}: {r.code.value}]: {r.reason}")
+        if self.leftovers:
+            lines.append(f"left unfused: {len(self.leftovers)}")
+            lines += [f"  {left.kind} {left.site}: {left.reason}" for left in self.leftovers]
         lines.append(f"float64 max rel error vs captured model: {self.float64_error:.2e}")
         if self.float32_error is not None:
             lines.append(f"float32 max rel error vs training model: {self.float32_error:.2e}")

@@ -20,6 +20,7 @@ from runtimes.core import eval_mode, max_rel_error, nonfinite, set_training, ten
 
 from .capture import InputError, as_args, capture
 from .graph import op_counts, remove_unused_attributes, share_identical_weights
+from .leftovers import find_leftovers
 from .manager import PassManager, Report
 from .numerics import convert_dtype, seeded_like
 from .passes import REGISTRY
@@ -29,8 +30,8 @@ __all__ = ["DEFAULT_PASSES", "reparameterize", "last_report", "resolve_passes"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PASSES: tuple[str, ...] = ("fold_constants", "fold_bn", "push_affine", "fold_into_next", "merge_linear",
-                                   "merge_sequence")
+DEFAULT_PASSES: tuple[str, ...] = ("slice_writes", "drop_noops", "fold_constants", "constant_pad", "fold_bn",
+                                   "push_affine", "fold_into_next", "merge_linear", "merge_sequence")
 TOLERANCE = 1e-9
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 _LAST: list[Report] = []
@@ -94,6 +95,7 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     manager = PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE, instruments=instruments)
     manager.run(gm, report)
     remove_unused_attributes(gm)
+    report.leftovers = find_leftovers(gm, report.refusals())
     shared = share_identical_weights(gm)
     if shared:
         log.info("%d weight tensors were identical and are now shared", shared)
@@ -114,8 +116,8 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     report.seconds = times
     _ordinary_module(gm, report)
     _LAST[:] = [report]
-    log.info("reparameterized %s: %d rewrites, %d refused, float64 error %.1e", type(model).__name__,
-             report.count(), len(report.refusals()), report.float64_error)
+    log.info("reparameterized %s: %d rewrites, %d refused, %d left unfused, float64 error %.1e",
+             type(model).__name__, report.count(), len(report.refusals()), len(report.leftovers), report.float64_error)
     manager.finish(report)
     return gm
 

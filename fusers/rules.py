@@ -64,6 +64,9 @@ class RefusalCode(str, enum.Enum):
     NO_DIRAC_TAP = "no_dirac_tap"                  # no kernel tap reads input offset 0
     SHORTCUT_SHAPE = "shortcut_shape"              # the shortcut conv is not a 1x1 with the block's stride
     STRIDED_IDENTITY = "strided_identity"          # an identity shortcut around a strided chain
+    # in-place writes
+    WRITES_VISIBLE = "writes_visible"              # an in-place write into an input, a weight or a view of another tensor
+    UNSUPPORTED_WRITE = "unsupported_write"        # a write through non-slice views, across a read, or with a cast
     # legalization
     NON_INTEGER_EXPONENT = "non_integer_exponent"  # a power with no exact product form
     # the manager's proof

@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from fusers import RefusalCode
@@ -74,3 +75,39 @@ def test_shared_module_keeps_one_folded_copy():
     deploy, report, ops, err = reparam(CalledTwice(), 1, 8, 6, 6)
     assert ops["conv2d"] == 2 and "batch_norm" not in ops and err <= 1e-5
     assert sum(p.numel() for p in deploy.parameters()) == 8 * 8 * 9 + 8
+
+
+class CatThenBN(nn.Module):
+    """A BatchNorm after a channel cat of two convs (one on a nonlinear input): split per producer."""
+
+    def __init__(self, affine_op=False):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 3, 3, padding=1), nn.Conv2d(4, 5, 1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.affine_op = affine_op
+        self.register_buffer("scale", torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(torch.relu(x))], 1)
+        return torch.relu(y * self.scale if self.affine_op else self.bn(y))
+
+
+def test_a_batchnorm_or_channel_scale_after_a_cat_folds_into_each_producer():
+    for affine_op in (False, True):
+        _, report, ops, err = reparam(CatThenBN(affine_op), 2, 4, 6, 6)
+        assert ops == {"cat": 1, "conv2d": 2, "relu": 2} and err <= 1e-5, report.summary()
+
+
+class CatWithInputThenBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(torch.cat([self.a(x), x], 1)))  # DenseNet: the input is no conv
+
+
+def test_a_batchnorm_after_a_cat_with_a_non_conv_piece_stays():
+    _, report, ops, _ = reparam(CatWithInputThenBN(), 2, 4, 6, 6)
+    assert ops["batch_norm"] == 1 and [x.kind for x in report.leftovers] == ["batchnorm"]

@@ -178,3 +178,37 @@ def test_dilated_branches_without_a_large_kernel_stay_apart():
     deploy, report, ops, err = reparam(Dilated(large=0), 1, 4, 12, 12)
     assert ops["conv2d"] == 2 and err <= 1e-5
     assert [(r.pass_name, r.code) for r in report.refusals()] == [("merge_linear", RefusalCode.WOULD_GROW)]
+
+
+class BNAfterSum(nn.Module):
+    """bn(conv(x) + conv(relu(conv(x)))): a BatchNorm after a sum with a nonlinear branch."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.a = nn.Conv2d(c, c, 3, padding=1)
+        self.f1, self.f2 = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(self.a(x) + self.f2(torch.relu(self.f1(x))))
+
+
+def test_a_batchnorm_after_a_sum_is_distributed_into_the_last_conv_of_every_branch():
+    _, report, ops, err = reparam(BNAfterSum(), 2, 4, 6, 6)
+    assert ops == {"conv2d": 3, "relu": 1, "add": 1} and err <= 1e-5
+    assert report.leftovers == []
+
+
+class BNAfterResidual(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.f = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.bn(x + self.f(torch.relu(x)))
+
+
+def test_a_batchnorm_after_a_residual_stays_the_identity_cannot_take_its_scale():
+    _, report, ops, err = reparam(BNAfterResidual(), 2, 4, 6, 6)
+    assert ops["batch_norm"] == 1 and ops["conv2d"] == 1 and err <= 1e-5

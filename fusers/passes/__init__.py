@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .constant_pad import ConstantPad
+from .drop_noops import DropNoOps
 from .fold_bn import FoldBatchNorm
 from .fold_constants import FoldConstants
 from .fold_into_next import FoldIntoNext
@@ -10,7 +12,8 @@ from .merge_sequence import MergeSequence
 from .pow_to_mul import PowToMul
 from .push_affine import PushAffine
 from .rm import RepMerge
+from .slice_writes import SliceWrites
 
-__all__ = ["REGISTRY", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence", "PowToMul", "PushAffine", "RepMerge"]
+__all__ = ["REGISTRY", "ConstantPad", "DropNoOps", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence", "PowToMul", "PushAffine", "RepMerge", "SliceWrites"]
 
-REGISTRY = {p.name: p for p in (FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence, PowToMul, PushAffine, RepMerge)}
+REGISTRY = {p.name: p for p in (ConstantPad, DropNoOps, FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence, PowToMul, PushAffine, RepMerge, SliceWrites)}

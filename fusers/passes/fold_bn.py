@@ -4,12 +4,22 @@
 (transposed convs scale their output channels in kernel dim 1, per group). Exact when the BN
 uses running statistics and the producer's output has no other user. A Linear folds only with
 a 2-D output, where BatchNorm1d normalises the Linear's features.
+
+A BatchNorm (or a per-channel ``s * x + t``) after a ``cat`` along channels is split per producer:
+the producer of channels ``[a, b)`` takes ``s[a:b]``, ``t[a:b]``. Done when every producer is a
+convolution or Linear that only the ``cat`` reads; the ``cat`` then stands where the BatchNorm was.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
 from .. import algebra
-from ..graph import as_batchnorm, as_conv, erase_unused, replace_conv, shape, sole_user
+from ..graph import Conv, aten, as_batchnorm, as_conv, erase_unused, replace_conv, shape, sole_user
+from ..matchers import channel_affine
 from ..rules import Match, Pass, RefusalCode
 
 _BATCH_STATS = "BatchNorm uses batch statistics (train mode or track_running_stats=False); folding needs running statistics"
@@ -21,6 +31,9 @@ class FoldBatchNorm(Pass):
 
     def match(self, gm, node):
         bn = as_batchnorm(gm, node)
+        pieces = _cat_producers(gm, node)
+        if pieces:
+            return self.found([node], pieces)
         if bn is None:
             return None
         if not bn.foldable:
@@ -39,13 +52,58 @@ class FoldBatchNorm(Pass):
         return self.found([node], (conv, bn))
 
     def rewrite(self, gm, match: Match) -> str:
+        if isinstance(match.plan, CatPlan):
+            return _split_over_cat(gm, match.plan)
         conv, bn = match.plan
         s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
-        if conv.kind == "conv_transpose":
-            k, b = algebra.fuse_conv_transpose_bn(conv.weight, conv.bias, s, t, conv.groups)
-        else:
-            k, b = algebra.fuse_conv_bn(conv.weight, conv.bias, s, t)
-        replace_conv(gm, bn.node, conv.x, conv.kind, k, b, conv.stride, conv.padding, conv.dilation,
-                     conv.groups, conv.output_padding, insert_before=bn.node)
+        _fold(gm, conv, bn.node, s, t)
         erase_unused(gm.graph, [bn.node])
         return f"{conv.kind} + BatchNorm -> {conv.kind}"
+
+
+def _fold(gm, conv, old, s, t) -> None:
+    """Replace ``old`` (``s * conv + t``) by one conv."""
+    if conv.kind == "conv_transpose":
+        k, b = algebra.fuse_conv_transpose_bn(conv.weight, conv.bias, s, t, conv.groups)
+    else:
+        k, b = algebra.fuse_conv_bn(conv.weight, conv.bias, s, t)
+    replace_conv(gm, old, conv.x, conv.kind, k, b, conv.stride, conv.padding, conv.dilation,
+                 conv.groups, conv.output_padding, insert_before=old)
+
+
+@dataclass
+class CatPlan:
+    node: fx.Node                            # the BatchNorm / affine op after the cat
+    cat: fx.Node
+    s: torch.Tensor
+    t: torch.Tensor
+    producers: list[tuple[Conv, int, int]]   # each producer and its channels [a, b) in the cat
+
+
+def _cat_producers(gm, node) -> CatPlan | None:
+    """``node`` as ``s * cat(convs, dim=1) + t`` where only the cat reads each conv, else None."""
+    affine = channel_affine(gm, node, 1)
+    if affine is None or getattr(affine[0], "target", None) != aten.cat.default or sole_user(affine[0]) is not node:
+        return None
+    cat, s, t = affine
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    out = shape(cat)
+    if out is None or dim % len(out) != 1 or len(set(cat.args[0])) != len(cat.args[0]):
+        return None
+    producers, start = [], 0
+    for piece in cat.args[0]:
+        conv = as_conv(gm, piece)
+        if conv is None or sole_user(piece) is not cat or (conv.kind == "linear" and len(out) != 2):
+            return None
+        producers.append((conv, start, start + shape(piece)[1]))
+        start += shape(piece)[1]
+    return CatPlan(node, cat, s, t, producers)
+
+
+def _split_over_cat(gm, plan: CatPlan) -> str:
+    for conv, a, b in plan.producers:
+        _fold(gm, conv, conv.node, plan.s[a:b], plan.t[a:b])
+        erase_unused(gm.graph, [conv.node])
+    plan.node.replace_all_uses_with(plan.cat)
+    erase_unused(gm.graph, [plan.node])
+    return f"BatchNorm after a cat -> folded into {len(plan.producers)} producers"

@@ -6,8 +6,12 @@ a branch ``(K_i, b_i)``: a convolution or Linear, an eval BatchNorm (identity ``
 pooling (``1 / k^2``), or ``x`` itself. Branches of one ``x`` are summed into one kernel:
 ``K = sum(c_i * place(K_i))``, ``b = sum(c_i * b_i) + const``. This covers RepVGG / ACNet / MobileOne
 / DBB / RepConv branch sums, a BN after the sum (folded later), LayerScale ``gamma * conv(x)``,
-ImplicitM ``m * conv(x)``, bias shifts ``conv(x) - v``, and FastViT's RepMixer
-``x + gamma * (mixer(x) - norm(x))``. Exactness conditions are checked in ``algebra.merge_branches``:
+ImplicitM ``m * conv(x)``, ACNet's cropped branches ``conv(x[:, :, c:-c])`` (a conv of ``x`` with
+padding ``p - c``), bias shifts ``conv(x) - v``, and FastViT's RepMixer
+``x + gamma * (mixer(x) - norm(x))``. A BatchNorm after a sum is distributed into it,
+``s * (a + f) + t = (s * a + t) + s * f``, so ``bn(conv(x) + conv(relu(conv(x))))`` keeps no BatchNorm:
+each branch's last conv takes ``s``, one of them ``t`` (a branch that is not a conv, such as a
+residual ``x``, cannot take ``s``: then the BatchNorm stays). Exactness conditions are checked in ``algebra.merge_branches``:
 a group that fails one is left as it was, with the reason.
 """
 
@@ -48,6 +52,14 @@ class Plan:
     kind: str = "conv"
 
 
+def _is_root(gm, node) -> bool:
+    """A combinator, or an eval BatchNorm of a sum (``bn(a + f) = s*a + s*f + t``: distributed into the branches)."""
+    if _is_combinator(node):
+        return True
+    bn = as_batchnorm(gm, node)
+    return bn is not None and bn.foldable and _is_combinator(bn.x) and sole_user(bn.x) is node
+
+
 def _is_combinator(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
@@ -81,6 +93,15 @@ class _Flatten:
 
     def expand(self, node, coef, dry=False) -> bool:
         """Walk into a combinator; with ``dry`` only say whether it is one we can walk."""
+        bn = as_batchnorm(self.gm, node) if node is self.root else None
+        if bn is not None:  # the root BatchNorm of a sum: s * (sum) + t
+            if self.cd != 1:
+                return False
+            s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
+            if not dry:
+                self.const += coef * t.to(torch.float64)
+                self.walk(bn.x, coef * s.to(torch.float64))
+            return True
         args, t = node.args, _IN_PLACE.get(node.target, node.target)
         alpha = node.kwargs.get("alpha", 1)
         tensor_args = [a for a in args[:2] if isinstance(a, fx.Node) and a.op != "get_attr"]
@@ -122,6 +143,26 @@ def _term(gm, coef, node, channel_dim, users_ok) -> Term:
     return Term(coef, node, branch, src, kind, nodes)
 
 
+def _crops(node) -> tuple[fx.Node, tuple[int, ...]] | None:
+    """``node`` as ``x`` cropped by ``c`` on both sides of each spatial dim (one step-1 slice per dim), or None."""
+    out = shape(node)
+    crops = [0] * (len(out or ()) - 2)
+    while getattr(node, "target", None) == aten.slice.Tensor and len(crops) > 0:
+        size = shape(node.args[0])
+        dim = node.args[1] % len(size)
+        args = list(node.args) + [None] * 3
+        start, end, step = args[2] or 0, args[3], args[4] or 1
+        end = size[dim] if end is None else min(end, size[dim])
+        end = end + size[dim] if end < 0 else end
+        if dim < 2 or step != 1 or crops[dim - 2] or start != size[dim] - end or start <= 0:
+            return None
+        crops[dim - 2] = start
+        node = node.args[0]
+        if sole_user(node) is None and getattr(node, "target", None) == aten.slice.Tensor:
+            return None
+    return (node, tuple(crops)) if any(crops) else None
+
+
 def _branch(gm, node, channel_dim):
     """``(Branch, input, kind, nodes it replaces)`` when ``node`` is a linear function of one input."""
     out = shape(node)
@@ -131,7 +172,12 @@ def _branch(gm, node, channel_dim):
             return seq.merged, seq.first.x, "conv", seq.chain
     conv = as_conv(gm, node)
     if conv is not None and conv.kind in ("conv", "linear") and isinstance(conv.x, fx.Node):
-        return conv_branch(conv, node.name), conv.x, conv.kind, [node]
+        branch, x, crops = conv_branch(conv, node.name), conv.x, _crops(conv.x)
+        if crops is not None and sole_user(conv.x) is node:  # ACNet's CropLayer: a conv of x[..., c:-c, ...]
+            x, cropped = crops
+            branch.padding = tuple(p - c for p, c in zip(branch.padding, cropped))
+            return branch, x, conv.kind, [node, conv.x]
+        return branch, x, conv.kind, [node]
     bn = as_batchnorm(gm, node)
     if bn is not None and bn.foldable and channel_dim == 1 and isinstance(bn.x, fx.Node):
         s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
@@ -236,7 +282,7 @@ class MergeLinear(Pass):
     def matches(self, gm):
         consumed = set()
         for node in reversed(list(gm.graph.nodes)):  # outermost sums first; their inner sums are consumed
-            if not _is_combinator(node) or node in consumed:
+            if not _is_root(gm, node) or node in consumed:
                 continue
             plan, refusals = analyze(gm, node, self.refuse)
             yield from refusals
@@ -245,7 +291,7 @@ class MergeLinear(Pass):
                 yield self.found([node], plan)
 
     def match(self, gm, node):
-        if not _is_combinator(node):
+        if not _is_root(gm, node):
             return None
         plan, refusals = analyze(gm, node, self.refuse)
         if plan is not None:

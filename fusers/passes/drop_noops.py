@@ -1,0 +1,75 @@
+"""Remove ops that compute nothing in eval mode, so they stop no pattern.
+
+``dropout(x, p, train=False)`` (and the feature / alpha variants) is ``x``; so are ``clone``,
+``alias``, ``detach``, ``lift_fresh_copy``, a ``_to_copy`` / ``to`` to the dtype ``x`` already has, and a
+``view`` / ``reshape`` / ``expand`` to the shape it already has. Each is replaced by its input: exact
+by definition. timm's EfficientViT and LeViT heads put a Dropout between a BatchNorm and the Linear
+it should fold into (``BN -> Dropout -> Linear``); authors ``clone()`` before in-place writes.
+
+A dtype/device assertion on a tensor the graph computes itself (``_assert_tensor_metadata``, left
+by ``.float()`` / ``.to()``) guards nothing in a graph of fixed dtypes and would count as a second
+user of that tensor: it goes too (assertions on the graph's inputs stay).
+
+Kept when the op's result or its input is written in place (a ``clone`` before ``y[...] = v`` is
+what keeps the write from reaching the original).
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from ..graph import aten, erase_unused, shape, written_nodes
+from ..rules import Match, Pass
+
+__all__ = ["DropNoOps"]
+
+_DROPOUT = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+            aten.feature_alpha_dropout.default}
+_COPIES = {aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default}
+_SAME_SHAPE = {aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default}
+_CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
+
+
+def _is_noop(node) -> bool:
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    t, x = node.target, node.args[0]
+    if t == aten._assert_tensor_metadata.default:
+        return x.op != "placeholder"
+    if t in _DROPOUT:
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False
+    if t in _COPIES:
+        return True
+    if t in _SAME_SHAPE:
+        return shape(x) is not None and shape(x) == shape(node)
+    if t in _CASTS:
+        a, b = x.meta.get("val"), node.meta.get("val")
+        return (a is not None and b is not None and a.dtype == b.dtype and a.device == b.device
+                and node.kwargs.get("memory_format") is None and set(node.kwargs) <= {"dtype", "device", "layout"})
+    return False
+
+
+class DropNoOps(Pass):
+    name = "drop_noops"
+
+    def matches(self, gm):
+        written = written_nodes(gm.graph)
+        for node in list(gm.graph.nodes):
+            if _is_noop(node) and node not in written and node.args[0] not in written:
+                yield self.found([node], node)
+
+    def match(self, gm, node):
+        if not _is_noop(node):
+            return None
+        written = written_nodes(gm.graph)
+        return None if node in written or node.args[0] in written else self.found([node], node)
+
+    def rewrite(self, gm, match: Match) -> str:
+        node = match.plan
+        if node.target == aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+            return "dtype assertion on an intermediate removed"
+        node.replace_all_uses_with(node.args[0])
+        erase_unused(gm.graph, [node])
+        return f"{node.target.__name__} removed (identity in eval mode)"
