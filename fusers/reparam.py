@@ -30,8 +30,9 @@ __all__ = ["DEFAULT_PASSES", "reparameterize", "last_report", "resolve_passes"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PASSES: tuple[str, ...] = ("slice_writes", "drop_noops", "fold_constants", "constant_pad", "fold_bn",
-                                   "push_affine", "fold_into_next", "merge_linear", "merge_sequence")
+DEFAULT_PASSES: tuple[str, ...] = ("slice_writes", "drop_noops", "fold_constants", "constant_pad", "affine_chain",
+                                   "fold_bn", "push_affine", "fold_into_next", "merge_linear", "merge_sequence",
+                                   "split_slices")
 TOLERANCE = 1e-9
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 _LAST: list[Report] = []

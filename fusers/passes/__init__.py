@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .affine_chain import AffineChain
 from .constant_pad import ConstantPad
 from .drop_noops import DropNoOps
 from .fold_bn import FoldBatchNorm
@@ -13,7 +14,8 @@ from .pow_to_mul import PowToMul
 from .push_affine import PushAffine
 from .rm import RepMerge
 from .slice_writes import SliceWrites
+from .split_slices import SplitSlices
 
-__all__ = ["REGISTRY", "ConstantPad", "DropNoOps", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence", "PowToMul", "PushAffine", "RepMerge", "SliceWrites"]
+__all__ = ["REGISTRY", "AffineChain", "ConstantPad", "DropNoOps", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence", "PowToMul", "PushAffine", "RepMerge", "SliceWrites", "SplitSlices"]
 
-REGISTRY = {p.name: p for p in (ConstantPad, DropNoOps, FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence, PowToMul, PushAffine, RepMerge, SliceWrites)}
+REGISTRY = {p.name: p for p in (AffineChain, ConstantPad, DropNoOps, FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence, PowToMul, PushAffine, RepMerge, SliceWrites, SplitSlices)}
