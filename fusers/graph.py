@@ -14,7 +14,7 @@ from torch import fx
 
 __all__ = ["CONV_OPS", "CONV_TRANSPOSE_OPS", "BN_OPS", "Conv", "BatchNorm", "fetch_attr", "is_const", "const_value",
            "shape", "sole_user", "as_conv", "as_avgpool", "as_batchnorm", "per_channel", "module_path", "common_path",
-           "common_meta", "site", "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
+           "common_meta", "site", "value_users", "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
            "op_counts", "remove_unused_attributes", "share_identical_weights", "VIEW_OPS", "written_arg", "view_root",
            "written_nodes"]
 
@@ -62,6 +62,15 @@ def shape(node) -> tuple[int, ...] | None:
 def sole_user(node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+_SHAPE_OF_SECOND = {aten.reshape_as.default, aten.view_as.default, aten.expand_as.default}
+
+
+def value_users(node) -> list[fx.Node]:
+    """The users that read ``node``'s values: not those that only take its shape (``y.reshape_as(node)``)."""
+    return [u for u in node.users if not (u.target in _SHAPE_OF_SECOND and u.args[0] is not node)
+            and u.target != aten.sym_size.int]
 
 
 def _tuple(value, ndim: int, default: int) -> tuple[int, ...]:

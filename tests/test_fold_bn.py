@@ -111,3 +111,20 @@ class CatWithInputThenBN(nn.Module):
 def test_a_batchnorm_after_a_cat_with_a_non_conv_piece_stays():
     _, report, ops, _ = reparam(CatWithInputThenBN(), 2, 4, 6, 6)
     assert ops["batch_norm"] == 1 and [x.kind for x in report.leftovers] == ["batchnorm"]
+
+
+class LinearNorm(nn.Module):
+    """LeViT's LinearNorm: ``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))``."""
+
+    def __init__(self, c_in=6, c_out=5):
+        super().__init__()
+        self.c, self.bn = nn.Linear(c_in, c_out, bias=False), nn.BatchNorm1d(c_out)
+
+    def forward(self, x):
+        y = self.c(x)
+        return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+
+def test_a_batchnorm1d_over_flattened_tokens_folds_into_the_linear():
+    _, report, ops, err = reparam(LinearNorm(), 2, 7, 6)
+    assert "batch_norm" not in ops and ops["linear"] == 1 and err <= 1e-5, report.summary()

@@ -98,3 +98,13 @@ def test_writes_that_are_seen_elsewhere_are_kept_with_the_reason():
     assert ops["fill_"] == 1 and [r.code for r in report.refusals()] == [RefusalCode.WRITES_VISIBLE]
     left = report.leftovers
     assert [x.kind for x in left] == ["in_place_write"] and "graph input" in left[0].reason
+
+
+class Scatter(nn.Module):
+    def forward(self, x):
+        return torch.slice_scatter(x, torch.zeros(2, 4, 2), dim=2, start=1, end=3)
+
+
+def test_functional_slice_scatter_becomes_a_cat():
+    ops, report = run(Scatter(), torch.randn(2, 4, 5))
+    assert "slice_scatter" not in ops and ops["cat"] == 1 and report.count("slice_writes") == 1

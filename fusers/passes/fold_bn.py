@@ -3,7 +3,9 @@
 ``K' = K * s``, ``b' = s * b + t`` with ``s = gamma / sqrt(var + eps)``, ``t = beta - mean * s``
 (transposed convs scale their output channels in kernel dim 1, per group). Exact when the BN
 uses running statistics and the producer's output has no other user. A Linear folds only with
-a 2-D output, where BatchNorm1d normalises the Linear's features.
+a 2-D output, where BatchNorm1d normalises the Linear's features, or through views that merge its
+leading dims into one (LeViT's ``bn(linear(x).flatten(0, 1)).reshape_as(...)``: users that only read
+the Linear's shape do not count).
 
 A BatchNorm (or a per-channel ``s * x + t``) after a ``cat`` along channels is split per producer:
 the producer of channels ``[a, b)`` takes ``s[a:b]``, ``t[a:b]``. Done when every producer is a
@@ -18,7 +20,7 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..graph import Conv, aten, as_batchnorm, as_conv, erase_unused, replace_conv, shape, sole_user
+from ..graph import Conv, aten, as_batchnorm, as_conv, erase_unused, replace_conv, shape, sole_user, value_users
 from ..matchers import channel_affine
 from ..rules import Match, Pass, RefusalCode
 
@@ -38,12 +40,14 @@ class FoldBatchNorm(Pass):
             return None
         if not bn.foldable:
             return self.refuse(RefusalCode.NO_RUNNING_STATS, [node], _BATCH_STATS)
-        conv = as_conv(gm, bn.x)
+        conv = as_conv(gm, bn.x) or _linear_behind_views(gm, bn)
         if conv is None:  # stands only if the BN is still there when the passes are done
             what = getattr(bn.x, "target", getattr(bn.x, "op", "input"))
             return self.refuse(RefusalCode.NO_PRODUCER, [node],
                                f"it follows {getattr(what, '__name__', what)}, not a conv or Linear, and feeds no "
                                "unpadded conv; kept as an affine op")
+        if conv.node is not bn.x:  # a Linear whose features a view made the BatchNorm's channels
+            return self.found([node], (conv, bn))
         if sole_user(conv.node) is not node:
             return self.refuse(RefusalCode.OTHER_USERS, [node], f"{conv.node.name} output is also used elsewhere")
         if conv.kind == "linear" and len(shape(conv.node) or ()) != 2:
@@ -56,9 +60,30 @@ class FoldBatchNorm(Pass):
             return _split_over_cat(gm, match.plan)
         conv, bn = match.plan
         s, t = algebra.bn_scale_shift(bn.mean, bn.var, bn.weight, bn.bias, bn.eps)
-        _fold(gm, conv, bn.node, s, t)
-        erase_unused(gm.graph, [bn.node])
+        if conv.node is not bn.x:
+            _fold(gm, conv, conv.node, s, t)
+            bn.node.replace_all_uses_with(bn.x)
+        else:
+            _fold(gm, conv, bn.node, s, t)
+        erase_unused(gm.graph, [bn.node, conv.node])
         return f"{conv.kind} + BatchNorm -> {conv.kind}"
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints}
+
+
+def _linear_behind_views(gm, bn) -> Conv | None:
+    """The Linear behind views that only merge its leading dims (LeViT's ``bn(linear(x).flatten(0, 1))``):
+    a 2-D BatchNorm input whose channels are the Linear's features, read by nothing else."""
+    prev, node, out = bn.node, bn.x, shape(bn.x)
+    while getattr(node, "target", None) in _VIEWS and value_users(node) == [prev]:
+        prev, node = node, node.args[0]
+    conv = as_conv(gm, node)
+    if conv is None or conv.kind != "linear" or prev is bn.node or out is None or len(out) != 2:
+        return None
+    if shape(node)[-1] != out[1] or value_users(node) != [prev]:
+        return None
+    return conv
 
 
 def _fold(gm, conv, old, s, t) -> None:

@@ -11,7 +11,8 @@ and a write into a box of several dims nests one ``cat`` per dim. Each value of 
 list of pieces along ``d``: consecutive writes on ``d`` splice the list, and a later read of a slice
 of ``y`` along ``d`` takes the pieces it covers (``y'[..., 2:4]`` after a write into ``0:2`` is
 ``y[..., 2:4]``), so a set of writes that together cover the dim leaves one ``cat`` of the computed
-pieces. Every other read sees the ``cat`` of the current pieces.
+pieces. Every other read sees the ``cat`` of the current pieces. A ``slice_scatter`` (the functional
+form of one such write) becomes a ``cat`` the same way.
 
 Refused (left as it is, with the reason) when the written tensor is a graph input, a weight or
 itself a view of another tensor (the write would be visible there), when a view of it is created
@@ -237,6 +238,11 @@ class SliceWrites(Pass):
     def matches(self, gm):
         seen = set()
         for node in list(gm.graph.nodes):
+            if node.target == aten.slice_scatter.default:
+                found = self.match(gm, node)
+                if found is not None:
+                    yield found
+                continue
             w = written_arg(node)
             if node.target in WRITE_OPS and w is not None and view_root(w) not in seen:
                 seen.add(view_root(w))
@@ -245,6 +251,16 @@ class SliceWrites(Pass):
                     yield found
 
     def match(self, gm, node):
+        if node.target == aten.slice_scatter.default:  # the functional form: ``base`` with ``src`` in a slice
+            args = list(node.args) + [0, None, None, 1][len(node.args) - 2:]
+            base, src, dim, start, end, step = args[:6]
+            size = shape(base)
+            if size is None or (step or 1) != 1:
+                return None
+            dim %= len(size)
+            start, end = (min(max(v + size[dim] if v < 0 else v, 0), size[dim]) for v in
+                          (start or 0, size[dim] if end is None else end))
+            return self.found([node], ("scatter", base, src, dim, start, end))
         writes = [u for v in [node, *_view_tree(node)] for u in v.users if u.target in WRITE_OPS]
         if not writes:
             return None
@@ -262,6 +278,14 @@ class SliceWrites(Pass):
         return self.found([node], (node, plan))
 
     def rewrite(self, gm, match: Match) -> str:
+        if match.plan[0] == "scatter":
+            _, base, src, dim, start, end = match.plan
+            node = next(n for n in gm.graph.nodes if n.name == match.nodes[0])
+            value = _Value(gm, base, node)
+            value.write({dim: (start, end)}, src, shape(src))
+            node.replace_all_uses_with(value.materialize())
+            erase_unused(gm.graph, [node])
+            return "slice_scatter -> cat"
         base, writes = match.plan
         chain = {n for w in writes for n in w.chain}
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
