@@ -99,6 +99,14 @@ def structure_message(c: Converted) -> str:
     return f"ours leaves {describe(c.ops)}; refusals: {reasons(c.ours.reparam_report) or 'none'}"
 
 
+def assert_as_plain_as_the_authors(c: Converted) -> None:
+    """Ours, the authors' conversion and the block agree; ours keeps no BatchNorm and no more convs."""
+    assert c.err <= TOL, c.ours.reparam_report.summary()
+    assert c.theirs_err <= TOL and c.ours_vs_theirs <= TOL
+    assert "batch_norm" not in c.ops, structure_message(c)
+    assert c.ops.get("conv2d", 0) <= c.theirs_convs, structure_message(c)
+
+
 # ---- DiverseBranchBlock (DingXiaoH/DiverseBranchBlock) -------------------------------------------------
 
 
@@ -189,10 +197,7 @@ def test_dbb_with_a_wrong_border_value_is_not_merged():
 def test_acnet_authors_style(k, padding, stride, groups):
     block = prepared(ACBlock(6, 8, k, stride=stride, padding=padding, groups=groups))
     c = convert_both(block, example(2, 6, 11, 11), switch_to_deploy)
-    assert c.err <= TOL, c.ours.reparam_report.summary()
-    assert c.theirs_err <= TOL and c.ours_vs_theirs <= TOL
-    assert "batch_norm" not in c.ops, structure_message(c)
-    assert c.ops.get("conv2d", 0) <= c.theirs_convs, structure_message(c)
+    assert_as_plain_as_the_authors(c)
 
 
 def test_acnet_branch_through_a_nonlinearity_is_not_merged():
@@ -216,10 +221,7 @@ def test_repvgg_authors_style(cin, cout, stride, groups):
     block = prepared(RepVGGBlock(cin, cout, 3, stride=stride, padding=1, groups=groups))
     assert (block.rbr_identity is not None) == (cin == cout and stride == 1)
     c = convert_both(block, example(2, cin, 10, 10), switch_to_deploy)
-    assert c.err <= TOL, c.ours.reparam_report.summary()
-    assert c.theirs_err <= TOL and c.ours_vs_theirs <= TOL
-    assert "batch_norm" not in c.ops, structure_message(c)
-    assert c.ops.get("conv2d", 0) <= c.theirs_convs, structure_message(c)
+    assert_as_plain_as_the_authors(c)
 
 
 def test_repvgg_identity_through_a_nonlinearity_is_not_merged():
@@ -246,10 +248,7 @@ def test_mobileone_authors_style(cin, cout, k, stride, groups, branches, use_se)
                                     num_conv_branches=branches))
     assert (block.rbr_skip is not None) == (cin == cout and stride == 1)
     c = convert_both(block, example(2, cin, 10, 10), lambda b: b.reparameterize())
-    assert c.err <= TOL, c.ours.reparam_report.summary()
-    assert c.theirs_err <= TOL and c.ours_vs_theirs <= TOL
-    assert "batch_norm" not in c.ops, structure_message(c)
-    assert c.ops.get("conv2d", 0) <= c.theirs_convs, structure_message(c)
+    assert_as_plain_as_the_authors(c)
 
 
 def test_mobileone_reparameterize_model_converts_a_copy():

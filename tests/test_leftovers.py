@@ -8,30 +8,7 @@ from torch import nn
 
 from conftest import main_in_process
 from helpers import reparam
-
-
-class Residual(nn.Module):
-    """bn(x + conv(relu(x))): the identity leaf cannot take the BatchNorm's scale, so it stays."""
-
-    def __init__(self, c=4):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-        self.bn = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return self.bn(x + self.conv(torch.relu(x)))
-
-
-class StridedPair(nn.Module):
-    """Two branches of one input whose strides differ: summed after an upsample, never mergeable."""
-
-    def __init__(self, c=4):
-        super().__init__()
-        self.a = nn.Conv2d(c, c, 3, padding=1)
-        self.b = nn.Conv2d(c, c, 1)
-
-    def forward(self, x):
-        return self.a(x) + self.b(x) * torch.sigmoid(x)  # b's branch is gated: not linear in x
+from test_merge_linear import BNAfterResidual as Residual  # bn(x + conv(relu(x))): the BN stays
 
 
 class Mergeable(nn.Module):

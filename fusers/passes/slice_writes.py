@@ -124,7 +124,9 @@ def _plan(base, order) -> list[Write] | str:
             return f"{w.node.name} writes {src.meta['val'].dtype} into {val.dtype}"
     times = [order[w.node] for w in writes]
     for v in views:  # a view read across a write would see the write: keep such graphs as they are
-        if v in chain_nodes and all(u in chain_nodes or u.target in WRITE_OPS for u in v.users):
+        if v in chain_nodes:
+            if not all(u in chain_nodes or u.target in WRITE_OPS for u in v.users):
+                return f"the slice {v.name} is written into and also read"
             continue
         uses = [order[u] for u in _uses(v)]
         if uses and any(order[v] < t < max(uses) for t in times):
