@@ -108,3 +108,21 @@ class Scatter(nn.Module):
 def test_functional_slice_scatter_becomes_a_cat():
     ops, report = run(Scatter(), torch.randn(2, 4, 5))
     assert "slice_scatter" not in ops and ops["cat"] == 1 and report.count("slice_writes") == 1
+
+
+class ListIndexThenSelect(nn.Module):
+    """``y[..., [0, 1]] = ...`` is an index_put_ whose result aliases ``y``; a later write through that result
+    must not be treated as a write into a fresh tensor."""
+
+    def forward(self, x):
+        y = x.sigmoid()
+        y[..., [0, 1]] = y[..., [0, 1]] * 2
+        y[:, 2] = 0.5
+        return y
+
+
+def test_writes_through_an_index_put_result_are_kept_and_listed():
+    ops, report = run(ListIndexThenSelect(), torch.randn(2, 3, 4), passes=fusers.DEFAULT_PASSES)
+    assert ops["index_put_"] == 1 and ops["fill_"] == 1
+    assert [r.code for r in report.refusals()] == [RefusalCode.WRITES_VISIBLE]
+    assert sorted(x.kind for x in report.leftovers) == ["in_place_write", "in_place_write"]

@@ -266,8 +266,9 @@ class SliceWrites(Pass):
         writes = [u for v in [node, *_view_tree(node)] for u in v.users if u.target in WRITE_OPS]
         if not writes:
             return None
-        if node.op != "call_function" or node.target in VIEW_OPS:
-            what = "a graph input or weight" if node.op != "call_function" else f"a view ({node.target})"
+        if node.op != "call_function" or node.target in VIEW_OPS or written_arg(node) is not None:
+            what = ("a graph input or weight" if node.op != "call_function" else f"a view ({node.target})"
+                    if node.target in VIEW_OPS else f"the result of the in-place {node.target}")
             return self.refuse(RefusalCode.WRITES_VISIBLE, writes, f"it writes into {node.name}, {what}: "
                                "the write is seen outside the tensor")
         if any(written_arg(u) is not None and u.target not in WRITE_OPS
