@@ -67,6 +67,8 @@ class RefusalCode(str, enum.Enum):
     # in-place writes
     WRITES_VISIBLE = "writes_visible"              # an in-place write into an input, a weight or a view of another tensor
     UNSUPPORTED_WRITE = "unsupported_write"        # a write through non-slice views, across a read, or with a cast
+    # quantization-friendly rescaling
+    NOT_HOMOGENEOUS = "not_homogeneous"            # an activation with act(x / s) != act(x) / s between two convs
     # legalization
     NON_INTEGER_EXPONENT = "non_integer_exponent"  # a power with no exact product form
     # the manager's proof

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .affine_chain import AffineChain
 from .constant_pad import ConstantPad
 from .drop_noops import DropNoOps
+from .equalize import Equalize
 from .fold_bn import FoldBatchNorm
 from .fold_constants import FoldConstants
 from .fold_into_next import FoldIntoNext
@@ -16,6 +17,6 @@ from .rm import RepMerge
 from .slice_writes import SliceWrites
 from .split_slices import SplitSlices
 
-__all__ = ["REGISTRY", "AffineChain", "ConstantPad", "DropNoOps", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence", "PowToMul", "PushAffine", "RepMerge", "SliceWrites", "SplitSlices"]
+__all__ = ["REGISTRY", "AffineChain", "ConstantPad", "DropNoOps", "Equalize", "FoldBatchNorm", "FoldConstants", "FoldIntoNext", "MergeLinear", "MergeSequence", "PowToMul", "PushAffine", "RepMerge", "SliceWrites", "SplitSlices"]
 
-REGISTRY = {p.name: p for p in (AffineChain, ConstantPad, DropNoOps, FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence, PowToMul, PushAffine, RepMerge, SliceWrites, SplitSlices)}
+REGISTRY = {p.name: p for p in (AffineChain, ConstantPad, DropNoOps, Equalize, FoldConstants, FoldBatchNorm, FoldIntoNext, MergeLinear, MergeSequence, PowToMul, PushAffine, RepMerge, SliceWrites, SplitSlices)}
