@@ -52,7 +52,7 @@ def conv_branch(conv: Conv, label: str = "conv") -> algebra.Branch:
 def channel_affine(gm, node, channel_dim: int) -> tuple[fx.Node, torch.Tensor, torch.Tensor] | None:
     """``node`` as ``(x, s, t)`` with ``node = s * x + t`` per channel, or None."""
     out = shape(node)
-    if out is None:
+    if out is None or len(out) <= channel_dim:
         return None
     bn = as_batchnorm(gm, node)
     if bn is not None:

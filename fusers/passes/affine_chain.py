@@ -97,6 +97,9 @@ class AffineChain(Pass):
         if found is None:
             return None
         y, ops = found
+        val = y.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
+            return None  # integer index arithmetic stays integer
         composed = _compose(gm, y, ops)
         if composed is None:
             return None

@@ -2,14 +2,14 @@
 
 Example: DBB's pad value ``bias - mean * gamma / sqrt(var + eps)``, YOLOv7's anchor grids. The
 value is computed from the float64 weights, so what later passes read is exact. Random and
-side-effecting ops are never folded.
+side-effecting ops are never folded, nor a tensor that an in-place op writes into later.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..graph import add_tensor, erase_unused, fetch_attr
+from ..graph import add_tensor, erase_unused, fetch_attr, written_arg, written_nodes
 from ..rules import Match, Pass
 
 aten = torch.ops.aten
@@ -22,10 +22,12 @@ def _foldable_op(node) -> bool:
 
 
 def _constants(gm) -> dict:
-    """For every node: whether it is computed from weights only."""
-    const = {}
+    """For every node: whether it is computed from weights only (and not written in place afterwards)."""
+    const, written = {}, written_nodes(gm.graph)
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
+        if node in written or written_arg(node) is not None:
+            const[node] = False
+        elif node.op == "get_attr":
             const[node] = isinstance(fetch_attr(gm, node.target), torch.Tensor)
         elif _foldable_op(node):
             const[node] = all(const.get(a, False) for a in node.all_input_nodes)
