@@ -14,7 +14,8 @@ from torch import fx
 
 __all__ = ["CONV_OPS", "CONV_TRANSPOSE_OPS", "BN_OPS", "Conv", "BatchNorm", "fetch_attr", "is_const", "const_value",
            "shape", "sole_user", "as_conv", "as_avgpool", "as_batchnorm", "per_channel", "module_path", "common_path",
-           "common_meta", "site", "value_users", "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
+           "common_meta", "site", "value_users", "op_name", "slice_bounds", "slice_range", "views_of", "run_nodes",
+           "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
            "op_counts", "remove_unused_attributes", "share_identical_weights", "VIEW_OPS", "written_arg", "view_root",
            "written_nodes"]
 
@@ -305,6 +306,53 @@ def erase_unused(graph: fx.Graph, nodes) -> None:
         stack.extend(inputs)
 
 
+def op_name(node) -> str:
+    """The aten op's short name of a call_function node (``conv2d``, ``batch_norm``, ``add``), else its ``op``."""
+    if node.op != "call_function":
+        return node.op
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
+def slice_bounds(start, end, size: int) -> tuple[int, int]:
+    """``[start, end)`` of Python slicing (None, negative, past the end) as ``0 <= start <= end <= size``."""
+    start = 0 if start is None else start
+    end = size if end is None else end
+    start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (start, end))
+    return start, max(start, end)
+
+
+def slice_range(node) -> tuple[int, int, int] | None:
+    """``(dim, start, end)`` of a step-1 ``slice`` node, normalised against its input's shape; else None."""
+    if getattr(node, "target", None) != aten.slice.Tensor or shape(node.args[0]) is None:
+        return None
+    size = shape(node.args[0])
+    args = list(node.args) + [None] * 4
+    if (args[4] or 1) != 1:
+        return None
+    dim = args[1] % len(size)
+    return (dim, *slice_bounds(args[2], args[3], size[dim]))
+
+
+def views_of(node: fx.Node) -> list[fx.Node]:
+    """Every view of ``node`` (slices of slices, views of views ...), in no particular order."""
+    out, stack = [], [node]
+    while stack:
+        for user in stack.pop().users:
+            if user.target in VIEW_OPS and user not in out:
+                out.append(user)
+                stack.append(user)
+    return out
+
+
+def run_nodes(gm, nodes, env: dict) -> dict:
+    """Evaluate ``nodes`` (in graph order) on the values ``env`` holds for their inputs, reading weights from
+    ``gm``; returns ``env`` with their values added."""
+    load = lambda a: env[a] if a in env else fetch_attr(gm, a.target)  # noqa: E731
+    for n in nodes:
+        env[n] = n.target(*fx.node.map_arg(n.args, load), **fx.node.map_arg(n.kwargs, load))
+    return env
+
+
 def written_arg(node) -> fx.Node | None:
     """The tensor an in-place op (``copy_``, ``fill_``, ``relu_``, ``index_put_`` ...) writes into, or None."""
     schema = getattr(getattr(node, "target", None), "_schema", None)
@@ -327,13 +375,7 @@ def view_root(node: fx.Node) -> fx.Node:
 def written_nodes(graph: fx.Graph) -> set[fx.Node]:
     """Every node whose value an in-place op changes after it is computed: written tensors and their views."""
     roots = {view_root(w) for n in graph.nodes if (w := written_arg(n)) is not None}
-    out, stack = set(roots), list(roots)
-    while stack:
-        for user in stack.pop().users:
-            if user.target in VIEW_OPS and user not in out:
-                out.add(user)
-                stack.append(user)
-    return out
+    return roots.union(*(views_of(r) for r in roots))
 
 
 def is_erased(node: fx.Node) -> bool:
@@ -350,8 +392,7 @@ def op_counts(gm: torch.nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function":
-            name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-            counts[name] = counts.get(name, 0) + 1
+            counts[op_name(node)] = counts.get(op_name(node), 0) + 1
     return dict(sorted(counts.items()))
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 from torch import fx
 
-from .graph import (VIEW_OPS, aten, as_avgpool, as_batchnorm, as_conv, common_path, shape, sole_user, written_arg)
+from .graph import (VIEW_OPS, aten, as_avgpool, as_batchnorm, as_conv, common_path, op_name, shape, sole_user,
+                    written_arg)
 from .rules import Refusal
 
 __all__ = ["Leftover", "find_leftovers"]
@@ -47,11 +48,6 @@ class Leftover:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "nodes": list(self.nodes), "path": self.path, "site": self.site,
                 "reason": self.reason}
-
-
-def _name(node) -> str:
-    target = getattr(node, "target", None)
-    return getattr(target, "__name__", str(target)).split(".")[0] if node.op == "call_function" else node.op
 
 
 def _why(nodes: list[fx.Node], refusals: list[Refusal], otherwise: str) -> str:
@@ -103,7 +99,7 @@ def _branch_sums(gm, refusals) -> list[Leftover]:
         for src, members in groups.items():
             if len(members) > 1 and any(is_conv for _, is_conv in members):
                 leaves = [leaf for leaf, _ in members]
-                what = ", ".join(_name(leaf) for leaf in leaves)
+                what = ", ".join(op_name(leaf) for leaf in leaves)
                 out.append(Leftover("branch_sum", [node.name] + [leaf.name for leaf in leaves],
                                     _why([node, *leaves], refusals, f"{len(leaves)} linear branches of {src.name} "
                                          f"({what}) are summed, not merged: no pass applies"), common_path([node])))
@@ -116,13 +112,13 @@ def find_leftovers(gm: fx.GraphModule, refusals: list[Refusal]) -> list[Leftover
     for node in gm.graph.nodes:
         if as_batchnorm(gm, node) is not None:
             src = node.args[0] if node.target == aten.batch_norm.default else node.args[0].args[0]
-            users = ", ".join(sorted({_name(u) for u in node.users})) or "the output"
-            out.append(Leftover("batchnorm", [node.name], _why([node], refusals, f"it follows {_name(src)} and feeds "
+            users = ", ".join(sorted({op_name(u) for u in node.users})) or "the output"
+            out.append(Leftover("batchnorm", [node.name], _why([node], refusals, f"it follows {op_name(src)} and feeds "
                                                                                   f"{users}: no pass applies"),
                                 common_path([node])))
         written = written_arg(node)
         if node.target in _SCATTERS or (written is not None and written.target in VIEW_OPS):
-            out.append(Leftover("in_place_write", [node.name], _why([node], refusals, f"{_name(node)} into "
+            out.append(Leftover("in_place_write", [node.name], _why([node], refusals, f"{op_name(node)} into "
                                 f"{written.name if written is not None else node.args[0].name} (exports as "
                                 "ScatterND): no pass applies"), common_path([node])))
     return out + _branch_sums(gm, refusals)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..graph import add_tensor, aten, const_value, erase_unused, shape, sole_user
+from ..graph import add_tensor, aten, const_value, erase_unused, op_name, shape, sole_user
 from ..rules import Match, Pass
 
 __all__ = ["AffineChain"]
@@ -32,7 +32,7 @@ def _step(gm, node) -> tuple[fx.Node, object] | None:
     """``(input, op)`` for an elementwise op of one tensor and constants; ``op`` maps ``(A, B)``, or None."""
     if node.op != "call_function" or node.target not in _OPS or node.kwargs.get("alpha", 1) != 1:
         return None
-    name = node.target.__name__.split(".")[0]
+    name = op_name(node)
     if name == "neg":
         return (node.args[0], lambda a, b: (-a, -b)) if isinstance(node.args[0], fx.Node) else None
     x, c = node.args[:2]
@@ -59,23 +59,23 @@ def _is_zero(b) -> bool:
     return bool((torch.as_tensor(b) == 0).all())
 
 
-def _chain(gm, node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """``(y, ops from y to node)``: the longest chain ending at ``node`` whose inner values have one user."""
-    ops, cur = [], node
+def _chain(gm, node) -> tuple[fx.Node, list[tuple[fx.Node, object]]] | None:
+    """``(y, [(op node, its map of (A, B)), ...] from y to node)``: the longest chain ending at ``node`` whose
+    inner values have one user."""
+    steps, cur = [], node
     while (found := _step(gm, cur)) is not None:
-        ops.append(cur)
+        steps.append((cur, found[1]))
         x = found[0]
         if sole_user(x) is not cur:
-            return x, ops[::-1]
+            return x, steps[::-1]
         cur = x
-    return (cur, ops[::-1]) if ops else None
+    return (cur, steps[::-1]) if steps else None
 
 
-def _compose(gm, y, ops):
+def _compose(steps):
     """``(A, B, k)`` with ``node = (y ** k) * A + B``, or None when a power meets a shift."""
     a, b, k = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64), 1
-    for n in ops:
-        _, op = _step(gm, n)
+    for n, op in steps:
         if n.target == aten.pow.Tensor_Scalar:
             if not _is_zero(b) or k != 1:
                 return None
@@ -96,11 +96,12 @@ class AffineChain(Pass):
         found = _chain(gm, node)
         if found is None:
             return None
-        y, ops = found
+        y, steps = found
         val = y.meta.get("val")
         if not isinstance(val, torch.Tensor) or not val.dtype.is_floating_point:
             return None  # integer index arithmetic stays integer
-        composed = _compose(gm, y, ops)
+        ops = [n for n, _ in steps]
+        composed = _compose(steps)
         if composed is None:
             return None
         a, b, k = composed

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from ..graph import add_tensor, aten, erase_unused, fetch_attr, shape
+from ..graph import add_tensor, aten, erase_unused, run_nodes, shape
 from ..rules import Match, Pass
 
 __all__ = ["ConstantPad"]
@@ -54,13 +54,7 @@ def _region(node) -> tuple[list[fx.Node], fx.Node] | None:
 
 
 def _run(gm, region, x, value) -> torch.Tensor:
-    env = {x: value}
-    load = lambda a: env[a] if a in env else (fetch_attr(gm, a.target) if a.op == "get_attr" else a)  # noqa: E731
-    for n in region:
-        args = fx.node.map_arg(n.args, load)
-        kwargs = fx.node.map_arg(n.kwargs, load)
-        env[n] = n.target(*args, **kwargs)
-    return env[region[-1]]
+    return run_nodes(gm, region, {x: value})[region[-1]]
 
 
 def _as_pad(gm, region, x) -> tuple[list[int], torch.Tensor] | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from ..graph import aten, erase_unused, shape, written_nodes
+from ..graph import aten, erase_unused, op_name, shape, written_nodes
 from ..rules import Match, Pass
 
 __all__ = ["DropNoOps"]
@@ -50,20 +50,20 @@ def _is_noop(node) -> bool:
     return False
 
 
+def _unwritten(node, written) -> bool:
+    """Neither the op's result nor its input is written in place: removing the op changes no write."""
+    return node not in written and node.args[0] not in written
+
+
 class DropNoOps(Pass):
     name = "drop_noops"
 
     def matches(self, gm):
         written = written_nodes(gm.graph)
-        for node in list(gm.graph.nodes):
-            if _is_noop(node) and node not in written and node.args[0] not in written:
-                yield self.found([node], node)
+        return (self.found([n], n) for n in list(gm.graph.nodes) if _is_noop(n) and _unwritten(n, written))
 
     def match(self, gm, node):
-        if not _is_noop(node):
-            return None
-        written = written_nodes(gm.graph)
-        return None if node in written or node.args[0] in written else self.found([node], node)
+        return self.found([node], node) if _is_noop(node) and _unwritten(node, written_nodes(gm.graph)) else None
 
     def rewrite(self, gm, match: Match) -> str:
         node = match.plan
@@ -72,4 +72,4 @@ class DropNoOps(Pass):
             return "dtype assertion on an intermediate removed"
         node.replace_all_uses_with(node.args[0])
         erase_unused(gm.graph, [node])
-        return f"{node.target.__name__} removed (identity in eval mode)"
+        return f"{op_name(node)} removed (identity in eval mode)"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ..graph import as_conv, aten, erase_unused, replace_conv, sole_user
+from ..graph import as_conv, aten, erase_unused, op_name, replace_conv, sole_user
 from ..rules import Match, Pass, RefusalCode
 
 __all__ = ["Equalize", "channel_ranges"]
@@ -57,7 +57,7 @@ class Equalize(Pass):
         if first is None or first.kind != "conv":
             return None
         if act.target in _NOT_HOMOGENEOUS:
-            name = act.target.__name__.split(".")[0]
+            name = op_name(act)
             return self.refuse(RefusalCode.NOT_HOMOGENEOUS, [first.node, act, node],
                                f"{name} is not positively homogeneous ({name}(x / s) != {name}(x) / s)")
         if act.target not in _HOMOGENEOUS:
@@ -85,4 +85,4 @@ class Equalize(Pass):
                      second.dilation, second.groups)
         erase_unused(gm.graph, [first.node, second.node])
         ratio = float(s.max() / s.min())
-        return f"conv -> {act.target.__name__.split('.')[0]} -> conv equalized (scales spread {ratio:.3g}x)"
+        return f"conv -> {op_name(act)} -> conv equalized (scales spread {ratio:.3g}x)"

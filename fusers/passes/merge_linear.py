@@ -24,7 +24,7 @@ from torch import fx
 
 from .. import algebra
 from ..graph import (aten, as_avgpool, as_batchnorm, as_conv, build_conv, common_meta, common_path, const_value,
-                     erase_unused, per_channel, shape, sole_user)
+                     erase_unused, per_channel, shape, slice_range, sole_user)
 from ..matchers import Sequence, conv_branch, match_sequence
 from ..rules import Match, Pass, Refusal, RefusalCode
 
@@ -148,13 +148,11 @@ def _crops(node) -> tuple[fx.Node, tuple[int, ...]] | None:
     out = shape(node)
     crops = [0] * (len(out or ()) - 2)
     while getattr(node, "target", None) == aten.slice.Tensor and len(crops) > 0:
-        size = shape(node.args[0])
-        dim = node.args[1] % len(size)
-        args = list(node.args) + [None] * 3
-        start, end, step = args[2] or 0, args[3], args[4] or 1
-        end = size[dim] if end is None else min(end, size[dim])
-        end = end + size[dim] if end < 0 else end
-        if dim < 2 or step != 1 or crops[dim - 2] or start != size[dim] - end or start <= 0:
+        found = slice_range(node)
+        if found is None:
+            return None
+        dim, start, end = found
+        if dim < 2 or crops[dim - 2] or start != shape(node.args[0])[dim] - end or start <= 0:
             return None
         crops[dim - 2] = start
         node = node.args[0]

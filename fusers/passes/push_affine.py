@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from ..algebra import bn_scale_shift
-from ..graph import add_tensor, as_batchnorm, as_conv, aten, erase_unused, shape
+from ..graph import add_tensor, as_batchnorm, as_conv, aten, erase_unused, run_nodes, shape
 from ..rules import Match, Pass, RefusalCode
 
 _MOVES = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.chunk.default,
@@ -54,21 +54,20 @@ def _paths(bn_node):
     return (moves, ends) if ends and moves else None
 
 
-def _run(bn, moves, code: torch.Tensor) -> dict:
-    """The value of every movement node when the BatchNorm's output holds ``code[c]`` in channel ``c``."""
+def _run(gm, bn, moves, code: torch.Tensor) -> dict:
+    """The value of every movement node (``moves`` in graph order) when the BatchNorm's output holds ``code[c]``
+    in channel ``c``."""
     x_shape = shape(bn.x)
-    values = {bn.node: code.reshape(1, -1, *([1] * (len(x_shape) - 2))).expand(x_shape).contiguous()}
-    load = lambda a: values[a] if isinstance(a, fx.Node) else a  # noqa: E731
-    for node in sorted(moves, key=lambda n: list(n.graph.nodes).index(n)):
-        values[node] = node.target(*fx.node.map_aggregate(node.args, load),
-                                   **fx.node.map_aggregate(node.kwargs, load))
-    return values
+    start = code.reshape(1, -1, *([1] * (len(x_shape) - 2))).expand(x_shape).contiguous()
+    return run_nodes(gm, moves, {bn.node: start})
 
 
-def _channel_maps(bn, moves, ends) -> list[torch.Tensor] | None:
+def _channel_maps(gm, bn, moves, ends) -> list[torch.Tensor] | None:
     """For each end tensor, the BN channel each of its channels came from (None if not per channel)."""
     index = torch.arange(shape(bn.x)[1], dtype=torch.float64)
-    plain, squared = _run(bn, moves, index), _run(bn, moves, index ** 2)
+    order = {n: i for i, n in enumerate(bn.node.graph.nodes)}
+    moves = sorted(moves, key=order.get)
+    plain, squared = _run(gm, bn, moves, index), _run(gm, bn, moves, index ** 2)
     maps = []
     for tensor, end in ends:
         v, v2 = plain[tensor], squared[tensor]
@@ -96,7 +95,7 @@ class PushAffine(Pass):
         moves, ends = found
         if any(conv.target in _CONVS and any(as_conv(gm, conv).padding) for _, conv in ends):
             return self.refuse(RefusalCode.PADDED_CONV, [node], "a conv behind the data movement zero-pads its input")
-        maps = _channel_maps(bn, moves, ends)
+        maps = _channel_maps(gm, bn, moves, ends)
         if maps is None:
             return self.refuse(RefusalCode.MIXES_CHANNELS, [node], "the data movement mixes channels")
         return self.found([node], (bn, ends, maps))

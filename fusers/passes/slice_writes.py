@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from ..graph import VIEW_OPS, aten, erase_unused, shape, view_root, written_arg
+from ..graph import (VIEW_OPS, aten, erase_unused, shape, slice_bounds, slice_range, view_root, views_of,
+                     written_arg)
 from ..rules import Match, Pass, RefusalCode
 
 __all__ = ["SliceWrites"]
@@ -35,28 +36,11 @@ __all__ = ["SliceWrites"]
 WRITE_OPS = {aten.copy_.default, aten.fill_.Scalar, aten.fill_.Tensor}
 
 
-def _slice_args(node, size: int) -> tuple[int, int, int] | None:
-    """``(dim, start, end)`` of a step-1 ``slice`` node on a dim of ``size``, normalised; else None."""
-    args = list(node.args) + [None] * 4
-    dim, start, end, step = args[1], args[2], args[3], args[4]
-    if (step or 1) != 1:
+def _box(base, chain: list[fx.Node]) -> dict[int, tuple[int, int]] | None:
+    """The box ``{dim: (start, end)}`` of ``base`` that ``chain`` (slices and selects, the last one applied
+    first in the list) views: a select is a box one wide. None when the chain holds anything else."""
+    if any(n.target not in (aten.slice.Tensor, aten.select.int) for n in chain):
         return None
-    start = 0 if start is None else start
-    end = size if end is None else end
-    start, end = (v + size if v < 0 else v for v in (start, end))
-    start, end = min(max(start, 0), size), min(max(end, 0), size)
-    return dim, start, max(start, end)
-
-
-def _box(base, dst) -> dict[int, tuple[int, int]] | None:
-    """The box ``{dim: (start, end)}`` of ``base`` that the chain of slices and selects ending at ``dst``
-    views (a select is a box one wide), or None."""
-    chain, node = [], dst
-    while node is not base:
-        if not isinstance(node, fx.Node) or node.target not in (aten.slice.Tensor, aten.select.int):
-            return None
-        chain.append(node)
-        node = node.args[0]
     full = shape(base)
     dims = list(range(len(full)))  # the base dim of each dim of the current view
     box: dict[int, tuple[int, int]] = {}
@@ -68,7 +52,7 @@ def _box(base, dst) -> dict[int, tuple[int, int]] | None:
             index = s.args[2] % size[d]
             box[dims.pop(d)] = (lo + index, lo + index + 1)
             continue
-        found = _slice_args(s, size[d])
+        found = slice_range(s)
         if found is None:
             return None
         _, start, end = found
@@ -83,20 +67,9 @@ class Write:
     chain: list[fx.Node]              # the slice views it writes through
 
 
-def _view_tree(base) -> list[fx.Node]:
-    """Every view of ``base`` (slices of slices ...), in no particular order."""
-    out, stack = [], [base]
-    while stack:
-        for user in stack.pop().users:
-            if user.target in VIEW_OPS:
-                out.append(user)
-                stack.append(user)
-    return out
-
-
 def _plan(base, order) -> list[Write] | str:
     """The writes into ``base`` in graph order, or why they cannot be made functional."""
-    views = _view_tree(base)
+    views = views_of(base)
     writes, chain_nodes = [], set()
     for v in views:
         for user in v.users:
@@ -105,7 +78,7 @@ def _plan(base, order) -> list[Write] | str:
                 while n is not base:
                     chain.append(n)
                     n = n.args[0]
-                box = _box(base, v)
+                box = _box(base, chain)
                 if box is None:
                     other = next((n for n in chain if n.target not in (aten.slice.Tensor, aten.select.int)), v)
                     return (f"a write into {v.name} goes through {other.name} ({other.target}), not step-1 slices "
@@ -219,7 +192,7 @@ def _with(shape_, dim, size) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _source(gm, write: Write, value: _Value, out_shape) -> fx.Node:
+def _source(write: Write, value: _Value, out_shape) -> fx.Node:
     """What ``write`` stores, as a node of the written box's shape."""
     node = write.node
     if node.target == aten.fill_.Scalar:
@@ -260,10 +233,9 @@ class SliceWrites(Pass):
             if size is None or (step or 1) != 1:
                 return None
             dim %= len(size)
-            start, end = (min(max(v + size[dim] if v < 0 else v, 0), size[dim]) for v in
-                          (start or 0, size[dim] if end is None else end))
-            return self.found([node], ("scatter", base, src, dim, start, end))
-        writes = [u for v in [node, *_view_tree(node)] for u in v.users if u.target in WRITE_OPS]
+            return self.found([node], ("scatter", base, src, dim, *slice_bounds(start, end, size[dim])))
+        tensor_and_views = [node, *views_of(node)]
+        writes = [u for v in tensor_and_views for u in v.users if u.target in WRITE_OPS]
         if not writes:
             return None
         if node.op != "call_function" or node.target in VIEW_OPS or written_arg(node) is not None:
@@ -272,7 +244,7 @@ class SliceWrites(Pass):
             return self.refuse(RefusalCode.WRITES_VISIBLE, writes, f"it writes into {node.name}, {what}: "
                                "the write is seen outside the tensor")
         if any(written_arg(u) is not None and u.target not in WRITE_OPS
-               for v in [node, *_view_tree(node)] for u in v.users):
+               for v in tensor_and_views for u in v.users):
             return self.refuse(RefusalCode.UNSUPPORTED_WRITE, writes, f"{node.name} is also changed by another in-place op")
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         plan = _plan(node, order)
@@ -301,13 +273,11 @@ class SliceWrites(Pass):
             if node in by_node:
                 w = by_node[node]
                 out_shape = tuple(b - a for a, b in (w.box.get(d, (0, n)) for d, n in enumerate(shape(base))))
-                value.write(w.box, _source(gm, w, value, out_shape), out_shape)
+                value.write(w.box, _source(w, value, out_shape), out_shape)
                 continue
-            sliced = _slice_args(node, shape(base)[node.args[1] % len(shape(base))]) \
-                if node.target == aten.slice.Tensor else None
+            sliced = slice_range(node)
             if sliced is not None:
-                dim, start, end = sliced
-                node.replace_all_uses_with(value.read(dim % len(shape(base)), start, end))
+                node.replace_all_uses_with(value.read(*sliced))
             else:
                 node.replace_input_with(base, value.materialize())
         erase_unused(gm.graph, [w.node for w in writes] + [n for n in events if not n.users])

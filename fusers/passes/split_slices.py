@@ -11,7 +11,7 @@ import operator
 
 from torch import fx
 
-from ..graph import aten, erase_unused, shape
+from ..graph import aten, erase_unused, shape, slice_range
 from ..rules import Match, Pass
 
 __all__ = ["SplitSlices"]
@@ -24,14 +24,9 @@ def _tiling(node) -> tuple[int, list[fx.Node]] | None:
         return None
     by_dim: dict[int, list[tuple[int, int, fx.Node]]] = {}
     for user in node.users:
-        if user.target != aten.slice.Tensor or user.args[0] is not node:
-            continue
-        args = list(user.args) + [None] * 4
-        dim = args[1] % len(size)
-        start, end, step = args[2] or 0, args[3], args[4] or 1
-        end = size[dim] if end is None else end
-        start, end = (min(v + size[dim] if v < 0 else v, size[dim]) for v in (start, end))
-        if step == 1 and start < end:
+        found = slice_range(user) if user.args and user.args[0] is node else None
+        if found is not None and found[1] < found[2]:
+            dim, start, end = found
             by_dim.setdefault(dim, []).append((start, end, user))
     for dim, parts in by_dim.items():
         parts.sort(key=lambda p: p[:2])
