@@ -42,7 +42,7 @@ from .forms import check_targets, export_forms, main_stage
 from .pipeline import PT2, ConvertOptions, PipelineError, convert, versions
 from .record import RunRecord, StageRecord, inside, load_record
 
-__all__ = ["BenchOptions", "BenchResult", "bench", "speedups"]
+__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups"]
 
 Progress = Callable[[str], None]
 
@@ -151,6 +151,21 @@ def _stage_files(record: RunRecord, runtimes: Sequence[str] | None) -> tuple[dic
     return picked, notes
 
 
+def _int8_stages(record: RunRecord, picked: dict[str, StageRecord]) -> tuple[dict[str, StageRecord], list[str]]:
+    """``{runtime: stage}`` of the verified INT8 artifact made from each picked fp32 stage (an int8 run), and notes
+    for those that did not pass the accuracy guard."""
+    found, notes = {}, []
+    for runtime, stage in picked.items():
+        q = next((s for s in record.stages if s.precision == "int8" and s.parent == stage.name), None)
+        if q is None or not q.path:
+            continue
+        if q.passed:
+            found[runtime] = q
+        else:
+            notes.append(f"{runtime}: INT8 artifact {q.path} not timed, it did not pass ({q.reason})")
+    return found, notes
+
+
 def _check_unchanged(stages: Sequence[StageRecord], out_dir: Path, allow_changed: bool,
                      trust_pickle: bool) -> list[str]:
     """Refuse stages whose files changed since convert (sha256): they are not the artifacts that were verified.
@@ -195,12 +210,17 @@ def _load_training(record: RunRecord, trust_pickle: bool = False) -> torch.nn.Mo
                             ) from e
 
 
+def _float_precision(record: RunRecord) -> str:
+    """The precision of the run's main (float) artifacts: an int8 run's are fp32, its INT8 ones beside them."""
+    return "fp32" if record.options.precision == "int8" else record.options.precision
+
+
 def _export_form(module, x: torch.Tensor, runtimes: Sequence[str], record: RunRecord, folder: Path,
                  progress: Progress, label: str) -> dict[str, str | Exception]:
     """Export ``module`` at input ``x`` for each runtime with ``deploy convert``'s own export steps and the run's
     precision and opset: ``{runtime: path}``, or the error where an export failed."""
     folder.mkdir(parents=True, exist_ok=True)
-    precision, opset = record.options.precision, record.options.opset
+    precision, opset = _float_precision(record), record.options.opset
     wanted = [registry.by_runtime(r).name for r in runtimes]
     order = check_targets([t for t in wanted if not registry.get(t).always], precision)
     made = export_forms(module, (x,), folder, order, precision=precision, opset=opset,
@@ -212,15 +232,17 @@ def _export_form(module, x: torch.Tensor, runtimes: Sequence[str], record: RunRe
     return paths
 
 
-def _forms_at(x: torch.Tensor, picked: dict[str, StageRecord], out_dir: Path, record: RunRecord, training,
-              compare_train: bool,
+def _forms_at(x: torch.Tensor, picked: dict[str, StageRecord], int8: dict[str, StageRecord], out_dir: Path,
+              record: RunRecord, training, compare_train: bool,
               work: Path, progress: Progress) -> dict[str, dict[str, str | Exception]]:
     """``{form: {runtime: file, or the exception of its failed export}}`` at the batch of ``x``: the run's own
-    artifacts where their batch fits, else the forms exported again at this batch."""
+    artifacts where their batch fits, else the forms exported again at this batch (INT8 artifacts are timed
+    at their own batch only: quantizing again at another one is a new calibration, not a benchmark)."""
     batch, shape = x.shape[0], record.inputs.shape
     forms: dict[str, dict[str, str | Exception]] = {
         "deploy": {r: os.fspath(inside(out_dir, s.path)) for r, s in picked.items()
-                   if batch == shape[0] or _dynamic(s)}}
+                   if batch == shape[0] or _dynamic(s)},
+        "int8": {r: os.fspath(inside(out_dir, s.path)) for r, s in int8.items() if batch == shape[0] or _dynamic(s)}}
     stale = [r for r in picked if r not in forms["deploy"]]
     if stale:
         import fusers
@@ -240,7 +262,7 @@ def _time_runtime(job: BenchJob, forms: dict, isolation: str, work: Path, settin
     """Rows of timing the forms of ``job.runtime`` (its ``forms`` are filled here); failures become rows."""
     runtime, batch = job.runtime, job.input_shape[0]
     rows = []
-    for form in ("training", "deploy"):
+    for form in ("training", "deploy", "int8"):
         got = forms.get(form, {}).get(runtime)
         if isinstance(got, Exception):
             rows.append({"runtime": runtime, "batch": batch, "form": form, "variant": job.precision,
@@ -283,6 +305,16 @@ def _cost(module, x: torch.Tensor) -> dict:
             "batchnorms": s.batchnorms, "branch_groups": s.branch_groups, "layers": layer_costs(module, (x,))}
 
 
+def int8_speedups(rows: Sequence[dict]) -> list[dict]:
+    """fp32 deploy p50 / INT8 p50 for every (runtime, batch) measured in both."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "p50" in r and r["form"] in ("deploy", "int8"):
+            by_key.setdefault((r["runtime"], r["batch"]), {})[r["form"]] = r
+    return [{"runtime": k[0], "batch": k[1], "fp32_p50": v["deploy"]["p50"], "int8_p50": v["int8"]["p50"],
+             "speedup": v["deploy"]["p50"] / v["int8"]["p50"]} for k, v in by_key.items() if len(v) == 2]
+
+
 def speedups(rows: Sequence[dict]) -> list[dict]:
     """Training p50 / deploy p50 for every (runtime, variant, batch) measured in both forms."""
     by_key: dict[tuple, dict[str, dict]] = {}
@@ -309,7 +341,11 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     _check_runtimes(list(picked), device)
     threads = opts.threads or usable_cpus()
     shape = list(record.inputs.shape)
-    precision = record.options.precision
+    precision = _float_precision(record)
+    int8, int8_notes = _int8_stages(record, picked)
+    notes += int8_notes + _check_unchanged(list(int8.values()), out_dir, opts.allow_changed, opts.trust_pickle)
+    if int8 and any(b != shape[0] and not _dynamic(s) for b in opts.batches for s in int8.values()):
+        notes.append(f"INT8 artifacts are timed at their batch {shape[0]} only")
 
     training = None
     needs_training = opts.compare_train or any(b != shape[0] and not _dynamic(s) for b in opts.batches
@@ -330,7 +366,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     try:
         for batch in opts.batches:
             x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(0))
-            forms = _forms_at(x, picked, out_dir, record, training, opts.compare_train, work, progress)
+            forms = _forms_at(x, picked, int8, out_dir, record, training, opts.compare_train, work, progress)
             for runtime, stage in picked.items():
                 target = registry.by_runtime(runtime)
                 job = BenchJob(runtime, {}, [batch, *shape[1:]], runner=target.runner,
@@ -338,7 +374,9 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
                                                **({"trust_pickle": True} if opts.trust_pickle and
                                                   target.name == "pt2" else {})},
                                note=target.bench_note, threads=threads, precision=precision,
-                               device=device if target.name == "pt2" else "cpu", settings=opts.settings)
+                               device=device if target.name == "pt2" else "cpu", settings=opts.settings,
+                               variants={"int8": {"precision": "int8",
+                                                  "runner_options": target.runner_options("int8")}})
                 rows += _time_runtime(job, forms, opts.isolation, work, settings_used, progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -369,6 +407,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         "hardware": {"cpu": cpu, "gpus": gpu_facts(), "versions": versions()},
         "results": rows,
         "speedups": speedups(rows),
+        "int8_speedups": int8_speedups(rows),
         "cost": cost,
         "notes": notes,
         "seconds": round(time.perf_counter() - started, 2),
@@ -411,17 +450,18 @@ def plot(entry: dict, path: Path, title: str):
     groups: dict[str, dict[str, dict]] = {}
     for r in entry["results"]:
         if "p50" in r:
-            label = r["runtime"] + ("" if r["variant"] == "fp32" else f" {r['variant']}") + f"\nbatch {r['batch']}"
+            variant = "" if r["variant"] in ("fp32", "int8") else f" {r['variant']}"
+            label = r["runtime"] + variant + f"\nbatch {r['batch']}"
             groups.setdefault(label, {})[r["form"]] = r
     labels = list(groups)
-    forms = [f for f in ("training", "deploy") if any(f in g for g in groups.values())]
+    forms = [f for f in ("training", "deploy", "int8") if any(f in g for g in groups.values())]
     width = 0.8 / max(len(forms), 1)
     fig_width = max(4.0, 1.6 * len(labels) + 1)
     fig = Figure(figsize=(fig_width, 3.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.set_yscale("log")
-    colors = {"training": "#c8a2a2", "deploy": "#3b6ea5"}
+    colors = {"training": "#c8a2a2", "deploy": "#3b6ea5", "int8": "#5aa469"}
     times = [v for g in groups.values() for r in g.values() for v in (r["p50"], r["p90"]) if v and v > 0]
     # bars grow from a decade below the fastest p50; room above the slowest p90 for the speed-up labels
     bottom = 10 ** np.floor(np.log10(min(times)) - 0.3) if times else 0.01
@@ -429,7 +469,7 @@ def plot(entry: dict, path: Path, title: str):
         xs = [j + (i - (len(forms) - 1) / 2) * width for j in range(len(labels))]
         p50 = np.array([groups[lb][form]["p50"] if form in groups[lb] else np.nan for lb in labels], dtype=float)
         p90 = np.array([groups[lb][form]["p90"] if form in groups[lb] else np.nan for lb in labels], dtype=float)
-        ax.bar(xs, p50 - bottom, width, bottom=bottom, label=f"{form} form", color=colors[form],
+        ax.bar(xs, p50 - bottom, width, bottom=bottom, label="deploy form, int8" if form == "int8" else f"{form} form", color=colors[form],
                yerr=[np.zeros(len(p50)), np.maximum(p90 - p50, 0)], capsize=3)
     for j, lb in enumerate(labels):
         g = groups[lb]

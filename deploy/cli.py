@@ -136,6 +136,23 @@ def _width(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = _positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in 0..1 (e.g. 0.98), got {text!r}.")
+    return value
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.485,0.456,0.406, got {text!r}.")
+    return values
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-v", "--verbose", action="store_true", help="log what every library step does")
@@ -170,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from exporters import targets as registry
 
+    from .int8 import DEFAULT_MIN_SQNR as DEFAULT_SQNR
+    from .int8 import UNLABELLED_AGREEMENT as UNLABELLED
     from .pipeline import default_targets, target_names
     from .sources import DEFAULT_MODEL
 
@@ -204,6 +223,27 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--atol", type=_positive_float, default=0.0, help="absolute tolerance (default 0)")
     c.add_argument("--opset", type=_opset, default=18, help="ONNX opset, from 17 up to the newest the installed "
                    "onnx defines (default 18)")
+    q = c.add_argument_group("INT8 (--precision int8)", "calibrated INT8 artifacts beside the fp32 ones, judged by "
+                             "an accuracy guard on held-out samples (never the calibration ones)")
+    q.add_argument("--calibration", metavar="PATH", help="calibration data: an .npz of inputs, a folder of images, or "
+                   "'seeded' (random inputs; default: the model's shipped training split, seeded for random weights)")
+    q.add_argument("--calibration-size", type=_at_least(1), default=128, metavar="N",
+                   help="calibration samples used (default 128)")
+    q.add_argument("--int8-method", choices=("minmax", "entropy", "percentile"), default="minmax",
+                   help="how activation ranges are calibrated (default minmax)")
+    q.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor (default: per output "
+                   "channel)")
+    q.add_argument("--max-drop", type=_positive_float, default=1.0, metavar="POINTS",
+                   help="largest accuracy drop of an INT8 artifact, in points, with labelled samples (default 1.0)")
+    q.add_argument("--min-agreement", type=_fraction, metavar="F", help="least top-1 agreement of an INT8 artifact "
+                   f"with the fp32 model (0..1; default {UNLABELLED} without labels)")
+    q.add_argument("--min-sqnr", type=float, metavar="DB", help="least output SQNR in dB of an INT8 artifact "
+                   f"(default {DEFAULT_SQNR:g} dB where neither accuracy nor agreement applies)")
+    q.add_argument("--int8-fallback", choices=("off", "auto"), default="off", help="auto: keep the most sensitive "
+                   "layers in float until the bound is met (default off)")
+    q.add_argument("--mean", type=_floats, metavar="LIST", help="per-channel mean for a folder of calibration "
+                   "images (default: the model's, else ImageNet's)")
+    q.add_argument("--std", type=_floats, metavar="LIST", help="per-channel std for a folder of calibration images")
     c.add_argument("--strict-plain", action="store_true", help="exit 1 when the deploy graph keeps anything that "
                    "could have merged (a BatchNorm, a sum of parallel linear branches, an in-place write); the "
                    "run is written either way and report.md lists them")
@@ -283,7 +323,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.captureWarnings(True)
     if not verbose:
         for noisy in ("py.warnings", "torch", "onnxscript", "onnx_ir", "absl", "tensorflow", "litert_torch",
-                      "ai_edge_quantizer", "runtimes.compare"):  # the result table says what compare warns
+                      "ai_edge_quantizer", "runtimes.compare", "nncf", "torch.utils.cpp_extension"):  # the result table says what compare warns
             logging.getLogger(noisy).setLevel(logging.ERROR)
         warnings.filterwarnings("ignore")
 
@@ -307,9 +347,35 @@ def _verdict(stages, failures: list[str]) -> str:
     return "the stage passes" if n == 1 else f"all {n} stages pass"
 
 
+def _int8_lines(q: dict) -> str:
+    """INT8 summary after the stage table: calibration, equalize, fallbacks, the five worst layers."""
+    lines = [f"\nINT8: calibrated on {q['calibration']['source']}; judged on {q['evaluation']}"]
+    eq = q.get("equalize") or {}
+    if "sqnr_db" in eq:
+        lines.append(f"equalize {'applied' if eq['chosen'] else 'not applied'}: INT8 output SQNR "
+                     f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with")
+    for f in q.get("fallbacks", []):
+        lines.append(f"fallback {f['stage']}: {len(f['kept_in_float'])} layer(s) kept in float, bound "
+                     f"{'met' if f['passed'] else 'still not met'}")
+    layers = [r for r in q.get("layers", []) if "name" in r][:5]
+    if layers:
+        lines.append("worst layers (ONNX Runtime QDQ vs fp32; dB lost in the layer, output SQNR, weight max/median "
+                     "per channel):")
+        lines += [f"  {r['name']:<14} {r['lost_db']:6.1f} dB lost  {r['sqnr_out_db']:6.1f} dB  max/median "
+                  f"{(r.get('weights') or {}).get('max_median_ratio', float('nan')):.1f}" for r in layers]
+    return "\n".join(lines)
+
+
 def _failures(stages) -> list[str]:
     return [f"FAILED {s.name} ({s.path or 'not written'}): {s.reason}" for s in stages
             if not s.passed and s.name != "training"]
+
+
+_INT8_FLAGS = (("--calibration", "calibration", None), ("--calibration-size", "calibration_size", 128),
+               ("--int8-method", "int8_method", "minmax"), ("--per-tensor", "per_tensor", False),
+               ("--max-drop", "max_drop", 1.0), ("--min-agreement", "min_agreement", None),
+               ("--min-sqnr", "min_sqnr", None), ("--int8-fallback", "int8_fallback", "off"), ("--mean", "mean", None),
+               ("--std", "std", None))
 
 
 def cmd_convert(args) -> int:
@@ -321,7 +387,14 @@ def cmd_convert(args) -> int:
         num_classes=args.num_classes, width=args.width, input_shape=args.input_shape, targets=args.targets,
         precision=args.precision, dynamic=args.dynamic, passes=args.passes, inputs=args.inputs, rtol=args.rtol,
         atol=args.atol, out=args.out, force=args.force, allow_train_mode=args.allow_train_mode, seed=args.seed,
-        opset=args.opset, command=command, trust_pickle=args.trust_pickle)
+        opset=args.opset, command=command, trust_pickle=args.trust_pickle, calibration=args.calibration,
+        calibration_size=args.calibration_size, int8_method=args.int8_method, per_tensor=args.per_tensor,
+        max_drop=args.max_drop, min_agreement=args.min_agreement, min_sqnr=args.min_sqnr,
+        int8_fallback=args.int8_fallback, mean=args.mean, std=args.std)
+    given = [flag for flag, dest, default in _INT8_FLAGS if getattr(args, dest) != default]
+    if given and args.precision != "int8":
+        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --precision int8 only: add "
+                         f"--precision int8 or drop {'it' if len(given) == 1 else 'them'}")
     result = convert(opts, progress=_Progress(args.quiet))
     print(_stage_lines(result.stages))
     report = result.report
@@ -330,6 +403,8 @@ def cmd_convert(args) -> int:
     if samples and samples["labels"] and training.verification.accuracy is not None:
         print(f"\ntask check on {samples['count']} held-out samples: training-form accuracy "
               f"{100 * training.verification.accuracy:.2f}%; every stage's accuracy and agreement are in the table")
+    if report.get("int8"):
+        print(_int8_lines(report["int8"]))
     failures = _failures(result.stages)
     for line in failures:
         print(line)
@@ -411,6 +486,9 @@ def cmd_bench(args) -> int:
     for s in entry["speedups"]:
         print(f"{s['runtime']} {s['variant']} batch {s['batch']}: deploy form {s['speedup']:.2f}x the training "
               f"form's speed (p50 {s['training_p50']:.3f} -> {s['deploy_p50']:.3f} ms)")
+    for s in entry.get("int8_speedups", []):
+        print(f"{s['runtime']} batch {s['batch']}: INT8 {s['speedup']:.2f}x the fp32 deploy form's speed (p50 "
+              f"{s['fp32_p50']:.3f} -> {s['int8_p50']:.3f} ms)")
     for note in entry["notes"]:
         print(f"note: {note}")
     failed = [r for r in entry["results"] if "error" in r]

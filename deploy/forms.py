@@ -23,7 +23,7 @@ from runtimes.core import Artifact, DeployError, MissingDependency, first_line
 
 from .record import ExportRecord, FilesRecord, PipelineError, StageRecord
 
-__all__ = ["check_targets", "export_forms", "main_stage"]
+__all__ = ["check_targets", "export_forms", "main_stage", "quantize_form"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,10 @@ def check_targets(names: Sequence[str], precision: str) -> list[Target]:
     order = registry.export_order(names)
     for t in order:
         if t.name in names and precision not in t.precisions:
+            able = [o.name for o in registry.all_targets() if precision in o.precisions and not o.always]
             raise PipelineError(f"the {t.name} target cannot produce {precision} (it makes "
-                                f"{', '.join(t.precisions)}); drop {t.name} from --targets or change --precision")
+                                f"{', '.join(t.precisions)}); the targets that can are {', '.join(able)}: drop "
+                                f"{t.name} from --targets or change --precision")
         try:
             registry.check_available(t)
         except MissingDependency as e:
@@ -101,25 +103,55 @@ def export_forms(module, args: tuple, folder: str | Path, targets: Sequence[Targ
     return made
 
 
-def _attempt(target: Target, job: ExportJob, progress: Progress) -> tuple[list[Product], str, float]:
-    """Run ``target``'s export: ``(products, "", seconds)``, or ``([], message, seconds)`` with its files removed."""
+def _attempt(target: Target, job: ExportJob, progress: Progress, what: str = "",
+             make: Callable[[], list[Product]] | None = None) -> tuple[list[Product], str, float]:
+    """Run ``target``'s export (or ``make``): ``(products, "", seconds)``, or ``([], message, seconds)`` with the
+    files it wrote removed."""
+    what = what or f"{target.name} ({job.precision})"
     before = set(job.folder.iterdir())
-    progress(f"exporting {target.name} ({job.precision}) ...")
+    progress(f"exporting {what} ...")
     start = time.perf_counter()
     try:
-        products = target.export(job)
+        products = make() if make is not None else target.export(job)
     except Exception as e:
         for p in set(job.folder.iterdir()) - before:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         msg = first_line(e) if isinstance(e, DeployError) else f"{type(e).__name__}: {first_line(e)}"
         if not isinstance(e, MissingDependency):
             msg = f"{msg.rstrip('.')}; drop {target.name} from --targets or change the model"
-        log.debug("export %s failed", target.name, exc_info=True)
-        progress(f"export {target.name} FAILED: {msg}")
+        log.debug("export %s failed", what, exc_info=True)
+        progress(f"export {what} FAILED: {msg}")
         return [], msg, time.perf_counter() - start
     seconds = time.perf_counter() - start
-    progress(f"exported {target.name} in {seconds:.1f} s")
+    progress(f"exported {what} in {seconds:.1f} s")
     return products, "", seconds
+
+
+def quantize_form(target: Target, source: StageRecord | None, folder: str | Path, path: str | Path, options,
+                  module=None, args: tuple = (), progress: Progress | None = None) -> StageRecord:
+    """The stage ``<target>-int8``: ``target.quantize`` run on the fp32 ``source`` stage's artifact with
+    ``options`` (``exporters.int8.Int8Options``), written to ``path`` (replacing an earlier attempt)."""
+    progress = progress or _noop
+    folder = Path(os.path.abspath(folder))
+    name = f"{target.name}-int8"
+    if source is None or source.export.error or source.export.artifact is None:
+        msg = f"not quantized: its fp32 source, the {target.label} export, failed"
+        return StageRecord(name, ExportRecord(target.name, parent=source.name if source else None, precision="int8",
+                                              error=msg, main=False))
+    for stale in target.files(Artifact(os.fspath(path), target.name, [], [])):
+        if os.path.exists(stale):
+            os.unlink(stale)
+    quantize = registry.resolve(target.quantize)
+    fp32 = source.export.artifact_in(folder)
+    job = ExportJob(module, args, folder, precision="int8", source=fp32)
+    products, error, seconds = _attempt(
+        target, job, progress, f"{target.name} int8 ({len(options.calibration)} calibration samples)",
+        lambda: [Product(name, quantize(fp32, path, options, module=module, args=args), parent=source.name,
+                         main=False)])
+    if error:
+        return StageRecord(name, ExportRecord(target.name, parent=source.name, precision="int8", seconds=seconds,
+                                              error=error, main=False))
+    return _stage(target, products[0], source.name, folder, seconds)
 
 
 def _stage(target: Target, p: Product, parent: str, folder: Path, seconds: float | None) -> StageRecord:

@@ -38,7 +38,7 @@ import fusers
 from exporters import targets as registry
 from exporters.pt2 import FILENAME as PT2
 
-from . import sources
+from . import int8, sources
 from .forms import check_targets, export_forms
 from .record import (REPORT_NAME, InputsRecord, PipelineError, RunDirectory, RunOptions, RunRecord, SamplesRecord,
                      StageRecord, ExportRecord, VerificationRecord, inside, is_run_dir, load_record,
@@ -89,6 +89,17 @@ class ConvertOptions:
     opset: int = 18
     command: str | None = None  # the command line, for the report
     trust_pickle: bool = False  # unpickle a checkpoint / pickled model fully (runs code from it)
+    # --precision int8 (deploy.int8, deploy.calibration)
+    calibration: str | None = None  # .npz, folder of images, "seeded"; None: shipped split / seeded for random weights
+    calibration_size: int = 128
+    int8_method: str = "minmax"
+    per_tensor: bool = False  # one weight scale per tensor instead of per output channel
+    max_drop: float = 1.0
+    min_agreement: float | None = None
+    min_sqnr: float | None = None
+    int8_fallback: str = "off"  # "auto": keep the most sensitive layers in float until the guard passes
+    mean: Sequence[float] | None = None  # image-folder calibration normalization
+    std: Sequence[float] | None = None
 
 
 @dataclass
@@ -320,6 +331,9 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     if opts.dynamic and shape[0] == 1:
         capture_shape = (2,) + shape[1:]
         notes.append("--dynamic: captured and verified at batch 2 (torch.export specializes a batch of 1)")
+    quant = int8.plan(opts, loaded, shape, samples, progress) if opts.precision == "int8" else None
+    if quant is not None and samples is None:
+        samples = (quant.evaluation, None)
 
     with RunDirectory(out_dir, replaces) as run:
         x = torch.randn(*capture_shape, generator=torch.Generator().manual_seed(opts.seed))
@@ -332,6 +346,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
                                           instruments=[_PassProgress(progress)])
         except (fusers.CaptureError, fusers.InputError) as e:
             raise PipelineError(str(e)) from e
+        if quant is not None and opts.passes is None:
+            plain = int8.maybe_equalize(plain, loaded.model, args, quant, opts.seed, progress)
         report = plain.reparam_report
         timings["reparameterize"] = time.perf_counter() - start
         progress(f"reparameterized in {timings['reparameterize']:.1f} s: {report.count()} rewrites, "
@@ -350,9 +366,11 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         progress("recording the training model's outputs on the seeded input"
                  + (f" and {len(samples[0])} samples" if samples is not None else ""))
         record_reference(run.tmp / "verify", loaded.model, x.numpy(), samples)
-        made = export_forms(plain, args, run.tmp, order, precision=opts.precision, dynamic=opts.dynamic,
-                            opset=opts.opset, progress=progress,
+        made = export_forms(plain, args, run.tmp, order, precision="fp32" if quant else opts.precision,
+                            dynamic=opts.dynamic, opset=opts.opset, progress=progress,
                             metadata={"source": opts.model, "merged": merged, "float64_error": report.float64_error})
+        if quant is not None:
+            made += int8.quantize_stages(made, run.tmp, wanted, quant.options, plain, args, progress)
         for s in made:
             if s.export.seconds is not None:
                 timings[f"export {s.name}"] = s.export.seconds
@@ -360,13 +378,19 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         stages = [training] + made
 
         start = time.perf_counter()
-        results = verify_stages(run.tmp, stages, opts.rtol, opts.atol, progress)
+        guard = quant.guard.to_dict() if quant else None
+        results = verify_stages(run.tmp, stages, opts.rtol, opts.atol, progress, guard=guard)
         stages = [dataclasses.replace(s, verification=results.get(s.name) or _export_failure(s)) for s in stages]
         timings["verify"] = time.perf_counter() - start
+        if quant is not None:
+            start = time.perf_counter()
+            stages = int8.guard_stages(quant, run.tmp, stages, plain, args, opts.rtol, opts.atol, progress)
+            timings["int8 blame and fallback"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - started
 
         record = _record(opts, loaded, shape, capture_shape, [t.name for t in order if not t.always],
                          samples_path, samples, _reparam_dict(report, merged), stages, timings, notes, out_dir)
+        record.int8 = quant.record() if quant is not None else {}
         record.write(run.tmp)
         run.commit()
     progress(f"wrote {out_dir}/{REPORT_NAME} and report.md")
@@ -380,7 +404,10 @@ def _export_failure(stage: StageRecord) -> VerificationRecord:
 def _record(opts: ConvertOptions, loaded: LoadedModel, shape, capture_shape, targets, samples_path, samples,
             reparam: dict, stages: list[StageRecord], timings: dict, notes: list[str], out_dir: Path) -> RunRecord:
     samples_info = None
-    if samples is not None:
+    if samples is not None and samples_path is None:  # seeded held-out inputs for the int8 guard
+        samples_info = SamplesRecord(path=f"seeded: standard normal, seed {opts.seed + 1}", count=int(len(samples[0])),
+                                     labels=False)
+    elif samples is not None:
         shipped = samples_path == loaded.samples and opts.inputs is None
         samples_info = SamplesRecord(path=os.path.basename(samples_path) if shipped else samples_path,
                                      count=int(len(samples[0])), labels=samples[1] is not None,
@@ -393,7 +420,8 @@ def _record(opts: ConvertOptions, loaded: LoadedModel, shape, capture_shape, tar
         inputs=InputsRecord(shape=list(shape), verified_shape=list(capture_shape),
                             seeded={"seed": opts.seed, "distribution": "standard normal", "file": "verify/inputs.npz"},
                             samples=samples_info),
-        tolerance={"rtol": opts.rtol, "atol": opts.atol, "default_rtol": {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2}},
+        tolerance={"rtol": opts.rtol, "atol": opts.atol, "default_rtol": {"fp32": 1e-5, "fp16": 1e-2, "bf16": 3e-2},
+                   **({"int8": "accuracy guard (see int8.guard)"} if opts.precision == "int8" else {})},
         reparameterize=reparam, stages=stages, timings={k: round(v, 3) for k, v in timings.items()},
         versions=versions(), notes=notes, command=opts.command, out_dir=str(out_dir),
         machine={"platform": sys.platform, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()})
@@ -434,7 +462,8 @@ def verify(out_dir: str | os.PathLike, *, rtol: float | None = None, atol: float
                                 "loaded: loading a changed .pt2 can run code from it; pass --trust-pickle if you "
                                 "trust its source")
         stages.append(StageRecord(s.name, export, s.files))
-    results = verify_stages(root, stages, rtol, atol, progress, trust_pickle=trust_pickle)
+    results = verify_stages(root, stages, rtol, atol, progress, trust_pickle=trust_pickle,
+                            guard=record.int8.get("guard"))
     out = []
     for s in stages:
         v = results.get(s.name) or _export_failure(s)

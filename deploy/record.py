@@ -163,6 +163,8 @@ class VerificationRecord:
     samples_max_rel: float | None = None
     accuracy: float | None = None
     agreement: float | None = None
+    sqnr_db: float | None = None  # int8 stages: output SQNR against the training model, worst output
+    int8: dict = field(default_factory=dict)  # int8 stages: the accuracy guard's numbers and verdict
     changed: bool = False  # a file's sha256 differs from the one recorded at conversion
     seconds: float | None = None
     checks: dict = field(default_factory=dict)
@@ -280,6 +282,7 @@ class RunRecord:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     out_dir: str = ""
     benchmarks: list[dict] = field(default_factory=list)
+    int8: dict = field(default_factory=dict)  # --precision int8: calibration, guard, per-layer table, fallbacks
     tool: str = TOOL
     report_version: int = SCHEMA_VERSION
 
@@ -299,8 +302,9 @@ class RunRecord:
         d["options"], d["inputs"] = asdict(self.options), asdict(self.inputs)
         d["stages"] = [s.to_dict() for s in self.stages]
         d["passed"], d["failed"] = self.passed, self.failed
-        if not self.benchmarks:
-            del d["benchmarks"]
+        for optional in ("benchmarks", "int8"):
+            if not d[optional]:
+                del d[optional]
         head = {k: d.pop(k) for k in ("tool", "report_version", "command", "created", "out_dir", "passed", "failed")}
         return {**head, **d}
 
@@ -329,7 +333,8 @@ class RunRecord:
                 timings=dict(d.get("timings") or {}), versions=dict(d.get("versions") or {}),
                 machine=dict(d.get("machine") or {}), notes=list(d.get("notes") or []), command=d.get("command"),
                 created=d.get("created", ""), out_dir=d.get("out_dir", ""),
-                benchmarks=list(d.get("benchmarks") or []), report_version=SCHEMA_VERSION)
+                benchmarks=list(d.get("benchmarks") or []), int8=dict(d.get("int8") or {}),
+                report_version=SCHEMA_VERSION)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PipelineError(f"{where} is malformed (report_version {version}: {first_line(e)}); rerun deploy "
                                 "convert") from e

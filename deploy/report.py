@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_reports", "to_markdown", "stage_table", "bench_table", "text_table", "markdown_table", "human_size",
+__all__ = ["write_reports", "to_markdown", "stage_table", "int8_markdown", "bench_table", "text_table", "markdown_table", "human_size",
            "jsonable"]
 
 
@@ -64,9 +64,14 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
     agreement], pass/fail. ``stages`` are StageRecords or their dicts."""
     stages = _stages(stages)
     task = any(s.verification.accuracy is not None for s in stages)
+    agree = task or any(s.verification.agreement is not None for s in stages)
     samples = any(s.verification.samples_max_rel is not None for s in stages)
+    sqnr = any(s.verification.sqnr_db is not None for s in stages)
+    reference = stages[0].verification.accuracy if stages else None
     headers = ["stage", "format"] + (["file"] if files else []) + ["size", "precision", "max rel error"]
-    headers += (["samples max rel"] if samples else []) + (["accuracy", "agreement"] if task else []) + ["result"]
+    headers += (["samples max rel"] if samples else []) + (["SQNR dB"] if sqnr else [])
+    headers += (["accuracy"] if task else []) + (["Δ points"] if task and sqnr else []) + (["agreement"] if agree
+                                                                                             else []) + ["result"]
     rows = []
     for s in stages:
         v = s.verification
@@ -75,7 +80,12 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
         row = [s.name, s.format] + ([s.path or "-"] if files else [])
         row += [human_size(s.files.size), s.precision, "-" if s.name == "training" else _num(v.max_rel)]
         row += [_num(v.samples_max_rel)] if samples else []
-        row += [_pct(v.accuracy), _pct(v.agreement)] if task else []
+        row += [_num(v.sqnr_db, ".1f")] if sqnr else []
+        row += [_pct(v.accuracy)] if task else []
+        if task and sqnr:
+            row += ["-" if v.accuracy is None or reference is None or s.name == "training"
+                    else f"{100 * (v.accuracy - reference):+.2f}"]
+        row += [_pct(v.agreement)] if agree else []
         rows.append(row + [result])
     return headers, rows
 
@@ -83,6 +93,7 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
 def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a benchmark entry: one row per runtime, variant, batch and form."""
     speedup = {(s["runtime"], s["variant"], s["batch"]): s["speedup"] for s in entry["speedups"]}
+    int8 = {(s["runtime"], s["batch"]): s["speedup"] for s in entry.get("int8_speedups", [])}
     headers = ["runtime", "variant", "batch", "form", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms",
                "samples/s", "% of peak", "speed-up"]
     rows = []
@@ -96,7 +107,9 @@ def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([r["runtime"], r["variant"], str(r["batch"]), r["form"]]
                     + [f"{r[k]:.3f}" for k in ("p50", "p90", "p99", "mean", "std")]
                     + [f"{r['throughput']:.1f}", "-" if frac is None else f"{100 * frac:.1f}",
-                       f"{speedup[key]:.2f}x" if r["form"] == "deploy" and key in speedup else ""])
+                       f"{speedup[key]:.2f}x" if r["form"] == "deploy" and key in speedup else
+                       f"{int8[key[0], key[2]]:.2f}x vs fp32" if r["form"] == "int8" and (key[0], key[2]) in int8
+                       else ""])
     return headers, rows
 
 
@@ -109,6 +122,8 @@ def _bench_markdown(i: int, entry: dict) -> list[str]:
              f"CPUs, {cpu.get('physical_cores') or '?'} physical cores, {entry['threads']} thread(s) used; SIMD "
              f"{', '.join(cpu['simd']) or 'none found'}; clock {cpu.get('clock_mhz') or '?'} MHz "
              f"({cpu['clock_source']})",
+             *([f"- low precision: int8 {', '.join(cpu['low_precision']['int8']) or 'none found'}; bf16 "
+                f"{', '.join(cpu['low_precision']['bf16']) or 'none found'}"] if cpu.get("low_precision") else []),
              f"- estimated fp32 peak of {entry['threads']} thread(s): {peak} = cores x clock x {cpu['fp32_lanes']} "
              "lanes x 2 (FMA) x 2 FMA units; '% of peak' = FLOPs / p50 / peak"]
     for g in entry["hardware"]["gpus"]:
@@ -138,6 +153,53 @@ def _bench_markdown(i: int, entry: dict) -> list[str]:
             ""]
     if entry.get("notes"):
         lines += [f"- {n}" for n in entry["notes"]] + [""]
+    return lines
+
+
+def int8_markdown(q: dict, stages) -> list[str]:
+    """The INT8 section of report.md: calibration, the guard, equalize, the per-layer table and fallbacks."""
+    g = q["guard"]
+    bounds = [f"accuracy drop <= {g['max_drop']:g} points (with labels)"]
+    bounds += [f"top-1 agreement >= {100 * g['min_agreement']:.2f}%"] if g.get("min_agreement") is not None else [
+        "top-1 agreement >= 90% without labels"]
+    bounds += [f"output SQNR >= {g['min_sqnr']:g} dB"] if g.get("min_sqnr") is not None else []
+    lines = ["## INT8", "",
+             f"- calibration: {q['calibration']['source']}; activation ranges {q['method']}; weights "
+             f"{'per output channel' if q['per_channel'] else 'per tensor'}",
+             f"- accuracy guard on {q['evaluation']}: {'; '.join(bounds)}. Every INT8 stage is compared with the "
+             "training model (the fp32 stages match it to 1e-5): SQNR = 10 log10(sum ref^2 / sum (ref - int8)^2), "
+             "worst output; Δ points = accuracy minus the training model's."]
+    eq = q.get("equalize") or {}
+    if eq:
+        lines.append("- equalize (exact cross-layer range equalization): " + (
+            f"{'applied' if eq['chosen'] else 'not applied'}: ONNX Runtime INT8 output SQNR "
+            f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with "
+            f"({eq.get('pairs', '?')} conv pairs)" if "sqnr_db" in eq else eq.get("reason", "")))
+    for f in q.get("fallbacks", []):
+        lat = f.get("latency_ms", {})
+        cost = (f"; latency {lat['int8']:.3f} -> {lat['int8_fallback']:.3f} ms (rough median)"
+                if lat.get("int8") and lat.get("int8_fallback") else "")
+        lines.append(f"- fallback ({f['stage']}): {len(f['kept_in_float'])} layer(s) kept in float "
+                     f"({', '.join(f['kept_in_float'])}): the bound is {'met' if f['passed'] else 'still not met'}"
+                     + cost)
+    lines.append("")
+    layers = [r for r in q.get("layers", []) if "name" in r]
+    if layers:
+        lines += ["Per-layer errors of the ONNX Runtime QDQ model against the fp32 ONNX model on the held-out "
+                  "samples, worst first (dB lost = SQNR at the layer's input minus at its output); weight "
+                  "statistics of the merged kernel (per output channel |w| max: min / median / max, max/median, "
+                  "Pearson kurtosis, 3 for a Gaussian):", ""]
+        rows = []
+        for r in layers[:5]:
+            w = r.get("weights") or {}
+            rows.append([r["name"], r.get("op", "-"), _num(r.get("sqnr_out_db"), ".1f"), _num(r.get("lost_db"), ".1f"),
+                         str(w.get("channels", "-")),
+                         " / ".join(_num(w.get(k), ".3g") for k in ("channel_absmax_min", "channel_absmax_median",
+                                                                    "channel_absmax_max")),
+                         _num(w.get("max_median_ratio"), ".1f"), _num(w.get("kurtosis"), ".1f")])
+        lines += [markdown_table(["layer", "op", "SQNR out dB", "dB lost", "channels", "|w| per channel",
+                                  "max/median", "kurtosis"], rows), "",
+                  f"All {len(layers)} layers are in report.json (`int8.layers`).", ""]
     return lines
 
 
@@ -188,6 +250,8 @@ def to_markdown(report: dict) -> str:
     lines += ["### Errors and timings", "", markdown_table(
         ["stage", "made from", "max abs", "max rel", "max rel vs parent", "min cosine", "export s", "verify s"],
         detail), ""]
+    if report.get("int8"):
+        lines += int8_markdown(report["int8"], stages)
     samples = inputs.get("samples")
     if samples:
         lines += ["## Inputs", "", f"- seeded: {'x'.join(map(str, inputs['verified_shape']))}, "

@@ -82,6 +82,8 @@ class LoadedModel:
     weights: str = ""  # what the weights are, in words
     trained: bool = False  # False: random weights
     samples: str | None = None  # held-out samples shipped with the source (.npz with input0, labels)
+    calibration: str | None = None  # training-split samples shipped for INT8 calibration (.npz with input0)
+    preprocess: dict | None = None  # how images become inputs: {"mean": [...], "std": [...]} on [0, 1] pixels
     checkpoint: dict | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -89,7 +91,8 @@ class LoadedModel:
         params, buffers = count_parameters(self.model)
         return {"spec": self.spec, "kind": self.kind, "name": self.name, "class": type(self.model).__name__,
                 "input_shape": list(self.input_shape) if self.input_shape else None, "weights": self.weights,
-                "trained": self.trained, "samples": self.samples, "checkpoint": self.checkpoint,
+                "trained": self.trained, "samples": self.samples, "calibration": self.calibration,
+                "preprocess": self.preprocess, "checkpoint": self.checkpoint,
                 "params": params, "buffers": buffers, "notes": list(self.notes)}
 
 
@@ -304,11 +307,12 @@ def _zoo(name: str, num_classes: int | None, width: float | None, checkpoint: st
     loaded = LoadedModel(model, name, "zoo", name, zoo.input_shape(name))
     if pretrained:
         loaded.weights, loaded.trained = "trained weights shipped with deploy", True
-        loaded.samples = zoo.samples(name)
+        loaded.samples, loaded.calibration = zoo.samples(name), zoo.calibration(name)
         if name == "repvgg_digits":
             from .zoo.digits import training_record
 
             rec = training_record()
+            loaded.preprocess = {"mean": [0.0], "std": [1.0]}  # grey levels scaled to [0, 1]
             loaded.notes.append(f"shipped weights: {rec['epochs']} epochs, seed {rec['seed']}, held-out accuracy "
                                 f"{100 * rec['test_accuracy']:.2f}% on {rec['test_samples']} digits when trained "
                                 "(retrain with python -m deploy.zoo.train_digits)")
@@ -323,8 +327,10 @@ def _timm(name: str, num_classes: int | None) -> LoadedModel:
         raise SourceError(f"timm has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
                           + "; see timm.list_models()")
     model = timm.create_model(name, pretrained=False, **kwargs)
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224)
-    return LoadedModel(model, f"timm:{name}", "timm", name.replace("/", "_"), (1, *size))
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size") or (3, 224, 224)
+    preprocess = {"mean": list(cfg["mean"]), "std": list(cfg["std"])} if cfg.get("mean") and cfg.get("std") else None
+    return LoadedModel(model, f"timm:{name}", "timm", name.replace("/", "_"), (1, *size), preprocess=preprocess)
 
 
 def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
@@ -336,7 +342,8 @@ def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
         close = close_matches(name, tv.models.list_models())
         raise SourceError(f"torchvision has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
                           + "; see torchvision.models.list_models()") from e
-    return LoadedModel(model, f"torchvision:{name}", "torchvision", name, (1, 3, 224, 224))
+    return LoadedModel(model, f"torchvision:{name}", "torchvision", name, (1, 3, 224, 224),
+                       preprocess={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
 
 
 def _import(module: str, purpose: str, extra: str):

@@ -173,11 +173,16 @@ def _tolerance(precision: str, rtol: float | None, atol: float):
 
 
 def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None, atol: float,
-                  progress: Progress | None = None, *, trust_pickle: bool = False) -> dict[str, VerificationRecord]:
+                  progress: Progress | None = None, *, trust_pickle: bool = False,
+                  guard: dict | None = None) -> dict[str, VerificationRecord]:
     """Verify ``stages`` (the first one the training reference) from the files in ``root``.
 
-    Stages whose export failed are not run; the result has a record for every other stage.
+    Stages whose export failed are not run; the result has a record for every other stage. INT8 stages are
+    not held to an elementwise tolerance (their errors are still measured): the accuracy guard
+    (``deploy.int8.judge`` with the bounds ``guard``) decides, on the samples.
     """
+    from .int8 import Guard, judge
+
     from runtimes import Stage, verify_chain
 
     progress = progress or _noop
@@ -205,6 +210,7 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
         except Exception as e:  # a corrupt or missing file is this stage's failure, not the run's
             failed_open[s.name] = e
     outs_samples: dict[str, list[np.ndarray]] = {}
+    outs_seeded: dict[str, list[np.ndarray]] = {}
 
     def call(s: StageRecord, on_samples: bool):
         def run(feed):
@@ -217,6 +223,7 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
             else:
                 progress(f"verifying {s.name} ({s.path})")
                 outs = list(runners[s.name].infer(list(feed.values())).values())
+                outs_seeded[s.name] = outs
             r = results[s.name]
             r.seconds = (r.seconds or 0.0) + time.perf_counter() - start
             return outs
@@ -224,6 +231,10 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
 
     def tol(s: StageRecord):
         precision = s.precision
+        if precision == "int8":  # measured, not judged elementwise: the guard decides
+            from runtimes import Tolerance
+
+            return Tolerance(rtol=math.inf, atol=0.0)
         if getattr(runners.get(s.name), "effective_precision", None) == "bf16" and rtol is None:
             precision = "bf16"
             results[s.name].notes.append("OpenVINO ran the f16 hint in bf16 on this CPU (no native fp16); bf16 "
@@ -290,6 +301,16 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
                     ok = False
                     reasons.append(f"fp32 predictions differ from the training model on "
                                    f"{int(np.sum(pred != ref_pred))} of {len(pred)} samples")
+        if s.precision == "int8" and not res.error and (s.name in outs_samples or s.name in outs_seeded):
+            held_out = s.name in outs_samples
+            verdict = judge(outs_samples[s.name] if held_out else outs_seeded[s.name],
+                            samples_ref if held_out else reference, labels if held_out else None,
+                            Guard.from_dict(guard))
+            v.int8 = {**verdict.metrics, "on": "samples" if held_out else "seeded input", "passed": verdict.passed}
+            v.sqnr_db, v.agreement = verdict.metrics["sqnr_db"], verdict.metrics.get("agreement", v.agreement)
+            ok = ok and verdict.passed
+            if not verdict.passed:
+                reasons.append(f"INT8 accuracy guard: {verdict.reason}")
         v.passed, v.reason = ok and not reasons, "; ".join(reasons)
         log.info("stage %s: %s", s.name, "pass" if v.passed else f"FAIL: {v.reason}")
     return results

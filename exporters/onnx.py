@@ -323,6 +323,7 @@ TARGET = Target(
     runner="runtimes.onnxruntime_runner:OnnxRuntimeRunner",
     requires=(("onnx", _EXTRA), ("onnxscript", _EXTRA), ("onnxruntime", _EXTRA), ("onnxsim", _EXTRA)),
     inspect="deploy.inspect:read_onnx", default=True,
+    precisions=("fp32", "fp16", "int8"), quantize="exporters.onnx_int8:quantize_onnx",
     bench_options={"optimization": "all", "allow_spinning": False},
     bench_note={"graph_optimization": "all", "intra_op_allow_spinning": 0},
     description="ONNX (dynamo exporter, onnxsim re-verified), run on ONNX Runtime",

@@ -146,6 +146,7 @@ TARGET = Target(
     name="openvino", title="OpenVINO", runtime="openvino", suffixes=(".xml",), source="onnx",
     export=_export_target, function="exporters.openvino:export_openvino",
     runner="runtimes.openvino_runner:OpenVINORunner", runner_options=lambda precision: {"precision": precision},
+    precisions=("fp32", "fp16", "int8"), quantize="exporters.openvino_int8:quantize_openvino",
     requires=(("openvino", "openvino"),), files=_files, inspect="deploy.inspect:read_openvino", default=True,
     bench_options={"config": {"PERFORMANCE_HINT": "LATENCY"}},
     bench_note={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "the run's precision"},

@@ -15,7 +15,8 @@ need to know about a format, so none of them holds a table of its own:
   package cannot tell (a GPU); ``files``: the files beside the artifact that belong to it;
 - ``function``: the plain export function ``exporters.export(name, ...)`` calls;
 - ``inspect``: the reader ``deploy inspect`` uses (``"module:function"``, ``(path, summary)``);
-- ``precisions`` it can produce; ``default``: in the default ``--targets``; ``always``: made in
+- ``precisions`` it can produce; ``quantize``: how it makes an INT8 artifact from its fp32 one
+  (``"module:function"``, see ``exporters.int8``); ``default``: in the default ``--targets``; ``always``: made in
   every run (the plain model, ``pt2``).
 
 The built-in targets are declared at the bottom of ``exporters.pt2``, ``exporters.onnx``,
@@ -96,6 +97,7 @@ class Target:
     files: Callable[[Artifact], list[str]] = _default_files
     inspect: str | None = None
     function: str | None = None  # the library function behind ``exporters.export(name, ...)``: "module:function"
+    quantize: str | None = None  # "module:function": (fp32 artifact, path, Int8Options) -> int8 Artifact
     runner_options: Callable[[str], dict] = lambda precision: {}
     bench_options: dict = field(default_factory=dict)
     bench_note: dict = field(default_factory=dict)

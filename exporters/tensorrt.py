@@ -7,7 +7,9 @@
   (:func:`exporters.onnx.convert_onnx_to_fp16`, fp32 inputs/outputs) parsed into a strongly typed
   network. TensorRT 10 gets the same file with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``,
   so both versions build the same network. fp32 clears ``BuilderFlag.TF32`` where it exists
-  (TF32 matmuls/convolutions are off by ~1e-3, far outside an fp32 tolerance of 1e-5).
+  (TF32 matmuls/convolutions are off by ~1e-3, far outside an fp32 tolerance of 1e-5). int8 is explicit
+  quantization, also in the file: the QDQ model of ONNX Runtime's static quantizer
+  (:func:`quantize_tensorrt`), parsed into a strongly typed network.
 - One optimization profile per input (:func:`profile_shapes`): static models use the export
   shape; a dynamic batch gets min 1, opt N, max 2N (or ``max_batch``).
 - The engine file is the plain serialized engine, loadable by ``trtexec``; metadata goes to a
@@ -29,11 +31,12 @@ from runtimes.core import Artifact, ExportError, TensorSpec, check_precision, re
 from .targets import ExportJob, Product, Target
 
 __all__ = ["PrecisionPlan", "profile_shapes", "precision_plan", "sidecar_metadata", "export_tensorrt",
-           "parse_version", "DEFAULT_WORKSPACE", "TARGET"]
+           "parse_version", "quantize_tensorrt", "DEFAULT_WORKSPACE", "TARGET"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WORKSPACE = 1 << 30  # 1 GiB
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def parse_version(version: str | Sequence[int]) -> tuple[int, int]:
@@ -94,8 +97,8 @@ class PrecisionPlan:
 
 
 def precision_plan(precision: str, trt_version: str | Sequence[int]) -> PrecisionPlan:
-    """What to do for ``precision`` ("fp32" or "fp16") on TensorRT ``trt_version`` (>= 10)."""
-    check_precision(precision, fmt="TensorRT")
+    """What to do for ``precision`` ("fp32", "fp16" or "int8") on TensorRT ``trt_version`` (>= 10)."""
+    check_precision(precision, PRECISIONS, fmt="TensorRT")
     version = parse_version(trt_version)
     if version[0] < 10:
         raise ExportError(f"TensorRT {version[0]}.{version[1]} is not supported; this exporter uses the TensorRT "
@@ -105,6 +108,12 @@ def precision_plan(precision: str, trt_version: str | Sequence[int]) -> Precisio
         return PrecisionPlan(precision, version, onnx_fp16=False, strongly_typed_flag=strongly_typed_flag,
                              clear_flags=["TF32"],
                              notes=["fp32 ONNX, strongly typed; TF32 disabled so fp32 layers stay IEEE fp32"])
+    if precision == "int8":
+        return PrecisionPlan(precision, version, onnx_fp16=False, strongly_typed_flag=strongly_typed_flag,
+                             clear_flags=["TF32"],
+                             notes=["int8 lives in the ONNX file: QuantizeLinear/DequantizeLinear pairs from ONNX "
+                                    "Runtime's static quantizer (explicit quantization), parsed into a strongly typed "
+                                    "network; layers without Q/DQ stay fp32"])
     return PrecisionPlan(precision, version, onnx_fp16=True, strongly_typed_flag=strongly_typed_flag,
                          notes=["fp16 lives in the ONNX file (fp16 weights/activations, fp32 I/O casts); "
                                 + ("BuilderFlag.FP16 no longer exists in TensorRT 11" if version[0] >= 11 else
@@ -149,7 +158,7 @@ def export_tensorrt(source: Artifact | str | os.PathLike, path, *, precision: st
     Needs the ``tensorrt`` package and a CUDA GPU; without either it raises
     :class:`MissingDependency` saying which.
     """
-    check_precision(precision, fmt="TensorRT")
+    check_precision(precision, PRECISIONS, fmt="TensorRT")
     trt = require("tensorrt", "tensorrt", "building TensorRT engines")
     from runtimes.tensorrt_runner import require_cuda
 
@@ -159,8 +168,9 @@ def export_tensorrt(source: Artifact | str | os.PathLike, path, *, precision: st
     from .onnx import convert_onnx_to_fp16, describe_onnx
 
     onnx_art = source if isinstance(source, Artifact) else describe_onnx(source)
-    if onnx_art.format != "onnx" or onnx_art.precision != "fp32":
-        raise ExportError(f"TensorRT export expects an fp32 ONNX artifact, got {onnx_art.format} "
+    wanted = "int8" if precision == "int8" else "fp32"  # int8: a QDQ file (quantize_tensorrt makes it)
+    if onnx_art.format != "onnx" or onnx_art.precision != wanted:
+        raise ExportError(f"TensorRT {precision} export expects an {wanted} ONNX artifact, got {onnx_art.format} "
                           f"{onnx_art.precision} {onnx_art.path}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,9 +238,27 @@ def _export_target(job: ExportJob) -> list[Product]:
     return [Product("tensorrt", art)]
 
 
+def quantize_tensorrt(src: Artifact, path, options, module=None, args=None) -> Artifact:
+    """An INT8 engine at ``path`` beside the fp32 engine ``src``: the fp32 ONNX file it was built from is quantized
+    with ONNX Runtime's static QDQ quantizer (``exporters.onnx_int8``, the same calibration and choices as the
+    ``onnx-int8`` stage) into ``<path stem>.qdq.onnx``, which TensorRT parses as an explicitly quantized network."""
+    from .onnx_int8 import quantize_onnx
+
+    onnx_path = src.metadata.get("onnx") or src.parent
+    if not onnx_path or not str(onnx_path).endswith(".onnx"):
+        raise ExportError(f"the TensorRT engine {src.path} does not record the ONNX file it was built from; "
+                          "rebuild it with deploy convert.")
+    qdq = quantize_onnx(onnx_path, _qdq_path(path), options)
+    return export_tensorrt(qdq, path, precision="int8", dynamic=bool(src.metadata.get("dynamic_batch")))
+
+
+def _qdq_path(engine) -> Path:
+    return Path(engine).with_suffix(".qdq.onnx")
+
+
 def _files(art: Artifact) -> list[str]:
-    sidecar = art.path + ".json"
-    return [art.path] + ([sidecar] if os.path.exists(sidecar) else [])
+    extra = [art.path + ".json", os.fspath(_qdq_path(art.path))]
+    return [art.path] + [f for f in extra if os.path.exists(f)]
 
 
 def _check_cuda(purpose: str) -> None:
@@ -243,5 +271,6 @@ TARGET = Target(
     name="tensorrt", title="TensorRT", runtime="tensorrt", suffixes=(".engine", ".plan", ".trt"), source="onnx",
     export=_export_target, function="exporters.tensorrt:export_tensorrt",
     runner="runtimes.tensorrt_runner:TensorRTRunner", requires=(("tensorrt", "tensorrt"),), files=_files,
-    check=_check_cuda, device="cuda", description="TensorRT engine built from the ONNX file (GPU only)",
+    check=_check_cuda, device="cuda", precisions=PRECISIONS, quantize="exporters.tensorrt:quantize_tensorrt",
+    description="TensorRT engine built from the ONNX file (GPU only)",
 )

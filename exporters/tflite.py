@@ -12,6 +12,8 @@
   the output tree (``output_<i>``, or a dict's keys) and the signature lists them by name;
   ``metadata["tflite_outputs"]`` holds those names in the torch order, and the LiteRT runner reads
   the outputs by them (see ``runtimes.litert_runner``).
+- int8 (full-integer, float32 inputs/outputs) is made from the fp32 artifact and the plain module by
+  ``exporters.tflite_int8.quantize_tflite`` (the record's ``quantize``), with litert-torch's PT2E quantizer.
 """
 
 from __future__ import annotations
@@ -190,6 +192,7 @@ TARGET = Target(
     name="tflite", title="TFLite", runtime="tflite", suffixes=(".tflite",), source="torch",
     export=_export_target, function="exporters.tflite:export_tflite", runner="runtimes.litert_runner:LiteRTRunner",
     requires=(("litert_torch", _EXTRA), ("ai_edge_litert", _EXTRA)), inspect="deploy.inspect:read_tflite",
+    precisions=("fp32", "fp16", "int8"), quantize="exporters.tflite_int8:quantize_tflite",
     default=True, bench_note={"delegate": "XNNPACK (LiteRT default)"},
     description="TFLite through litert-torch, run on LiteRT",
 )

@@ -141,7 +141,8 @@ class BenchJob:
     ``runner`` and ``runner_options`` say how to open a file (the caller takes them from the
     format's target, so this module needs no table of runtimes); ``precision`` is the artifacts'
     precision; ``device`` is "cpu" or "cuda" (torch only: CUDA events, three variants).
-    ``input_shape`` includes the batch.
+    ``input_shape`` includes the batch. ``variants`` gives a form its own precision and runner options
+    (an INT8 artifact timed beside the fp32 one).
     """
 
     runtime: str
@@ -155,6 +156,7 @@ class BenchJob:
     device: str = "cpu"
     seed: int = 0
     settings: BenchSettings = field(default_factory=BenchSettings)
+    variants: dict[str, dict] = field(default_factory=dict)  # form -> {"precision", "runner_options"} overrides
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,16 +168,20 @@ class BenchJob:
         return cls(**d)
 
 
-def _runner(job: BenchJob, path: str):
-    """The runner ``job`` names (``"module:Class"``), made with the job's options for timing."""
+def _runner(job: BenchJob, path: str, form: str = ""):
+    """The runner ``job`` names (``"module:Class"``), made with the job's options (and ``form``'s) for timing."""
     import importlib
 
     module, _, name = job.runner.partition(":")
     cls = getattr(importlib.import_module(module), name)
-    options = dict(job.runner_options)
+    options = {**job.runner_options, **job.variants.get(form, {}).get("runner_options", {})}
     if job.threads is not None:
         options["threads"] = job.threads
     return cls(path, **options)
+
+
+def _variant(job: BenchJob, form: str) -> str:
+    return job.variants.get(form, {}).get("precision", job.precision)
 
 
 def run_job(job: BenchJob) -> dict:
@@ -192,16 +198,16 @@ def run_job(job: BenchJob) -> dict:
     try:
         for form, path in job.forms.items():
             try:
-                runner = _runner(job, path).activate()
+                runner = _runner(job, path, form).activate()
                 runners.append(runner)
                 feed = [x]
                 runner.infer(feed)  # checks the feed once; timed calls skip the check
                 calls[form] = (lambda r=runner, f=feed: r.infer(f, check=False))
             except Exception as e:  # one form failing does not stop the others
-                rows.append({"form": form, "variant": job.precision, "error": f"{type(e).__name__}: {e}"})
+                rows.append({"form": form, "variant": _variant(job, form), "error": f"{type(e).__name__}: {e}"})
         effective = {getattr(r, "effective_precision", None) for r in runners} - {None}
         for form, stats in measure(calls, job.settings, batch=batch).items() if calls else ():
-            rows.append({"form": form, "variant": job.precision, **stats.to_dict()})
+            rows.append({"form": form, "variant": _variant(job, form), **stats.to_dict()})
     finally:
         for r in runners:
             r.deactivate()

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["cpu_facts", "gpu_facts", "peak_flops", "SIMD_FLAGS", "usable_cpus"]
+__all__ = ["cpu_facts", "gpu_facts", "low_precision", "peak_flops", "SIMD_FLAGS", "usable_cpus"]
 
 # flags worth reporting, in order of width; x86 from /proc/cpuinfo "flags", Arm from "Features"
 SIMD_FLAGS = ("sse4_2", "avx", "f16c", "fma", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -77,6 +77,25 @@ def _fp32_lanes(flags: set[str]) -> int:
     return 1
 
 
+# int8 and bf16 instructions, by what they give inference (x86 names from /proc/cpuinfo, Arm from "Features")
+_INT8 = (("amx_int8", "AMX int8 tiles"), ("avx512_vnni", "AVX-512 VNNI int8 dot products"),
+         ("avx_vnni", "AVX-VNNI int8 dot products (256-bit)"), ("i8mm", "Arm int8 matrix multiply"),
+         ("asimddp", "Arm int8 dot product"))
+_BF16 = (("amx_bf16", "AMX bf16 tiles"), ("avx512_bf16", "AVX-512 bf16 dot products"), ("bf16", "Arm bf16"))
+
+
+def low_precision(flags: set[str]) -> dict:
+    """What this CPU offers int8 and bf16 inference: ``{"int8": [...], "bf16": [...], "int8_native": bool}``.
+    Without a dot-product instruction int8 still runs (widened to 16-bit multiplies), with a smaller gain."""
+    int8 = [text for flag, text in _INT8 if flag in flags]
+    if not int8 and "avx512bw" in flags:
+        int8 = ["AVX-512BW (no VNNI: int8 widened to int16 multiplies)"]
+    elif not int8 and "avx2" in flags:
+        int8 = ["AVX2 (no VNNI: int8 widened to int16 multiplies)"]
+    return {"int8": int8, "bf16": [text for flag, text in _BF16 if flag in flags],
+            "int8_native": any(flag in flags for flag, _ in _INT8)}
+
+
 def cpu_facts(threads: int | None = None) -> dict:
     """Model, counts, SIMD flags and clock of this CPU, plus the peak estimate for ``threads`` cores."""
     text = _cpuinfo()
@@ -95,6 +114,7 @@ def cpu_facts(threads: int | None = None) -> dict:
         "simd": [f for f in SIMD_FLAGS if f in all_flags],
         "fp32_lanes": _fp32_lanes(all_flags),
         "fma": "fma" in all_flags or "asimd" in all_flags,
+        "low_precision": low_precision(all_flags),
         "clock_mhz": clock,
         "clock_source": clock_source,
     }

@@ -4,6 +4,13 @@ The inference precision is always set explicitly (``INFERENCE_PRECISION_HINT``: 
 "f16" for fp16): the CPU plugin otherwise picks bf16 or f16 by itself on CPUs that support them.
 On a CPU without native fp16 the plugin answers an "f16" hint with bf16; the precision it really
 uses is read back into ``effective_precision`` and logged when it differs from the request.
+
+INT8 (an IR with FakeQuantize ops and int8 weights, ``exporters.openvino_int8``) runs with the "f32"
+hint: the plugin fuses each FakeQuantize into the next op's u8/i8 kernel whatever the hint, and the
+hint sets what the layers left in float compute in (this CPU's default would be bf16). Its
+``effective_precision`` is "int8" when at least one Convolution/FullyConnected/MatMul of the compiled
+graph runs in u8/i8 (``runtimePrecision`` of the runtime model), else what the float layers run in;
+``int8_layers`` is ``(layers in int8, layers)``.
 """
 
 from __future__ import annotations
@@ -22,14 +29,15 @@ __all__ = ["OpenVINORunner", "read_ir"]
 
 log = logging.getLogger(__name__)
 
-_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}
+_HINTS = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}
+_COMPUTE = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 _PRECISION_OF = {"float32": "fp32", "f32": "fp32", "float16": "fp16", "f16": "fp16", "bfloat16": "bf16",
                  "bf16": "bf16"}
 
 
 class OpenVINORunner(Runner):
-    """Runs an OpenVINO IR; ``precision`` "fp32" or "fp16" (default: the artifact record's, else fp32);
-    ``threads`` -> INFERENCE_NUM_THREADS."""
+    """Runs an OpenVINO IR; ``precision`` "fp32", "fp16", "bf16" or "int8" (default: the artifact record's, else
+    fp32); ``threads`` -> INFERENCE_NUM_THREADS."""
 
     runtime = "openvino"
     suffixes = (".xml",)
@@ -45,6 +53,7 @@ class OpenVINORunner(Runner):
         self.precision = precision
         self.config = dict(config or {})
         self.effective_precision: str | None = None
+        self.int8_layers: tuple[int, int] | None = None
         self.compiled = None
         self.request = None
 
@@ -63,7 +72,14 @@ class OpenVINORunner(Runner):
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         hint = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
         self.effective_precision = _PRECISION_OF.get(hint, hint)
-        if self.effective_precision != self.precision:
+        if self.precision == "int8":
+            self.int8_layers = _int8_layers(self.compiled)
+            if self.int8_layers[0]:
+                self.effective_precision = "int8"
+            else:
+                log.warning("OpenVINO %s runs none of the %d layers of %s in int8: the IR has no FakeQuantize or "
+                            "the device has no INT8 kernels", self.device, self.int8_layers[1], path)
+        elif self.effective_precision != self.precision:
             log.warning("OpenVINO %s runs %s as %s (requested %s): the device has no native %s support",
                         self.device, path, self.effective_precision, self.precision, self.precision)
         self.request = self.compiled.create_infer_request()
@@ -83,6 +99,17 @@ class OpenVINORunner(Runner):
     def deactivate_impl(self) -> None:
         self.request = None
         self.compiled = None
+
+
+def _int8_layers(compiled) -> tuple[int, int]:
+    """``(compute layers running in u8/i8, compute layers)`` of a compiled model's runtime graph."""
+    total = int8 = 0
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) in _COMPUTE:
+            total += 1
+            int8 += info["runtimePrecision"].astype(str) in ("u8", "i8")
+    return int8, total
 
 
 def read_ir(core, path: str):

@@ -1,4 +1,5 @@
 import json
+import os
 import sys
 import types
 
@@ -58,8 +59,27 @@ def test_precision_plan_fp16_lives_in_the_onnx_file():
 def test_precision_plan_refuses_old_tensorrt_and_unknown_precision():
     with pytest.raises(ExportError, match="TensorRT 8.6 is not supported"):
         precision_plan("fp32", "8.6.1")
-    with pytest.raises(ExportError, match="precision 'int8' is not supported for TensorRT"):
-        precision_plan("int8", "10.0")
+    with pytest.raises(ExportError, match="precision 'bf16' is not supported for TensorRT"):
+        precision_plan("bf16", "10.0")
+
+
+def test_precision_plan_int8_is_explicit_quantization_in_the_onnx_file():
+    for version in ("10.13.0", "11.0.0"):
+        plan = precision_plan("int8", version)
+        assert not plan.onnx_fp16 and "INT8" not in plan.set_flags and "TF32" in plan.clear_flags
+        assert plan.strongly_typed_flag == version.startswith("10") and "QuantizeLinear" in plan.notes[0]
+
+
+def test_int8_engine_lists_its_qdq_onnx_file(tmp_path):
+    from exporters.tensorrt import TARGET
+
+    engine = tmp_path / "model.int8.engine"
+    for f in (engine, tmp_path / "model.int8.engine.json", tmp_path / "model.int8.qdq.onnx"):
+        f.write_bytes(b"x")
+    art = Artifact(os.fspath(engine), "tensorrt", [], [], "int8")
+    assert [os.path.basename(f) for f in TARGET.files(art)] == ["model.int8.engine", "model.int8.engine.json",
+                                                               "model.int8.qdq.onnx"]
+    assert "int8" in TARGET.precisions and TARGET.quantize == "exporters.tensorrt:quantize_tensorrt"
 
 
 def test_sidecar_metadata_is_json_with_profiles_and_plan(tmp_path):

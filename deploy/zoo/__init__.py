@@ -25,6 +25,7 @@ from torch import nn
 from .acnet import acnet_resnet
 from .dbb import dbb_resnet
 from .digits import TEST_SPLIT as _DIGITS_TEST
+from .digits import TRAIN_SPLIT as _DIGITS_TRAIN
 from .digits import repvgg_digits
 from .mobileone import mobileone_s0
 from .resnet import resnet_small
@@ -46,7 +47,8 @@ from .panet import panet
 from .sa_fpn import sa_fpn
 from .small_object_det import small_object_det
 
-__all__ = ["create", "describe", "has_weights", "input_shape", "names", "randomize_batchnorm", "samples"]
+__all__ = ["create", "describe", "has_weights", "input_shape", "names", "randomize_batchnorm", "samples",
+           "calibration"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class _Entry:
     description: str
     pretrained: bool = False  # the factory takes pretrained=True and loads weights shipped in the package
     samples: str | None = None  # a held-out .npz shipped in the package: input0 (N, ...), labels (N,)
+    calibration: str | None = None  # training-split .npz shipped for INT8 calibration (never the held-out one)
 
 
 _IMAGENET = (1, 3, 224, 224)
@@ -70,7 +73,7 @@ _ZOO: dict[str, _Entry] = {
     "acnet_resnet": _Entry(acnet_resnet, _IMAGENET, "Small ResNet (32/64/128) with ACNet blocks (Ding et al. 2019): bn(3x3) + bn(1x3) + bn(3x1)"),
     "dbb_resnet": _Entry(dbb_resnet, _IMAGENET, "Small ResNet (32/64/128) with Diverse Branch Blocks (Ding et al. 2021): kxk, 1x1, 1x1-kxk, 1x1-avg; zero_pad=True for the inexact variant"),
     "resnet_small": _Entry(resnet_small, _IMAGENET, "Small ResNet (32/64/128) of basic blocks relu(bn(3x3(relu(bn(3x3(x))))) + shortcut(x)); plain with the 'rm' pass"),
-    "repvgg_digits": _Entry(repvgg_digits, (1, 1, 8, 8), "RepVGG-Digits: 6 RepVGG blocks (16-64 channels) trained on scikit-learn's 8x8 digits; shipped weights and held-out split", pretrained=True, samples=str(_DIGITS_TEST)),
+    "repvgg_digits": _Entry(repvgg_digits, (1, 1, 8, 8), "RepVGG-Digits: 6 RepVGG blocks (16-64 channels) trained on scikit-learn's 8x8 digits; shipped weights and held-out split", pretrained=True, samples=str(_DIGITS_TEST), calibration=str(_DIGITS_TRAIN)),
     "yolov7_tiny_rep": _Entry(yolov7_tiny_rep, (1, 3, 320, 320), "YOLOv7-tiny (Wang et al. 2023) with RepConv heads and an IDetect head (ImplicitA / ImplicitM), 80 classes"),
     "panet": _Entry(panet, (1, 3, 128, 128), "PANet (Liu et al. 2018): FPN top-down (lateral 1x1, nearest upsample, add) plus bottom-up path augmentation (stride-2 3x3 into P_i+1), one map per level"),
     "giraffedet": _Entry(giraffedet, (1, 3, 128, 128), "GiraffeDet (Jiang et al. 2022): space-to-depth light backbone, heavy GFPN neck with queen fusion and log2n skip-layer connections"),
@@ -128,6 +131,11 @@ def has_weights(name: str) -> bool:
 def samples(name: str) -> str | None:
     """Path of the held-out samples shipped for zoo model ``name`` (``.npz``: ``input0``, ``labels``), or None."""
     return _entry(name).samples
+
+
+def calibration(name: str) -> str | None:
+    """Path of the training-split samples shipped for INT8 calibration of zoo model ``name``, or None."""
+    return _entry(name).calibration
 
 
 def input_shape(name: str) -> tuple[int, ...]:

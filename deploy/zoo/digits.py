@@ -17,7 +17,7 @@ stage the features are 8x8, 4x4 and 2x2.
 Data: ``sklearn.datasets.load_digits`` (1797 images, bundled with scikit-learn, no download),
 split 80/20 stratified with ``random_state=0``. The held-out 360 images ship as
 ``data/digits_test.npz`` (``input0``: images, ``labels``: classes) so the runtime needs no
-scikit-learn; ``data/repvgg_digits.pt`` holds the weights and the training record. Both are
+scikit-learn; the 1437 training images as ``data/digits_train.npz``, the INT8 calibration data; ``data/repvgg_digits.pt`` holds the weights and the training record. Both are
 written by ``python -m deploy.zoo.train_digits`` (which needs ``pip install scikit-learn``).
 """
 
@@ -33,12 +33,13 @@ from torch import nn
 from ._layers import ClassifierHead, scale_channels
 from .repvgg import RepVGGBlock
 
-__all__ = ["RepVGGDigits", "repvgg_digits", "WEIGHTS", "TEST_SPLIT", "INPUT_SHAPE", "load_test_split",
+__all__ = ["RepVGGDigits", "repvgg_digits", "WEIGHTS", "TEST_SPLIT", "TRAIN_SPLIT", "INPUT_SHAPE", "load_test_split",
            "load_weights", "training_record"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WEIGHTS = DATA_DIR / "repvgg_digits.pt"
 TEST_SPLIT = DATA_DIR / "digits_test.npz"
+TRAIN_SPLIT = DATA_DIR / "digits_train.npz"  # the training split: INT8 calibration data, never evaluated on
 INPUT_SHAPE = (1, 1, 8, 8)
 WIDTHS = (16, 16, 32, 32, 64, 64)
 STRIDES = (1, 1, 2, 1, 2, 1)

@@ -1,7 +1,7 @@
 """Train RepVGG-Digits on scikit-learn's handwritten digits and write the shipped files.
 
     pip install scikit-learn
-    python -m deploy.zoo.train_digits                 # writes deploy/zoo/data/{repvgg_digits.pt,digits_test.npz}
+    python -m deploy.zoo.train_digits                 # writes deploy/zoo/data/{repvgg_digits.pt,digits_test.npz,digits_train.npz}
     python -m deploy.zoo.train_digits --out /tmp/d    # somewhere else
 
 Deterministic: one CPU thread, seed 0, a fixed stratified 80/20 split (``random_state=0``), so a
@@ -61,7 +61,8 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def train(out_dir: str | Path = DATA_DIR, epochs: int = EPOCHS, seed: int = SEED, log=print) -> dict:
-    """Train, write ``repvgg_digits.pt`` and ``digits_test.npz`` into ``out_dir``; return the training record."""
+    """Train, write ``repvgg_digits.pt``, ``digits_test.npz`` and ``digits_train.npz`` (the INT8 calibration data)
+    into ``out_dir``; return the training record."""
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -101,8 +102,10 @@ def train(out_dir: str | Path = DATA_DIR, epochs: int = EPOCHS, seed: int = SEED
     out.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "meta": meta}, out / "repvgg_digits.pt")
     np.savez_compressed(out / "digits_test.npz", input0=x_test, labels=y_test)
+    np.savez_compressed(out / "digits_train.npz", input0=x_train, labels=y_train)
     log(f"held-out accuracy {meta['test_accuracy']:.4f} ({len(x_test)} images) after "
-        f"{time.perf_counter() - start:.1f} s of training; wrote {out / 'repvgg_digits.pt'} and {out / 'digits_test.npz'}")
+        f"{time.perf_counter() - start:.1f} s of training; wrote {out / 'repvgg_digits.pt'}, {out / 'digits_test.npz'} "
+        f"and {out / 'digits_train.npz'}")
     return meta
 
 

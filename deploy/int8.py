@@ -1,0 +1,369 @@
+"""``--precision int8``: calibrated INT8 artifacts, the accuracy guard, per-layer blame and fallback.
+
+The steps ``deploy.pipeline.convert`` runs under int8, after the fp32 forms are exported:
+
+1. **Quantize** (:func:`quantize_stages`): every requested target that declares ``quantize`` in its
+   record (``exporters.targets.Target``) makes ``<target>-int8`` from its verified fp32 artifact
+   with the calibration data (``deploy.calibration``), through the library made for its format.
+2. **Guard** (:func:`judge`, called by ``deploy.verification`` for every int8 stage): on held-out
+   samples, never the calibration ones, the int8 outputs are compared with the training model's
+   (the fp32 stages match it to 1e-5): top-1 agreement, accuracy and its drop when labels exist,
+   SQNR (dB) and max relative error per output. The stage passes when the drop is at most
+   ``max_drop`` points and (when given) the agreement at least ``min_agreement``. Without labels
+   the agreement must reach ``min_agreement`` (default :data:`UNLABELLED_AGREEMENT`); a model
+   whose first output is not a ``(N, classes)`` score is judged by SQNR (``min_sqnr``, default
+   :data:`DEFAULT_MIN_SQNR` dB).
+3. **Blame** (:func:`blame`): every Conv/Gemm/MatMul of the ONNX Runtime QDQ model is compared with
+   the fp32 ONNX model at its input and output (``runtimes.int8.layer_errors``): the SQNR at its
+   output and the dB it loses itself (input SQNR minus output SQNR), with the merged kernel's
+   statistics (per-channel range, max/median ratio, kurtosis). The worst layers lose the most dB.
+4. **Fallback** (:func:`fallback`, ``--int8-fallback auto``): a stage that fails the guard is
+   quantized again with the 1, 2, 4, ... worst layers kept in float until it passes (or half the
+   layers are kept); the report says how many were kept and what it cost in speed.
+5. **Equalize** (:func:`choose_equalize`): with the default passes, the exact ``equalize`` pass
+   (cross-layer range equalization) is kept when it raises the ONNX Runtime INT8 model's output
+   SQNR on the held-out samples; the report gives both numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from exporters import targets as registry
+from exporters.int8 import Int8Options
+from runtimes.core import first_line
+
+__all__ = ["Guard", "GuardResult", "judge", "quantize_stages", "blame", "fallback", "choose_equalize",
+           "quick_latency", "UNLABELLED_AGREEMENT", "DEFAULT_MIN_SQNR", "WORST"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+UNLABELLED_AGREEMENT = 0.9  # top-1 agreement required without labels (and without --min-agreement)
+DEFAULT_MIN_SQNR = 20.0  # dB, for outputs that are not class scores, without labels
+WORST = 5  # layers named in the report and in a failure
+DECISION_SAMPLES = 32  # calibration (and held-out) samples the equalize decision quantizes and measures with
+
+
+@dataclass
+class Guard:
+    """The accuracy bound of every INT8 stage; see the module docstring."""
+
+    max_drop: float = 1.0  # accuracy points (percent), with labels
+    min_agreement: float | None = None  # top-1 agreement with the fp32 model, 0..1
+    min_sqnr: float | None = None  # dB; default DEFAULT_MIN_SQNR where neither accuracy nor agreement applies
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> Guard:
+        return cls(**{k: v for k, v in (d or {}).items() if k in ("max_drop", "min_agreement", "min_sqnr")})
+
+
+@dataclass
+class GuardResult:
+    passed: bool
+    reason: str
+    metrics: dict = field(default_factory=dict)
+
+
+def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
+    from runtimes.int8 import sqnr_db
+
+    return sqnr_db(ref, test)
+
+
+def judge(outs: Sequence[np.ndarray], ref: Sequence[np.ndarray], labels: np.ndarray | None,
+          guard: Guard) -> GuardResult:
+    """Judge an int8 stage's outputs ``outs`` on held-out samples against the training model's ``ref``."""
+    m: dict = {"sqnr_db": min(_sqnr(r, o) for r, o in zip(ref, outs)),
+               "max_rel": max(float(np.max(np.abs(r - o)) / max(float(np.max(np.abs(r))), 1e-30))
+                              for r, o in zip(ref, outs))}
+    reasons, scores = [], ref[0].ndim == 2 and outs[0].shape == ref[0].shape
+    if scores:
+        pred, ref_pred = outs[0].argmax(1), ref[0].argmax(1)
+        m["agreement"] = float(np.mean(pred == ref_pred))
+        if labels is not None:
+            m["accuracy"], m["reference_accuracy"] = float(np.mean(pred == labels)), float(np.mean(ref_pred == labels))
+            m["drop"] = 100.0 * (m["reference_accuracy"] - m["accuracy"])
+            if m["drop"] > guard.max_drop + 1e-9:
+                reasons.append(f"accuracy {100 * m['accuracy']:.2f}% is {m['drop']:.2f} points below the fp32 "
+                               f"model's {100 * m['reference_accuracy']:.2f}% (--max-drop {guard.max_drop:g})")
+        need = guard.min_agreement if guard.min_agreement is not None else (
+            UNLABELLED_AGREEMENT if labels is None else None)
+        if need is not None and m["agreement"] < need - 1e-12:
+            reasons.append(f"top-1 agreement with the fp32 model {100 * m['agreement']:.2f}% < "
+                           f"{100 * need:.2f}%" + (" (--min-agreement)" if guard.min_agreement is not None else
+                                                   " (the default without labels; set --min-agreement)"))
+    if guard.min_sqnr is not None or not scores:
+        need = guard.min_sqnr if guard.min_sqnr is not None else DEFAULT_MIN_SQNR
+        if m["sqnr_db"] < need:
+            reasons.append(f"output SQNR {m['sqnr_db']:.1f} dB < {need:g} dB")
+    return GuardResult(not reasons, "; ".join(reasons), m)
+
+
+# --------------------------------------------------------------------------------------------- quantize
+
+def _int8_path(target, folder: Path) -> Path:
+    return folder / f"model.int8{target.suffixes[0]}"
+
+
+def quantize_stages(made, folder: Path, wanted: Sequence[str], options: Int8Options, module, args,
+                    progress: Progress) -> list:
+    """One ``<target>-int8`` stage per wanted target that can quantize, made from its fp32 main stage."""
+    from .forms import main_stage, quantize_form
+
+    out = []
+    for name in wanted:
+        target = registry.get(name)
+        if target.quantize is None:
+            continue
+        source = main_stage(made, name)
+        out.append(quantize_form(target, source, folder, _int8_path(target, folder), options, module, args,
+                                 progress))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ blame
+
+def blame(folder: Path, stages, x: np.ndarray, batch: int, progress: Progress) -> list[dict]:
+    """Per-layer errors of the ONNX Runtime int8 stage (``onnx-int8``) against its fp32 parent, worst first
+    (most dB lost in the layer); empty when there is no such stage."""
+    from runtimes.int8 import layer_errors
+
+    by_name = {s.name: s for s in stages}
+    q = by_name.get("onnx-int8")
+    if q is None or q.export.error or q.export.artifact is None:
+        return []
+    fp32 = by_name[q.parent].export.artifact_in(folder)
+    progress(f"per-layer INT8 errors of the ONNX Runtime QDQ model on {len(x)} held-out samples ...")
+    layers = layer_errors(fp32.path, q.export.artifact_in(folder).path, x, batch)
+    rows = [layer.to_dict() for layer in layers]
+    return sorted(rows, key=lambda r: -_finite(r["lost_db"]))
+
+
+def _finite(v) -> float:
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else (-1e9 if v is None or v < 0 else 1e9)
+
+
+def worst_text(layers: Sequence[dict], n: int = WORST) -> str:
+    return ", ".join(f"{r['name']} (loses {r['lost_db']:.1f} dB, output SQNR {r['sqnr_out_db']:.1f} dB)"
+                     for r in layers[:n] if r.get("lost_db") is not None)
+
+
+# --------------------------------------------------------------------------------------------- fallback
+
+def quick_latency(runner, x: np.ndarray, iters: int = 30) -> float:
+    """Median ms of ``iters`` calls on one input batch, after 3 warm-up calls: a rough cost, not a benchmark."""
+    feed = [np.ascontiguousarray(x)]
+    for _ in range(3):
+        runner.infer(feed)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        runner.infer(feed)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times))
+
+
+def fallback(stage, source, folder: Path, ranking: Sequence[str], options: Int8Options, module, args, reverify,
+             progress: Progress):
+    """Quantize ``stage``'s target again from its fp32 ``source`` stage, keeping the 1, 2, 4, ... worst layers
+    of ``ranking`` in float, until ``reverify(stage) -> StageRecord`` passes (at most half of the layers are
+    kept). Returns ``(stage, summary)``: the passing stage (or the last one tried) and what was kept, with a
+    rough latency of the full and the fallback int8 form."""
+    from .forms import quantize_form
+
+    target = registry.get(stage.format)
+    limit = max(1, len(ranking) // 2)
+    summary = {"stage": stage.name, "passed": False, "kept_in_float": [], "tried": [],
+               "latency_ms": {"int8": _latency(stage, folder, args)}}
+    k, current = 1, stage
+    while k <= limit:
+        kept = list(ranking[:k])
+        progress(f"{stage.name}: keeping the {k} most sensitive layer(s) in float ({', '.join(kept)}) ...")
+        opts = Int8Options(**{**options.__dict__, "exclude": tuple(kept)})
+        candidate = quantize_form(target, source, folder, _int8_path(target, folder), opts, module, args, progress)
+        if candidate.export.error:
+            summary["tried"].append({"kept": k, "error": candidate.export.error})
+            break
+        current = reverify(candidate)
+        summary["tried"].append({"kept": k, "passed": current.passed, "reason": current.reason})
+        summary["kept_in_float"] = kept
+        if current.passed:
+            summary["passed"] = True
+            break
+        k *= 2
+    summary["latency_ms"]["int8_fallback"] = _latency(current, folder, args)
+    return current, summary
+
+
+def _latency(stage, folder: Path, args) -> float | None:
+    from .verification import open_stage
+
+    try:
+        with open_stage(stage, folder, bench=True) as runner:  # the runtime's benchmark options: int8 kernels
+            return quick_latency(runner, args[0].numpy())
+    except Exception as e:  # noqa: BLE001 - a cost estimate must not fail the run
+        log.info("could not time %s: %s", stage.name, first_line(e))
+        return None
+
+
+# --------------------------------------------------------------------------------------------- equalize
+
+def choose_equalize(plain, equalized, args, options: Int8Options, x_eval: np.ndarray, reference: Sequence[np.ndarray],
+                    progress: Progress) -> dict:
+    """Quantize both plain models with ONNX Runtime (the same first :data:`DECISION_SAMPLES` calibration samples)
+    and measure their output SQNR against the training model on ``x_eval``; equalize is chosen when it gains more
+    than 0.1 dB. Returns ``{"chosen": bool, "sqnr_db": {"default": ..., "equalize": ...}}``."""
+    from exporters.onnx import export_onnx
+    from exporters.onnx_int8 import quantize_onnx
+
+    from .verification import run_batched
+
+    scores = {}
+    options = Int8Options(**{**options.__dict__, "calibration": options.calibration[:DECISION_SAMPLES]})
+    with tempfile.TemporaryDirectory(prefix="deploy-equalize-") as tmp:
+        for key, module in (("default", plain), ("equalize", equalized)):
+            art = export_onnx(module, args, Path(tmp) / f"{key}.onnx", simplify=False)
+            q = quantize_onnx(art, Path(tmp) / f"{key}.int8.onnx", options)
+            target = registry.get("onnx")
+            with target.open(q) as runner:
+                outs = run_batched(runner, x_eval, args[0].shape[0])
+            scores[key] = min(_sqnr(r, o) for r, o in zip(reference, outs))
+    chosen = scores["equalize"] > scores["default"] + 0.1
+    progress(f"equalize: ONNX Runtime INT8 output SQNR {scores['default']:.2f} dB without, {scores['equalize']:.2f} "
+             f"dB with: {'applied' if chosen else 'not applied'}")
+    return {"chosen": bool(chosen), "sqnr_db": scores}
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+@dataclass
+class Plan:
+    """What an int8 run decided before the work: calibration, held-out evaluation data, options, bounds; and,
+    as it goes, the equalize decision, the per-layer table and the fallbacks (``record()`` -> report.json)."""
+
+    calibration: object  # deploy.calibration.Calibration
+    evaluation: np.ndarray
+    evaluation_source: str
+    options: Int8Options
+    guard: Guard
+    fallback_mode: str = "off"
+    equalize: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)
+    fallbacks: list = field(default_factory=list)
+
+    def record(self) -> dict:
+        o = self.options
+        return {"calibration": self.calibration.to_dict(), "evaluation": self.evaluation_source,
+                "method": o.method, "per_channel": o.per_channel, "guard": self.guard.to_dict(),
+                "fallback": self.fallback_mode, "equalize": self.equalize, "layers": self.layers,
+                "fallbacks": self.fallbacks}
+
+
+def plan(opts, loaded, shape, samples, progress: Progress) -> Plan:
+    """The int8 plan of a ``ConvertOptions`` run: calibration data (refused before any work when missing or of
+    the wrong shape) and held-out evaluation data (the samples, else seeded inputs)."""
+    from .calibration import load_calibration, seeded_eval, seeded_eval_count
+
+    calibration = load_calibration(opts.calibration, shape, size=opts.calibration_size, seed=opts.seed,
+                                   loaded=loaded, mean=opts.mean, std=opts.std)
+    progress(f"INT8 calibration: {calibration.source}")
+    if samples is not None:
+        evaluation = samples[0]
+        source = f"{len(evaluation)} held-out samples" + (" with labels" if samples[1] is not None else "")
+    else:
+        count = seeded_eval_count(shape)
+        evaluation = seeded_eval(shape, count, opts.seed)
+        source = (f"{count} seeded standard-normal inputs (seed {opts.seed + 1}, no labels: top-1 agreement and "
+                  "SQNR against the fp32 model)")
+    options = Int8Options(calibration.x, method=opts.int8_method, per_channel=not opts.per_tensor,
+                          batch=(2 if opts.dynamic and shape[0] == 1 else shape[0]))
+    guard = Guard(max_drop=opts.max_drop, min_agreement=opts.min_agreement, min_sqnr=opts.min_sqnr)
+    return Plan(calibration, evaluation, source, options, guard, opts.int8_fallback)
+
+
+def maybe_equalize(plain, model, args, quant: Plan, seed: int, progress: Progress):
+    """``plain``, or the same passes plus ``equalize`` when that raises the INT8 output SQNR (recorded in
+    ``quant.equalize``)."""
+    import fusers
+    import torch
+
+    from runtimes.compare import flatten
+
+    try:
+        registry.check_available(registry.get("onnx"), "choosing equalize under int8")
+    except Exception as e:  # noqa: BLE001
+        quant.equalize = {"chosen": False, "reason": f"not measured: {first_line(e)}"}
+        return plain
+    progress("trying the exact equalize pass for INT8 (cross-layer range equalization) ...")
+    equalized = fusers.reparameterize(model, args, passes=[*fusers.DEFAULT_PASSES, "equalize"], seed=seed)
+    rewrites = equalized.reparam_report.count("equalize")
+    if not rewrites:
+        quant.equalize = {"chosen": False, "reason": "no conv -> ReLU -> conv pair to rescale"}
+        progress("equalize: nothing to rescale")
+        return plain
+    x = quant.evaluation[:DECISION_SAMPLES]
+    with torch.no_grad():
+        reference = flatten(model(torch.from_numpy(x)))
+    try:
+        decision = choose_equalize(plain, equalized, args, quant.options, x, reference, progress)
+    except Exception as e:  # noqa: BLE001 - the choice is an optimization; the run goes on without it
+        log.info("equalize not measured", exc_info=True)
+        quant.equalize = {"chosen": False, "reason": f"not measured: {first_line(e)}"}
+        return plain
+    quant.equalize = {**decision, "pairs": rewrites}
+    return equalized if decision["chosen"] else plain
+
+
+def guard_stages(quant: Plan, folder: Path, stages: list, module, args, rtol, atol, progress: Progress) -> list:
+    """After verification: the per-layer table, the worst layers named in failing int8 stages, and with
+    ``--int8-fallback auto`` the failing stages quantized again with their worst layers in float."""
+    import dataclasses
+
+    from .verification import verify_stages
+
+    try:
+        quant.layers = blame(folder, stages, quant.evaluation[:64], quant.options.batch, progress)
+    except Exception as e:  # noqa: BLE001 - the table explains a failure; it must not cause one
+        log.info("per-layer errors not measured", exc_info=True)
+        quant.layers = [{"error": first_line(e)}]
+    ranking = [r["name"] for r in quant.layers if r.get("quantized", True) and "name" in r]
+    training = stages[0]
+    by_name = {s.name: s for s in stages}
+
+    def reverify(stage):
+        v = verify_stages(folder, [training, stage], rtol, atol, guard=quant.guard.to_dict())[stage.name]
+        return dataclasses.replace(stage, verification=v)
+
+    out = []
+    for s in stages:
+        if s.precision == "int8" and not s.export.error and not s.passed and quant.fallback_mode == "auto":
+            if ranking:
+                s, summary = fallback(s, by_name[s.parent], folder, ranking, quant.options, module, args, reverify,
+                                      progress)
+                quant.fallbacks.append(summary)
+                n = len(summary["kept_in_float"])
+                s.verification.notes.append(
+                    f"--int8-fallback auto: {n} layer(s) kept in float ({', '.join(summary['kept_in_float'])})"
+                    + ("" if summary["passed"] else "; the bound is still not met"))
+            else:
+                s.verification.notes.append("--int8-fallback auto: no per-layer ranking (it is measured on the "
+                                            "onnx-int8 stage; add onnx to --targets)")
+        if s.precision == "int8" and not s.passed and not s.export.error and quant.layers and ranking:
+            s.verification.reason += f"; worst layers: {worst_text(quant.layers)}"
+        out.append(s)
+    return out

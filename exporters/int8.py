@@ -1,0 +1,55 @@
+"""What every INT8 quantizer takes: calibration inputs and the quantization choices (:class:`Int8Options`).
+
+A target that can make INT8 declares ``quantize`` in its record (``exporters.targets.Target``): a
+``"module:function"`` called as ``function(fp32_artifact, path, options) -> Artifact`` that writes an
+int8 artifact (precision ``"int8"``) at ``path`` from the target's verified fp32 artifact, through the
+library made for that format (ONNX Runtime's static quantizer, NNCF, litert-torch's PT2E quantizer).
+
+Layers are named by the plain model's graph node names (``"conv2d_3"``): the ONNX exporter names the
+node ``node_conv2d_3`` and its output ``conv2d_3``; each quantizer maps those names onto its format,
+so the blame table, ``exclude`` and ``--int8-fallback`` speak of the same layers on every target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Int8Options", "METHODS"]
+
+METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class Int8Options:
+    """Calibration data and choices for one INT8 quantization.
+
+    ``calibration``: ``(N, ...)`` float32 inputs of the model's single input, never the evaluation
+    samples; ``method``: how activation ranges are read from them (``minmax``, ``entropy`` or
+    ``percentile``, the last at ``percentile``); ``per_channel``: one weight scale per output channel
+    (else one per tensor); ``exclude``: layers (graph node names) kept in float.
+    """
+
+    calibration: np.ndarray
+    method: str = "minmax"
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+    percentile: float = 99.999
+    batch: int = 1  # the artifact's batch: calibration is fed in chunks of it
+    extra: dict = field(default_factory=dict)  # format-specific choices
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        self.calibration = np.ascontiguousarray(self.calibration, dtype=np.float32)
+        self.exclude = tuple(self.exclude)
+
+    def batches(self):
+        """The calibration inputs in chunks of ``batch`` rows (the last one padded by repeating its last row)."""
+        x = self.calibration
+        for i in range(0, len(x), self.batch):
+            part = x[i:i + self.batch]
+            if len(part) < self.batch:
+                part = np.concatenate([part, np.repeat(part[-1:], self.batch - len(part), axis=0)])
+            yield part
