@@ -5,6 +5,7 @@
     deploy verify DIR                         re-run the verification of a convert output directory
     deploy inspect MODEL_OR_ARTIFACT          ops, convolutions, parameters, FLOPs, mergeable branches
     deploy bench DIR_OR_MODEL [options]       latency of the artifacts on their runtimes (and of the training form)
+    deploy tune MODEL_OR_DIR [options]        choose runtime, precision, passes and threads by measuring them
     deploy zoo                                list the built-in models
 
 ``deploy MODEL [options]`` (no command) is ``deploy convert MODEL [options]``. Exit status: 0 when
@@ -28,7 +29,7 @@ import sys
 import time
 import warnings
 
-COMMANDS = ("convert", "verify", "inspect", "bench", "zoo")
+COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "zoo")
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -198,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
                     "every artifact on its own runtime.",
         epilog="With no command, 'deploy [MODEL] [options]' runs 'deploy convert'. Plain 'deploy' converts the "
                f"built-in trained default ({DEFAULT_MODEL}) into runs/{DEFAULT_MODEL}.")
-    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,zoo}")
+    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,tune,zoo}")
 
     c = sub.add_parser("convert", help="convert a model into verified artifacts",
                        description="load -> capture -> passes -> plain model (DIR/model.deploy.pt2) -> exporters "
@@ -298,6 +299,35 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--allow-changed", action="store_true", help="time artifacts whose sha256 differs from the "
                    "run's report (refused without it: they are not the artifacts that were verified)")
     _common(b)
+
+    t = sub.add_parser("tune", help="choose the deploy form for this machine by measuring it",
+                       description="convert, judge and time every candidate (runtime x precision x passes x threads) "
+                       "under an accuracy bound; write OUT/best/ with deploy.json, OUT/report.md, OUT/pareto.png")
+    t.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_DIR",
+                   help=f"what convert takes, or a deploy convert output directory (its model, loaded as its report "
+                   f"says, at its input shape; default {DEFAULT_MODEL})")
+    t.add_argument("--runtimes", type=_runtimes, metavar="LIST", help="comma-separated runtimes (default: every "
+                   "runtime; those this machine cannot run are pruned, saying why)")
+    t.add_argument("--precisions", type=_runtimes, default=("fp32", "fp16", "bf16", "int8"), metavar="LIST",
+                   help="comma-separated precisions (default fp32,fp16,bf16,int8)")
+    t.add_argument("--passes", dest="pass_sets", type=_runtimes, default=("default",), metavar="LIST",
+                   help="comma-separated pass sets from default, default+rm, default+equalize (default: default)")
+    t.add_argument("--threads", type=_batches, metavar="LIST", help="thread counts, e.g. 1,2 (default: the CPUs "
+                   "this process may use)")
+    t.add_argument("--batch", type=_at_least(1), default=1, help="batch size (default 1)")
+    t.add_argument("--objective", choices=("latency", "throughput"), default="latency",
+                   help="rank by p50 latency or by samples per second (default latency)")
+    t.add_argument("--max-drop", type=_positive_float, default=1.0, metavar="POINTS",
+                   help="largest accuracy drop against the fp32 training model, with labels (default 1.0)")
+    t.add_argument("--min-agreement", type=_fraction, metavar="F", help="least top-1 agreement with the fp32 "
+                   "training model (default 0.9 without labels)")
+    t.add_argument("--budget-s", type=_positive_float, default=600.0, metavar="S",
+                   help="time for the whole search; when it runs out the best so far is chosen (default 600)")
+    t.add_argument("--calibration", metavar="PATH", help="INT8 calibration data (as for convert)")
+    _model_args(t)
+    t.add_argument("--out", metavar="DIR", help="output directory (default runs/tune-<model>)")
+    t.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy tune")
+    _common(t)
 
     z = sub.add_parser("zoo", help="list the built-in models")
     _common(z)
@@ -497,6 +527,45 @@ def cmd_bench(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
+def cmd_tune(args) -> int:
+    from .pipeline import ConvertOptions
+    from .report import text_table
+    from .tune import TuneOptions, tune
+    from .tune_report import candidate_table, pruned_lines
+
+    command = "deploy " + " ".join(shlex.quote(a) for a in args.argv)
+    conv = ConvertOptions(
+        model=args.model, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key, code_path=args.code_path,
+        num_classes=args.num_classes, width=args.width, input_shape=args.input_shape,
+        allow_train_mode=args.allow_train_mode, seed=args.seed, trust_pickle=args.trust_pickle)
+    opts = TuneOptions(model=args.model, runtimes=args.runtimes, precisions=args.precisions, passes=args.pass_sets,
+                       threads=args.threads, batch=args.batch, objective=args.objective, max_drop=args.max_drop,
+                       min_agreement=args.min_agreement, budget_s=args.budget_s, calibration=args.calibration,
+                       out=args.out, force=args.force, convert=conv, command=command)
+    result = tune(opts, progress=_Progress(args.quiet))
+    print(text_table(*candidate_table(result.candidates, result.chosen)))
+    pruned = pruned_lines(result.candidates)
+    if pruned:
+        print("\npruned before any measurement:\n" + "\n".join(f"  {p}" for p in pruned))
+    peer = result.peer.get("stats")
+    if result.cut_short:
+        print(f"\nthe search was cut short by --budget-s {args.budget_s:g}: the best candidate measured so far is "
+              "chosen")
+    report = os.path.join(result.out_dir, "report.md")
+    if result.chosen is None:
+        closest = result.closest
+        print(f"\nno candidate meets the accuracy bound" + (
+            f"; the closest is {closest.name} ({closest.metrics.get('reason') or closest.reason})" if closest else "")
+              + f"; report: {report}")
+        return EXIT_FAILED
+    c, s = result.chosen, result.chosen.best_stats()
+    print(f"\nchosen: {c.name}, p50 {s['p50']:.3f} ms"
+          + (f", {peer['p50'] / s['p50']:.2f}x the peer baseline ({result.peer['form']}, p50 {peer['p50']:.3f} ms)"
+             if peer else "")
+          + f"\nbest/: {os.path.join(result.out_dir, 'best')} (deploy.json); report: {report} ({result.seconds:.0f} s)")
+    return EXIT_OK
+
+
 def cmd_zoo(args) -> int:
     from . import zoo
 
@@ -565,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     _setup_logging(args.verbose)
     handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,
-                "zoo": cmd_zoo}
+                "tune": cmd_tune, "zoo": cmd_zoo}
     try:
         with _sigterm_as_interrupt():
             return handlers[args.command](args)

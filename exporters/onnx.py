@@ -317,13 +317,20 @@ def _export_target(job: ExportJob) -> list[Product]:
     return made
 
 
+def _native(precision: str, cpu: dict) -> str:
+    if precision == "fp16":
+        return ("ONNX Runtime's CPU provider has no fp16 convolution kernels: an fp16 model runs slower than fp32 "
+                "on a CPU")
+    return ""
+
+
 TARGET = Target(
     name="onnx", title="ONNX", runtime="onnxruntime", suffixes=(".onnx",), source="torch",
     export=_export_target, function="exporters.onnx:export_onnx",
     runner="runtimes.onnxruntime_runner:OnnxRuntimeRunner",
     requires=(("onnx", _EXTRA), ("onnxscript", _EXTRA), ("onnxruntime", _EXTRA), ("onnxsim", _EXTRA)),
     inspect="deploy.inspect:read_onnx", default=True,
-    precisions=("fp32", "fp16", "int8"), quantize="exporters.onnx_int8:quantize_onnx",
+    precisions=("fp32", "fp16", "int8"), quantize="exporters.onnx_int8:quantize_onnx", native=_native,
     bench_options={"optimization": "all", "allow_spinning": False},
     bench_note={"graph_optimization": "all", "intra_op_allow_spinning": 0},
     description="ONNX (dynamo exporter, onnxsim re-verified), run on ONNX Runtime",

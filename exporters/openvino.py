@@ -142,12 +142,21 @@ def _files(art: Artifact) -> list[str]:
     return [art.path, str(Path(art.path).with_suffix(".bin"))]
 
 
+def _native(precision: str, cpu: dict) -> str:
+    simd = set(cpu.get("simd", ()))
+    if precision == "fp16" and not simd & {"avx512_fp16", "amx_fp16", "asimdhp"}:
+        return "this CPU has no fp16 arithmetic: OpenVINO runs an f16 hint in bf16 (or fp32), not fp16"
+    if precision == "bf16" and not (cpu.get("low_precision") or {}).get("bf16"):
+        return "this CPU has no bf16 instructions: OpenVINO would run the bf16 hint in fp32"
+    return ""
+
+
 TARGET = Target(
     name="openvino", title="OpenVINO", runtime="openvino", suffixes=(".xml",), source="onnx",
     export=_export_target, function="exporters.openvino:export_openvino",
     runner="runtimes.openvino_runner:OpenVINORunner", runner_options=lambda precision: {"precision": precision},
-    precisions=("fp32", "fp16", "int8"), quantize="exporters.openvino_int8:quantize_openvino",
-    requires=(("openvino", "openvino"),), files=_files, inspect="deploy.inspect:read_openvino", default=True,
+    precisions=("fp32", "fp16", "int8"), quantize="exporters.openvino_int8:quantize_openvino", hints=("bf16",),
+    native=_native, requires=(("openvino", "openvino"),), files=_files, inspect="deploy.inspect:read_openvino", default=True,
     bench_options={"config": {"PERFORMANCE_HINT": "LATENCY"}},
     bench_note={"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "the run's precision"},
     description="OpenVINO IR (.xml + .bin) converted from the ONNX file, explicit inference precision",

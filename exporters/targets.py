@@ -15,7 +15,8 @@ need to know about a format, so none of them holds a table of its own:
   package cannot tell (a GPU); ``files``: the files beside the artifact that belong to it;
 - ``function``: the plain export function ``exporters.export(name, ...)`` calls;
 - ``inspect``: the reader ``deploy inspect`` uses (``"module:function"``, ``(path, summary)``);
-- ``precisions`` it can produce; ``quantize``: how it makes an INT8 artifact from its fp32 one
+- ``precisions`` it can produce, ``hints`` those its runner applies to the fp32 artifact, and ``native``
+  why a precision does not run natively on a CPU (``deploy tune`` prunes with that reason); ``quantize``: how it makes an INT8 artifact from its fp32 one
   (``"module:function"``, see ``exporters.int8``); ``default``: in the default ``--targets``; ``always``: made in
   every run (the plain model, ``pt2``).
 
@@ -99,6 +100,8 @@ class Target:
     function: str | None = None  # the library function behind ``exporters.export(name, ...)``: "module:function"
     quantize: str | None = None  # "module:function": (fp32 artifact, path, Int8Options) -> int8 Artifact
     runner_options: Callable[[str], dict] = lambda precision: {}
+    hints: tuple[str, ...] = ()  # precisions its runner applies to the fp32 artifact (OpenVINO's bf16 hint)
+    native: Callable[[str, dict], str] = lambda precision, cpu: ""  # why it cannot run it natively here ("": it can)
     bench_options: dict = field(default_factory=dict)
     bench_note: dict = field(default_factory=dict)
     check: Callable[[str], None] | None = None  # raises MissingDependency (e.g. no GPU); arg: purpose

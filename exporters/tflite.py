@@ -188,11 +188,18 @@ def _export_target(job: ExportJob) -> list[Product]:
                                             precision=job.precision))]
 
 
+def _native(precision: str, cpu: dict) -> str:
+    if precision == "fp16" and not set(cpu.get("simd", ())) & {"asimdhp", "fphp"}:
+        return ("LiteRT's CPU delegate (XNNPACK) computes an fp16-weight model in fp32 on a CPU without fp16 "
+                "arithmetic: it is the fp32 candidate with smaller weights")
+    return ""
+
+
 TARGET = Target(
     name="tflite", title="TFLite", runtime="tflite", suffixes=(".tflite",), source="torch",
     export=_export_target, function="exporters.tflite:export_tflite", runner="runtimes.litert_runner:LiteRTRunner",
     requires=(("litert_torch", _EXTRA), ("ai_edge_litert", _EXTRA)), inspect="deploy.inspect:read_tflite",
-    precisions=("fp32", "fp16", "int8"), quantize="exporters.tflite_int8:quantize_tflite",
+    precisions=("fp32", "fp16", "int8"), quantize="exporters.tflite_int8:quantize_tflite", native=_native,
     default=True, bench_note={"delegate": "XNNPACK (LiteRT default)"},
     description="TFLite through litert-torch, run on LiteRT",
 )

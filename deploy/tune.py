@@ -1,0 +1,586 @@
+"""``deploy tune``: choose the deploy form for this machine by measuring it, under an accuracy bound.
+
+A *candidate* is one way to run the model here: a runtime, a precision, a set of passes and a thread
+count. :func:`tune` does, within ``budget_s`` seconds:
+
+1. **Plan** (:func:`plan`): the product of the asked runtimes, precisions, pass sets and thread counts,
+   pruned with the reason where a runtime is not installed or needs a device this machine lacks, where
+   its target cannot make or run a precision (``Target.precisions`` / ``Target.hints``), or where this
+   CPU cannot run it natively (``Target.native``: e.g. fp16 on a CPU without fp16 arithmetic).
+2. **Convert** once per pass set (``deploy convert`` into ``OUT/forms/<passes>``, every rewrite proven in
+   float64; ``--precision int8`` when an int8 candidate is planned, which also makes the fp32 artifacts,
+   and ``fp16`` once more when an fp16 candidate survived the plan). A pass set that rewrites nothing
+   beyond the default set is pruned: its forms are the default's.
+3. **Judge** every candidate's artifact on its runtime on held-out samples (the model's own, or seeded
+   inputs; never calibration data) with the accuracy guard of ``deploy.int8.judge``: the accuracy drop
+   against the fp32 training model when there are labels, else top-1 agreement (and SQNR for outputs
+   that are not class scores). A candidate that fails the bound is never chosen, however fast.
+4. **Screen** the eligible candidates with a short measurement (each runtime and thread count in its
+   own process, candidates interleaved call by call, ``runtimes.bench``), then **drop** those clearly
+   slower than the best one (:func:`clearly_slower`: a candidate whose *fastest* call took longer than
+   the best candidate's 90th-percentile call cannot be the best on this noisy machine), and **measure**
+   the rest in full. The peer baseline is measured beside them: for a timm model, timm's own
+   ``reparameterize_model`` exported by ``torch.onnx.export`` and run on ONNX Runtime with default
+   settings; for other models the training form exported the same way.
+5. **Rank** (:func:`rank`) by p50 latency (``objective="latency"``) or samples per second
+   (``"throughput"``), write ``OUT/best/`` (the chosen artifact and ``deploy.json``), ``OUT/tune.json``,
+   ``OUT/report.md`` and ``OUT/pareto.png`` (latency against accuracy delta).
+
+When the budget runs out, the search stops where it is: the best candidate measured so far is chosen
+and the report says the search was cut short. When no candidate meets the bound,
+:class:`TuneResult` has no choice, the table is still written, and the closest candidate is named.
+The clock and the measurement are parameters (``clock``, ``measure``) so that the search can be tested
+with scripted numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+
+import fusers
+from exporters import targets as registry
+from runtimes.bench import BenchJob, BenchSettings
+from runtimes.core import MissingDependency, first_line
+
+from . import sources
+from .int8 import Guard, judge
+from .record import PipelineError
+
+__all__ = ["TuneOptions", "TuneResult", "Candidate", "tune", "plan", "clearly_slower", "rank", "PASS_SETS",
+           "SCREEN", "FULL"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+PASS_SETS = {"default": None, "default+rm": [*fusers.DEFAULT_PASSES, "rm"],
+             "default+equalize": [*fusers.DEFAULT_PASSES, "equalize"]}
+CUDA = "torch-cuda"  # the plain model (model.deploy.pt2) run by torch on a CUDA GPU, timed with CUDA events
+CUDA_VARIANTS = {"fp32": ("fp32", "channels_last"), "fp16": ("fp16",)}  # runtimes.bench's CUDA variants
+SCREEN = BenchSettings(warmup_iters=2, warmup_ms=50.0, min_iters=10, min_ms=300.0)
+FULL = BenchSettings(warmup_iters=5, warmup_ms=200.0, min_iters=20, min_ms=1500.0)
+
+
+@dataclass
+class TuneOptions:
+    """What ``deploy tune`` takes; see ``deploy tune --help``."""
+
+    model: str = sources.DEFAULT_MODEL
+    runtimes: Sequence[str] | None = None  # default: every registered runtime (those that cannot run here pruned)
+    precisions: Sequence[str] = ("fp32", "fp16", "bf16", "int8")
+    passes: Sequence[str] = ("default",)
+    threads: Sequence[int] | None = None  # default: the CPUs this process may use
+    batch: int = 1
+    objective: str = "latency"  # or "throughput"
+    max_drop: float = 1.0
+    min_agreement: float | None = None
+    budget_s: float = 600.0
+    calibration: str | None = None
+    out: str | None = None
+    force: bool = False
+    convert: object | None = None  # deploy.pipeline.ConvertOptions with the model options (checkpoint, shape, ...)
+    screen: BenchSettings = field(default_factory=lambda: replace(SCREEN))
+    full: BenchSettings = field(default_factory=lambda: replace(FULL))
+    command: str | None = None
+
+
+@dataclass
+class Candidate:
+    """One way to run the model here, and what became of it."""
+
+    runtime: str
+    precision: str
+    passes: str
+    threads: int
+    status: str = "planned"  # planned, pruned, ineligible, dropped, cut, failed, measured
+    reason: str = ""
+    path: str | None = None  # its artifact, inside the tune directory
+    size: int | None = None
+    metrics: dict = field(default_factory=dict)  # the accuracy guard's numbers
+    screen: dict | None = None  # statistics of the short measurement
+    stats: dict | None = None  # statistics of the full measurement
+
+    @property
+    def name(self) -> str:
+        return f"{self.runtime} {self.precision} {self.passes} x{self.threads}"
+
+    @property
+    def eligible(self) -> bool:
+        return self.status in ("measured", "dropped", "cut", "planned") and bool(self.metrics.get("passed"))
+
+    def best_stats(self) -> dict | None:
+        return self.stats or self.screen
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass
+class TuneResult:
+    out_dir: str
+    candidates: list[Candidate]
+    chosen: Candidate | None
+    peer: dict
+    cut_short: bool
+    seconds: float
+    eligibility: str  # how candidates were judged, in words
+    closest: Candidate | None = None  # when nothing is eligible: the one nearest the bound
+    manifest: dict | None = None
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+def _target(runtime: str):
+    return registry.get("pt2") if runtime == CUDA else registry.by_runtime(runtime)
+
+
+def plan(opts: TuneOptions, cpu: dict, threads: Sequence[int]) -> list[Candidate]:
+    """Every candidate of ``opts``: those that can run here are ``planned``, the rest ``pruned`` with the reason."""
+    runtimes = list(opts.runtimes) if opts.runtimes else [*registry.runtimes(), CUDA]  # those missing pruned
+    out = []
+    for runtime, precision, passes, n in product(runtimes, opts.precisions, opts.passes, threads):
+        for variant in CUDA_VARIANTS.get(precision, ()) if runtime == CUDA else (precision,):
+            c = Candidate(runtime, variant, passes, n)
+            c.reason = _why_not_cuda(variant) if runtime == CUDA else _why_not(runtime, precision, cpu)
+            c.status = "pruned" if c.reason else "planned"
+            out.append(c)
+    return out
+
+
+def _why_not_cuda(variant: str) -> str:
+    import torch
+
+    return "" if torch.cuda.is_available() else f"torch on CUDA ({variant}) needs a CUDA GPU; torch sees none here"
+
+
+def _why_not(runtime: str, precision: str, cpu: dict) -> str:
+    try:
+        target = _target(runtime)
+    except KeyError as e:
+        return first_line(e)
+    try:
+        registry.check_available(target, f"the {runtime} runtime")
+    except MissingDependency as e:
+        return str(e).rstrip(".")
+    if precision not in target.precisions and precision not in target.hints:
+        return f"the {target.label} target makes {', '.join(target.precisions + target.hints)}, not {precision}"
+    return target.native(precision, cpu)
+
+
+def check_options(opts: TuneOptions) -> None:
+    """Refuse bad options before any work."""
+    unknown = [p for p in opts.passes if p not in PASS_SETS]
+    if unknown:
+        raise PipelineError(f"unknown pass set(s) {', '.join(unknown)}; choose from {', '.join(PASS_SETS)}")
+    known = [*registry.runtimes(), CUDA]
+    bad = [r for r in opts.runtimes or () if r not in known]
+    if bad:
+        raise PipelineError(f"unknown runtime(s) {', '.join(bad)}; known runtimes: {', '.join(known)}")
+    precisions = {p for t in registry.all_targets() for p in (*t.precisions, *t.hints)}
+    bad = [p for p in opts.precisions if p not in precisions]
+    if bad:
+        raise PipelineError(f"unknown precision(s) {', '.join(bad)}; choose from {', '.join(sorted(precisions))}")
+    if opts.objective not in ("latency", "throughput"):
+        raise PipelineError(f"unknown objective {opts.objective!r}; choose latency or throughput")
+    if opts.batch < 1 or opts.budget_s <= 0 or any(n < 1 for n in opts.threads or ()):
+        raise PipelineError("--batch and --threads need positive integers and --budget-s a positive number of "
+                            "seconds")
+
+
+# ----------------------------------------------------------------------------------------- the rules
+
+def _key(stats: dict, objective: str) -> float:
+    """What is minimized: p50 ms, or ms per sample for throughput."""
+    return stats["p50"] if objective == "latency" else 1000.0 / max(stats["throughput"], 1e-12)
+
+
+def clearly_slower(candidates: Sequence[Candidate], objective: str = "latency") -> list[tuple[Candidate, str]]:
+    """The screened eligible candidates that cannot be the best: whose fastest call took longer than the best
+    candidate's 90th-percentile call (per sample for throughput). On a noisy machine a p50 difference within
+    the spread of calls is not a verdict; a candidate whose best call loses to most of the leader's calls is."""
+    screened = [c for c in candidates if c.screen and c.eligible]
+    if len(screened) < 2:
+        return []
+    scale = lambda c: 1.0 if objective == "latency" else 1.0 / c.screen["batch"]  # noqa: E731
+    best = min(screened, key=lambda c: _key(c.screen, objective))
+    bar = best.screen["p90"] * scale(best)
+    return [(c, f"fastest screening call {c.screen['min'] * scale(c):.3f} ms > the best candidate's ({best.name}) "
+                f"p90 {bar:.3f} ms") for c in screened if c is not best and c.screen["min"] * scale(c) > bar]
+
+
+def rank(candidates: Sequence[Candidate], objective: str = "latency") -> list[Candidate]:
+    """The eligible measured candidates, best first (full statistics where measured, else the screening ones)."""
+    timed = [c for c in candidates if c.eligible and c.best_stats() and c.status != "dropped"]
+    return sorted(timed, key=lambda c: (c.stats is None, _key(c.best_stats(), objective)))
+
+
+def closest(candidates: Sequence[Candidate]) -> Candidate | None:
+    """The judged candidate nearest the bound: smallest accuracy drop, else highest agreement, else SQNR."""
+    judged = [c for c in candidates if c.metrics]
+    key = lambda c: (c.metrics.get("drop", 0.0), -c.metrics.get("agreement", 0.0),  # noqa: E731
+                     -_finite(c.metrics.get("sqnr_db")))
+    return min(judged, key=key, default=None)
+
+
+def _finite(v) -> float:
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else (1e9 if v else -1e9)
+
+
+# ------------------------------------------------------------------------------------------- the search
+
+class Budget:
+    def __init__(self, seconds: float, clock: Callable[[], float]):
+        self.seconds, self.clock, self.start, self.cut = seconds, clock, clock(), False
+
+    def left(self) -> float:
+        return self.seconds - (self.clock() - self.start)
+
+    def spent(self) -> bool:
+        if self.left() <= 0:
+            self.cut = True
+        return self.cut
+
+
+def _measure_isolated(job: BenchJob) -> list[dict]:
+    """Time ``job`` in a fresh Python process (its job and result files in a temporary folder)."""
+    import tempfile
+
+    from runtimes.bench import run_isolated
+
+    with tempfile.TemporaryDirectory(prefix="deploy-tune-") as work:
+        return run_isolated(job, work)["rows"]
+
+
+def search(candidates: list[Candidate], jobs: Callable[[list[Candidate], BenchSettings], list[BenchJob]],
+           measure: Callable[[BenchJob], list[dict]], opts: TuneOptions, budget: Budget,
+           progress: Progress) -> None:
+    """Screen, drop and measure the eligible candidates (in place); see the module docstring."""
+    for phase, settings in (("screen", opts.screen), ("full", opts.full)):
+        todo = [c for c in candidates if c.eligible and c.status == "planned"]
+        for job in jobs(todo, settings):
+            if budget.spent():
+                break
+            progress(f"{'screening' if phase == 'screen' else 'measuring'} {', '.join(job.forms)} ...")
+            by_form = {c.name: c for c in todo}
+            for row in measure(job):
+                c = by_form.get(row["form"].replace("{variant}", row.get("variant", "")))
+                if c is None:
+                    continue
+                if "p50" not in row:
+                    c.status, c.reason = "failed", row.get("error", "not measured")
+                    continue
+                setattr(c, "screen" if phase == "screen" else "stats", row)
+                progress(f"  {c.name}: p50 {row['p50']:.3f} ms (p90 {row['p90']:.3f}, {row['iters']} calls)")
+            if phase == "full":
+                for c in todo:
+                    if c.status == "planned" and (c.stats is not None):
+                        c.status = "measured"
+        if phase == "screen":
+            for c, why in clearly_slower(candidates, opts.objective):
+                c.status, c.reason = "dropped", why
+        if budget.cut:
+            break
+    for c in candidates:
+        if c.status == "planned" and c.eligible:
+            c.status, c.reason = "cut", "the budget ran out before it was measured in full"
+
+
+# ------------------------------------------------------------------------------------------- orchestration
+
+TUNE_REPORT = "tune.json"
+
+
+def _out_dir(opts: TuneOptions, name: str) -> tuple[Path, bool]:
+    out = Path(opts.out) if opts.out else Path("runs") / f"tune-{name}"
+    if not out.exists():
+        return out, False
+    if not (out / TUNE_REPORT).is_file() and any(out.iterdir()):
+        raise PipelineError(f"output directory {out} exists and was not written by deploy tune (no {TUNE_REPORT}); "
+                            "refusing to replace it: choose another --out")
+    if opts.out and not opts.force and any(out.iterdir()):
+        raise PipelineError(f"output directory {out} already exists; pass --force to replace it or choose another "
+                            "--out")
+    return out, True
+
+
+def _stage_for(result, c: Candidate):
+    """The stage of a convert run that candidate ``c`` runs: its int8 or fp16 stage, else the target's main one."""
+    from .forms import main_stage
+
+    target = _target(c.runtime)
+    if c.precision in target.hints or c.precision == "fp32" or c.runtime == CUDA:
+        return main_stage([s for s in result.stages if s.precision == "fp32"], target.name)
+    same = [s for s in result.stages if s.format == target.name and s.precision == c.precision]
+    return (sorted(same, key=lambda s: not s.export.main) or [None])[0]
+
+
+def _judge_all(candidates: list[Candidate], runs: dict, guard: Guard, progress: Progress) -> None:
+    """Run each planned candidate's artifact on the held-out samples and apply the accuracy bound (threads do not
+    change the numbers: one judgement per runtime, precision and pass set)."""
+    from .verification import run_batched
+
+    done: dict[tuple, tuple] = {}
+    for c in candidates:
+        if c.status != "planned":
+            continue
+        key = (c.runtime, c.precision, c.passes)
+        if key not in done:
+            done[key] = _judge_one(c, runs[c.passes if c.precision != "fp16" else f"{c.passes}+fp16"], guard,
+                                   run_batched)
+            progress(f"judged {c.runtime} {c.precision} {c.passes}: " + (done[key][0].get("reason") or "eligible"))
+        c.metrics, c.path, c.size, failure = done[key]
+        if failure:
+            c.status, c.reason = "failed", failure
+        elif not c.metrics["passed"]:
+            c.status, c.reason = "ineligible", c.metrics["reason"]
+
+
+def _judge_one(c: Candidate, run, guard: Guard, run_batched) -> tuple[dict, str | None, int | None, str]:
+    root = Path(run.out_dir)
+    stage = _stage_for(run, c)
+    if stage is None or stage.export.error:
+        return {}, None, None, stage.reason if stage else f"the convert run made no {c.precision} artifact"
+    if stage.format != "pt2" and not stage.passed and stage.precision != "int8":
+        return {}, None, None, f"its artifact did not verify: {stage.reason}"
+    art = stage.export.artifact_in(root)
+    vdir = root / "verify"
+    with np.load(vdir / "samples.npz") as d:
+        x, labels = d["input0"], (d["labels"] if "labels" in d.files else None)
+    with np.load(vdir / "samples_reference.npz") as d:
+        reference = [d[k] for k in d.files]
+    batch = art.inputs[0].shape[0] if art.inputs and isinstance(art.inputs[0].shape[0], int) else 1
+    try:
+        if c.runtime == CUDA:
+            outs = _run_cuda(art.path, c.precision, x, batch)
+        else:
+            with _target(c.runtime).open(art, precision=c.precision) as runner:
+                outs = run_batched(runner, x, batch)
+    except Exception as e:  # noqa: BLE001 - a candidate that cannot run is a failed candidate
+        return {}, None, None, f"{type(e).__name__}: {first_line(e)}"
+    verdict = judge(outs, reference, labels, guard)
+    return ({**verdict.metrics, "passed": verdict.passed, "reason": verdict.reason}, art.path,
+            stage.files.size, "")
+
+
+def _run_cuda(path: str, variant: str, x: np.ndarray, batch: int) -> list[np.ndarray]:
+    """The plain model on CUDA in ``variant`` (fp32, fp16, channels_last), outputs back in float32."""
+    import torch
+
+    from runtimes.compare import flatten
+    from runtimes.pt2_archive import load_program
+
+    dtype = torch.float16 if variant == "fp16" else torch.float32
+    fmt = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    module = load_program(path).module().to("cuda", dtype)
+    chunks = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            xin = torch.from_numpy(x[i:i + batch]).to("cuda", dtype)
+            if xin.dim() == 4:
+                module, xin = module.to(memory_format=fmt), xin.contiguous(memory_format=fmt)
+            chunks.append([o.float() for o in flatten(module(xin))])
+    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
+
+
+def _peer(model, loaded, shape, folder: Path, samples, guard: Guard, progress: Progress) -> dict:
+    """The form a user of the peers would ship, exported with ``torch.onnx.export``'s defaults: timm's
+    ``reparameterize_model`` for a timm model, else the training form. ``{"form", "path", "metrics"}``."""
+    import copy
+
+    import torch
+
+    from runtimes.onnxruntime_runner import OnnxRuntimeRunner
+
+    from .verification import run_batched
+
+    form = "training form"
+    module = copy.deepcopy(model).eval()
+    if loaded.kind == "timm":
+        from timm.utils import reparameterize_model
+
+        module, form = reparameterize_model(module), "timm.utils.reparameterize_model"
+    path = folder / "peer.onnx"
+    progress(f"exporting the peer baseline ({form}, torch.onnx.export defaults) ...")
+    try:
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines: the CLI owns stdout
+            torch.onnx.export(module, (torch.zeros(*shape),), os.fspath(path))
+        x, labels, reference = samples
+        with OnnxRuntimeRunner(os.fspath(path)) as runner:
+            outs = run_batched(runner, x, shape[0])
+    except Exception as e:  # noqa: BLE001 - the comparison is lost, not the search
+        log.info("peer baseline failed", exc_info=True)
+        return {"form": form, "error": f"{type(e).__name__}: {first_line(e)}"}
+    verdict = judge(outs, reference, labels, guard)
+    return {"form": form, "runtime": "onnxruntime fp32, default session options", "path": path.name,
+            "metrics": {**verdict.metrics, "passed": verdict.passed}}
+
+
+def _jobs(shape, batch: int):
+    def make(todo: list[Candidate], settings: BenchSettings) -> list[BenchJob]:
+        groups: dict[tuple, list[Candidate]] = {}
+        for c in todo:
+            groups.setdefault((c.runtime, c.threads), []).append(c)
+        jobs = []
+        for (runtime, threads), cs in groups.items():
+            target = _target(runtime)
+            if runtime == CUDA:  # one form, timed by runtimes.bench in every CUDA variant: rows name the variant
+                for passes in sorted({c.passes for c in cs}):
+                    path = next(c.path for c in cs if c.passes == passes)
+                    jobs.append(BenchJob("torch", {f"{CUDA} {{variant}} {passes} x{threads}": path},
+                                         [batch, *shape[1:]], runner=target.runner, device="cuda",
+                                         settings=settings))
+                continue
+            jobs.append(BenchJob(runtime, {c.name: c.path for c in cs}, [batch, *shape[1:]], runner=target.runner,
+                                 runner_options=dict(target.bench_options), note=target.bench_note, threads=threads,
+                                 settings=settings,
+                                 variants={c.name: {"precision": c.precision,
+                                                    "runner_options": target.runner_options(c.precision)}
+                                           for c in cs}))
+        return jobs
+    return make
+
+
+def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable[[], float] = time.monotonic,
+         measure: Callable[[BenchJob], list[dict]] | None = None) -> TuneResult:
+    """Search the candidates of ``opts`` on this machine; see the module docstring."""
+    from runtimes.hardware import cpu_facts, usable_cpus
+
+    from .calibration import seeded_eval, seeded_eval_count
+    from .pipeline import ConvertOptions, _default_name, convert
+    from .record import RunDirectory
+
+    progress = progress or _noop
+    check_options(opts)
+    if os.path.isdir(opts.model):
+        opts = _from_run(opts)
+    budget = Budget(opts.budget_s, clock)
+    base = opts.convert or ConvertOptions()
+    threads = sorted(set(opts.threads or [usable_cpus()]))
+    cpu = cpu_facts(max(threads))
+    candidates = plan(opts, cpu, threads)
+    if not any(c.status == "planned" for c in candidates):
+        raise PipelineError("no candidate can run on this machine: " + "; ".join(
+            sorted({f"{c.runtime} {c.precision}: {c.reason}" for c in candidates})))
+    out_dir, replaces = _out_dir(opts, _default_name(opts.model))
+    progress(f"loading {opts.model} ...")
+    loaded = sources.load_model(opts.model, checkpoint=base.checkpoint, checkpoint_key=base.checkpoint_key,
+                                code_path=base.code_path, num_classes=base.num_classes, width=base.width,
+                                allow_train_mode=base.allow_train_mode, seed=base.seed,
+                                trust_pickle=base.trust_pickle)
+    shape = tuple(base.input_shape or loaded.input_shape or ())
+    if not shape:
+        raise PipelineError(f"{opts.model} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
+    shape = (opts.batch, *shape[1:])
+    guard = Guard(max_drop=opts.max_drop, min_agreement=opts.min_agreement)
+    pruned = sum(c.status == "pruned" for c in candidates)
+    progress(f"{len(candidates)} candidates, {pruned} pruned before any work; budget {opts.budget_s:.0f} s")
+
+    with RunDirectory(out_dir, replaces) as run:
+        inputs = base.inputs or loaded.samples
+        if inputs is None:
+            inputs = os.fspath(run.tmp / "heldout.npz")
+            np.savez(inputs, input0=seeded_eval(shape, seeded_eval_count(shape), base.seed))
+        eligibility = ("accuracy drop against the fp32 training model on labelled held-out samples"
+                       if _has_labels(inputs) else "top-1 agreement (or SQNR) with the fp32 training model on "
+                       "held-out inputs without labels")
+        runs = {}
+        for passes in opts.passes:
+            for precision in ("int8" if any(c.precision == "int8" for c in candidates) else "fp32", "fp16"):
+                mine = [c for c in candidates if c.passes == passes and c.status == "planned"
+                        and (c.precision == "fp16") == (precision == "fp16")]
+                if not mine:
+                    continue
+                key = passes + ("+fp16" if precision == "fp16" else "")
+                if budget.spent():
+                    for c in mine:
+                        c.status, c.reason = "cut", "the budget ran out before its conversion"
+                    continue
+                targets = sorted({_target(c.runtime).name for c in mine} - {"pt2"})
+                progress(f"converting with passes {passes} ({precision}; targets {', '.join(targets) or 'pt2'}) ...")
+                conv = replace(base, model=opts.model, passes=PASS_SETS[passes], targets=targets, precision=precision,
+                               input_shape=shape, inputs=inputs, out=os.fspath(run.tmp / "forms" / key), force=False,
+                               calibration=opts.calibration, command=None)
+                runs[key] = convert(conv, progress=lambda m: progress(f"  {m}"))
+        if not runs:
+            raise PipelineError(f"--budget-s {opts.budget_s:g} ran out before the first conversion; give more time")
+        _same_as_default(candidates, runs)
+        _judge_all(candidates, runs, guard, progress)
+        verify = Path(next(iter(runs.values())).out_dir) / "verify"  # every run verified on the same samples
+        with np.load(verify / "samples.npz") as d:
+            held_out = (d["input0"], d["labels"] if "labels" in d.files else None)
+        with np.load(verify / "samples_reference.npz") as d:
+            held_out += ([d[k] for k in d.files],)
+        peer = _peer(loaded.model, loaded, shape, run.tmp, held_out, guard, progress)
+        measure = measure or _measure_isolated
+        search(candidates, _jobs(shape, opts.batch), measure, opts, budget, progress)
+        if "path" in peer:
+            job = BenchJob("onnxruntime", {"peer": os.fspath(run.tmp / peer["path"])}, list(shape),
+                           runner=_target("onnxruntime").runner, threads=None, settings=opts.full)
+            progress("measuring the peer baseline ...")
+            rows = [r for r in measure(job) if r.get("form") == "peer"]
+            peer["stats"] = rows[0] if rows and "p50" in rows[0] else None
+        ranked = rank(candidates, opts.objective)
+        chosen = ranked[0] if ranked else None
+        result = TuneResult(os.fspath(out_dir), candidates, chosen, peer, budget.cut, budget.clock() - budget.start,
+                            eligibility, closest=None if chosen else closest(candidates))
+        from .tune_report import write_outputs
+
+        result.manifest = write_outputs(run.tmp, result, opts, loaded, shape, cpu)
+        run.commit()
+    for c in candidates:  # the artifacts now live in the output directory
+        if c.path:
+            c.path = os.fspath(out_dir / os.path.relpath(c.path, run.tmp))
+    return result
+
+
+def _from_run(opts: TuneOptions) -> TuneOptions:
+    """``opts`` for the model a ``deploy convert`` run directory was made from, loaded as its record says (trust
+    to unpickle comes from this command, never from the record), at its input shape."""
+    from .pipeline import ConvertOptions
+    from .record import load_record
+
+    record = load_record(opts.model)
+    base = opts.convert or ConvertOptions()
+    load = {k: v for k, v in record.load.items() if k not in ("spec", "trust_pickle")}
+    base = replace(base, **{k: v for k, v in load.items() if v is not None and hasattr(base, k)},
+                   input_shape=tuple(record.inputs.shape))
+    return replace(opts, model=record.load["spec"], convert=base)
+
+
+def _has_labels(path: str) -> bool:
+    with np.load(path, allow_pickle=False) as d:
+        return "labels" in d.files
+
+
+def _same_as_default(candidates: list[Candidate], runs: dict) -> None:
+    """Prune a pass set whose passes rewrote nothing the default set did not: its forms are the default's."""
+    if "default" not in runs:
+        return
+    base = runs["default"].report["reparameterize"]["ops_after"]
+    for key, run in runs.items():
+        passes = key.split("+fp16")[0]
+        if passes != "default" and run.report["reparameterize"]["ops_after"] == base and \
+                _rewrites(run) == _rewrites(runs["default"]):
+            for c in candidates:
+                if c.passes == passes and c.status == "planned":
+                    c.status, c.reason = "pruned", f"{passes} rewrote nothing beyond the default passes"
+
+
+def _rewrites(run) -> int:
+    return sum(p["rewrites"] for p in run.report["reparameterize"]["passes"])
