@@ -543,7 +543,7 @@ def cmd_tune(args) -> int:
                        min_agreement=args.min_agreement, budget_s=args.budget_s, calibration=args.calibration,
                        out=args.out, force=args.force, convert=conv, command=command)
     result = tune(opts, progress=_Progress(args.quiet))
-    print(text_table(*candidate_table(result.candidates, result.chosen)))
+    print(text_table(*candidate_table(result.candidates, result.chosen, args.objective)))
     pruned = pruned_lines(result.candidates)
     if pruned:
         print("\npruned before any measurement:\n" + "\n".join(f"  {p}" for p in pruned))
@@ -554,7 +554,7 @@ def cmd_tune(args) -> int:
     report = os.path.join(result.out_dir, "report.md")
     if result.chosen is None:
         closest = result.closest
-        print(f"\nno candidate meets the accuracy bound" + (
+        print("\nno candidate meets the accuracy bound" + (
             f"; the closest is {closest.name} ({closest.metrics.get('reason') or closest.reason})" if closest else "")
               + f"; report: {report}")
         return EXIT_FAILED

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -95,6 +93,8 @@ def judge(outs: Sequence[np.ndarray], ref: Sequence[np.ndarray], labels: np.ndar
     if scores:
         pred, ref_pred = outs[0].argmax(1), ref[0].argmax(1)
         m["agreement"] = float(np.mean(pred == ref_pred))
+        # a random-weight network may give one class for every input: then agreement says little, SQNR more
+        m["reference_classes"] = int(len(np.unique(ref_pred)))
         if labels is not None:
             m["accuracy"], m["reference_accuracy"] = float(np.mean(pred == labels)), float(np.mean(ref_pred == labels))
             m["drop"] = 100.0 * (m["reference_accuracy"] - m["accuracy"])

@@ -11,7 +11,9 @@
 
 Nothing is downloaded: timm and torchvision models are built with random weights unless a
 checkpoint is given, and the record says so. Random-weight models get non-trivial BatchNorm
-statistics (``zoo.randomize_batchnorm``) so that verifying them is not vacuous.
+statistics (``zoo.randomize_batchnorm``) so that verifying them is not vacuous. Models are built with
+torch's generator seeded by ``seed`` (and the caller's generator state restored): two loads of the
+same spec and seed are the same network.
 
 A checkpoint (``load_checkpoint``) is a state dict, possibly nested under ``state_dict`` /
 ``model_state_dict`` / ``model`` / ``ema`` (or a whole module there); ``module.`` and
@@ -486,18 +488,22 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
         if kind in ("pickle", "pt2"):  # refused before anything is loaded (or unpickled)
             raise SourceError(f"{spec} already holds its weights; drop --checkpoint (or pass the architecture as "
                               "MODEL)")
-    if kind == "zoo":
-        loaded = _zoo(target, num_classes, width, checkpoint)
-    elif kind == "timm":
-        loaded = _timm(target, num_classes)
-    elif kind == "torchvision":
-        loaded = _torchvision(target, num_classes)
-    elif kind == "file":
-        loaded = _file(target, factory, num_classes)
-    elif kind == "pt2":
-        loaded = _pt2(target, trust_pickle)
-    else:
-        loaded = _pickle(target, trust_pickle)
+    # a model built with random weights draws them from torch's global generator: seeded here (and the caller's
+    # generator state restored), so that every load of the same spec and seed is the same network
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if kind == "zoo":
+            loaded = _zoo(target, num_classes, width, checkpoint)
+        elif kind == "timm":
+            loaded = _timm(target, num_classes)
+        elif kind == "torchvision":
+            loaded = _torchvision(target, num_classes)
+        elif kind == "file":
+            loaded = _file(target, factory, num_classes)
+        elif kind == "pt2":
+            loaded = _pt2(target, trust_pickle)
+        else:
+            loaded = _pickle(target, trust_pickle)
     if num_classes is not None and kind in ("pickle", "pt2"):
         raise SourceError(f"--num-classes does not apply to {spec!r}: the model is loaded whole")
     model = loaded.model

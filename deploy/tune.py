@@ -40,7 +40,6 @@ import io
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -69,6 +68,7 @@ PASS_SETS = {"default": None, "default+rm": [*fusers.DEFAULT_PASSES, "rm"],
              "default+equalize": [*fusers.DEFAULT_PASSES, "equalize"]}
 CUDA = "torch-cuda"  # the plain model (model.deploy.pt2) run by torch on a CUDA GPU, timed with CUDA events
 CUDA_VARIANTS = {"fp32": ("fp32", "channels_last"), "fp16": ("fp16",)}  # runtimes.bench's CUDA variants
+PEER_SESSION = {"optimization": "all"}  # ONNX Runtime's own defaults: every graph optimization, spinning on
 SCREEN = BenchSettings(warmup_iters=2, warmup_ms=50.0, min_iters=10, min_ms=300.0)
 FULL = BenchSettings(warmup_iters=5, warmup_ms=200.0, min_iters=20, min_ms=1500.0)
 
@@ -427,7 +427,8 @@ def _peer(model, loaded, shape, folder: Path, samples, guard: Guard, progress: P
         log.info("peer baseline failed", exc_info=True)
         return {"form": form, "error": f"{type(e).__name__}: {first_line(e)}"}
     verdict = judge(outs, reference, labels, guard)
-    return {"form": form, "runtime": "onnxruntime fp32, default session options", "path": path.name,
+    return {"form": form, "runtime": "onnxruntime fp32, default session options (all graph optimizations, "
+            "intra-op spinning on, all cores)", "path": path.name,
             "metrics": {**verdict.metrics, "passed": verdict.passed}}
 
 
@@ -501,7 +502,8 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
                        "held-out inputs without labels")
         runs = {}
         for passes in opts.passes:
-            for precision in ("int8" if any(c.precision == "int8" for c in candidates) else "fp32", "fp16"):
+            int8 = any(c.precision == "int8" and c.status == "planned" for c in candidates)
+            for precision in ("int8" if int8 else "fp32", "fp16"):  # an int8 run makes the fp32 artifacts too
                 mine = [c for c in candidates if c.passes == passes and c.status == "planned"
                         and (c.precision == "fp16") == (precision == "fp16")]
                 if not mine:
@@ -531,7 +533,8 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
         search(candidates, _jobs(shape, opts.batch), measure, opts, budget, progress)
         if "path" in peer:
             job = BenchJob("onnxruntime", {"peer": os.fspath(run.tmp / peer["path"])}, list(shape),
-                           runner=_target("onnxruntime").runner, threads=None, settings=opts.full)
+                           runner=_target("onnxruntime").runner, runner_options=PEER_SESSION, threads=None,
+                           settings=opts.full)
             progress("measuring the peer baseline ...")
             rows = [r for r in measure(job) if r.get("form") == "peer"]
             peer["stats"] = rows[0] if rows and "p50" in rows[0] else None

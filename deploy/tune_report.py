@@ -15,8 +15,6 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from exporters import targets as registry
-
 from .report import jsonable, markdown_table
 
 __all__ = ["write_outputs", "candidate_table", "pruned_lines", "MANIFEST"]
@@ -38,13 +36,15 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def candidate_table(candidates: Sequence, chosen=None) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows: every candidate, ranked ones first (best first), then the rest with their status."""
+def candidate_table(candidates: Sequence, chosen=None,
+                    objective: str = "latency") -> tuple[list[str], list[list[str]]]:
+    """Headers and rows: every candidate, ranked ones first (best first by ``objective``), then the rest with their
+    status."""
     from .tune import rank
 
     headers = ["#", "candidate", "p50 ms", "p90 ms", "samples/s", "Δ acc (points)", "agreement", "max rel err",
                "size", "status"]
-    ranked = rank(candidates)
+    ranked = rank(candidates, objective)
     order = ranked + [c for c in candidates if c not in ranked and c.status != "pruned"]
     rows = []
     for i, c in enumerate(order, 1):
@@ -179,7 +179,7 @@ def _markdown(result, opts, cpu, chart, manifest) -> str:
               f"percentile call is dropped; the rest are measured in full (at least {opts.full.min_iters} calls and "
               f"{opts.full.min_ms:.0f} ms, interleaved with the other candidates of the same runtime and threads)",
               f"- {result.seconds:.0f} s in all", ""]
-    lines += ["## Candidates", "", markdown_table(*candidate_table(result.candidates, c)), ""]
+    lines += ["## Candidates", "", markdown_table(*candidate_table(result.candidates, c, opts.objective)), ""]
     pruned = pruned_lines(result.candidates)
     if pruned:
         lines += ["Pruned before any measurement:", ""] + [f"- {line}" for line in pruned] + [""]
@@ -207,9 +207,9 @@ def _pareto(path: Path, result) -> str | None:
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.set_xscale("log")
-    front, best = [], -math.inf  # the candidates no other one beats on both latency and accuracy
+    front, best = [], -math.inf  # the eligible candidates no other one beats on both latency and accuracy
     for c, s in sorted(points, key=lambda p: p[1]["p50"]):
-        if y(c) > best:
+        if c.eligible and y(c) > best:
             front.append(c)
             best = y(c)
     for c, s in points:
