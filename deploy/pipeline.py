@@ -13,6 +13,11 @@ from the files alone, and ``convert`` itself verifies through that same function
 carry ``labels`` the report adds task numbers: accuracy of every stage and its prediction agreement
 with the training model (required to be 100 % for fp32 stages).
 
+With ``precision="int8"`` (``deploy.int8``) the fp32 artifacts are exported as usual and each target that
+can quantize adds an INT8 stage beside its fp32 one, calibrated on data that is never evaluated on
+(``deploy.calibration``); INT8 stages are judged by the accuracy guard on held-out samples, with the
+per-layer errors, the optional fallback and the equalize choice in ``report.json``'s ``int8`` section.
+
 Everything is written into a temporary sibling of the output directory and moved into place at
 the end (``deploy.record.RunDirectory``); on an error nothing is left behind. An export that fails
 is recorded as a failed stage (its partial files removed) and the other targets go on;
