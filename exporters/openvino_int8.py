@@ -242,8 +242,22 @@ def _advanced(nncf, options: Int8Options):
     from nncf.quantization.advanced_parameters import QuantizationParameters
 
     return nncf.AdvancedQuantizationParameters(
-        activations_range_estimator_params=_estimator(options),
+        activations_range_estimator_params=_estimator(options), overflow_fix=_overflow_fix(nncf, options),
         weights_quantization_params=QuantizationParameters(per_channel=options.per_channel))
+
+
+def _overflow_fix(nncf, options: Int8Options):
+    """NNCF's overflow fix (7-bit weights) on every layer for a CPU without an int8 dot product (no VNNI / AMX):
+    there the CPU plugin multiplies u8 x s8 pairs into saturating int16 sums (``vpmaddubsw``), which full 8-bit
+    weights overflow; NNCF's default fixes the first layer only. ``options.extra["overflow_fix"]`` overrides."""
+    from nncf.quantization.advanced_parameters import OverflowFix
+
+    from runtimes.hardware import cpu_facts
+
+    name = options.extra.get("overflow_fix")
+    if name is None:
+        name = "first_layer_only" if cpu_facts()["low_precision"]["int8_native"] else "enable"
+    return OverflowFix(name)
 
 
 def _preset(nncf, options: Int8Options):

@@ -224,13 +224,15 @@ def test_accuracy_control_meets_max_drop_on_labels(outlier, tmp_path):
     flip = np.random.default_rng(3).random(len(labels)) < 0.1  # a labelled problem the fp32 IR gets ~90% right
     labels = np.where(flip, (labels + 1) % 10, labels)
     fp32_acc, plain_acc = np.mean(ref.argmax(1) == labels), np.mean(plain.argmax(1) == labels)
-    assert 100 * (fp32_acc - plain_acc) > 1.0, (fp32_acc, plain_acc)  # plain INT8 would miss the bound
+    # a bound of 2 points lets one of the 63 samples change (1.6 points); with 1.0 a single changed prediction sent
+    # every layer back to float on a CPU without VNNI
+    assert 100 * (fp32_acc - plain_acc) > 2.0, (fp32_acc, plain_acc)  # plain INT8 would miss the bound
     q = quantize_openvino_with_accuracy_control(art, tmp_path / "ac.xml", Int8Options(_data(16, 1), batch=2),
-                                                x_eval, labels, max_drop=1.0)
+                                                x_eval, labels, max_drop=2.0)
     ac = q.metadata["int8"]["accuracy_control"]
-    assert ac["metric"] == "accuracy" and ac["validation_samples"] == 63 and ac["max_drop_points"] == 1.0
+    assert ac["metric"] == "accuracy" and ac["validation_samples"] == 63 and ac["max_drop_points"] == 2.0
     assert ac["fp32"] == pytest.approx(fp32_acc)
-    assert ac["drop_points"] <= 1.0 and ac["passed"], ac
+    assert ac["drop_points"] <= 2.0 and ac["passed"], ac
     assert ac["reverted"] and set(ac["reverted"]) < set(LAYERS), ac  # some layers back in float, not all
     assert set(ac["reverted"]) == set(q.metadata["int8"]["float_layers"])
     out = _run(q.path, x_eval, "int8")  # the saved IR reaches what the record says
@@ -250,3 +252,21 @@ def test_missing_nncf_names_the_extra(fp32, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "nncf", None)
     with pytest.raises(MissingDependency, match=r"'nncf'.*pip install 'reparam-deploy\[openvino\]'"):
         quantize_openvino(fp32[0], tmp_path / "x.xml", Int8Options(_data(4, 1), batch=2))
+
+
+def test_overflow_fix_covers_every_layer_without_an_int8_dot_product(monkeypatch):
+    """Without VNNI the CPU plugin sums u8 x s8 pairs in saturating int16: 8-bit weights overflow there (this test
+    file's outlier IR fell to -3.8 dB SQNR with NNCF's first-layer-only fix, 19.3 dB with it on every layer)."""
+    import nncf
+    from nncf.quantization.advanced_parameters import OverflowFix
+
+    import exporters.openvino_int8 as ov
+
+    def facts(native):
+        return lambda *a, **k: {"low_precision": {"int8_native": native}}
+
+    monkeypatch.setattr("runtimes.hardware.cpu_facts", facts(False))
+    assert ov._overflow_fix(nncf, Int8Options(_data(2, 1))) == OverflowFix.ENABLE
+    monkeypatch.setattr("runtimes.hardware.cpu_facts", facts(True))
+    assert ov._overflow_fix(nncf, Int8Options(_data(2, 1))) == OverflowFix.FIRST_LAYER
+    assert ov._overflow_fix(nncf, Int8Options(_data(2, 1), extra={"overflow_fix": "disable"})) == OverflowFix.DISABLE
