@@ -42,7 +42,9 @@ from .forms import check_targets, export_forms, main_stage
 from .pipeline import PT2, ConvertOptions, PipelineError, convert, versions
 from .record import RunRecord, StageRecord, inside, load_record
 
-__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups"]
+__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "nms_shares"]
+
+FORMS = ("training", "deploy", "int8", "nms")  # nms: the deploy form with NMS appended (deploy.detection)
 
 Progress = Callable[[str], None]
 
@@ -166,6 +168,18 @@ def _int8_stages(record: RunRecord, picked: dict[str, StageRecord]) -> tuple[dic
     return found, notes
 
 
+def _nms_stages(record: RunRecord, picked: dict[str, StageRecord]) -> dict[str, StageRecord]:
+    """``{runtime: stage}`` of the verified artifact ending in NMS on each picked runtime (a ``--nms`` run)."""
+    from .detection import ends_in_nms
+
+    found = {}
+    for s in record.stages[1:]:
+        runtime = registry.get(s.format).runtime
+        if ends_in_nms(s) and s.passed and s.path and runtime in picked:
+            found.setdefault(runtime, s)
+    return found
+
+
 def _check_unchanged(stages: Sequence[StageRecord], out_dir: Path, allow_changed: bool,
                      trust_pickle: bool) -> list[str]:
     """Refuse stages whose files changed since convert (sha256): they are not the artifacts that were verified.
@@ -232,17 +246,19 @@ def _export_form(module, x: torch.Tensor, runtimes: Sequence[str], record: RunRe
     return paths
 
 
-def _forms_at(x: torch.Tensor, picked: dict[str, StageRecord], int8: dict[str, StageRecord], out_dir: Path,
-              record: RunRecord, training, compare_train: bool,
+def _forms_at(x: torch.Tensor, picked: dict[str, StageRecord], extra: dict[str, dict[str, StageRecord]],
+              out_dir: Path, record: RunRecord, training, compare_train: bool,
               work: Path, progress: Progress) -> dict[str, dict[str, str | Exception]]:
     """``{form: {runtime: file, or the exception of its failed export}}`` at the batch of ``x``: the run's own
-    artifacts where their batch fits, else the forms exported again at this batch (INT8 artifacts are timed
-    at their own batch only: quantizing again at another one is a new calibration, not a benchmark)."""
+    artifacts where their batch fits, else the forms exported again at this batch. The ``extra`` forms
+    (``int8``, ``nms``: ``{form: {runtime: stage}}``) are timed at their own batch only (quantizing again at
+    another one is a new calibration, not a benchmark), or at any batch when it is dynamic."""
     batch, shape = x.shape[0], record.inputs.shape
-    forms: dict[str, dict[str, str | Exception]] = {
-        "deploy": {r: os.fspath(inside(out_dir, s.path)) for r, s in picked.items()
-                   if batch == shape[0] or _dynamic(s)},
-        "int8": {r: os.fspath(inside(out_dir, s.path)) for r, s in int8.items() if batch == shape[0] or _dynamic(s)}}
+
+    def fitting(stages: dict[str, StageRecord]) -> dict[str, str | Exception]:
+        return {r: os.fspath(inside(out_dir, s.path)) for r, s in stages.items() if batch == shape[0] or _dynamic(s)}
+
+    forms = {"deploy": fitting(picked), **{form: fitting(stages) for form, stages in extra.items()}}
     stale = [r for r in picked if r not in forms["deploy"]]
     if stale:
         import fusers
@@ -262,7 +278,7 @@ def _time_runtime(job: BenchJob, forms: dict, isolation: str, work: Path, settin
     """Rows of timing the forms of ``job.runtime`` (its ``forms`` are filled here); failures become rows."""
     runtime, batch = job.runtime, job.input_shape[0]
     rows = []
-    for form in ("training", "deploy", "int8"):
+    for form in FORMS:
         got = forms.get(form, {}).get(runtime)
         if isinstance(got, Exception):
             rows.append({"runtime": runtime, "batch": batch, "form": form, "variant": job.precision,
@@ -315,6 +331,18 @@ def int8_speedups(rows: Sequence[dict]) -> list[dict]:
              "speedup": v["deploy"]["p50"] / v["int8"]["p50"]} for k, v in by_key.items() if len(v) == 2]
 
 
+def nms_shares(rows: Sequence[dict]) -> list[dict]:
+    """The share of the end-to-end (with NMS) p50 that NMS takes, for every (runtime, batch) measured with and
+    without it: ``(p50 with NMS - p50 without) / p50 with NMS``."""
+    by_key: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if "p50" in r and r["form"] in ("deploy", "nms"):
+            by_key.setdefault((r["runtime"], r["batch"]), {})[r["form"]] = r
+    return [{"runtime": k[0], "batch": k[1], "deploy_p50": v["deploy"]["p50"], "nms_p50": v["nms"]["p50"],
+             "share": (v["nms"]["p50"] - v["deploy"]["p50"]) / v["nms"]["p50"]} for k, v in by_key.items()
+            if len(v) == 2]
+
+
 def speedups(rows: Sequence[dict]) -> list[dict]:
     """Training p50 / deploy p50 for every (runtime, variant, batch) measured in both forms."""
     by_key: dict[tuple, dict[str, dict]] = {}
@@ -346,6 +374,11 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     notes += int8_notes + _check_unchanged(list(int8.values()), out_dir, opts.allow_changed, opts.trust_pickle)
     if int8 and any(b != shape[0] and not _dynamic(s) for b in opts.batches for s in int8.values()):
         notes.append(f"INT8 artifacts are timed at their batch {shape[0]} only")
+    nms = _nms_stages(record, picked)
+    notes += _check_unchanged(list(nms.values()), out_dir, opts.allow_changed, opts.trust_pickle)
+    if nms and any(b != shape[0] and not _dynamic(s) for b in opts.batches for s in nms.values()):
+        notes.append(f"artifacts with NMS are timed at their batch {shape[0]} only (convert with --dynamic to time "
+                     "them at any batch)")
 
     training = None
     needs_training = opts.compare_train or any(b != shape[0] and not _dynamic(s) for b in opts.batches
@@ -366,7 +399,8 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     try:
         for batch in opts.batches:
             x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(0))
-            forms = _forms_at(x, picked, int8, out_dir, record, training, opts.compare_train, work, progress)
+            forms = _forms_at(x, picked, {"int8": int8, "nms": nms}, out_dir, record, training, opts.compare_train,
+                              work, progress)
             for runtime, stage in picked.items():
                 target = registry.by_runtime(runtime)
                 job = BenchJob(runtime, {}, [batch, *shape[1:]], runner=target.runner,
@@ -408,6 +442,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         "results": rows,
         "speedups": speedups(rows),
         "int8_speedups": int8_speedups(rows),
+        "nms_shares": nms_shares(rows),
         "cost": cost,
         "notes": notes,
         "seconds": round(time.perf_counter() - started, 2),
@@ -454,14 +489,15 @@ def plot(entry: dict, path: Path, title: str):
             label = r["runtime"] + variant + f"\nbatch {r['batch']}"
             groups.setdefault(label, {})[r["form"]] = r
     labels = list(groups)
-    forms = [f for f in ("training", "deploy", "int8") if any(f in g for g in groups.values())]
+    forms = [f for f in FORMS if any(f in g for g in groups.values())]
     width = 0.8 / max(len(forms), 1)
     fig_width = max(4.0, 1.6 * len(labels) + 1)
     fig = Figure(figsize=(fig_width, 3.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.set_yscale("log")
-    colors = {"training": "#c8a2a2", "deploy": "#3b6ea5", "int8": "#5aa469"}
+    colors = {"training": "#c8a2a2", "deploy": "#3b6ea5", "int8": "#5aa469", "nms": "#e0a030"}
+    legend = {"int8": "deploy form, int8", "nms": "deploy form with NMS"}
     times = [v for g in groups.values() for r in g.values() for v in (r["p50"], r["p90"]) if v and v > 0]
     # bars grow from a decade below the fastest p50; room above the slowest p90 for the speed-up labels
     bottom = 10 ** np.floor(np.log10(min(times)) - 0.3) if times else 0.01
@@ -469,7 +505,7 @@ def plot(entry: dict, path: Path, title: str):
         xs = [j + (i - (len(forms) - 1) / 2) * width for j in range(len(labels))]
         p50 = np.array([groups[lb][form]["p50"] if form in groups[lb] else np.nan for lb in labels], dtype=float)
         p90 = np.array([groups[lb][form]["p90"] if form in groups[lb] else np.nan for lb in labels], dtype=float)
-        ax.bar(xs, p50 - bottom, width, bottom=bottom, label="deploy form, int8" if form == "int8" else f"{form} form", color=colors[form],
+        ax.bar(xs, p50 - bottom, width, bottom=bottom, label=legend.get(form, f"{form} form"), color=colors[form],
                yerr=[np.zeros(len(p50)), np.maximum(p90 - p50, 0)], capsize=3)
     for j, lb in enumerate(labels):
         g = groups[lb]

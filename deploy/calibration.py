@@ -35,6 +35,7 @@ import numpy as np
 from runtimes.core import first_line
 
 from .record import PipelineError
+from .verification import GROUND_TRUTH
 
 __all__ = ["Calibration", "load_calibration", "read_images", "seeded_eval", "IMAGE_SUFFIXES", "IMAGENET",
            "DEFAULT_SIZE"]
@@ -71,7 +72,7 @@ def _subset(x: np.ndarray, size: int, seed: int) -> np.ndarray:
 def _read_npz(path: str, shape) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files if k != "labels"}
+            arrays = {k: data[k] for k in data.files if k not in ("labels", *GROUND_TRUTH)}
     except Exception as e:
         raise PipelineError(f"--calibration file {path} is not a readable .npz ({first_line(e)}); save it with "
                             "numpy.savez(path, input0=images)") from e

@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 
-COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "zoo")
+COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "detect", "zoo")
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -199,7 +199,7 @@ def _parser() -> argparse.ArgumentParser:
                     "every artifact on its own runtime.",
         epilog="With no command, 'deploy [MODEL] [options]' runs 'deploy convert'. Plain 'deploy' converts the "
                f"built-in trained default ({DEFAULT_MODEL}) into runs/{DEFAULT_MODEL}.")
-    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,tune,zoo}")
+    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,tune,detect,zoo}")
 
     c = sub.add_parser("convert", help="convert a model into verified artifacts",
                        description="load -> capture -> passes -> plain model (DIR/model.deploy.pt2) -> exporters "
@@ -245,6 +245,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--mean", type=_floats, metavar="LIST", help="per-channel mean for a folder of calibration "
                    "images (default: the model's, else ImageNet's)")
     q.add_argument("--std", type=_floats, metavar="LIST", help="per-channel std for a folder of calibration images")
+    d = c.add_argument_group("detection (--nms)", "YOLO-style detectors: NMS inside the ONNX and OpenVINO artifacts "
+                             "(model.nms.onnx, model.nms.xml), verified by matching boxes; other stages apply the "
+                             "same NMS on the host")
+    d.add_argument("--nms", action="store_true", help="append decode + NMS: outputs num_dets, boxes (xyxy), scores, "
+                   "classes per image")
+    d.add_argument("--conf", type=_fraction, default=0.25, help="score threshold, 0..1 (default 0.25)")
+    d.add_argument("--iou", type=_fraction, default=0.45, help="IoU threshold of NMS, 0..1 (default 0.45)")
+    d.add_argument("--max-det", type=_at_least(1), default=300, metavar="N", help="detections per image at most "
+                   "(default 300)")
+    d.add_argument("--classes-agnostic", action="store_true", help="one NMS over all classes (default: per class)")
     c.add_argument("--strict-plain", action="store_true", help="exit 1 when the deploy graph keeps anything that "
                    "could have merged (a BatchNorm, a sum of parallel linear branches, an in-place write); the "
                    "run is written either way and report.md lists them")
@@ -329,6 +339,19 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy tune")
     _common(t)
 
+    d = sub.add_parser("detect", help="run a converted detector on images and draw its boxes",
+                       description="run the verified artifact of a detector's deploy convert run (the one ending in "
+                       "NMS when there is one, else NMS on the host) on an image or a folder of images; draw the "
+                       "boxes, labels and scores into PNGs")
+    d.add_argument("dir", metavar="DIR", help="output directory of deploy convert on a detector")
+    d.add_argument("images", metavar="IMAGE_OR_FOLDER", help="an image (PNG, JPEG, BMP, ...) or a folder of them; "
+                   "each is resized to the model's input (aspect ratio not kept) and scaled to [0, 1]")
+    d.add_argument("--runtime", help="the runtime to run (default: the first with a verified artifact)")
+    d.add_argument("--out", metavar="PNG_OR_DIR", help="the PNG for one image (default <image>.detections.png), "
+                   "a folder for a folder (default <folder>.detections)")
+    d.add_argument("--force", action="store_true", help="replace an existing --out")
+    _common(d)
+
     z = sub.add_parser("zoo", help="list the built-in models")
     _common(z)
     return p
@@ -408,8 +431,12 @@ _INT8_FLAGS = (("--calibration", "calibration", None), ("--calibration-size", "c
                ("--std", "std", None))
 
 
+_NMS_FLAGS = (("--conf", "conf", 0.25), ("--iou", "iou", 0.45), ("--max-det", "max_det", 300),
+              ("--classes-agnostic", "classes_agnostic", False))
+
+
 def cmd_convert(args) -> int:
-    from .pipeline import ConvertOptions, convert
+    from .pipeline import ConvertOptions, NmsOptions, convert
 
     command = "deploy " + " ".join(shlex.quote(a) for a in args.argv) if args.argv else "deploy"
     opts = ConvertOptions(
@@ -420,11 +447,14 @@ def cmd_convert(args) -> int:
         opset=args.opset, command=command, trust_pickle=args.trust_pickle, calibration=args.calibration,
         calibration_size=args.calibration_size, int8_method=args.int8_method, per_tensor=args.per_tensor,
         max_drop=args.max_drop, min_agreement=args.min_agreement, min_sqnr=args.min_sqnr,
-        int8_fallback=args.int8_fallback, mean=args.mean, std=args.std)
-    given = [flag for flag, dest, default in _INT8_FLAGS if getattr(args, dest) != default]
-    if given and args.precision != "int8":
-        raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --precision int8 only: add "
-                         f"--precision int8 or drop {'it' if len(given) == 1 else 'them'}")
+        int8_fallback=args.int8_fallback, mean=args.mean, std=args.std,
+        nms=NmsOptions(args.conf, args.iou, args.max_det, args.classes_agnostic) if args.nms else None)
+    for flags, needs, on in ((_INT8_FLAGS, "--precision int8", args.precision == "int8"),
+                             (_NMS_FLAGS, "--nms", args.nms)):
+        given = [flag for flag, dest, default in flags if getattr(args, dest) != default]
+        if given and not on:
+            raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to {needs} only: add "
+                             f"{needs} or drop {'it' if len(given) == 1 else 'them'}")
     result = convert(opts, progress=_Progress(args.quiet))
     print(_stage_lines(result.stages))
     report = result.report
@@ -469,6 +499,22 @@ def cmd_verify(args) -> int:
     print(f"\n{_verdict(result.stages, failures)} (rtol {tol['rtol'] or 'by precision'}, atol {tol['atol']}; "
           f"{result.seconds:.1f} s)")
     return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def cmd_detect(args) -> int:
+    from .detection import detect_images
+    from .report import text_table
+
+    stage, found, names = detect_images(args.dir, args.images, runtime=args.runtime, out=args.out,
+                                        force=args.force, progress=_Progress(args.quiet))
+    for f in found:
+        rows = [[names[int(c)] if int(c) < len(names) else str(int(c)), f"{float(sc):.3f}",
+                 ", ".join(f"{v:.1f}" for v in b)] for b, sc, c in zip(f.boxes, f.scores, f.classes)]
+        print(f"{f.image}: {len(rows)} detection(s) -> {f.picture}")
+        if rows:
+            print(text_table(["class", "score", "box x0, y0, x1, y1"], rows))
+    print(f"\n{stage.name} ({stage.path}) on {len(found)} image(s)")
+    return EXIT_OK
 
 
 def cmd_inspect(args) -> int:
@@ -519,6 +565,9 @@ def cmd_bench(args) -> int:
     for s in entry.get("int8_speedups", []):
         print(f"{s['runtime']} batch {s['batch']}: INT8 {s['speedup']:.2f}x the fp32 deploy form's speed (p50 "
               f"{s['fp32_p50']:.3f} -> {s['int8_p50']:.3f} ms)")
+    for s in entry.get("nms_shares", []):
+        print(f"{s['runtime']} batch {s['batch']}: NMS takes {100 * s['share']:.0f}% of the end-to-end time (p50 "
+              f"{s['deploy_p50']:.3f} ms without it, {s['nms_p50']:.3f} ms with it)")
     for note in entry["notes"]:
         print(f"note: {note}")
     failed = [r for r in entry["results"] if "error" in r]
@@ -634,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     _setup_logging(args.verbose)
     handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,
-                "tune": cmd_tune, "zoo": cmd_zoo}
+                "tune": cmd_tune, "detect": cmd_detect, "zoo": cmd_zoo}
     try:
         with _sigterm_as_interrupt():
             return handlers[args.command](args)

@@ -61,13 +61,14 @@ class Guard:
     max_drop: float = 1.0  # accuracy points (percent), with labels
     min_agreement: float | None = None  # top-1 agreement with the fp32 model, 0..1
     min_sqnr: float | None = None  # dB; default DEFAULT_MIN_SQNR where neither accuracy nor agreement applies
+    nms: dict | None = None  # a detector with ground truth: judged by mAP@0.5 at these NMS settings (NmsOptions)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> Guard:
-        return cls(**{k: v for k, v in (d or {}).items() if k in ("max_drop", "min_agreement", "min_sqnr")})
+        return cls(**{k: v for k, v in (d or {}).items() if k in ("max_drop", "min_agreement", "min_sqnr", "nms")})
 
 
 @dataclass
@@ -84,12 +85,20 @@ def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
 
 
 def judge(outs: Sequence[np.ndarray], ref: Sequence[np.ndarray], labels: np.ndarray | None,
-          guard: Guard) -> GuardResult:
-    """Judge an int8 stage's outputs ``outs`` on held-out samples against the training model's ``ref``."""
+          guard: Guard, task: Callable[[Sequence[np.ndarray]], float] | None = None) -> GuardResult:
+    """Judge an int8 stage's outputs ``outs`` on held-out samples against the training model's ``ref``.
+    ``task`` scores a model's outputs on the samples' ground truth (a detector's mAP@0.5): then the drop of
+    that score, in points, is held to ``max_drop``."""
     m: dict = {"sqnr_db": min(_sqnr(r, o) for r, o in zip(ref, outs)),
                "max_rel": max(float(np.max(np.abs(r - o)) / max(float(np.max(np.abs(r))), 1e-30))
                               for r, o in zip(ref, outs))}
     reasons, scores = [], ref[0].ndim == 2 and outs[0].shape == ref[0].shape
+    if task is not None:
+        m["map50"], m["reference_map50"] = task(outs), task(ref)
+        m["drop"] = 100.0 * (m["reference_map50"] - m["map50"])
+        if m["drop"] > guard.max_drop + 1e-9:
+            reasons.append(f"mAP@0.5 {m['map50']:.4f} is {m['drop']:.2f} points below the fp32 model's "
+                           f"{m['reference_map50']:.4f} (--max-drop {guard.max_drop:g})")
     if scores:
         pred, ref_pred = outs[0].argmax(1), ref[0].argmax(1)
         m["agreement"] = float(np.mean(pred == ref_pred))
@@ -107,7 +116,7 @@ def judge(outs: Sequence[np.ndarray], ref: Sequence[np.ndarray], labels: np.ndar
             reasons.append(f"top-1 agreement with the fp32 model {100 * m['agreement']:.2f}% < "
                            f"{100 * need:.2f}%" + (" (--min-agreement)" if guard.min_agreement is not None else
                                                    " (the default without labels; set --min-agreement)"))
-    if guard.min_sqnr is not None or not scores:
+    if guard.min_sqnr is not None or not (scores or task):
         need = guard.min_sqnr if guard.min_sqnr is not None else DEFAULT_MIN_SQNR
         if m["sqnr_db"] < need:
             reasons.append(f"output SQNR {m['sqnr_db']:.1f} dB < {need:g} dB")

@@ -37,21 +37,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import fusers
 from exporters import targets as registry
 from exporters.pt2 import FILENAME as PT2
 
-from . import int8, sources
-from .forms import check_targets, export_forms
+from . import detection, int8, sources
+from .detection import NmsOptions
+from .forms import check_targets, export_forms, main_stage
 from .record import (REPORT_NAME, InputsRecord, PipelineError, RunDirectory, RunOptions, RunRecord, SamplesRecord,
                      StageRecord, ExportRecord, VerificationRecord, inside, is_run_dir, load_record,
                      unlisted_files)
 from .sources import LoadedModel
 from .verification import read_samples, record_reference, verify_stages
 
-__all__ = ["ConvertOptions", "ConvertResult", "StageRecord", "VerifyResult", "PipelineError", "convert", "verify",
+__all__ = ["ConvertOptions", "NmsOptions", "ConvertResult", "StageRecord", "VerifyResult", "PipelineError", "convert", "verify",
            "plan_out_dir", "load_record", "load_arguments", "versions", "default_targets", "target_names",
            "REPORT_NAME", "PT2"]
 
@@ -105,6 +107,8 @@ class ConvertOptions:
     int8_fallback: str = "off"  # "auto": keep the most sensitive layers in float until the guard passes
     mean: Sequence[float] | None = None  # image-folder calibration normalization
     std: Sequence[float] | None = None
+    # detectors (deploy.detection): NMS inside the ONNX / OpenVINO artifacts, detections matched, mAP per stage
+    nms: NmsOptions | None = None
 
 
 @dataclass
@@ -170,6 +174,15 @@ def _check_passes(passes):
         fusers.reparam.resolve_passes(passes)
     except ValueError as e:
         raise PipelineError(f"{e}; fix --passes ('default' expands to {','.join(fusers.DEFAULT_PASSES)})") from e
+
+
+def _check_nms(targets: Sequence[str], precision: str) -> None:
+    if "onnx" not in targets:
+        raise PipelineError("--nms appends NMS to the fp32 ONNX export (and converts that for OpenVINO); add onnx to "
+                            "--targets")
+    if precision not in ("fp32", "int8"):
+        raise PipelineError(f"--nms builds its artifacts from the fp32 ONNX export, which --precision {precision} "
+                            "does not make; use --precision fp32 or int8 with --nms")
 
 
 def plan_out_dir(out: str | None, model_name: str, force: bool, reads: Sequence[str | os.PathLike] = ()
@@ -308,6 +321,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     wanted = list(default_targets() if opts.targets is None else opts.targets)
     order = check_targets(wanted, opts.precision)
     _check_passes(opts.passes)
+    if opts.nms is not None:
+        _check_nms(wanted, opts.precision)
     out_dir, replaces = plan_out_dir(opts.out, _default_name(opts.model), opts.force, reads=_reads(opts))
     if replaces and is_run_dir(out_dir):
         added = unlisted_files(out_dir)
@@ -325,6 +340,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         trust_pickle=opts.trust_pickle)
     timings["load"] = time.perf_counter() - start
     progress(f"loaded {type(loaded.model).__name__} ({loaded.weights})")
+    head = detection.require_head(loaded.model, opts.model) if opts.nms else detection.find_head(loaded.model)
     shape = tuple(opts.input_shape or loaded.input_shape or ())
     if not shape:
         raise PipelineError(f"{opts.model} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
@@ -336,6 +352,11 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     if opts.dynamic and shape[0] == 1:
         capture_shape = (2,) + shape[1:]
         notes.append("--dynamic: captured and verified at batch 2 (torch.export specializes a batch of 1)")
+    truth = detection.read_ground_truth(samples_path, len(samples[0])) if samples is not None else None
+    if truth is not None and head is not None and not detection.can_score():
+        truth = None
+        notes.append("the samples carry detection ground truth, but mAP needs pycocotools: pip install pycocotools "
+                     "(or the 'detect' extra)")
     quant = int8.plan(opts, loaded, shape, samples, progress) if opts.precision == "int8" else None
     if quant is not None and samples is None:
         samples = (quant.evaluation, None)
@@ -353,7 +374,16 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
             raise PipelineError(str(e)) from e
         if quant is not None and opts.passes is None:
             plain = int8.maybe_equalize(plain, loaded.model, args, quant, opts.seed, progress)
+        if opts.dynamic:
+            freed, why = fusers.free_batch(plain, x)
+            if freed:
+                notes.append(f"--dynamic: {freed} reshape(s) that held the captured batch now read the input's batch "
+                             "(proven in float64 at batches 1 and 3, row for row against the captured graph)")
+            elif why:
+                notes.append(f"--dynamic: the batch baked into the graph's reshapes was left as captured: {why}")
         report = plain.reparam_report
+        if report.unused:
+            notes.append(_unused_note(loaded.model, report))
         timings["reparameterize"] = time.perf_counter() - start
         progress(f"reparameterized in {timings['reparameterize']:.1f} s: {report.count()} rewrites, "
                  f"{len(report.refusals())} refused; float64 error {report.float64_error:.1e}, float32 error "
@@ -370,12 +400,21 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
 
         progress("recording the training model's outputs on the seeded input"
                  + (f" and {len(samples[0])} samples" if samples is not None else ""))
-        record_reference(run.tmp / "verify", loaded.model, x.numpy(), samples)
+        record_reference(run.tmp / "verify", loaded.model, x.numpy(), samples, truth)
+        detect = None  # a YOLO-style detector: detections of every stage (NMS on the host without --nms)
+        if head is not None:
+            with np.load(run.tmp / "verify" / "reference.npz") as ref:
+                if opts.nms is not None:
+                    detection.check_output(ref["output0"], head.nc, opts.model)
+                if detection.output_fits(ref["output0"], head.nc):
+                    detect = opts.nms or NmsOptions()
         made = export_forms(plain, args, run.tmp, order, precision="fp32" if quant else opts.precision,
                             dynamic=opts.dynamic, opset=opts.opset, progress=progress,
                             metadata={"source": opts.model, "merged": merged, "float64_error": report.float64_error})
         if quant is not None:
             made += int8.quantize_stages(made, run.tmp, wanted, quant.options, plain, args, progress)
+        if opts.nms is not None:
+            made += detection.nms_stages(made, run.tmp, wanted, opts.nms, progress)
         for s in made:
             if s.export.seconds is not None:
                 timings[f"export {s.name}"] = s.export.seconds
@@ -383,8 +422,19 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         stages = [training] + made
 
         start = time.perf_counter()
+        if quant is not None and detect is not None and truth is not None:
+            quant.guard.nms = dataclasses.asdict(detect)  # INT8 detectors are judged by their mAP@0.5 drop
         guard = quant.guard.to_dict() if quant else None
-        results = verify_stages(run.tmp, stages, opts.rtol, opts.atol, progress, guard=guard)
+        outputs: dict = {}
+        results = verify_stages(run.tmp, stages, opts.rtol, opts.atol, progress, guard=guard, outputs=outputs)
+        found = {}
+        if detect is not None:
+            names = detection.class_names(loaded.model, head.nc)
+            found = detection.verify(run.tmp, stages, results, detect, outputs, names=names, progress=progress)
+            found["in_artifact"] = opts.nms is not None
+            onnx_stage = main_stage(made, "onnx")
+            if onnx_stage is not None and onnx_stage.path and getattr(results.get(onnx_stage.name), "passed", False):
+                found["own_fuse"] = detection.own_fuse(loaded.model, args, run.tmp / onnx_stage.path, progress)
         stages = [dataclasses.replace(s, verification=results.get(s.name) or _export_failure(s)) for s in stages]
         timings["verify"] = time.perf_counter() - start
         if quant is not None:
@@ -396,10 +446,24 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         record = _record(opts, loaded, shape, capture_shape, [t.name for t in order if not t.always],
                          samples_path, samples, _reparam_dict(report, merged), stages, timings, notes, out_dir)
         record.int8 = quant.record() if quant is not None else {}
+        record.detection = found
         record.write(run.tmp)
         run.commit()
     progress(f"wrote {out_dir}/{REPORT_NAME} and report.md")
     return ConvertResult(str(out_dir), record)
+
+
+def _unused_note(model, report) -> str:
+    """What the eval forward never uses, dropped from the deploy form, and why."""
+    from fusers.capture import describe_unused
+
+    aux = any(type(m).__name__ == "IAuxDetect" for m in model.modules())
+    ops = ", ".join(f"{k} {v}" for k, v in report.dead_ops.items())
+    return (f"not used by the eval forward, dropped from the deploy form: "
+            f"{', '.join(describe_unused(model, report.unused))}" + (f" (ops dropped: {ops})" if ops else "")
+            + "; no output depends on them" + ("; IAuxDetect's auxiliary heads (m2 and the layers feeding them) serve "
+                                               "only training, as the repository's deploy configs leave them out"
+                                               if aux else ""))
 
 
 def _export_failure(stage: StageRecord) -> VerificationRecord:
@@ -467,8 +531,13 @@ def verify(out_dir: str | os.PathLike, *, rtol: float | None = None, atol: float
                                 "loaded: loading a changed .pt2 can run code from it; pass --trust-pickle if you "
                                 "trust its source")
         stages.append(StageRecord(s.name, export, s.files))
+    outputs: dict = {}
     results = verify_stages(root, stages, rtol, atol, progress, trust_pickle=trust_pickle,
-                            guard=record.int8.get("guard"))
+                            guard=record.int8.get("guard"), outputs=outputs)
+    if record.detection.get("nms"):
+        detection.verify(root, stages, results, NmsOptions(**record.detection["nms"]), outputs,
+                         names=record.detection.get("names", ()), trust_pickle=trust_pickle, pictures=False,
+                         progress=progress)
     out = []
     for s in stages:
         v = results.get(s.name) or _export_failure(s)

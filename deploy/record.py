@@ -165,6 +165,7 @@ class VerificationRecord:
     agreement: float | None = None
     sqnr_db: float | None = None  # int8 stages: output SQNR against the training model, worst output
     int8: dict = field(default_factory=dict)  # int8 stages: the accuracy guard's numbers and verdict
+    detection: dict = field(default_factory=dict)  # detectors: where NMS ran, box matching, mAP (deploy.detection)
     changed: bool = False  # a file's sha256 differs from the one recorded at conversion
     seconds: float | None = None
     checks: dict = field(default_factory=dict)
@@ -283,6 +284,7 @@ class RunRecord:
     out_dir: str = ""
     benchmarks: list[dict] = field(default_factory=list)
     int8: dict = field(default_factory=dict)  # --precision int8: calibration, guard, per-layer table, fallbacks
+    detection: dict = field(default_factory=dict)  # detectors: NMS settings, class names, pictures (deploy.detection)
     tool: str = TOOL
     report_version: int = SCHEMA_VERSION
 
@@ -302,7 +304,7 @@ class RunRecord:
         d["options"], d["inputs"] = asdict(self.options), asdict(self.inputs)
         d["stages"] = [s.to_dict() for s in self.stages]
         d["passed"], d["failed"] = self.passed, self.failed
-        for optional in ("benchmarks", "int8"):
+        for optional in ("benchmarks", "int8", "detection"):
             if not d[optional]:
                 del d[optional]
         head = {k: d.pop(k) for k in ("tool", "report_version", "command", "created", "out_dir", "passed", "failed")}
@@ -334,7 +336,7 @@ class RunRecord:
                 machine=dict(d.get("machine") or {}), notes=list(d.get("notes") or []), command=d.get("command"),
                 created=d.get("created", ""), out_dir=d.get("out_dir", ""),
                 benchmarks=list(d.get("benchmarks") or []), int8=dict(d.get("int8") or {}),
-                report_version=SCHEMA_VERSION)
+                detection=dict(d.get("detection") or {}), report_version=SCHEMA_VERSION)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PipelineError(f"{where} is malformed (report_version {version}: {first_line(e)}); rerun deploy "
                                 "convert") from e
@@ -375,6 +377,10 @@ def unlisted_files(out_dir: str | os.PathLike) -> list[str]:
     for b in benchmarks if isinstance(benchmarks, list) else []:
         if isinstance(b, dict) and isinstance(b.get("chart"), str):
             listed.add(os.path.normpath(b["chart"]))
+    detection = data.get("detection")
+    pictures = detection.get("pictures") if isinstance(detection, dict) else None
+    listed.update(os.path.normpath(f) for f in (pictures or {}).values() if isinstance(pictures, dict)
+                  and isinstance(f, str))
     found = []
     for folder, dirs, files in os.walk(root):
         rel = os.path.relpath(folder, root)

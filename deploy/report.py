@@ -67,11 +67,14 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
     agree = task or any(s.verification.agreement is not None for s in stages)
     samples = any(s.verification.samples_max_rel is not None for s in stages)
     sqnr = any(s.verification.sqnr_db is not None for s in stages)
+    nms = any(s.verification.detection.get("nms") for s in stages)
+    boxes = any("map50" in s.verification.detection for s in stages)
     reference = stages[0].verification.accuracy if stages else None
     headers = ["stage", "format"] + (["file"] if files else []) + ["size", "precision", "max rel error"]
     headers += (["samples max rel"] if samples else []) + (["SQNR dB"] if sqnr else [])
     headers += (["accuracy"] if task else []) + (["Δ points"] if task and sqnr else []) + (["agreement"] if agree
-                                                                                             else []) + ["result"]
+                                                                                             else [])
+    headers += (["NMS"] if nms else []) + (["mAP@.5", "mAP@.5:.95"] if boxes else []) + ["result"]
     rows = []
     for s in stages:
         v = s.verification
@@ -86,6 +89,8 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
             row += ["-" if v.accuracy is None or reference is None or s.name == "training"
                     else f"{100 * (v.accuracy - reference):+.2f}"]
         row += [_pct(v.agreement)] if agree else []
+        row += [v.detection.get("nms", "-")] if nms else []
+        row += [_num(v.detection.get("map50"), ".4f"), _num(v.detection.get("map50_95"), ".4f")] if boxes else []
         rows.append(row + [result])
     return headers, rows
 
@@ -94,6 +99,7 @@ def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a benchmark entry: one row per runtime, variant, batch and form."""
     speedup = {(s["runtime"], s["variant"], s["batch"]): s["speedup"] for s in entry["speedups"]}
     int8 = {(s["runtime"], s["batch"]): s["speedup"] for s in entry.get("int8_speedups", [])}
+    nms = {(s["runtime"], s["batch"]): s["share"] for s in entry.get("nms_shares", [])}
     headers = ["runtime", "variant", "batch", "form", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms",
                "samples/s", "% of peak", "speed-up"]
     rows = []
@@ -109,7 +115,8 @@ def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
                     + [f"{r['throughput']:.1f}", "-" if frac is None else f"{100 * frac:.1f}",
                        f"{speedup[key]:.2f}x" if r["form"] == "deploy" and key in speedup else
                        f"{int8[key[0], key[2]]:.2f}x vs fp32" if r["form"] == "int8" and (key[0], key[2]) in int8
-                       else ""])
+                       else f"NMS {100 * nms[key[0], key[2]]:.0f}% of it" if r["form"] == "nms"
+                       and (key[0], key[2]) in nms else ""])
     return headers, rows
 
 
@@ -203,6 +210,41 @@ def int8_markdown(q: dict, stages) -> list[str]:
     return lines
 
 
+def detection_markdown(d: dict, stages) -> list[str]:
+    """The Detection section: NMS settings, where NMS ran, box matching, mAP, pictures."""
+    n = d["nms"]
+    where = ("inside `model.nms.onnx` / `model.nms.xml` (stages `*-nms`); every other stage ends before NMS and "
+             "the same NMS runs on the host" if d.get("in_artifact") else "on the host for every stage (run "
+             "`deploy convert --nms` to put it inside the ONNX and OpenVINO artifacts)")
+    lines = ["## Detection", "",
+             f"- NMS: score = objectness x class probability > {n['conf']:g}, IoU > {n['iou']:g} suppresses, at most "
+             f"{n['max_det']} per image, {'class-agnostic' if n['agnostic'] else 'per class (multi-label)'}; "
+             f"{where}.",
+             "- stages ending in NMS are compared with the host NMS of the training model's outputs by matching "
+             "boxes (same class, IoU >= 0.99, score within 1e-3); a detection in one and not the other passes only "
+             "when a threshold decision within tolerance explains it (reported as borderline)."]
+    if any("map50" in s.verification.detection for s in stages):
+        lines.append("- mAP@0.5 and mAP@0.5:0.95 on the held-out ground truth (pycocotools), at these NMS settings.")
+    for s in stages:
+        if s.verification.detection.get("summary"):
+            lines.append(f"- {s.name}: {s.verification.detection['summary']}")
+    lines.append("")
+    fuse = d.get("own_fuse") or {}
+    if fuse.get("error"):
+        lines += [f"The model's own `fuse()` form did not export to ONNX: {fuse['error']}", ""]
+    elif fuse:
+        ops = sorted(set(fuse["ours"]) | set(fuse["fuse"]))
+        lines += [f"ONNX nodes: ours ({fuse['file']}) {fuse['ours_nodes']}, the model's own `fuse()` form exported "
+                  f"the same way {fuse['fuse_nodes']}:", "",
+                  markdown_table(["op", "ours", "own fuse()"], [[op, str(fuse["ours"].get(op, 0)),
+                                                                 str(fuse["fuse"].get(op, 0))] for op in ops]), ""]
+    pictures = d.get("pictures") or {}
+    if pictures:
+        lines += ["The first held-out image with each stage's detections:", "",
+                  markdown_table(list(pictures), [[f"![{name}]({path})" for name, path in pictures.items()]]), ""]
+    return lines
+
+
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h))
               for i, h in enumerate(headers)]
@@ -252,6 +294,8 @@ def to_markdown(report: dict) -> str:
         detail), ""]
     if report.get("int8"):
         lines += int8_markdown(report["int8"], stages)
+    if report.get("detection"):
+        lines += detection_markdown(report["detection"], stages)
     samples = inputs.get("samples")
     if samples:
         lines += ["## Inputs", "", f"- seeded: {'x'.join(map(str, inputs['verified_shape']))}, "

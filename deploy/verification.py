@@ -30,6 +30,8 @@ from .record import PipelineError, StageRecord, VerificationRecord
 __all__ = ["record_reference", "verify_stages", "run_batched", "read_samples", "torch_threads", "open_stage",
            "check_finite"]
 
+GROUND_TRUTH = ("gt_boxes", "gt_classes")  # a detection sample file's boxes (N, K, 4) xyxy and classes (N, K), -1 pad
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
@@ -71,6 +73,8 @@ def read_samples(path: str, shape: tuple[int, ...], shipped_with: str | None = N
         raise PipelineError(f"--inputs file {path} is not a readable .npz ({first_line(e)}); save it with "
                             "numpy.savez(path, input0=images, labels=labels)") from e
     labels = arrays.pop("labels", None)
+    for key in GROUND_TRUTH:  # detection ground truth, read by deploy.detection.read_ground_truth
+        arrays.pop(key, None)
     if len(arrays) != 1:
         raise PipelineError(f"--inputs file {path} holds {len(arrays)} input arrays ({', '.join(arrays)}); the model "
                             "has one input: save one array (and optionally 'labels')")
@@ -119,8 +123,10 @@ _FIX_MODEL = ("nothing can be verified against it: fix the model (a NaN or an ov
               "weights or its inputs")
 
 
-def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray, np.ndarray | None] | None) -> None:
-    """Write the seeded input, the training model's outputs on it, and the samples and their outputs."""
+def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray, np.ndarray | None] | None,
+                     ground_truth: dict[str, np.ndarray] | None = None) -> None:
+    """Write the seeded input, the training model's outputs on it, and the samples (with their detection
+    ``ground_truth`` arrays, if any) and their outputs."""
     from runtimes import TorchRunner, save_inputs
 
     check_finite({"input0": x}, "the seeded input", "pass finite inputs")
@@ -139,7 +145,8 @@ def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray
                 samples_ref = run_batched(runner, xs, x.shape[0])
             check_finite({f"output{i}": o for i, o in enumerate(samples_ref)},
                          "on the --inputs samples, the training model's output", _FIX_MODEL)
-            np.savez(vdir / "samples.npz", input0=xs, **({"labels": labels} if labels is not None else {}))
+            np.savez(vdir / "samples.npz", input0=xs, **({"labels": labels} if labels is not None else {}),
+                     **(ground_truth or {}))
             np.savez(vdir / "samples_reference.npz", **{f"output{i}": o for i, o in enumerate(samples_ref)})
 
 
@@ -174,13 +181,16 @@ def _tolerance(precision: str, rtol: float | None, atol: float):
 
 def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None, atol: float,
                   progress: Progress | None = None, *, trust_pickle: bool = False,
-                  guard: dict | None = None) -> dict[str, VerificationRecord]:
+                  guard: dict | None = None, outputs: dict | None = None) -> dict[str, VerificationRecord]:
     """Verify ``stages`` (the first one the training reference) from the files in ``root``.
 
     Stages whose export failed are not run; the result has a record for every other stage. INT8 stages are
     not held to an elementwise tolerance (their errors are still measured): the accuracy guard
-    (``deploy.int8.judge`` with the bounds ``guard``) decides, on the samples.
+    (``deploy.int8.judge`` with the bounds ``guard``) decides, on the samples. Stages that end in NMS
+    (``deploy.detection.ends_in_nms``) are left to ``deploy.detection.verify``. ``outputs``, when given,
+    receives every stage's outputs: ``{(stage, "seeded" | "samples"): [arrays]}``.
     """
+    from .detection import ends_in_nms
     from .int8 import Guard, judge
 
     from runtimes import Stage, verify_chain
@@ -192,6 +202,7 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
     samples = _load_npz(vdir / "samples.npz") if (vdir / "samples.npz").exists() else None
     samples_ref = list(_load_npz(vdir / "samples_reference.npz").values()) if samples else None
     labels = samples.pop("labels", None) if samples else None
+    truth = {key: samples.pop(key) for key in GROUND_TRUTH if key in samples} if samples else {}
     x_samples = next(iter(samples.values())) if samples else None
     fix = "the recorded inputs and outputs cannot verify anything: rerun deploy convert"
     check_finite(inputs, "verify/inputs.npz: array", fix)
@@ -201,7 +212,7 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
         check_finite({f"output{i}": o for i, o in enumerate(samples_ref)}, "verify/samples_reference.npz: output",
                      fix)
 
-    training, rest = stages[0], [s for s in stages[1:] if not s.export.error]
+    training, rest = stages[0], [s for s in stages[1:] if not s.export.error and not ends_in_nms(s)]
     results = {s.name: VerificationRecord() for s in rest}
     runners, failed_open = {}, {}
     for s in rest:
@@ -263,6 +274,9 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
     finally:
         for r in runners.values():
             r.deactivate()
+    if outputs is not None:
+        outputs.update({(name, "seeded"): outs for name, outs in outs_seeded.items()})
+        outputs.update({(name, "samples"): outs for name, outs in outs_samples.items()})
 
     ref_pred = np.argmax(samples_ref[0], axis=1) if labels is not None and samples_ref[0].ndim == 2 else None
     results[training.name] = VerificationRecord(passed=True, reason="reference")
@@ -303,9 +317,15 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
                                    f"{int(np.sum(pred != ref_pred))} of {len(pred)} samples")
         if s.precision == "int8" and not res.error and (s.name in outs_samples or s.name in outs_seeded):
             held_out = s.name in outs_samples
+            bound = Guard.from_dict(guard)
+            task = None
+            if held_out and truth and bound.nms:  # a detector with ground truth: judged by its mAP@0.5
+                from .detection import map50
+
+                def task(outs):
+                    return map50(outs[0], truth, bound.nms)
             verdict = judge(outs_samples[s.name] if held_out else outs_seeded[s.name],
-                            samples_ref if held_out else reference, labels if held_out else None,
-                            Guard.from_dict(guard))
+                            samples_ref if held_out else reference, labels if held_out else None, bound, task)
             v.int8 = {**verdict.metrics, "on": "samples" if held_out else "seeded input", "passed": verdict.passed}
             v.sqnr_db, v.agreement = verdict.metrics["sqnr_db"], verdict.metrics.get("agreement", v.agreement)
             ok = ok and verdict.passed

@@ -6,6 +6,7 @@ then ``rewrite(gm, match) -> str``; a :class:`Refusal` carries a :class:`Refusal
 
 from __future__ import annotations
 
+from .batch import free_batch
 from .capture import BatchNormStatisticsError, CaptureError, InputError, capture
 from .leftovers import Leftover, find_leftovers
 from .manager import PassManager, PassRecord, Report
@@ -14,4 +15,4 @@ from .rules import Instrument, Match, Pass, Refusal, RefusalCode
 
 __all__ = ["capture", "reparameterize", "last_report", "DEFAULT_PASSES", "CaptureError", "InputError",
            "BatchNormStatisticsError", "Pass", "Match", "Refusal", "RefusalCode", "Instrument", "PassManager",
-           "PassRecord", "Report", "Leftover", "find_leftovers"]
+           "PassRecord", "Report", "Leftover", "find_leftovers", "free_batch"]

@@ -8,6 +8,13 @@ infinite example input, or a BatchNorm whose ``running_var`` is negative or whos
 affine parameters are not finite, is an :class:`InputError` naming the input or the layer
 (``BatchNormStatisticsError``): folding ``gamma / sqrt(running_var + eps)`` would turn them into
 NaN weights that no later check can explain.
+
+What the eval forward computes for nothing: ``torch.export`` keeps every op the forward ran, also those no
+output depends on (YOLOv7's ``IAuxDetect`` runs its auxiliary heads ``m2``, and the layers feeding them, in eval
+mode and returns only the lead heads). :func:`live_nodes` finds what the outputs depend on,
+:func:`drop_dead_code` erases the rest, and :func:`unused_parameters` / :func:`describe_unused` name the
+parameters and buffers that only dead code (or nothing) reads, so a report can say what the deploy form
+leaves out.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ from torch import fx
 
 from runtimes.core import first_line, nonfinite, set_training
 
+from .graph import VIEW_OPS, op_name, written_arg
+
 __all__ = ["capture", "CaptureError", "InputError", "BatchNormStatisticsError", "as_args", "check_inputs",
-           "check_batchnorms"]
+           "check_batchnorms", "live_nodes", "drop_dead_code", "unused_parameters", "describe_unused"]
 
 log = logging.getLogger(__name__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -157,3 +166,147 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     gm = ep.module()
     log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
     return gm
+
+
+# ------------------------------------------------------------------------------------------ dead code
+
+def _aliases_input(node: fx.Node) -> bool:
+    """Whether ``node``'s result may share memory with its first argument (a view, ``contiguous``, ``to``, an
+    in-place op's return): its schema says so, or it is one of the views the graph module knows."""
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.target in VIEW_OPS:
+        return True
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.returns and schema.returns[0].alias_info is not None)
+
+
+def _memory_of(node: fx.Node) -> fx.Node:
+    """The node whose fresh result ``node`` may alias (``node`` itself when it computes a new tensor)."""
+    while _aliases_input(node):
+        node = node.args[0]
+    return node
+
+
+def _is_assert(node: fx.Node) -> bool:
+    return getattr(node.target, "__name__", "").startswith("_assert")
+
+
+def live_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes the outputs of ``graph`` depend on.
+
+    Live are: the output node and every input of a live node; an in-place write (``copy_``, ``relu_`` ...) into
+    memory a live node reads, or into an input, parameter or buffer (state that outlives the call); any other
+    op with side effects. A write into a tensor nothing live reads (an in-place activation on a dead branch)
+    is not live. An assert is kept with its tensors: live when all its inputs are."""
+    writes, stack = [], []
+    for n in graph.nodes:
+        if n.op == "output":
+            stack.append(n)
+        elif n.op == "call_function" and written_arg(n) is not None:
+            writes.append((n, _memory_of(written_arg(n))))
+        elif n.op in ("call_function", "call_method", "call_module") and not _is_assert(n) and n.is_impure():
+            stack.append(n)
+    live: set[fx.Node] = set()
+    while stack:
+        while stack:
+            n = stack.pop()
+            if n not in live:
+                live.add(n)
+                stack.extend(n.all_input_nodes)
+        stack = [w for w, memory in writes
+                 if w not in live and (memory in live or memory.op in ("placeholder", "get_attr"))]
+    live.update(n for n in graph.nodes if _is_assert(n) and all(a in live for a in n.all_input_nodes))
+    return live
+
+
+def drop_dead_code(gm: fx.GraphModule) -> dict[str, int]:
+    """Erase every op of ``gm`` that no output depends on (:func:`live_nodes`); the parameters they read stay
+    registered until ``graph.remove_unused_attributes``. Returns the erased ops counted by name."""
+    live = live_nodes(gm.graph)
+    dead = [n for n in gm.graph.nodes if n not in live and n.op not in ("placeholder", "output")]
+    counts: dict[str, int] = {}
+    for n in reversed(dead):  # users before what they use
+        if n.op == "call_function":
+            counts[op_name(n)] = counts.get(op_name(n), 0) + 1
+        gm.graph.erase_node(n)
+    if dead:
+        gm.recompile()
+        log.info("dropped %d ops no output depends on: %s", len(dead),
+                 ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    return dict(sorted(counts.items()))
+
+
+def _tensors(model: torch.nn.Module):
+    """``(module path, module, tensor name, tensor, is_buffer)`` of every parameter and buffer, module by module."""
+    seen = set()
+    for path, m in model.named_modules():
+        for is_buffer, items in ((False, m.named_parameters(recurse=False)), (True, m.named_buffers(recurse=False))):
+            for name, t in items:
+                if t is not None and id(t) not in seen:
+                    seen.add(id(t))
+                    yield path, m, f"{path}.{name}" if path else name, t, is_buffer
+
+
+def _prefixes(name: str):
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def unused_parameters(model: torch.nn.Module, program) -> list[str]:
+    """Names (as in ``model.state_dict()``) of the parameters and buffers of ``model`` that no output of its
+    captured ``program`` depends on: the eval forward reads them for nothing (dead code) or not at all.
+
+    ``program`` is what :func:`capture` returns (``ep.module()``: tensors read by ``get_attr`` under their names in
+    ``model``) or the ``torch.export.ExportedProgram`` (tensors as placeholders named in its graph signature).
+    A BatchNorm's ``num_batches_tracked`` (training bookkeeping) is listed only with the rest of its module.
+    The names come module by module, in ``model``'s order."""
+    if isinstance(program, torch.export.ExportedProgram):
+        signature = program.graph_signature
+        owner = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}
+        read = {owner[n.name] for n in live_nodes(program.graph) if n.op == "placeholder" and n.name in owner}
+    else:
+        read = {n.target for n in live_nodes(program.graph) if n.op in ("get_attr", "call_module")}
+    by_module: dict[str, list[tuple[str, bool]]] = {}
+    for path, _, name, _, _ in _tensors(model):
+        by_module.setdefault(path, []).append((name, any(p in read for p in _prefixes(name))))
+    out = []
+    for entries in by_module.values():
+        module_read = any(is_read for name, is_read in entries if not name.endswith("num_batches_tracked"))
+        out += [name for name, is_read in entries
+                if not is_read and not (module_read and name.endswith("num_batches_tracked"))]
+    return out
+
+
+def describe_unused(model: torch.nn.Module, names) -> list[str]:
+    """``names`` (from :func:`unused_parameters`) grouped for people: the outermost module all of whose
+    tensors are among them, with its type and tensor count (``model.121 (Conv, 6 tensors)``,
+    ``model.122.m2 (ModuleList in IAuxDetect, 8 tensors)``), else the tensor itself with its owner
+    (``model.122.anchors (buffer of IAuxDetect)``)."""
+    unused = set(names)
+    modules = dict(model.named_modules())
+    contents: dict[str, list[str]] = {path: [] for path in modules}
+    for _, _, name, _, _ in _tensors(model):
+        for prefix in _prefixes(name)[1:]:
+            contents.get(prefix, []).append(name)
+    out, done = [], set()
+    for name in names:
+        if name in done:
+            continue
+        whole = next((p for p in reversed(_prefixes(name)[1:]) if contents.get(p) and set(contents[p]) <= unused),
+                     None)
+        if whole is not None:
+            module, parent = modules[whole], modules.get(whole.rpartition(".")[0])
+            kind = type(module).__name__
+            containers = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential)
+            if isinstance(module, containers) and parent is not None:
+                kind += f" in {type(parent).__name__}"
+            out.append(f"{whole} ({kind}, {len(contents[whole])} tensor{'s' if len(contents[whole]) > 1 else ''})")
+            done.update(contents[whole])
+        else:
+            owner_path, _, attr = name.rpartition(".")
+            owner = modules.get(owner_path, model)
+            what = "buffer" if attr in owner._buffers else "parameter"
+            out.append(f"{name} ({what} of {type(owner).__name__})")
+            done.add(name)
+    return out

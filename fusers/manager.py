@@ -68,6 +68,8 @@ class Report:
     seconds: dict = field(default_factory=dict)
     standing: list[Refusal] | None = field(default=None, repr=False)  # set by ``settle`` when the passes end
     leftovers: list = field(default_factory=list)  # ``leftovers.Leftover``s: what could have merged and did not
+    unused: list[str] = field(default_factory=list)  # model tensors no output depends on (capture.unused_parameters)
+    dead_ops: dict = field(default_factory=dict)  # ops dropped after capture: no output depends on them
 
     def count(self, pass_name: str | None = None) -> int:
         """Rewrites made (by ``pass_name``, or by every pass)."""
@@ -93,7 +95,8 @@ class Report:
                 "left_unfused": [left.to_dict() for left in self.leftovers],
                 "float64_error": self.float64_error, "float32_error": self.float32_error,
                 "ops_before": dict(self.ops_before), "ops_after": dict(self.ops_after),
-                "params_before": self.params_before, "params_after": self.params_after, "seconds": dict(self.seconds)}
+                "params_before": self.params_before, "params_after": self.params_after, "seconds": dict(self.seconds),
+                "unused": list(self.unused), "dead_ops": dict(self.dead_ops)}
 
     def summary(self) -> str:
         """A plain-text table for people; the refused count is the number of refusals listed under it."""
@@ -113,6 +116,9 @@ class Report:
         lines.append(f"float64 max rel error vs captured model: {self.float64_error:.2e}")
         if self.float32_error is not None:
             lines.append(f"float32 max rel error vs training model: {self.float32_error:.2e}")
+        if self.dead_ops:
+            dead = ", ".join(f"{k} {v}" for k, v in self.dead_ops.items())
+            lines.append(f"dropped, no output depends on them: {dead} ({len(self.unused)} model tensors unused)")
         lines.append(f"params {self.params_before:,} -> {self.params_after:,}")
         changed = sorted(set(self.ops_before) | set(self.ops_after))
         ops = ", ".join(f"{k} {self.ops_before.get(k, 0)}->{self.ops_after.get(k, 0)}" for k in changed

@@ -1,5 +1,8 @@
 """``reparameterize``: capture, rewrite in float64 under proof, round once, check in float32.
 
+Ops no output depends on are dropped right after capture (``capture.drop_dead_code``); the report lists them
+(``dead_ops``) and the model's tensors that only they, or nothing, read (``unused``).
+
 The result is the captured ``GraphModule`` (``ep.module()``) rewritten, returned as an ordinary
 module: ``.eval()``/``.train()``, ``deepcopy``, ``state_dict``, ``.to()`` and ``torch.compile`` work,
 and it exports again with ``torch.export`` / ``torch.onnx.export``. Its graph is the deploy form
@@ -18,7 +21,7 @@ from torch import fx
 
 from runtimes.core import eval_mode, max_rel_error, nonfinite, set_training, tensor_leaves
 
-from .capture import InputError, as_args, capture
+from .capture import InputError, as_args, capture, drop_dead_code, unused_parameters
 from .graph import op_counts, remove_unused_attributes, share_identical_weights
 from .leftovers import find_leftovers
 from .manager import PassManager, Report
@@ -84,6 +87,8 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     times["capture"] = time.perf_counter() - start
     report.ops_before = op_counts(gm)
     report.params_before = sum(p.numel() for p in model.parameters())
+    report.unused = unused_parameters(model, gm)
+    report.dead_ops = drop_dead_code(gm)  # computed in eval mode for no output (YOLOv7 IAuxDetect's aux heads)
     dtype = _float_dtype(model)
 
     start = time.perf_counter()

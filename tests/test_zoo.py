@@ -13,7 +13,7 @@ from deploy.zoo.dbb import BNAndPad, DiverseBranchBlock
 from deploy.zoo.mobileone import MobileOneBlock
 from deploy.zoo.repvgg import RepVGGBlock
 
-DETECTORS = {"yolov7_tiny_rep", "panet", "giraffedet", "sa_fpn", "small_object_det", "eresfd"}
+DETECTORS = {"yolov7_tiny_rep", "yolo_shapes", "panet", "giraffedet", "sa_fpn", "small_object_det", "eresfd"}
 CLASSIFIERS = [n for n in zoo.names() if n not in DETECTORS]
 TINY = {"width": 0.25, "num_classes": 10}
 SMALL_INPUT = (2, 3, 64, 64)

@@ -9,8 +9,10 @@ channel count, so tests can build tiny versions) and ``num_classes``.
     >>> model = zoo.randomize_batchnorm(zoo.create("repvgg_a0", width=0.25)).eval()
     >>> x = torch.randn(*zoo.input_shape("repvgg_a0"))
 
-``repvgg_digits`` is the one entry with trained weights (``create("repvgg_digits", pretrained=True)``)
-and a held-out data set (``zoo.samples("repvgg_digits")``); see :mod:`deploy.zoo.digits`.
+Two entries ship trained weights (``create(name, pretrained=True)``) and a held-out data set
+(``zoo.samples(name)``): the classifier ``repvgg_digits`` (:mod:`deploy.zoo.digits`) and the detector
+``yolo_shapes`` (:mod:`deploy.zoo.shapes`, whose samples carry ``gt_boxes`` / ``gt_classes`` instead of
+``labels``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from .digits import TRAIN_SPLIT as _DIGITS_TRAIN
 from .digits import repvgg_digits
 from .mobileone import mobileone_s0
 from .resnet import resnet_small
+from .shapes import TRAIN_SPLIT as _SHAPES_TRAIN
+from .shapes import VAL_SPLIT as _SHAPES_VAL
+from .shapes import yolo_shapes
 from .repvgg import repvgg_a0, repvgg_a0_se, repvgg_a1, repvgg_b0, repvgg_b1g2
 from .yolov7 import yolov7_tiny_rep
 from .elan_csp import elan_csp
@@ -57,7 +62,8 @@ class _Entry:
     input_shape: tuple[int, ...]
     description: str
     pretrained: bool = False  # the factory takes pretrained=True and loads weights shipped in the package
-    samples: str | None = None  # a held-out .npz shipped in the package: input0 (N, ...), labels (N,)
+    samples: str | None = None  # a held-out .npz shipped in the package: input0 (N, ...), labels (N,) or gt_boxes
+    # (N, K, 4) and gt_classes (N, K) for a detector
     calibration: str | None = None  # training-split .npz shipped for INT8 calibration (never the held-out one)
 
 
@@ -74,6 +80,7 @@ _ZOO: dict[str, _Entry] = {
     "dbb_resnet": _Entry(dbb_resnet, _IMAGENET, "Small ResNet (32/64/128) with Diverse Branch Blocks (Ding et al. 2021): kxk, 1x1, 1x1-kxk, 1x1-avg; zero_pad=True for the inexact variant"),
     "resnet_small": _Entry(resnet_small, _IMAGENET, "Small ResNet (32/64/128) of basic blocks relu(bn(3x3(relu(bn(3x3(x))))) + shortcut(x)); plain with the 'rm' pass"),
     "repvgg_digits": _Entry(repvgg_digits, (1, 1, 8, 8), "RepVGG-Digits: 6 RepVGG blocks (16-64 channels) trained on scikit-learn's 8x8 digits; shipped weights and held-out split", pretrained=True, samples=str(_DIGITS_TEST), calibration=str(_DIGITS_TRAIN)),
+    "yolo_shapes": _Entry(yolo_shapes, (1, 3, 64, 64), "YOLO-Shapes: YOLOv7-tiny (RepConv heads, IDetect) at width 0.25 trained on synthetic 64x64 circles, squares, triangles; shipped weights and held-out split", pretrained=True, samples=str(_SHAPES_VAL), calibration=str(_SHAPES_TRAIN)),
     "yolov7_tiny_rep": _Entry(yolov7_tiny_rep, (1, 3, 320, 320), "YOLOv7-tiny (Wang et al. 2023) with RepConv heads and an IDetect head (ImplicitA / ImplicitM), 80 classes"),
     "panet": _Entry(panet, (1, 3, 128, 128), "PANet (Liu et al. 2018): FPN top-down (lateral 1x1, nearest upsample, add) plus bottom-up path augmentation (stride-2 3x3 into P_i+1), one map per level"),
     "giraffedet": _Entry(giraffedet, (1, 3, 128, 128), "GiraffeDet (Jiang et al. 2022): space-to-depth light backbone, heavy GFPN neck with queen fusion and log2n skip-layer connections"),
@@ -117,8 +124,9 @@ def create(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     if not pretrained:
         return entry.factory(**kwargs)
     if not entry.pretrained:
-        shipped = ", ".join(n for n in names() if _ZOO[n].pretrained)
-        raise ValueError(f"zoo model {name!r} has no shipped weights (only {shipped} has); build it with "
+        shipped = [n for n in names() if _ZOO[n].pretrained]
+        raise ValueError(f"zoo model {name!r} has no shipped weights (only {', '.join(shipped)} "
+                         f"{'has' if len(shipped) == 1 else 'have'}); build it with "
                          f"pretrained=False and load a checkpoint")
     return entry.factory(pretrained=True, **kwargs)
 

@@ -181,7 +181,8 @@ class IDetect(nn.Module):
 class YOLOv7Tiny(nn.Module):
     """YOLOv7-tiny backbone and neck, RepConv heads, ``IDetect``."""
 
-    def __init__(self, nc: int = 80, width: float = 1.0, act: str = "leaky") -> None:
+    def __init__(self, nc: int = 80, width: float = 1.0, act: str = "leaky",
+                 anchors: tuple[tuple[int, ...], ...] = ANCHORS) -> None:
         super().__init__()
 
         def c(channels: int) -> int:
@@ -213,7 +214,7 @@ class YOLOv7Tiny(nn.Module):
         self.rep3 = RepConv(c(64), c(128), act=act)
         self.rep4 = RepConv(c(128), c(256), act=act)
         self.rep5 = RepConv(c(256), c(512), act=act)
-        self.detect = IDetect(nc, (c(128), c(256), c(512)))
+        self.detect = IDetect(nc, (c(128), c(256), c(512)), anchors=anchors)
 
     def forward(self, x):
         x = self.elan1(self.stem2(self.stem1(x)))
@@ -228,5 +229,7 @@ class YOLOv7Tiny(nn.Module):
         return self.detect([self.rep3(o3), self.rep4(o4), self.rep5(o5)])
 
 
-def yolov7_tiny_rep(num_classes: int = 80, width: float = 1.0, act: str = "leaky") -> YOLOv7Tiny:
-    return YOLOv7Tiny(nc=num_classes, width=width, act=act)
+def yolov7_tiny_rep(num_classes: int = 80, width: float = 1.0, act: str = "leaky",
+                    anchors: tuple[tuple[int, ...], ...] = ANCHORS) -> YOLOv7Tiny:
+    """YOLOv7-tiny; ``anchors`` (pixels, three (w, h) pairs per level for strides 8, 16, 32) default to COCO's."""
+    return YOLOv7Tiny(nc=num_classes, width=width, act=act, anchors=anchors)

@@ -10,7 +10,9 @@ in-place ops, their helper layers) and carries the authors' own conversion (``sw
 * ``repvgg_style``: DingXiaoH/RepVGG (``repvgg.py``)
 * ``mobileone_style``: apple/ml-mobileone (``mobileone.py``)
 * ``yolov7_style``: WongKinYiu/yolov7 (``models/common.py``, ``models/yolo.py``: Conv, RepConv, implicit
-  layers, IDetect with its in-place decode, ``Model.fuse``)
+  layers, IDetect with its in-place decode, IAuxDetect, ReOrg, DownC, SPPCSPC, ``Model.fuse``; the training
+  configs of ``cfg/training``); the code itself is the package ``yolov7`` (``common.py``, ``yolo.py``,
+  ``configs.py``), laid out as the repository's ``models`` package so that tests can pickle checkpoints from it
 
 Nothing here is imported by the library; the modules are written to be read next to the originals.
 """
