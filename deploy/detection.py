@@ -9,7 +9,7 @@ refused.
 With ``--nms`` (``exporters.nms.NmsOptions``), :func:`nms_stages` appends NMS to the fp32 ONNX file
 (``model.nms.onnx``, the standard ``NonMaxSuppression`` operator, ``exporters.nms.add_nms``: outputs
 ``num_dets``, ``boxes`` xyxy, ``scores``, ``classes`` per image, batch-dynamic with ``--dynamic``) and
-converts that file for OpenVINO (``model.nms.xml``). Every other stage (TFLite, pt2, INT8, ...) ends
+converts that file for OpenVINO (``model.nms.xml``) and TensorRT (``model.nms.engine``, GPU only). Every other stage (TFLite, pt2, INT8, ...) ends
 before NMS; its runner's output is passed through the same NMS on the host
 (``runtimes.detection.nms``), and the report says where NMS ran for each stage.
 
@@ -129,8 +129,8 @@ def read_ground_truth(path: str, count: int) -> dict[str, np.ndarray] | None:
 
 def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str], opts: NmsOptions,
                progress: Progress | None = None) -> list[StageRecord]:
-    """``onnx-nms`` (the fp32 ONNX stage with NMS appended) and, when OpenVINO is wanted, ``openvino-nms``
-    (converted from it)."""
+    """``onnx-nms`` (the fp32 ONNX stage with NMS appended) and, when OpenVINO / TensorRT are wanted,
+    ``openvino-nms`` / ``tensorrt-nms`` (converted from it)."""
     from exporters import targets as registry
     from exporters.onnx import describe_onnx
     from exporters.targets import ExportJob, Product
@@ -167,6 +167,14 @@ def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str],
         art.note("NMS in the graph: converted from model.nms.onnx")
         return [Product("openvino-nms", art, parent="onnx-nms", main=False)]
 
+    def engine():  # GPU only: not exercised on a machine without a CUDA GPU and TensorRT
+        from exporters.tensorrt import export_tensorrt
+
+        art = export_tensorrt(out[0].export.artifact_in(folder), folder / "model.nms.engine")
+        art.metadata.update(meta)
+        art.note("NMS in the graph: TensorRT's ONNX parser builds NonMaxSuppression from model.nms.onnx")
+        return [Product("tensorrt-nms", art, parent="onnx-nms", main=False)]
+
     def stage(target: str, name: str, parent: str, make) -> StageRecord:
         products, error, seconds = _attempt(registry.get(target), ExportJob(None, (), folder, source=source),
                                             progress, f"{target} with NMS", make)
@@ -175,8 +183,9 @@ def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str],
         return _stage(registry.get(target), products[0], parent, folder, seconds)
 
     out = [stage("onnx", "onnx-nms", onnx_stage.name, with_nms)]
-    if "openvino" in wanted and not out[0].export.error:
-        out.append(stage("openvino", "openvino-nms", "onnx-nms", converted))
+    for target, make in (("openvino", converted), ("tensorrt", engine)):
+        if target in wanted and not out[0].export.error:
+            out.append(stage(target, f"{target}-nms", "onnx-nms", make))
     return out
 
 
