@@ -9,8 +9,8 @@ refused.
 With ``--nms`` (``exporters.nms.NmsOptions``), :func:`nms_stages` appends NMS to the fp32 ONNX file
 (``model.nms.onnx``, the standard ``NonMaxSuppression`` operator, ``exporters.nms.add_nms``: outputs
 ``num_dets``, ``boxes`` xyxy, ``scores``, ``classes`` per image, batch-dynamic with ``--dynamic``) and
-converts that file for OpenVINO (``model.nms.xml``) and TensorRT (``model.nms.engine``, GPU only). Every other stage (TFLite, pt2, INT8, ...) ends
-before NMS; its runner's output is passed through the same NMS on the host
+converts that file for OpenVINO (``model.nms.xml``) and TensorRT (``model.nms.engine``, GPU only). Every
+other stage (TFLite, pt2, INT8, ...) ends before NMS; its runner's output is passed through the same NMS on the host
 (``runtimes.detection.nms``), and the report says where NMS ran for each stage.
 
 Verification (:func:`verify`): NMS output is discontinuous, so it is not compared elementwise. The

@@ -53,8 +53,8 @@ from .record import (REPORT_NAME, InputsRecord, PipelineError, RunDirectory, Run
 from .sources import LoadedModel
 from .verification import read_samples, record_reference, verify_stages
 
-__all__ = ["ConvertOptions", "NmsOptions", "ConvertResult", "StageRecord", "VerifyResult", "PipelineError", "convert", "verify",
-           "plan_out_dir", "load_record", "load_arguments", "versions", "default_targets", "target_names",
+__all__ = ["ConvertOptions", "NmsOptions", "ConvertResult", "StageRecord", "VerifyResult", "PipelineError", "convert",
+           "verify", "plan_out_dir", "load_record", "load_arguments", "versions", "default_targets", "target_names",
            "REPORT_NAME", "PT2"]
 
 _VERSIONS = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxsim", "openvino", "litert-torch",

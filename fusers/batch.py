@@ -6,8 +6,9 @@ that literal by the input's own batch (``aten.sym_size.int(input, 0)``) in every
 whose input and output both carry the batch in dimension 0 (their first dimension is B and they
 depend on the input), and proves the result: at batch 1 and at B + 1 the rewritten graph must give,
 row for row, what the captured graph gives on the same rows run B at a time (float64 copies,
-relative error <= ``tol``: rows do not interact), else the graph is restored and the reason returned. Capturing at a batch of 2 or more (``deploy convert --dynamic`` captures at 2) keeps
-the batch distinguishable from the size-1 dimensions the rule would otherwise confuse it with.
+relative error <= ``tol``: rows do not interact), else the graph is restored and the reason returned.
+Capturing at a batch of 2 or more (``deploy convert --dynamic`` captures at 2) keeps the batch
+distinguishable from the size-1 dimensions the rule would otherwise confuse it with.
 """
 
 from __future__ import annotations

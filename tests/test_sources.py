@@ -166,6 +166,8 @@ def yolo_style_checkpoint(tmp_path, monkeypatch):
     (code / "models" / "__init__.py").write_text("")
     (code / "models" / "tiny.py").write_text(CODE)
     monkeypatch.syspath_prepend(str(code))
+    for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+        monkeypatch.delitem(sys.modules, name)  # another test's models package (a YOLOv7 checkpoint's) is not ours
     from models.tiny import TinyDetector
 
     model = TinyDetector()

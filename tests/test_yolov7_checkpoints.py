@@ -12,6 +12,7 @@ Loading must pick ``ema`` and convert it to float32; converting must prove the d
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -133,8 +134,12 @@ def test_checkpoint_is_what_train_py_saves(checkpoints):
         assert floats and all(t.dtype == torch.float16 for t in floats), key
 
 
-def test_loading_needs_the_code_path(checkpoints):
+def test_loading_needs_the_code_path(checkpoints, monkeypatch):
     ck = checkpoints("yolov7-tiny")
+    # an earlier --code-path load in this process (another test's) left its models package importable
+    for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "models"))])
     with pytest.raises(SourceError, match=r"cannot unpickle .*No module named 'models(\.yolo)?'.*--code-path DIR"):
         load_model(str(ck.path), trust_pickle=True)
 
