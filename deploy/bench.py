@@ -4,7 +4,9 @@
 (into ``runs/<model>``, as ``deploy convert`` would). For each batch size and runtime it times the
 run's verified artifacts with :mod:`runtimes.bench` (warm-up by count and time, then enough
 iterations for the minimum duration), one runtime at a time in its own process. With
-``compare_train`` the training model is reloaded from the run's record, exported the same way
+``compare_train`` the training model is loaded (from ``opts.model`` and this command's model options, or
+from the run's record when it names a built-in model: a run directory never chooses code to run; see
+``pipeline.recorded_source``), checked against the run's recorded outputs, exported the same way
 (same exporters, precision and opset), and timed interleaved with the deploy form, so
 the speed-up of reparameterization is a ratio measured on the same machine state.
 
@@ -25,7 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,16 +37,19 @@ from exporters import targets as registry
 from runtimes.bench import ISOLATION, BenchJob, BenchSettings, run_isolated, run_job
 from runtimes.core import MissingDependency, first_line, require, set_training
 from runtimes.hardware import cpu_facts, gpu_facts, usable_cpus
-from runtimes.pt2_archive import load_program
+from runtimes.safe_load import load_program
 
-from . import sources
+from . import resources, sources
 from .forms import check_targets, export_forms, main_stage
-from .pipeline import PT2, ConvertOptions, PipelineError, convert, versions
-from .record import RunRecord, StageRecord, inside, load_record
+from .pipeline import (PT2, ConvertOptions, PipelineError, check_training_model, convert, recorded_source,
+                       reload_command, versions)
+from .record import RunRecord, StageRecord, alive, inside, load_record
+from .resources import check_threads
 
 __all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "nms_shares"]
 
 FORMS = ("training", "deploy", "int8", "nms")  # nms: the deploy form with NMS appended (deploy.detection)
+WORK_PREFIX = "deploy-bench-"  # temporary folders: deploy-bench-<pid>-<random>
 
 Progress = Callable[[str], None]
 
@@ -63,6 +68,7 @@ class BenchOptions:
     isolation: str = "subprocess"
     chart: bool = True
     convert: ConvertOptions | None = None  # how to convert a MODEL (its targets follow the runtimes)
+    model: str | None = None  # the training model of a run directory (with convert's checkpoint, code path, ...)
     allow_changed: bool = False  # time artifacts whose sha256 differs from the run's record
     trust_pickle: bool = False  # load what would unpickle (reloading a pickled training model, a changed .pt2)
     command: str | None = None
@@ -105,6 +111,10 @@ def _check_options(opts: BenchOptions) -> str:
         raise PipelineError("--batch needs positive batch sizes, e.g. 1,8")
     if opts.threads is not None and opts.threads < 1:
         raise PipelineError(f"--threads must be at least 1, got {opts.threads}")
+    check_threads(opts.threads)
+    if opts.model is not None and not os.path.isdir(opts.target):
+        raise PipelineError(f"--model names the training model of a run directory, and {opts.target} is not one; "
+                            f"drop --model (a MODEL is converted first)")
     device = opts.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -211,17 +221,43 @@ def _dynamic(stage: StageRecord) -> bool:
     return not (isinstance(shape[0], int) and shape[0] > 0)
 
 
-def _load_training(record: RunRecord, trust_pickle: bool = False) -> torch.nn.Module:
-    """The run's training model, loaded as ``record.load`` says; trust to unpickle comes from this command's
-    ``trust_pickle``, never from the record (whoever can edit an artifact can edit ``report.json`` too)."""
-    args = dict(record.load, trust_pickle=trust_pickle)
-    spec = args.pop("spec")
+def _load_training(record: RunRecord, out_dir: Path, opts: BenchOptions) -> torch.nn.Module:
+    """The run's training model, from this command line (``--model`` with its ``--checkpoint``, ``--code-path``,
+    ``--trust-pickle``), else from the record when it names a built-in source (``pipeline.recorded_source``): a run
+    directory never chooses code to run. Either way it must compute the training outputs the run recorded."""
+    given = opts.convert or ConvertOptions()
+    model = opts.model or (None if os.path.isdir(opts.target) else opts.target)  # a MODEL was converted first
+    source = replace(given, model=model) if model else recorded_source(record)
+    if source is None:
+        raise PipelineError(f"the training model of {out_dir} is not reloaded from its report, which names "
+                            f"{record.load.get('spec')!r} (a run directory never chooses code to run); pass it on the "
+                            f"command line: {reload_command(record, 'deploy bench', out_dir)}")
     try:
-        return sources.load_model(spec, **{k: v for k, v in args.items() if v is not None}).model
-    except Exception as e:
-        raise PipelineError(f"the training model {spec} of this run cannot be reloaded ({first_line(e)}); "
-                            "--compare-train and other batch sizes need it: run deploy bench on the model itself"
-                            ) from e
+        model = sources.load_model(source.model, checkpoint=source.checkpoint, checkpoint_key=source.checkpoint_key,
+                                   code_path=source.code_path, num_classes=source.num_classes, width=source.width,
+                                   allow_train_mode=source.allow_train_mode, seed=source.seed,
+                                   trust_pickle=given.trust_pickle).model
+    except sources.SourceError as e:
+        raise PipelineError(f"the training model {source.model} cannot be loaded ({str(e).rstrip('.')})") from e
+    check_training_model(model, out_dir, f"the training model {source.model}")
+    return model
+
+
+def _check_memory(program, shape: Sequence[int], batches: Sequence[int], convert: bool) -> None:
+    """Refuse batch sizes whose forms need more memory than this process can take: the deploy program's activations
+    (one forward on fake tensors at the run's batch, scaled), or a whole conversion when the forms are made again."""
+    module = program.module()
+    batch = max(batches)
+    need = resources.estimate(module, tuple(shape), batch=batch, conversion=convert)
+    resources.check_memory(need, f"benchmarking at batch {batch}", "pass a smaller --batch")
+
+
+def _remove_stale_work() -> None:
+    """Delete the temporary folders of benchmarks whose process is gone (killed outright, say by SIGKILL)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{WORK_PREFIX}*-*"):
+        pid = path.name[len(WORK_PREFIX):].split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _float_precision(record: RunRecord) -> str:
@@ -383,19 +419,23 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     training = None
     needs_training = opts.compare_train or any(b != shape[0] and not _dynamic(s) for b in opts.batches
                                                for s in picked.values())
+    program = load_program(out_dir / PT2, trust_pickle=opts.trust_pickle)
+    _check_memory(program, shape, opts.batches, needs_training)
     progress(f"benchmarking {record.model['spec']} from {out_dir} on {', '.join(picked)} "
              f"({threads} thread(s), batch {','.join(map(str, opts.batches))}, "
              f"{'each runtime in its own process' if opts.isolation == 'subprocess' else 'one process'})")
     try:
-        training = _load_training(record, opts.trust_pickle)
+        training = _load_training(record, out_dir, opts)
     except PipelineError as e:
         if needs_training:
-            raise
+            why = "--compare-train" if opts.compare_train else "a batch size other than the run's"
+            raise PipelineError(f"{why} needs the training model: {str(e).rstrip('.')}") from e
         notes.append(f"cost model of the training form left out: {e}")
 
     rows: list[dict] = []
     settings_used: dict[str, dict] = {}
-    work = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
+    _remove_stale_work()
+    work = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-"))
     try:
         for batch in opts.batches:
             x = torch.randn(batch, *shape[1:], generator=torch.Generator().manual_seed(0))
@@ -416,7 +456,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         shutil.rmtree(work, ignore_errors=True)
 
     x1 = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    cost = {"deploy": _cost(load_program(out_dir / PT2, trust_pickle=opts.trust_pickle), x1)}
+    cost = {"deploy": _cost(program, x1)}
     if training is not None:
         cost["training"] = _cost(training, x1)
     cpu = cpu_facts(threads)

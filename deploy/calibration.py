@@ -35,6 +35,7 @@ import numpy as np
 from runtimes.core import first_line
 
 from .record import PipelineError
+from .resources import ResourceError, check_memory, read_npz
 from .verification import GROUND_TRUTH
 
 __all__ = ["Calibration", "load_calibration", "read_images", "seeded_eval", "IMAGE_SUFFIXES", "IMAGENET",
@@ -71,8 +72,9 @@ def _subset(x: np.ndarray, size: int, seed: int) -> np.ndarray:
 
 def _read_npz(path: str, shape) -> np.ndarray:
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files if k not in ("labels", *GROUND_TRUTH)}
+        arrays = {k: v for k, v in read_npz(path, "--calibration file").items() if k not in ("labels", *GROUND_TRUTH)}
+    except ResourceError:
+        raise
     except Exception as e:
         raise PipelineError(f"--calibration file {path} is not a readable .npz ({first_line(e)}); save it with "
                             "numpy.savez(path, input0=images)") from e
@@ -114,6 +116,8 @@ def read_images(folder: str | os.PathLike, shape, mean, std, limit: int | None =
     if mean.shape[0] not in (1, c) or std.shape[0] not in (1, c):
         raise PipelineError(f"--mean / --std give {mean.shape[0]} / {std.shape[0]} values for a {c}-channel input; "
                             f"give 1 or {c}")
+    check_memory(len(files) * c * h * w * 4 * 2, f"reading the {len(files)} images of {folder}",
+                 "calibrate on fewer images (a folder of a few hundred is plenty)")
     out = np.empty((len(files), c, h, w), np.float32)
     for i, f in enumerate(files):
         try:
@@ -148,6 +152,8 @@ def load_calibration(path: str | None, shape, *, size: int = DEFAULT_SIZE, seed:
                      mean=None, std=None) -> Calibration:
     """The calibration inputs for a model whose input is ``shape``; see the module docstring for the rules."""
     if path == "seeded" or (path is None and loaded is not None and not loaded.trained):
+        check_memory(size * math.prod(shape[1:]) * 4 * 2, f"{size} seeded calibration inputs of {_shape_text(shape)}",
+                     "pass a smaller --calibration-size")
         x = np.random.default_rng(seed + 2).standard_normal((size, *shape[1:]), dtype=np.float32)
         why = "" if path else " (the model has random weights)"
         return Calibration(x, f"{size} seeded standard-normal inputs, seed {seed + 2}{why}", "seeded")

@@ -33,8 +33,13 @@ COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "detect", "zoo")
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
+LARGEST = 2**31 - 1  # the largest dimension, class count or batch the runtimes take (int32 sizes)
+MAX_ITERS = 100_000  # runtimes.bench's cap on measured calls per form
+MAX_MS = 3_600_000.0  # an hour of warm-up or measurement per form
+
+
 def _positive_ints(what: str, example: str):
-    """An argparse type: comma- (or x-) separated positive integers, e.g. ``1,3,224,224``."""
+    """An argparse type: comma- (or x-) separated positive integers up to :data:`LARGEST`, e.g. ``1,3,224,224``."""
     def parse(text: str) -> tuple[int, ...]:
         parts = [v.strip() for v in text.replace("x", ",").split(",")]
         if "" in parts:
@@ -45,12 +50,14 @@ def _positive_ints(what: str, example: str):
             raise argparse.ArgumentTypeError(f"{what} must look like {example}, got {text!r}.") from None
         if min(values) < 1:
             raise argparse.ArgumentTypeError(f"{what} must be positive integers (each >= 1), got {text!r}.")
+        if max(values) > LARGEST:
+            raise argparse.ArgumentTypeError(f"{what} must be integers up to {LARGEST}, got {text!r}.")
         return values
     return parse
 
 
-def _at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum`` (argparse names the option in its message)."""
+def _at_least(minimum: int, maximum: int = LARGEST):
+    """An argparse type: an integer in ``minimum..maximum`` (argparse names the option in its message)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -58,6 +65,8 @@ def _at_least(minimum: int):
             value = None
         if value is None or value < minimum:
             raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}.")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be an integer <= {maximum}, got {text!r}.")
         return value
     return parse
 
@@ -95,6 +104,7 @@ def _opset(text: str) -> int:
 
 _shape = _positive_ints("input shape", "1,3,224,224")
 _batches = _positive_ints("batch sizes", "1,8")
+_thread_counts = _positive_ints("thread counts", "1,2")
 
 
 def _passes(text: str) -> tuple[str, ...]:
@@ -108,13 +118,23 @@ def _passes(text: str) -> tuple[str, ...]:
 
 
 def _targets(text: str) -> tuple[str, ...]:
-    if text.strip().lower() in ("", "none"):
+    if text.strip().lower() == "none":
         return ()
-    return tuple(t.strip().lower() for t in text.split(",") if t.strip())
+    names = tuple(t.strip().lower() for t in text.split(","))
+    if not any(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names no target; list formats like onnx,openvino, or write none "
+                                         "to make only the plain model")
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry; list formats like onnx,openvino")
+    return names
 
 
 def _runtimes(text: str) -> tuple[str, ...]:
-    return tuple(r.strip().lower() for r in text.split(",") if r.strip())
+    names = tuple(r.strip().lower() for r in text.split(","))
+    if "" in names:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty entry; write a comma-separated list like "
+                                         "onnxruntime,openvino")
+    return names
 
 
 def _positive_float(text: str) -> float:
@@ -137,11 +157,35 @@ def _width(text: str) -> float:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    value = _positive_float(text)
+    if value > MAX_MS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_MS:.0f} ms (an hour), got {text!r}.")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = _positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in 0..1 (e.g. 0.98), got {text!r}.")
     return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}.")
+    return value
+
+
+def _stds(text: str) -> tuple[float, ...]:
+    values = _floats(text)
+    if min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"a standard deviation divides the pixels: each must be > 0, got {text!r}.")
+    return values
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -228,7 +272,7 @@ def _parser() -> argparse.ArgumentParser:
                              "an accuracy guard on held-out samples (never the calibration ones)")
     q.add_argument("--calibration", metavar="PATH", help="calibration data: an .npz of inputs, a folder of images, or "
                    "'seeded' (random inputs; default: the model's shipped training split, seeded for random weights)")
-    q.add_argument("--calibration-size", type=_at_least(1), default=128, metavar="N",
+    q.add_argument("--calibration-size", type=_at_least(1, 100_000), default=128, metavar="N",
                    help="calibration samples used (default 128)")
     q.add_argument("--int8-method", choices=("minmax", "entropy", "percentile"), default="minmax",
                    help="how activation ranges are calibrated (default minmax)")
@@ -238,13 +282,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest accuracy drop of an INT8 artifact, in points, with labelled samples (default 1.0)")
     q.add_argument("--min-agreement", type=_fraction, metavar="F", help="least top-1 agreement of an INT8 artifact "
                    f"with the fp32 model (0..1; default {UNLABELLED} without labels)")
-    q.add_argument("--min-sqnr", type=float, metavar="DB", help="least output SQNR in dB of an INT8 artifact "
+    q.add_argument("--min-sqnr", type=_finite, metavar="DB", help="least output SQNR in dB of an INT8 artifact "
                    f"(default {DEFAULT_SQNR:g} dB where neither accuracy nor agreement applies)")
     q.add_argument("--int8-fallback", choices=("off", "auto"), default="off", help="auto: keep the most sensitive "
                    "layers in float until the bound is met (default off)")
     q.add_argument("--mean", type=_floats, metavar="LIST", help="per-channel mean for a folder of calibration "
                    "images (default: the model's, else ImageNet's)")
-    q.add_argument("--std", type=_floats, metavar="LIST", help="per-channel std for a folder of calibration images")
+    q.add_argument("--std", type=_stds, metavar="LIST", help="per-channel std for a folder of calibration images")
     d = c.add_argument_group("detection (--nms)", "YOLO-style detectors: NMS inside the ONNX and OpenVINO artifacts "
                              "(model.nms.onnx, model.nms.xml), verified by matching boxes; other stages apply the "
                              "same NMS on the host")
@@ -252,8 +296,8 @@ def _parser() -> argparse.ArgumentParser:
                    "classes per image")
     d.add_argument("--conf", type=_fraction, default=0.25, help="score threshold, 0..1 (default 0.25)")
     d.add_argument("--iou", type=_fraction, default=0.45, help="IoU threshold of NMS, 0..1 (default 0.45)")
-    d.add_argument("--max-det", type=_at_least(1), default=300, metavar="N", help="detections per image at most "
-                   "(default 300)")
+    d.add_argument("--max-det", type=_at_least(1, 100_000), default=300, metavar="N",
+                   help="detections per image at most (default 300)")
     d.add_argument("--classes-agnostic", action="store_true", help="one NMS over all classes (default: per class)")
     c.add_argument("--strict-plain", action="store_true", help="exit 1 when the deploy graph keeps anything that "
                    "could have merged (a BatchNorm, a sum of parallel linear branches, an in-place write); the "
@@ -291,11 +335,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=_at_least(1), metavar="N", help="threads per runtime (default: the CPUs this "
                    "process may use)")
     b.add_argument("--batch", type=_batches, default=(1,), metavar="LIST", help="batch sizes, e.g. 1,8 (default 1)")
-    b.add_argument("--warmup-ms", type=_positive_float, default=200.0, help="warm-up time per form (default 200)")
-    b.add_argument("--warmup-iters", type=int, default=5, help="warm-up calls per form, at least (default 5)")
-    b.add_argument("--min-ms", type=_positive_float, default=2000.0,
+    b.add_argument("--warmup-ms", type=_milliseconds, default=200.0, help="warm-up time per form (default 200)")
+    b.add_argument("--warmup-iters", type=_at_least(0, MAX_ITERS), default=5,
+                   help="warm-up calls per form, at least (default 5)")
+    b.add_argument("--min-ms", type=_milliseconds, default=2000.0,
                    help="measured time per form, at least (default 2000)")
-    b.add_argument("--min-iters", type=int, default=20, help="measured calls per form, at least (default 20)")
+    b.add_argument("--min-iters", type=_at_least(2, MAX_ITERS), default=20,
+                   help="measured calls per form, at least (default 20)")
     b.add_argument("--compare-train", action="store_true", help="also export the training form the same way and "
                    "time it interleaved with the deploy form: the speed-up of reparameterization")
     b.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
@@ -303,6 +349,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--isolation", choices=("subprocess", "none"), default="subprocess",
                    help="time each runtime in its own process (default) or all in this one")
     b.add_argument("--no-chart", dest="chart", action="store_false", help="do not draw bench-N.png")
+    b.add_argument("--model", metavar="MODEL", help="the training model of a run directory DIR, as deploy convert was "
+                   "given it (with --checkpoint, --code-path, ...): for --compare-train, other batch sizes and the "
+                   "training form's cost model; a run directory's report never chooses code to run, so only a "
+                   "built-in model (zoo, timm:, torchvision:) is reloaded from it")
     _model_args(b)
     b.add_argument("--out", metavar="DIR", help="where to convert a MODEL (default runs/<model>)")
     b.add_argument("--force", action="store_true", help="replace an existing --out directory written by deploy")
@@ -314,15 +364,15 @@ def _parser() -> argparse.ArgumentParser:
                        description="convert, judge and time every candidate (runtime x precision x passes x threads) "
                        "under an accuracy bound; write OUT/best/ with deploy.json, OUT/report.md, OUT/pareto.png")
     t.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL_OR_DIR",
-                   help=f"what convert takes, or a deploy convert output directory (its model, loaded as its report "
-                   f"says, at its input shape; default {DEFAULT_MODEL})")
+                   help=f"what convert takes, or a deploy convert output directory of a zoo, timm or torchvision model "
+                   f"(that model, at the run's input shape; default {DEFAULT_MODEL})")
     t.add_argument("--runtimes", type=_runtimes, metavar="LIST", help="comma-separated runtimes (default: every "
                    "runtime; those this machine cannot run are pruned, saying why)")
     t.add_argument("--precisions", type=_runtimes, default=("fp32", "fp16", "bf16", "int8"), metavar="LIST",
                    help="comma-separated precisions (default fp32,fp16,bf16,int8)")
     t.add_argument("--passes", dest="pass_sets", type=_runtimes, default=("default",), metavar="LIST",
                    help="comma-separated pass sets from default, default+rm, default+equalize (default: default)")
-    t.add_argument("--threads", type=_batches, metavar="LIST", help="thread counts, e.g. 1,2 (default: the CPUs "
+    t.add_argument("--threads", type=_thread_counts, metavar="LIST", help="thread counts, e.g. 1,2 (default: the CPUs "
                    "this process may use)")
     t.add_argument("--batch", type=_at_least(1), default=1, help="batch size (default 1)")
     t.add_argument("--objective", choices=("latency", "throughput"), default="latency",
@@ -489,6 +539,11 @@ def cmd_verify(args) -> int:
     failures = _failures(result.stages)
     for line in failures:
         print(line)
+    for problem in result.reference:
+        print(f"FAILED the recorded reference: {problem}; the stages are judged by these files: rerun deploy convert, "
+              "or pass --allow-changed to verify with them as they are")
+    for note in result.notes:
+        print(f"note: {note}")
     changed = [s.name for s in result.stages if s.verification.changed]
     if changed:
         print(f"changed since convert (sha256 differs): {', '.join(changed)}; "
@@ -496,8 +551,9 @@ def cmd_verify(args) -> int:
                  "a changed file is not the artifact that was verified: rerun deploy convert, or pass "
                  "--allow-changed to verify the files as they are now"))
     tol = result.tolerance
-    print(f"\n{_verdict(result.stages, failures)} (rtol {tol['rtol'] or 'by precision'}, atol {tol['atol']}; "
-          f"{result.seconds:.1f} s)")
+    verdict = _verdict(result.stages, failures) + ("; the recorded reference FAILED its check" if result.reference
+                                                   else "")
+    print(f"\n{verdict} (rtol {tol['rtol'] or 'by precision'}, atol {tol['atol']}; {result.seconds:.1f} s)")
     return EXIT_OK if result.passed else EXIT_FAILED
 
 
@@ -552,7 +608,7 @@ def cmd_bench(args) -> int:
         model=args.target, checkpoint=args.checkpoint, checkpoint_key=args.checkpoint_key, code_path=args.code_path,
         num_classes=args.num_classes, width=args.width, input_shape=args.input_shape, out=args.out, force=args.force,
         allow_train_mode=args.allow_train_mode, seed=args.seed, command=command, trust_pickle=args.trust_pickle)
-    opts = BenchOptions(args.target, runtimes=args.runtimes, threads=args.threads, batches=args.batch,
+    opts = BenchOptions(args.target, model=args.model, runtimes=args.runtimes, threads=args.threads, batches=args.batch,
                         settings=settings, compare_train=args.compare_train, device=args.device,
                         isolation=args.isolation, chart=args.chart, convert=conv, command=command,
                         allow_changed=args.allow_changed, trust_pickle=args.trust_pickle)
@@ -646,19 +702,36 @@ def _errors() -> tuple[type[BaseException], ...]:
     return (SourceError, DeployError, fusers.CaptureError, fusers.InputError, FileNotFoundError, ValueError)
 
 
+_AT_FORK: list[bool] = []  # the at-fork reset of SIGTERM is registered once per process
+
+
 class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C so that a run removes its partial output."""
 
 
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
-    """SIGTERM raises :class:`_Terminated` while a command runs (a second one is ignored during the cleanup)."""
+    """SIGTERM raises :class:`_Terminated` while a command runs (a second one is ignored during the cleanup).
+    A process forked from this one (a library's helper) gets the default SIGTERM back, so it dies of it."""
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:  # a forked child that did not go through the at-fork reset
+            _default_sigterm()
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise _Terminated()
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
+        if not _AT_FORK:
+            os.register_at_fork(after_in_child=_default_sigterm)
+            _AT_FORK.append(True)
     except ValueError:  # not the main thread (deploy.cli.main called from a worker thread): signals stay as they are
         previous = None
     try:
@@ -666,6 +739,13 @@ def _sigterm_as_interrupt():
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: bytes that are not UTF-8 (a path's) and control characters (which a crafted
+    report could hold) escaped."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _os_error(e: OSError) -> str:
@@ -684,23 +764,31 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,
                 "tune": cmd_tune, "detect": cmd_detect, "zoo": cmd_zoo}
+    if hasattr(signal, "SIGXFSZ"):  # over ulimit -f a write fails with EFBIG (said in one sentence), not a core dump
+        with contextlib.suppress(ValueError):  # (not the main thread: signals stay as they are)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         with _sigterm_as_interrupt():
             return handlers[args.command](args)
-    except _errors() as e:
-        message = str(e).strip().rstrip(".")
-        print(f"deploy {args.command}: error: {message}.", file=sys.stderr)
-        if args.verbose:
-            logging.getLogger(__name__).exception("details")
-        return EXIT_ERROR
     except BrokenPipeError:  # e.g. piped into head
         sys.stdout = open(os.devnull, "w")
         return EXIT_OK
     except (PermissionError, NotADirectoryError, IsADirectoryError) as e:
-        print(f"deploy {args.command}: error: {_os_error(e)}.", file=sys.stderr)
+        print(f"deploy {args.command}: error: {_printable(_os_error(e))}.", file=sys.stderr)
         if args.verbose:
             logging.getLogger(__name__).exception("details")
         return EXIT_ERROR
+    except Exception as e:
+        from .resources import disk_failure, no_space_message
+
+        full = disk_failure(e)  # out of disk space: exit 1, like a failed stage, and not the model's fault
+        if full is None and not isinstance(e, _errors()):
+            raise
+        message = str(e) if full is None else no_space_message(full)
+        print(f"deploy {args.command}: error: {_printable(message.strip().rstrip('.'))}.", file=sys.stderr)
+        if args.verbose:
+            logging.getLogger(__name__).exception("details")
+        return EXIT_FAILED if full is not None else EXIT_ERROR
     except KeyboardInterrupt as e:
         terminated = isinstance(e, _Terminated)
         print(f"deploy {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was "

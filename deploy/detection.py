@@ -38,6 +38,7 @@ from exporters.nms import NmsOptions
 from runtimes.core import first_line
 
 from .record import ExportRecord, PipelineError, StageRecord, VerificationRecord
+from .resources import read_npz
 
 __all__ = ["find_head", "ends_in_nms", "nms_stages", "read_ground_truth", "verify", "draw", "class_names",
            "detect_images", "read_image", "NmsOptions", "PICTURES"]
@@ -111,13 +112,13 @@ def ends_in_nms(stage: StageRecord) -> bool:
 def read_ground_truth(path: str, count: int) -> dict[str, np.ndarray] | None:
     """``gt_boxes`` (N, K, 4) xyxy pixels and ``gt_classes`` (N, K), -1 padding, from a samples ``.npz``; None
     when it has none."""
-    with np.load(path, allow_pickle=False) as data:
-        if "gt_boxes" not in data.files and "gt_classes" not in data.files:
-            return None
-        if not {"gt_boxes", "gt_classes"} <= set(data.files):
-            raise PipelineError(f"{path} holds only one of gt_boxes / gt_classes; save both: gt_boxes (N, K, 4) xyxy "
-                                "pixels and gt_classes (N, K) with -1 for padding")
-        boxes, classes = data["gt_boxes"], data["gt_classes"]
+    data = read_npz(path, "samples file")
+    if "gt_boxes" not in data and "gt_classes" not in data:
+        return None
+    if not {"gt_boxes", "gt_classes"} <= set(data):
+        raise PipelineError(f"{path} holds only one of gt_boxes / gt_classes; save both: gt_boxes (N, K, 4) xyxy "
+                            "pixels and gt_classes (N, K) with -1 for padding")
+    boxes, classes = data["gt_boxes"], data["gt_classes"]
     if boxes.shape[:1] != (count,) or boxes.ndim != 3 or boxes.shape[2] != 4 or classes.shape != boxes.shape[:2] \
             or classes.dtype.kind not in "iu":
         raise PipelineError(f"{path}: gt_boxes must be ({count}, K, 4) and gt_classes ({count}, K) integers, got "
@@ -254,8 +255,7 @@ def _run_nms_stage(runner, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return read_npz(path)
 
 
 def verify(root: Path, stages: Sequence[StageRecord], results: dict[str, VerificationRecord], opts: NmsOptions,

@@ -22,6 +22,7 @@ from exporters.targets import ExportJob, Product, Target
 from runtimes.core import Artifact, DeployError, MissingDependency, first_line
 
 from .record import ExportRecord, FilesRecord, PipelineError, StageRecord
+from .resources import disk_failure
 
 __all__ = ["check_targets", "export_forms", "main_stage", "quantize_form"]
 
@@ -116,6 +117,8 @@ def _attempt(target: Target, job: ExportJob, progress: Progress, what: str = "",
     except Exception as e:
         for p in set(job.folder.iterdir()) - before:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if disk_failure(e) is not None:  # the disk, not the model or the target: the run stops, saying so
+            raise
         msg = first_line(e) if isinstance(e, DeployError) else f"{type(e).__name__}: {first_line(e)}"
         if not isinstance(e, MissingDependency):
             msg = f"{msg.rstrip('.')}; drop {target.name} from --targets or change the model"

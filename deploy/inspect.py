@@ -577,9 +577,9 @@ def _changed_since(record, path: Path) -> bool:
 
 def read_torch(path: str, summary: OpSummary, *, trust_pickle: bool = False) -> OpSummary:
     """A ``.pt2`` written by torch.export (with the merge counts of the run that wrote it, when it says), loaded
-    with :func:`runtimes.pt2_archive.load_program`: refused when loading it would run code, unless
+    with :func:`runtimes.safe_load.load_program`: refused when loading it would run code, unless
     ``trust_pickle``."""
-    from runtimes.pt2_archive import load_program
+    from runtimes.safe_load import load_program
 
     extra = {"deploy.json": ""}
     ep = load_program(os.fspath(path), trust_pickle=trust_pickle, extra_files=extra)
@@ -633,12 +633,14 @@ def inspect_source(spec: str, input_shape: tuple[int, ...] | None = None, **load
     """Summary of a model source (zoo name, timm:NAME, torchvision:NAME, file.py:FACTORY, checkpoint)."""
     import torch
 
-    from . import sources
+    from . import resources, sources
 
     loaded = sources.load_model(spec, **load_kwargs)
     shape = tuple(input_shape or loaded.input_shape or ())
     if not shape:
         raise sources.SourceError(f"{spec} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
+    need = resources.estimate(loaded.model, shape, conversion=False)  # a capture and one forward
+    resources.check_memory(need, f"inspecting {spec} at {'x'.join(map(str, shape))}", "pass a smaller --input-shape")
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     summary = inspect_module(loaded.model, (x,), source=f"{spec} ({type(loaded.model).__name__}, "
                              f"input {'x'.join(map(str, shape))})", fmt="torch model")

@@ -30,6 +30,7 @@ the command line prints.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -43,19 +44,20 @@ import torch
 import fusers
 from exporters import targets as registry
 from exporters.pt2 import FILENAME as PT2
+from runtimes.core import first_line
 
-from . import detection, int8, sources
+from . import detection, int8, resources, sources
 from .detection import NmsOptions
 from .forms import check_targets, export_forms, main_stage
-from .record import (REPORT_NAME, InputsRecord, PipelineError, RunDirectory, RunOptions, RunRecord, SamplesRecord,
-                     StageRecord, ExportRecord, VerificationRecord, inside, is_run_dir, load_record,
+from .record import (REPORT_NAME, ExportRecord, FilesRecord, InputsRecord, PipelineError, RunDirectory, RunOptions,
+                     RunRecord, SamplesRecord, StageRecord, VerificationRecord, inside, is_run_dir, load_record,
                      unlisted_files)
 from .sources import LoadedModel
 from .verification import read_samples, record_reference, verify_stages
 
 __all__ = ["ConvertOptions", "NmsOptions", "ConvertResult", "StageRecord", "VerifyResult", "PipelineError", "convert",
            "verify", "plan_out_dir", "load_record", "load_arguments", "versions", "default_targets", "target_names",
-           "REPORT_NAME", "PT2"]
+           "REPORT_NAME", "PT2", "recorded_source", "reload_command", "check_training_model"]
 
 _VERSIONS = ("torch", "numpy", "onnx", "onnxscript", "onnxruntime", "onnxsim", "openvino", "litert-torch",
              "ai-edge-litert", "tensorrt", "timm", "torchvision")
@@ -119,10 +121,12 @@ class VerifyResult:
     stages: list[StageRecord]
     tolerance: dict
     seconds: float = 0.0
+    reference: list[str] = dataclasses.field(default_factory=list)  # what is wrong with verify/*.npz (fails the run)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(s.passed for s in self.stages)
+        return all(s.passed for s in self.stages) and not self.reference
 
     @property
     def failed(self) -> list[StageRecord]:
@@ -197,6 +201,8 @@ def plan_out_dir(out: str | None, model_name: str, force: bool, reads: Sequence[
     writable folder. All of this is checked before any work.
     """
     default = out is None
+    if out is not None:
+        resources.check_output_path(out)
     path = Path(out) if out is not None else Path("runs") / model_name
     _check_writable(path)
     if not path.exists():
@@ -286,8 +292,8 @@ def _reparam_dict(report, merged: dict) -> dict:
 
 
 def load_arguments(opts: ConvertOptions) -> dict:
-    """How ``sources.load_model`` was called, with absolute paths: ``deploy bench`` reloads the training
-    model from it."""
+    """How ``sources.load_model`` was called, with absolute paths: what :func:`recorded_source` reloads a built-in
+    model from, and what :func:`reload_command` shows for anything else."""
     absolute = lambda p: os.path.abspath(p) if p else p  # noqa: E731
     kind, target, factory = sources.parse_source(opts.model)
     spec = opts.model if kind in ("zoo", "timm", "torchvision") else absolute(target) + (f":{factory}" if factory
@@ -296,6 +302,77 @@ def load_arguments(opts: ConvertOptions) -> dict:
             "code_path": [absolute(d) for d in opts.code_path], "num_classes": opts.num_classes,
             "width": opts.width, "allow_train_mode": opts.allow_train_mode, "seed": opts.seed,
             "trust_pickle": opts.trust_pickle}
+
+
+def recorded_source(record: RunRecord) -> ConvertOptions | None:
+    """How to reload a run's training model from its record alone, or None. A run directory never chooses code to
+    run: only a built-in source (a zoo, timm or torchvision name) without a checkpoint is reloaded from it, with
+    its recorded numbers checked; a model file, a pickled model, a ``.pt2``, a checkpoint or a code path must come
+    from the user's own command line (:func:`reload_command` shows it)."""
+    load = record.load
+    spec = load.get("spec")
+    if not isinstance(spec, str) or load.get("checkpoint") or load.get("code_path"):
+        return None
+    try:
+        kind, _, _ = sources.parse_source(spec)
+    except sources.SourceError:
+        return None
+    num_classes, width, seed = load.get("num_classes"), load.get("width"), load.get("seed", 0)
+    numbers_ok = (num_classes is None or type(num_classes) is int and 0 < num_classes < 2**31) and \
+        (width is None or type(width) in (int, float) and 0 < width < float("inf")) and \
+        type(seed) is int and 0 <= seed < 2**63
+    if kind not in sources.BUILT_IN or not numbers_ok:
+        return None
+    return ConvertOptions(model=spec, num_classes=num_classes, width=width, seed=seed)
+
+
+def reload_command(record: RunRecord, command: str, out_dir: str | os.PathLike | None = None) -> str:
+    """The command to type for ``command`` (``deploy bench``, say) on the run's training model, from what the
+    record says it was loaded from: ``command DIR --model SPEC ...``, or ``command SPEC ...`` without ``out_dir``.
+    Shown to the user (quoted for a shell), never run."""
+    import shlex
+
+    load = record.load
+    spec = str(load.get("spec") or "MODEL")
+    words = [*command.split(), *([os.fspath(out_dir), "--model", spec] if out_dir is not None else [spec])]
+    if load.get("checkpoint"):
+        words += ["--checkpoint", str(load["checkpoint"])]
+    if load.get("checkpoint_key"):
+        words += ["--checkpoint-key", str(load["checkpoint_key"])]
+    for d in load.get("code_path") or []:
+        words += ["--code-path", str(d)]
+    for key, flag in (("num_classes", "--num-classes"), ("width", "--width"), ("seed", "--seed")):
+        if load.get(key) not in (None, 0):
+            words += [flag, str(load[key])]
+    if load.get("trust_pickle"):
+        words.append("--trust-pickle")
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def check_training_model(model, root: str | os.PathLike, what: str) -> None:
+    """Refuse ``model`` unless it computes the training outputs recorded in the run directory ``root``
+    (``verify/reference.npz`` on ``verify/inputs.npz``): the model given for a run must be the one it was
+    converted from."""
+    from runtimes import TorchRunner
+    from runtimes.core import max_rel_error
+
+    problems = reference_problems(load_record(root), root)
+    if problems:
+        raise PipelineError(f"the training model cannot be checked against {root}: {'; '.join(problems)}; rerun "
+                            "deploy convert")
+    vdir = inside(root, "verify", "the verification folder")
+    x = next(iter(resources.read_npz(vdir / "inputs.npz").values()))
+    reference = list(resources.read_npz(vdir / "reference.npz").values())
+    try:
+        with TorchRunner(model) as runner:
+            outs = list(runner.infer([x]).values())
+        err = max_rel_error(reference, outs) if len(outs) == len(reference) else float("inf")
+    except Exception as e:  # noqa: BLE001 - a model that cannot run on the recorded input is not the run's model
+        raise PipelineError(f"{what} does not run on the recorded input of {root} ({first_line(e)}); pass the model "
+                            "the run was converted from") from e
+    if not err <= 1e-4:
+        raise PipelineError(f"{what} does not compute the training outputs recorded in {root}/verify (max relative "
+                            f"error {err:.2g}); pass the model, --checkpoint and options the run was converted from")
 
 
 def _default_name(model: str) -> str:
@@ -362,6 +439,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         samples = (quant.evaluation, None)
 
     with RunDirectory(out_dir, replaces) as run:
+        _check_resources(loaded.model, capture_shape, order, samples, out_dir, progress)  # before the first tensor
         x = torch.randn(*capture_shape, generator=torch.Generator().manual_seed(opts.seed))
         args = (x,)
         progress(f"capturing {type(loaded.model).__name__} at {'x'.join(map(str, capture_shape))} and running "
@@ -447,10 +525,27 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
                          samples_path, samples, _reparam_dict(report, merged), stages, timings, notes, out_dir)
         record.int8 = quant.record() if quant is not None else {}
         record.detection = found
+        vdir = run.tmp / "verify"
+        record.reference = FilesRecord.of(run.tmp, sorted(f"verify/{f.name}" for f in vdir.iterdir() if f.is_file()))
         record.write(run.tmp)
         run.commit()
     progress(f"wrote {out_dir}/{REPORT_NAME} and report.md")
     return ConvertResult(str(out_dir), record)
+
+
+def _check_resources(model, shape, order, samples, out_dir: Path, progress: Progress) -> None:
+    """Refuse a conversion this machine cannot hold (memory) or store (disk) before any of it runs, announcing
+    both estimates."""
+    need = resources.estimate(model, shape, batch=min(len(samples[0]), 64) if samples is not None else None)
+    have = resources.check_memory(need, f"converting {type(model).__name__} at {'x'.join(map(str, shape))}",
+                                  "pass a smaller --input-shape or model, or free memory")
+    progress(f"memory: {need}" + (f"; {resources.mb(have[0])} available" if have else ""))
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    sample_bytes = samples[0].nbytes if samples is not None else 0
+    largest = max(weights, 2 * sample_bytes) + (1 << 20)  # an artifact, or verify/samples.npz
+    disk = (len(order) + 2) * largest + 3 * sample_bytes + math.prod(shape) * 8
+    resources.check_disk(out_dir.parent if out_dir.parent != Path("") else Path("."), disk, largest,
+                         f"the run into {out_dir}")
 
 
 def _unused_note(model, report) -> str:
@@ -518,6 +613,8 @@ def verify(out_dir: str | os.PathLike, *, rtol: float | None = None, atol: float
     if not (inside(root, "verify", "the verification folder") / "reference.npz").is_file():
         raise PipelineError(f"{root}/verify/reference.npz is missing; the recorded training outputs are needed: "
                             "rerun deploy convert")
+    problems = reference_problems(record, root)
+    notes = [f"{p}; verified with the files as they are (--allow-changed)" for p in problems] if allow_changed else []
     stages, changed = [], {}
     for s in record.stages:
         export = dataclasses.replace(s.export, notes=list(s.export.notes))
@@ -555,4 +652,15 @@ def verify(out_dir: str | os.PathLike, *, rtol: float | None = None, atol: float
                           else ""))
                 v.passed, v.reason = False, f"{v.reason}; {why}" if v.reason else why
         out.append(dataclasses.replace(s, verification=v))
-    return VerifyResult(str(root), out, {"rtol": rtol, "atol": atol}, time.perf_counter() - start)
+    return VerifyResult(str(root), out, {"rtol": rtol, "atol": atol}, time.perf_counter() - start,
+                        reference=[] if allow_changed else problems, notes=notes)
+
+
+def reference_problems(record: RunRecord, root: str | os.PathLike) -> list[str]:
+    """What is wrong with the run's recorded inputs and training outputs (``verify/*.npz``), which every stage is
+    judged by: a file missing (a deleted ``samples.npz`` would drop the held-out check) or changed since convert,
+    or a report too old to hold their hashes. Paths are checked to stay inside ``root`` first."""
+    if record.reference is None:
+        return ["the report records no sha256 of verify/*.npz (report_version 2 or older): rerun deploy convert"]
+    missing, changed = record.reference.check(root)
+    return ([f"{f} is missing" for f in missing] + [f"{f} changed since convert (sha256 differs)" for f in changed])

@@ -5,14 +5,17 @@ one :class:`StageRecord` per stage. A stage is three separate records: how it wa
 (:class:`ExportRecord`), its files (:class:`FilesRecord`: paths relative to the run directory,
 sizes and sha256 hashes) and how it verified (:class:`VerificationRecord`). ``to_dict`` /
 ``from_dict`` convert to and from JSON; ``report_version`` is the schema version. Version 1 files
-(flat stage dicts, written by reparam-deploy 0.1 before the records were split) are read and
-upgraded; a newer version is refused with a sentence saying which version wrote it.
+(flat stage dicts, written by reparam-deploy 0.1 before the records were split) and version 2 files
+(which did not hash ``verify/``: their ``reference`` is None) are read and upgraded; a newer version
+is refused with a sentence saying which version wrote it.
 
 :class:`RunDirectory` is the atomic commit of a run: everything is written into a hidden partial
 sibling of the output directory, which replaces the output directory only when the run is done;
 on an error (and on Ctrl-C or SIGTERM, which the command line turns into an interrupt) the partial
-folder is removed and nothing is left behind. A run killed outright (SIGKILL) cannot clean up:
-the next run into the same place removes the partial folders of processes that no longer exist.
+folder is removed and nothing is left behind; a write that failed for lack of disk space (or over
+``ulimit -f``) becomes one :class:`deploy.resources.NoSpace` sentence saying where and how much. A
+run killed outright (SIGKILL) cannot clean up: the next run into the same place removes the partial
+folders of processes that no longer exist.
 A folder that cannot be deleted is reported with a warning, never skipped in silence.
 """
 
@@ -33,9 +36,9 @@ from runtimes.core import Artifact, DeployError, first_line
 
 __all__ = ["SCHEMA_VERSION", "TOOL", "REPORT_NAME", "PipelineError", "ExportRecord", "FilesRecord",
            "VerificationRecord", "StageRecord", "RunOptions", "SamplesRecord", "InputsRecord", "RunRecord",
-           "RunDirectory", "sha256", "load_record", "is_run_dir", "unlisted_files", "inside"]
+           "RunDirectory", "sha256", "load_record", "is_run_dir", "unlisted_files", "inside", "alive"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the recorded reference files (verify/*.npz) are hashed too
 TOOL = "reparam-deploy"
 REPORT_NAME = "report.json"
 
@@ -285,6 +288,7 @@ class RunRecord:
     benchmarks: list[dict] = field(default_factory=list)
     int8: dict = field(default_factory=dict)  # --precision int8: calibration, guard, per-layer table, fallbacks
     detection: dict = field(default_factory=dict)  # detectors: NMS settings, class names, pictures (deploy.detection)
+    reference: FilesRecord | None = None  # verify/*.npz: the inputs and training outputs every stage is judged by
     tool: str = TOOL
     report_version: int = SCHEMA_VERSION
 
@@ -303,6 +307,7 @@ class RunRecord:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["options"], d["inputs"] = asdict(self.options), asdict(self.inputs)
         d["stages"] = [s.to_dict() for s in self.stages]
+        d["reference"] = self.reference.to_dict() if self.reference is not None else None
         d["passed"], d["failed"] = self.passed, self.failed
         for optional in ("benchmarks", "int8", "detection"):
             if not d[optional]:
@@ -336,7 +341,9 @@ class RunRecord:
                 machine=dict(d.get("machine") or {}), notes=list(d.get("notes") or []), command=d.get("command"),
                 created=d.get("created", ""), out_dir=d.get("out_dir", ""),
                 benchmarks=list(d.get("benchmarks") or []), int8=dict(d.get("int8") or {}),
-                detection=dict(d.get("detection") or {}), report_version=SCHEMA_VERSION)
+                detection=dict(d.get("detection") or {}),
+                reference=FilesRecord.from_dict(d["reference"]) if d.get("reference") is not None else None,
+                report_version=SCHEMA_VERSION)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise PipelineError(f"{where} is malformed (report_version {version}: {first_line(e)}); rerun deploy "
                                 "convert") from e
@@ -448,7 +455,7 @@ class RunDirectory:
         SIGKILL); a live process's folders are never touched. Returns the folders removed."""
         removed = []
         for path, kind, pid in self._leftovers():
-            if _alive(pid):
+            if alive(pid):
                 continue
             if kind == "old" and not self.out_dir.exists():  # the run died between its two renames: this is
                 self._warn(f"{path} holds the previous run of {self.out_dir} (its replacement was killed); "
@@ -488,14 +495,20 @@ class RunDirectory:
         self.warnings.append(message)
         log.warning("%s", message)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
+            from .resources import NoSpace, disk_failure, no_space_message
+
+            full = disk_failure(exc)
+            message = no_space_message(full, self.out_dir, self.tmp) if full is not None else None
             problem = _remove_tree(self.tmp)
             if problem:
                 self._warn(f"could not remove the partial folder {self.tmp} ({problem}); delete it")
+            if message is not None and not isinstance(exc, NoSpace):
+                raise NoSpace(message) from exc
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Whether process ``pid`` exists (one of another user counts as alive)."""
     try:
         os.kill(pid, 0)

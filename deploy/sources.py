@@ -21,12 +21,13 @@ A checkpoint (``load_checkpoint``) is a state dict, possibly nested under ``stat
 missing, unexpected or mis-shaped key stops the load with the first few keys of each kind, since
 loading with missing keys is how a converted model silently computes garbage.
 
-Checkpoints: unpickling runs code named in the file, so checkpoints are read with torch's
-``weights_only`` loader and an allow-list of the harmless globals real checkpoints hold
-(``_safe_globals``); a file holding anything else (a whole pickled module, a YOLOv7 checkpoint, or
-a crafted object) is refused with the global that stopped the loader, unless ``trust_pickle``
-(``--trust-pickle``). A ``.pt2`` is read with ``runtimes.pt2_archive.load_program``, which refuses
-an archive that would unpickle, unless ``trust_pickle``.
+Checkpoints: unpickling runs code named in the file, so checkpoints are read with
+``runtimes.safe_load.load_checkpoint``: torch's ``weights_only`` loader and an allow-list of the
+harmless globals real checkpoints hold (``safe_load.safe_globals``); a file holding anything else (a
+whole pickled module, a YOLOv7 checkpoint, or a crafted object) is refused with the global that
+stopped the loader, unless ``trust_pickle`` (``--trust-pickle``). A ``.pt2`` is read with
+``runtimes.safe_load.load_program``, which refuses an archive holding anything beyond what
+``torch.export.save`` writes for one program of plain tensors, unless ``trust_pickle``.
 
 Mode: a model ``deploy`` builds itself (zoo, timm, torchvision, or a factory whose weights come
 from ``--checkpoint``) is put in eval mode. A model that arrives with its weights (a factory
@@ -36,13 +37,13 @@ without ``--checkpoint``, a pickled model) must already be in eval mode, unless 
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import difflib
 import importlib
 import importlib.util
 import logging
 import os
-import pickle
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,7 +52,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtimes.core import UntrustedFile, count_parameters, first_line, set_training, untrusted_message
+from runtimes import safe_load
+from runtimes.core import DeployError, UntrustedFile, count_parameters, first_line, set_training
 
 from . import zoo
 from .record import sha256
@@ -62,6 +64,7 @@ __all__ = ["SourceError", "LoadedModel", "load_model", "load_checkpoint", "read_
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "repvgg_digits"
+BUILT_IN = ("zoo", "timm", "torchvision")  # sources that name no file
 NESTED_KEYS = ("state_dict", "model_state_dict", "model", "ema")
 STRIPPED_PREFIXES = ("module.", "_orig_mod.")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
@@ -146,67 +149,12 @@ def _require_file(path: str, what: str) -> Path:
 
 # ------------------------------------------------------------------------------------------ checkpoints
 
-def _safe_globals() -> list:
-    """The harmless globals real checkpoints hold besides tensors, allowed to torch's ``weights_only`` loader:
-    ``argparse.Namespace`` (the training options of YOLO and timm scripts), numpy scalars and dtypes (best
-    fitness, metrics), ``collections.OrderedDict`` and plain paths. Each only builds a value; none runs code."""
-    import argparse
-    import collections
-    import pathlib
-
-    import numpy as np
-
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    allowed = [argparse.Namespace, collections.OrderedDict, pathlib.PurePosixPath, pathlib.PosixPath,
-               pathlib.PureWindowsPath, np.dtype, multiarray.scalar,
-               (multiarray.scalar, "numpy.core.multiarray.scalar")]  # the name numpy 1 pickles it under
-    allowed += sorted({type(np.dtype(c)) for c in "?bhilqpBHILQPefdgFDG"} - {np.dtype}, key=str)  # numpy 2
-    return allowed
-
-
-def _blocking_global(e: Exception, path: Path) -> str:
-    """The global that stopped the ``weights_only`` loader, from its message (or a scan of the file)."""
-    match = re.search(r"GLOBAL ([\w.]+)", str(e))
-    if match:
-        return match.group(1)
-    try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:
-        found = []
-    return ", ".join(found[:3]) or "an object the safe loader refuses"
-
-
 def _torch_load(path: Path, *, trust_pickle: bool, what: str, whole_model: bool = False):
-    """``torch.load`` with ``weights_only=True`` and the allow-list of :func:`_safe_globals`; full unpickling
-    (which runs code from the file) only when ``trust_pickle``. Refused without it, naming the global that
-    stopped the safe loader."""
+    """:func:`runtimes.safe_load.load_checkpoint`, its refusals as :class:`SourceError` with the same text."""
     try:
-        with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "global" not in str(e).lower():  # not a class the safe loader refused: the file itself is bad
-            raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
-                              f"({first_line(e)}); check that the file is complete") from e
-        if not trust_pickle:
-            found = f"Python objects ({_blocking_global(e, path)})"
-            if whole_model:
-                found += ", as a whole pickled model does (a YOLOv7 checkpoint, say)"
-            raise SourceError(untrusted_message(f"{what} {path}", found)) from e
-        log.warning("%s %s holds Python objects besides tensors; unpickling it fully (--trust-pickle): this runs "
-                    "code from the file", what, path)
-        first = e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SourceError(f"{what} {path} is not a torch checkpoint torch.load can read "
-                          f"({first_line(e)}); check that the file is complete") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (ModuleNotFoundError, AttributeError) as e:
-        raise SourceError(f"cannot unpickle {what} {path}: {first_line(e)}; the classes it was saved with must "
-                          "be importable: pass --code-path DIR, the repository that defines them") from e
-    except Exception as e:
-        raise SourceError(f"{what} {path} cannot be read by torch.load ({first_line(e)}); check that the "
-                          "file is complete") from first
+        return safe_load.load_checkpoint(path, trust_pickle=trust_pickle, what=what, whole_model=whole_model)
+    except DeployError as e:
+        raise SourceError(str(e)) from e
 
 
 def _is_state_dict(obj) -> bool:
@@ -226,8 +174,8 @@ def _strip(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], lis
 def read_state_dict(path: str | os.PathLike, key: str | None = None, *,
                     trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict in checkpoint ``path`` (top level, or under ``key`` / one of NESTED_KEYS) and how it was found.
-    A checkpoint holding Python objects beyond :func:`_safe_globals` (a whole module, say) is refused unless
-    ``trust_pickle``."""
+    A checkpoint holding Python objects beyond :func:`runtimes.safe_load.safe_globals` (a whole module, say) is
+    refused unless ``trust_pickle``."""
     p = _require_file(os.fspath(path), "checkpoint")
     raw = _torch_load(p, trust_pickle=trust_pickle, what="checkpoint")
     info = {"path": os.fspath(path), "sha256": sha256(p), "key": None, "stripped": []}
@@ -427,11 +375,9 @@ def _pickle(path: str, trust_pickle: bool = False) -> LoadedModel:
 
 
 def _pt2(path: str, trust_pickle: bool = False) -> LoadedModel:
-    from runtimes.pt2_archive import load_program
-
     p = _require_file(path, "program")
     try:
-        ep = load_program(p, trust_pickle=trust_pickle)
+        ep = safe_load.load_program(p, trust_pickle=trust_pickle)
     except UntrustedFile as e:
         raise SourceError(str(e)) from e
     except Exception as e:
@@ -447,19 +393,152 @@ def _in_train_mode(model: nn.Module) -> list[str]:
     return [name or type(model).__name__ for name, m in model.named_modules() if m.training]
 
 
-def _forget_shadowed_modules(code_dir: str) -> None:
-    """Drop already-imported top-level modules that ``code_dir`` defines too (a YOLO repo's ``models``
-    or ``utils``), so unpickling imports the user's code and not a namesake loaded earlier."""
-    root = os.path.abspath(code_dir)
-    for entry in os.listdir(root):
-        name = entry[:-3] if entry.endswith(".py") else entry
-        module = sys.modules.get(name)
-        if module is None:
+# ------------------------------------------------------------------------------------------- code path
+
+def _top_level_names(folder: Path) -> dict[str, Path]:
+    """The modules a folder on ``sys.path`` would provide: ``X.py``, packages ``X/__init__.py`` and extension
+    modules ``X*.so``, by name (a folder without ``__init__.py`` is a namespace portion, which never shadows)."""
+    found: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and (entry / "__init__.py").is_file() and entry.name.isidentifier():
+            found[entry.name] = entry
+        elif entry.is_file() and entry.suffix in (".py", ".so", ".pyd"):
+            name = entry.name.split(".")[0]
+            if name.isidentifier():
+                found.setdefault(name, entry)
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    """The top-level modules the Python files at ``path`` (a file, or a package's files) import absolutely."""
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.suffix == ".py" else []
+    names: set[str] = set()
+    for f in files:
+        try:
+            tree = ast.parse(f.read_text(errors="replace"))
+        except (SyntaxError, ValueError, OSError):
             continue
-        places = [getattr(module, "__file__", None) or "", *list(getattr(module, "__path__", []) or [])]
-        if not any(os.path.abspath(p).startswith(root + os.sep) for p in places if p):
-            for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-                del sys.modules[key]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def _under(place: str, folders: Sequence[Path]) -> bool:
+    return any(Path(place).resolve().is_relative_to(f) for f in folders)
+
+
+def _elsewhere(name: str, folders: Sequence[Path]) -> str | None:
+    """Where module ``name`` comes from without ``folders`` (already imported, or installed), or None."""
+    module = sys.modules.get(name)
+    if module is not None:
+        if _from_folders(module, folders):
+            return None
+        place = getattr(module, "__file__", None) or ", ".join(getattr(module, "__path__", None) or [])
+        return f"already imported from {place}" if place else f"the built-in module {name}"
+    if name in sys.builtin_module_names:
+        return f"the built-in module {name}"
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin in (None, "namespace"):  # a namespace package shadows nothing
+        return None
+    return None if _under(spec.origin, folders) else spec.origin
+
+
+def _from_folders(module, folders: Sequence[Path]) -> bool:
+    """Whether ``module`` was imported from ``folders``: its file, or every folder of a namespace package."""
+    place = getattr(module, "__file__", None)
+    if place:
+        return _under(place, folders)
+    paths = list(getattr(module, "__path__", None) or [])
+    return bool(paths) and all(_under(p, folders) for p in paths)
+
+
+@contextlib.contextmanager
+def _code_path(dirs: Sequence[str], pickles: Sequence[str]):
+    """The modules of the ``--code-path`` folders importable while the pickles are loaded, and only then.
+
+    The folders go last on ``sys.path``, so they never shadow an installed or imported module. A module the
+    pickles need from them (the top-level modules of the globals they name, and what those import from the
+    folders) that also exists elsewhere is refused, naming both places: unpickling would get the other one.
+    Afterwards ``sys.path`` is restored and the modules imported from the folders are forgotten, so a later
+    load with another ``--code-path`` gets its own code."""
+    folders = [Path(d).resolve() for d in dirs]
+    if not folders:
+        yield
+        return
+    provided: dict[str, Path] = {}
+    for folder in reversed(folders):  # the first folder given wins, as on sys.path
+        provided.update(_top_level_names(folder))
+    needed = {g.split(".")[0] for p in pickles for g in safe_load.pickle_globals(p)} & set(provided)
+    todo = list(needed)
+    while todo:
+        for name in _imports(provided[todo.pop()]) & set(provided) - needed:
+            needed.add(name)
+            todo.append(name)
+    clashes = [(n, where) for n in sorted(needed) if (where := _elsewhere(n, folders))]
+    if clashes:
+        listed = "; ".join(f"{n} ({provided[n]}) is also {where}" for n, where in clashes)
+        raise SourceError(f"--code-path holds modules the pickled model needs that this Python already has: {listed}; "
+                          "unpickling would import those, not yours: uninstall or rename them, or run deploy in an "
+                          "environment without them")
+    added = [os.fspath(f) for f in folders if os.fspath(f) not in sys.path]
+    before = set(sys.modules)
+    sys.path.extend(added)
+    try:
+        yield
+    finally:
+        for entry in added:
+            sys.path.remove(entry)
+        for name in [n for n in sys.modules if n not in before]:
+            if _from_folders(sys.modules[name], folders):
+                del sys.modules[name]
+
+
+# ------------------------------------------------------------------------------------------- loading
+
+def _build(kind: str, target: str, factory: str | None, spec: str, num_classes: int | None, width: float | None,
+           checkpoint: str | None, trust_pickle: bool) -> LoadedModel:
+    """The model of a parsed source; a built-in one that torch cannot build at these sizes is a :class:`SourceError`."""
+    try:
+        if kind == "zoo":
+            return _zoo(target, num_classes, width, checkpoint)
+        if kind == "timm":
+            return _timm(target, num_classes)
+        if kind == "torchvision":
+            return _torchvision(target, num_classes)
+    except SourceError:
+        raise
+    except (OverflowError, MemoryError, RuntimeError, TypeError, ValueError) as e:  # sizes torch cannot take
+        raise SourceError(f"building {spec} failed ({type(e).__name__}: {first_line(e)}); check --num-classes and "
+                          "--width") from e
+    if kind == "file":
+        return _file(target, factory, num_classes)
+    if kind == "pt2":
+        return _pt2(target, trust_pickle)
+    return _pickle(target, trust_pickle)
+
+
+def _check_size(kind: str, target: str, spec: str, num_classes: int | None, width: float | None) -> None:
+    """Refuse a built-in model whose weights alone (counted on the meta device: nothing allocated) would not fit
+    in this process's memory for a conversion (``--width 1000``, ``--num-classes 1000000000``)."""
+    from .resources import LIBRARIES, WEIGHT_COPIES, check_memory, mb
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            model = _build(kind, target, None, spec, num_classes, width, "meta", False).model
+    except Exception as e:  # noqa: BLE001 - the real build says what is wrong
+        log.info("no meta build of %s: %s", spec, first_line(e))
+        return
+    weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    options = " ".join(f"{k} {v}" for k, v in (("--width", width), ("--num-classes", num_classes)) if v is not None)
+    check_memory(LIBRARIES + WEIGHT_COPIES * weights,
+                 f"converting {spec}{' with ' + options if options else ''} ({mb(weights)} of weights)",
+                 "pass a smaller --width or --num-classes" if options else "convert a smaller model")
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, checkpoint_key: str | None = None,
@@ -469,13 +548,15 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
 
     ``trust_pickle``: allow full unpickling of ``--checkpoint`` and of a whole pickled model, and a ``.pt2``
     that would unpickle; both run code from the file (see "Checkpoints" in the module docstring).
+    ``code_path``: folders whose modules the pickles need, importable only while they are loaded (see
+    :func:`_code_path`); they need ``trust_pickle``, since they only serve unpickling.
     """
     for d in code_path:
         if not os.path.isdir(d):
             raise SourceError(f"--code-path {d} is not a directory; pass the folder that holds the model's code")
-        if d not in sys.path:
-            sys.path.insert(0, os.path.abspath(d))
-        _forget_shadowed_modules(d)
+    if code_path and not trust_pickle:
+        raise SourceError("--code-path only supplies the classes a pickled model is unpickled with, and unpickling "
+                          "runs code from the file: add --trust-pickle if you trust its source, or drop --code-path")
     kind, target, factory = parse_source(spec)
     if width is not None and kind != "zoo":
         raise SourceError(f"--width applies to zoo models only, not {spec!r}")
@@ -488,29 +569,21 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
         if kind in ("pickle", "pt2"):  # refused before anything is loaded (or unpickled)
             raise SourceError(f"{spec} already holds its weights; drop --checkpoint (or pass the architecture as "
                               "MODEL)")
-    # a model built with random weights draws them from torch's global generator: seeded here (and the caller's
-    # generator state restored), so that every load of the same spec and seed is the same network
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if kind == "zoo":
-            loaded = _zoo(target, num_classes, width, checkpoint)
-        elif kind == "timm":
-            loaded = _timm(target, num_classes)
-        elif kind == "torchvision":
-            loaded = _torchvision(target, num_classes)
-        elif kind == "file":
-            loaded = _file(target, factory, num_classes)
-        elif kind == "pt2":
-            loaded = _pt2(target, trust_pickle)
-        else:
-            loaded = _pickle(target, trust_pickle)
     if num_classes is not None and kind in ("pickle", "pt2"):
         raise SourceError(f"--num-classes does not apply to {spec!r}: the model is loaded whole")
+    if kind in BUILT_IN:
+        _check_size(kind, target, spec, num_classes, width)
+    pickles = ([target] if kind == "pickle" else []) + ([checkpoint] if checkpoint else [])
+    # a model built with random weights draws them from torch's global generator: seeded here (and the caller's
+    # generator state restored), so that every load of the same spec and seed is the same network
+    with torch.random.fork_rng(devices=[]), _code_path(code_path, pickles):
+        torch.manual_seed(seed)
+        loaded = _build(kind, target, factory, spec, num_classes, width, checkpoint, trust_pickle)
+        if checkpoint is not None:
+            loaded.checkpoint = load_checkpoint(loaded.model, checkpoint, checkpoint_key, trust_pickle=trust_pickle)
+            loaded.weights, loaded.trained = f"checkpoint {checkpoint}", True
     model = loaded.model
-    if checkpoint is not None:
-        loaded.checkpoint = load_checkpoint(model, checkpoint, checkpoint_key, trust_pickle=trust_pickle)
-        loaded.weights, loaded.trained = f"checkpoint {checkpoint}", True
-    elif kind in ("zoo", "timm", "torchvision") and not loaded.trained:
+    if checkpoint is None and kind in BUILT_IN and not loaded.trained:
         zoo.randomize_batchnorm(model, seed)
         loaded.weights = (f"random (no network: {kind} weights are not downloaded; pass --checkpoint for trained "
                           f"weights), BatchNorm statistics randomized with seed {seed}")

@@ -56,6 +56,7 @@ from runtimes.core import MissingDependency, first_line
 from . import sources
 from .int8 import Guard, judge
 from .record import PipelineError
+from .resources import check_threads, read_npz
 
 __all__ = ["TuneOptions", "TuneResult", "Candidate", "tune", "plan", "clearly_slower", "rank", "PASS_SETS",
            "SCREEN", "FULL"]
@@ -201,6 +202,7 @@ def check_options(opts: TuneOptions) -> None:
     if opts.batch < 1 or opts.budget_s <= 0 or any(n < 1 for n in opts.threads or ()):
         raise PipelineError("--batch and --threads need positive integers and --budget-s a positive number of "
                             "seconds")
+    check_threads(opts.threads)
 
 
 # ----------------------------------------------------------------------------------------- the rules
@@ -360,10 +362,9 @@ def _judge_one(c: Candidate, run, guard: Guard, run_batched) -> tuple[dict, str 
         return {}, None, None, f"its artifact did not verify: {stage.reason}"
     art = stage.export.artifact_in(root)
     vdir = root / "verify"
-    with np.load(vdir / "samples.npz") as d:
-        x, labels = d["input0"], (d["labels"] if "labels" in d.files else None)
-    with np.load(vdir / "samples_reference.npz") as d:
-        reference = [d[k] for k in d.files]
+    d = read_npz(vdir / "samples.npz")
+    x, labels = d["input0"], d.get("labels")
+    reference = list(read_npz(vdir / "samples_reference.npz").values())
     batch = art.inputs[0].shape[0] if art.inputs and isinstance(art.inputs[0].shape[0], int) else 1
     try:
         if c.runtime == CUDA:
@@ -383,7 +384,7 @@ def _run_cuda(path: str, variant: str, x: np.ndarray, batch: int) -> list[np.nda
     import torch
 
     from runtimes.compare import flatten
-    from runtimes.pt2_archive import load_program
+    from runtimes.safe_load import load_program
 
     dtype = torch.float16 if variant == "fp16" else torch.float32
     fmt = torch.channels_last if variant == "channels_last" else torch.contiguous_format
@@ -524,10 +525,8 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
         _same_as_default(candidates, runs)
         _judge_all(candidates, runs, guard, progress)
         verify = Path(next(iter(runs.values())).out_dir) / "verify"  # every run verified on the same samples
-        with np.load(verify / "samples.npz") as d:
-            held_out = (d["input0"], d["labels"] if "labels" in d.files else None)
-        with np.load(verify / "samples_reference.npz") as d:
-            held_out += ([d[k] for k in d.files],)
+        d = read_npz(verify / "samples.npz")
+        held_out = (d["input0"], d.get("labels"), list(read_npz(verify / "samples_reference.npz").values()))
         peer = _peer(loaded.model, loaded, shape, run.tmp, held_out, guard, progress)
         measure = measure or _measure_isolated
         search(candidates, _jobs(shape, opts.batch), measure, opts, budget, progress)
@@ -553,22 +552,30 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
 
 
 def _from_run(opts: TuneOptions) -> TuneOptions:
-    """``opts`` for the model a ``deploy convert`` run directory was made from, loaded as its record says (trust
-    to unpickle comes from this command, never from the record), at its input shape."""
-    from .pipeline import ConvertOptions
+    """``opts`` for the model a ``deploy convert`` run directory was made from, at its input shape. A run directory
+    never chooses code to run: only a built-in source (``pipeline.recorded_source``) is taken from its record, with
+    a ``--checkpoint`` of this command line when the run had one; a model file must be typed as MODEL."""
+    from .pipeline import ConvertOptions, recorded_source, reload_command
     from .record import load_record
 
     record = load_record(opts.model)
     base = opts.convert or ConvertOptions()
-    load = {k: v for k, v in record.load.items() if k not in ("spec", "trust_pickle")}
-    base = replace(base, **{k: v for k, v in load.items() if v is not None and hasattr(base, k)},
+    had_checkpoint = bool(record.load.get("checkpoint"))
+    source = recorded_source(replace(record, load={k: v for k, v in record.load.items() if k != "checkpoint"})) \
+        if base.checkpoint or not had_checkpoint else None
+    if source is None or base.code_path:
+        spec = record.load.get("spec")
+        raise PipelineError(f"{opts.model} was converted from {spec!r}, which is not reloaded from its report (a run "
+                            f"directory never chooses code to run, and a checkpoint or code path must come from "
+                            f"your command line); tune the model itself: {reload_command(record, 'deploy tune')} "
+                            f"--input-shape {','.join(map(str, record.inputs.shape))}")
+    base = replace(base, num_classes=source.num_classes, width=source.width, seed=source.seed,
                    input_shape=tuple(record.inputs.shape))
-    return replace(opts, model=record.load["spec"], convert=base)
+    return replace(opts, model=source.model, convert=base)
 
 
 def _has_labels(path: str) -> bool:
-    with np.load(path, allow_pickle=False) as d:
-        return "labels" in d.files
+    return "labels" in read_npz(path, "--inputs file")
 
 
 def _same_as_default(candidates: list[Candidate], runs: dict) -> None:

@@ -26,6 +26,7 @@ from exporters import targets as registry
 from runtimes.core import first_line, nonfinite
 
 from .record import PipelineError, StageRecord, VerificationRecord
+from .resources import ResourceError, read_npz
 
 __all__ = ["record_reference", "verify_stages", "run_batched", "read_samples", "torch_threads", "open_stage",
            "check_finite"]
@@ -67,8 +68,9 @@ def read_samples(path: str, shape: tuple[int, ...], shipped_with: str | None = N
         raise PipelineError(f"--inputs file {path} does not exist; pass an .npz holding the input array "
                             "(and optionally 'labels')")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
+        arrays = read_npz(path, "--inputs file")
+    except ResourceError:
+        raise
     except Exception as e:
         raise PipelineError(f"--inputs file {path} is not a readable .npz ({first_line(e)}); save it with "
                             "numpy.savez(path, input0=images, labels=labels)") from e
@@ -115,8 +117,7 @@ def run_batched(runner, x: np.ndarray, batch: int) -> list[np.ndarray]:
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return read_npz(path)
 
 
 _FIX_MODEL = ("nothing can be verified against it: fix the model (a NaN or an overflow in its forward), its "
@@ -145,9 +146,24 @@ def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray
                 samples_ref = run_batched(runner, xs, x.shape[0])
             check_finite({f"output{i}": o for i, o in enumerate(samples_ref)},
                          "on the --inputs samples, the training model's output", _FIX_MODEL)
+            _check_labels(labels, samples_ref[0])
             np.savez(vdir / "samples.npz", input0=xs, **({"labels": labels} if labels is not None else {}),
                      **(ground_truth or {}))
             np.savez(vdir / "samples_reference.npz", **{f"output{i}": o for i, o in enumerate(samples_ref)})
+
+
+def _check_labels(labels: np.ndarray | None, scores: np.ndarray) -> None:
+    """Refuse labels that are not class indices of the model's (N, classes) output: an accuracy over them would be
+    0 % for a reason that has nothing to do with the conversion."""
+    if labels is None or scores.ndim != 2:
+        return
+    classes = scores.shape[1]
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if len(bad):
+        raise PipelineError(f"--inputs 'labels' must be class indices 0..{classes - 1} of the model's {classes} "
+                            f"outputs, but sample {bad[0]} is labelled {labels[bad[0]]}"
+                            + (f" ({len(bad)} samples out of range)" if len(bad) > 1 else "")
+                            + "; fix the labels or pass the model they belong to")
 
 
 def open_stage(stage: StageRecord, root: Path, *, trust_pickle: bool = False, **kwargs):

@@ -220,7 +220,7 @@ def run_job(job: BenchJob) -> dict:
 def _run_torch_cuda(job: BenchJob, x: np.ndarray) -> dict:
     import torch
 
-    from .pt2_archive import load_program
+    from .safe_load import load_program
 
     if not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; bench on cpu instead")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .core import Artifact, CorruptArtifact, TensorSpec, UntrustedFile, as_numpy, dtype_name, eval_mode, leaves
-from .pt2_archive import load_program
+from .safe_load import load_program
 
 from .base import Runner, check_file, corrupt
 
@@ -25,7 +25,7 @@ class TorchRunner(Runner):
     ``device``: "cpu", "cuda" or "auto" (CUDA when present). ``example_inputs`` (or explicit
     ``input_specs``) define the input names/shapes that feeds are checked against; without either,
     feeds are not checked. ``threads`` sets ``torch.set_num_threads`` while active (restored after).
-    A ``.pt2`` path is loaded with :func:`runtimes.pt2_archive.load_program`: an archive that would run
+    A ``.pt2`` path is loaded with :func:`runtimes.safe_load.load_program`: an archive that would run
     code when loaded is refused unless ``trust_pickle``.
     """
 

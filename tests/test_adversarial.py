@@ -26,7 +26,8 @@ from deploy.pipeline import ConvertOptions, PipelineError, convert, verify
 from deploy.sources import SourceError, load_model, read_state_dict
 from deploy.zoo import digits
 from runtimes.core import UntrustedFile
-from runtimes.pt2_archive import load_program, scan
+from runtimes.pt2_archive import scan
+from runtimes.safe_load import load_program
 
 onnx = pytest.importorskip("onnx")
 

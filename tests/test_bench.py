@@ -197,7 +197,7 @@ def test_bench_again_appends_and_keeps_the_verification_valid(bench_dir):
     (["--runtimes", "onnxruntime,fastrt"], "unknown runtime(s) fastrt"),
     (["--runtimes", "tensorrt"], "CUDA GPU"),
     (["--batch", "0"], "batch sizes must be positive"),
-    (["--min-iters", "1"], "min_iters >= 2"),
+    (["--min-iters", "1"], "--min-iters: must be an integer >= 2"),
 ])
 @pytest.mark.e2e
 def test_bench_bad_arguments_are_one_sentence(digits_run, args, words, tmp_path):

@@ -149,7 +149,9 @@ def test_convert_report_structure(onnx_run, net, samples):
     assert rep["merged"]["branch_groups_merged"] == 2 and rep["merged"]["branches_merged"] == 5
     assert rep["merged"]["batchnorms_folded"] == 5 and rep["ops_after"].get("batch_norm", 0) == 0
     assert rep["params_after"] < rep["params_before"] and rep["float64_error"] <= 1e-9
-    assert report["report_version"] == 2
+    assert report["report_version"] == 3
+    reference = report["reference"]  # the recorded inputs and training outputs are hashed like the artifacts
+    assert {"verify/inputs.npz", "verify/reference.npz"} <= set(reference["sha256"]) == set(reference["files"])
     assert report["stages"][2]["verification"]["checks"]["seeded"]["vs_reference"]["outputs"][0]["rtol"] == 1e-5
     # progress went to the callback, one line per long step
     assert any("fold_bn (round 1)" in ln for ln in lines) and any("exported onnx" in ln for ln in lines)

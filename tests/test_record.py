@@ -50,11 +50,12 @@ def test_version_1_reports_are_upgraded_field_by_field():
     assert record.inputs.samples == SamplesRecord("s.npz", 4, True, False) and record.options.opset == 18
     assert record.benchmarks == [{"x": 1}] and record.passed
     again = RunRecord.from_dict(json.loads(json.dumps(record.to_dict())))
-    assert again.to_dict() == record.to_dict() and again.report_version == SCHEMA_VERSION == 2
+    assert again.to_dict() == record.to_dict() and again.report_version == SCHEMA_VERSION == 3
+    assert record.reference is None  # version 1 and 2 reports did not hash verify/
 
 
 @pytest.mark.parametrize("edit, words", [
-    (lambda d: d.update(report_version=3), "written by a newer reparam-deploy (report_version 3)"),
+    (lambda d: d.update(report_version=4), "written by a newer reparam-deploy (report_version 4)"),
     (lambda d: d.update(tool="other"), "is not a deploy report"),
     (lambda d: d.update(stages="training"), "is malformed (report_version 1"),
     (lambda d: d["stages"].append(["not", "a", "dict"]), "is malformed"),

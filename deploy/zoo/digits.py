@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtimes.safe_load import load_shipped
+
 from ._layers import ClassifierHead, scale_channels
 from .repvgg import RepVGGBlock
 
@@ -64,7 +66,7 @@ class RepVGGDigits(nn.Module):
 
 def load_weights(path: str | os.PathLike = WEIGHTS) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict and the training record (``meta``) stored in a RepVGG-Digits checkpoint."""
-    ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    ckpt = load_shipped(path)
     return ckpt["state_dict"], dict(ckpt.get("meta", {}))
 
 

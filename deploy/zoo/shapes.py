@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtimes.safe_load import load_shipped
+
 from .yolov7 import YOLOv7Tiny, yolov7_tiny_rep
 
 __all__ = ["ANCHORS", "CLASSES", "INPUT_SHAPE", "K", "SIZE", "TRAIN_SEED", "VAL_SEED", "WEIGHTS", "VAL_SPLIT",
@@ -173,7 +175,7 @@ def load_split(path: str | os.PathLike = VAL_SPLIT) -> tuple[np.ndarray, np.ndar
 
 def load_weights(path: str | os.PathLike = WEIGHTS) -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict and the training record (``meta``) stored in a YOLO-Shapes checkpoint."""
-    ckpt = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    ckpt = load_shipped(path)
     return ckpt["state_dict"], dict(ckpt.get("meta", {}))
 
 
