@@ -8,10 +8,11 @@ For each model: ``deploy tune MODEL --runtimes onnxruntime,openvino --precisions
 survive the plan). The tune measures the peer baseline beside its candidates in the same run: for a timm model,
 ``timm.utils.reparameterize_model`` exported with ``torch.onnx.export`` defaults and run on ONNX Runtime with
 default session options; for a zoo model, its training form exported the same way. Prints per model the
-peer's p50, the chosen form and its p50, the ratio peer / chosen (> 1: the chosen form is faster), and both
-forms' accuracy against the fp32 training model on held-out inputs: accuracy drop with labels, else top-1
-agreement, and the output SQNR (a detector has neither labels nor class scores: SQNR only). Then each model's
-candidate table as ``deploy tune`` prints it.
+peer's p50, the chosen form and its p50, the ratios peer / chosen at p50 and at p90 (> 1: the chosen form is
+faster; both are medians over the same interleaved rounds), and both forms' accuracy against the fp32 training
+model on held-out inputs: accuracy drop with labels, else top-1 agreement, and the output SQNR (a detector has
+neither labels nor class scores: SQNR only). Then each model's candidate table as ``deploy tune`` prints it, with
+its legend and verdict (a tie, and how it was broken).
 
 Every model here has random weights (nothing is downloaded); ``deploy.sources.load_model`` seeds them, so
 the peer's model and the candidates' are the same network. The peer runs with ONNX Runtime's default session
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from deploy.report import text_table
 from deploy.tune import TuneOptions, tune
-from deploy.tune_report import candidate_table, pruned_lines
+from deploy.tune_report import candidate_table, pruned_lines, table_notes
 from runtimes.hardware import usable_cpus
 
 MODELS = ("timm:repvgg_a0", "timm:mobileone_s0", "yolov7_tiny_rep")
@@ -59,14 +60,17 @@ def run(model: str, args, work: Path) -> dict:
                               threads=[args.threads], budget_s=args.budget_s, out=str(work / name), force=True),
                   progress=progress)
     peer, c = result.peer, result.chosen
-    peer_p50 = (peer.get("stats") or {}).get("p50")
-    chosen_p50 = c.best_stats()["p50"] if c else None
+    peer_p50, peer_p90 = ((peer.get("stats") or {}).get(k) for k in ("p50", "p90"))
+    chosen_p50, chosen_p90 = (c.best_stats()[k] for k in ("p50", "p90")) if c else (None, None)
     return {"model": model, "peer_form": peer.get("form"), "peer_p50": peer_p50, "peer_error": peer.get("error"),
             "peer_metrics": peer.get("metrics"), "chosen": c.name if c else None, "chosen_p50": chosen_p50,
             "chosen_metrics": c.metrics if c else None, "measured": "in full" if c and c.stats else "screening",
-            "ratio": peer_p50 / chosen_p50 if peer_p50 and chosen_p50 else None, "cut": result.cut_short,
+            "ratio": peer_p50 / chosen_p50 if peer_p50 and chosen_p50 else None,
+            "ratio_p90": peer_p90 / chosen_p90 if peer_p90 and chosen_p90 else None, "cut": result.cut_short,
             "seconds": result.seconds, "closest": result.closest.name if result.closest else None,
-            "table": text_table(*candidate_table(result.candidates, c)), "pruned": pruned_lines(result.candidates)}
+            "table": "\n".join([text_table(*candidate_table(result.candidates, c)),
+                                *table_notes(result.candidates, c, peer=peer)]),
+            "pruned": pruned_lines(result.candidates)}
 
 
 def main() -> int:
@@ -95,17 +99,18 @@ def main() -> int:
     print(f"CPU {cpu['model']}, {args.threads} thread(s); int8: {', '.join(cpu['low_precision']['int8']) or 'none'}; "
           f"bf16: {', '.join(cpu['low_precision']['bf16']) or 'none'}")
     print(f"deploy tune --runtimes {','.join(RUNTIMES)} --precisions {','.join(PRECISIONS)} --passes default "
-          f"--threads {args.threads} --budget-s {args.budget_s:g}; batch 1; p50 in ms; ratio = peer p50 / chosen p50 "
-          "(> 1: the chosen form is faster), both measured in the same run; accuracy against the fp32 training model "
-          "on held-out inputs")
+          f"--threads {args.threads} --budget-s {args.budget_s:g}; batch 1; p50 in ms; ratio = peer / chosen at p50 "
+          "and at p90 (> 1: the chosen form is faster), medians over the same interleaved rounds; accuracy against "
+          "the fp32 training model on held-out inputs")
     rows = []
     for r in results:
         rows.append([r["model"], r["peer_form"] or "-",
                      f"{r['peer_p50']:.3f}" if r["peer_p50"] else "-", r["chosen"] or "none eligible",
                      f"{r['chosen_p50']:.3f}" if r["chosen_p50"] else "-",
-                     f"{r['ratio']:.2f}x" if r["ratio"] else "-", _accuracy(r["chosen_metrics"]),
+                     f"{r['ratio']:.2f}x" if r["ratio"] else "-",
+                     f"{r['ratio_p90']:.2f}x" if r["ratio_p90"] else "-", _accuracy(r["chosen_metrics"]),
                      _accuracy(r["peer_metrics"]), f"{r['seconds']:.0f}" + (" (cut)" if r["cut"] else "")])
-    print(text_table(["model", "peer form", "peer p50", "chosen", "chosen p50", "ratio", "chosen vs fp32",
+    print(text_table(["model", "peer form", "peer p50", "chosen", "chosen p50", "ratio", "ratio p90", "chosen vs fp32",
                       "peer vs fp32", "tune s"], rows))
     for r in results:
         if r["peer_error"]:

@@ -14,7 +14,10 @@ A batch size other than the artifacts' static one re-exports both forms at that 
 form by re-running the passes, each again checked in float64) into a temporary folder.
 
 The result is appended to the directory's ``report.json`` (``benchmarks``, one entry per run) and
-rendered in ``report.md``, with a chart ``bench-N.png``. Each entry holds the hardware facts (CPU
+rendered in ``report.md``, with a chart ``bench-N.png``. Each timed row carries the 1-minute load
+average before and after its measurement and the reasons it may be ``unreliable`` (a wide p90/p50
+spread, a load above the usable CPUs: :func:`runtimes.bench.unreliable`); the table prints them
+beside the numbers. Each entry holds the hardware facts (CPU
 model, cores, threads, SIMD flags, the estimated peak FLOP/s and each measurement's achieved
 fraction of it, GPUs and driver, runtime versions), the isolation used, and the cost model of
 both forms (FLOPs, parameters, memory access, element-wise ops, forks) in total and per op.
@@ -34,7 +37,7 @@ import numpy as np
 import torch
 
 from exporters import targets as registry
-from runtimes.bench import ISOLATION, BenchJob, BenchSettings, run_isolated, run_job
+from runtimes.bench import ISOLATION, LOAD_PER_CPU, MAX_SPREAD, BenchJob, BenchSettings, run_isolated, run_job
 from runtimes.core import MissingDependency, first_line, require, set_training
 from runtimes.hardware import cpu_facts, gpu_facts, usable_cpus
 from runtimes.safe_load import load_program
@@ -46,7 +49,7 @@ from .pipeline import (PT2, ConvertOptions, PipelineError, check_training_model,
 from .record import RunRecord, StageRecord, alive, inside, load_record
 from .resources import check_threads
 
-__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "nms_shares"]
+__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "nms_shares", "reliability"]
 
 FORMS = ("training", "deploy", "int8", "nms")  # nms: the deploy form with NMS appended (deploy.detection)
 WORK_PREFIX = "deploy-bench-"  # temporary folders: deploy-bench-<pid>-<random>
@@ -125,6 +128,18 @@ def _check_options(opts: BenchOptions) -> str:
     return device
 
 
+def _refuse_missing(target: str) -> None:
+    """A DIR_OR_MODEL that does not exist is refused here unless it names a model with no file (``timm:...``)."""
+    try:
+        kind, path, _ = sources.parse_source(target)
+    except sources.SourceError:
+        kind, path = "", target
+    if kind in ("", "file", "pickle", "pt2") and not os.path.exists(path):
+        raise PipelineError(f"{path} does not exist: pass a run directory that deploy convert wrote, or a model "
+                            "to convert first (a zoo name such as repvgg_digits, timm:NAME, path/to/file.py:FACTORY "
+                            "or a checkpoint)")
+
+
 def _resolve_dir(opts: BenchOptions, progress: Progress) -> Path:
     """The run directory: ``opts.target`` itself, or where converting the model ``opts.target`` wrote."""
     if os.path.isdir(opts.target):
@@ -132,6 +147,8 @@ def _resolve_dir(opts: BenchOptions, progress: Progress) -> Path:
         return Path(opts.target)
     if os.path.exists(opts.target) and not os.path.isfile(opts.target):
         raise PipelineError(f"{opts.target} is neither a deploy output directory nor a model")
+    if not os.path.exists(opts.target):
+        _refuse_missing(opts.target)
     runtimes = opts.runtimes or [registry.get(t).runtime for t in ("pt2", *registry.names()) if registry.get(t).default
                                  or registry.get(t).always]
     conv = opts.convert or ConvertOptions()
@@ -180,7 +197,7 @@ def _int8_stages(record: RunRecord, picked: dict[str, StageRecord]) -> tuple[dic
 
 def _nms_stages(record: RunRecord, picked: dict[str, StageRecord]) -> dict[str, StageRecord]:
     """``{runtime: stage}`` of the verified artifact ending in NMS on each picked runtime (a ``--nms`` run)."""
-    from .detection import ends_in_nms
+    from .tasks import ends_in_nms
 
     found = {}
     for s in record.stages[1:]:
@@ -335,8 +352,9 @@ def _time_runtime(job: BenchJob, forms: dict, isolation: str, work: Path, settin
     for row in result["rows"]:
         rows.append({"runtime": runtime, "batch": batch, **row})
         if "p50" in row:
+            flag = f" UNRELIABLE: {'; '.join(row['unreliable'])}" if row.get("unreliable") else ""
             progress(f"  {runtime} {row['variant']} {row['form']}: p50 {row['p50']:.3f} ms (p90 {row['p90']:.3f}, "
-                     f"{row['iters']} calls)")
+                     f"{row['iters']} calls){flag}")
         else:
             progress(f"  {runtime} {row['form']}: FAILED {row['error']}")
     return rows
@@ -377,6 +395,21 @@ def nms_shares(rows: Sequence[dict]) -> list[dict]:
     return [{"runtime": k[0], "batch": k[1], "deploy_p50": v["deploy"]["p50"], "nms_p50": v["nms"]["p50"],
              "share": (v["nms"]["p50"] - v["deploy"]["p50"]) / v["nms"]["p50"]} for k, v in by_key.items()
             if len(v) == 2]
+
+
+def reliability(rows: Sequence[dict], cpus: int, threads: int) -> tuple[dict, list[str]]:
+    """The thresholds and load range of a benchmark's rows (``runtimes.bench.unreliable`` flagged each row), and a
+    note when rows were flagged."""
+    loads = [r[k] for r in rows for k in ("load_before", "load_after") if r.get(k) is not None]
+    flagged = [r for r in rows if r.get("unreliable")]
+    summary = {"max_spread": MAX_SPREAD, "load_limit": LOAD_PER_CPU * cpus, "usable_cpus": cpus, "threads": threads,
+               "load_min": min(loads, default=None), "load_max": max(loads, default=None), "flagged": len(flagged)}
+    if not flagged:
+        return summary, []
+    timed = sum("p50" in r for r in rows)
+    return summary, [f"{len(flagged)} of {timed} timings are flagged unreliable (the table says why: p90/p50 above "
+                     f"{MAX_SPREAD}, or a 1-minute load average above the {cpus} usable CPUs); rerun deploy bench on "
+                     "a quiet machine before quoting them"]
 
 
 def speedups(rows: Sequence[dict]) -> list[dict]:
@@ -466,6 +499,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         on_cpu = target.device == "cpu" and not (target.name == "pt2" and device == "cuda")
         if "p50" in r and flops and cpu["peak_gflops"] and on_cpu:  # FLOPs of the run's batch, scaled
             r["achieved_fraction"] = flops * r["batch"] / shape[0] / (r["p50"] * 1e-3) / (cpu["peak_gflops"] * 1e9)
+    checks, flag_notes = reliability(rows, cpu["usable_cpus"], threads)
     entry = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": opts.command,
@@ -480,11 +514,12 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         "settings": {**asdict(opts.settings), "runtime_settings": settings_used},
         "hardware": {"cpu": cpu, "gpus": gpu_facts(), "versions": versions()},
         "results": rows,
+        "reliability": checks,
         "speedups": speedups(rows),
         "int8_speedups": int8_speedups(rows),
         "nms_shares": nms_shares(rows),
         "cost": cost,
-        "notes": notes,
+        "notes": flag_notes + notes,
         "seconds": round(time.perf_counter() - started, 2),
     }
     chart = _write(out_dir, record, entry, opts.chart)
@@ -495,7 +530,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
 
 def _write(out_dir: Path, record: RunRecord, entry: dict, chart: bool) -> str | None:
     """Append ``entry`` to the record and draw its chart; files are replaced only once all are written."""
-    from .report import jsonable
+    from .report import jsonable, write_reports
 
     entry["chart"] = f"bench-{len(record.benchmarks) + 1}.png" if chart else None
     record.benchmarks.append(entry)
@@ -503,7 +538,7 @@ def _write(out_dir: Path, record: RunRecord, entry: dict, chart: bool) -> str | 
     try:
         if chart:
             plot(jsonable(entry), tmp / entry["chart"], record.model["spec"])
-        record.write(tmp)
+        write_reports(record.to_dict(), tmp)
         for f in tmp.iterdir():
             os.replace(f, out_dir / f.name)
     finally:
@@ -559,6 +594,9 @@ def plot(entry: dict, path: Path, title: str):
     ax.set_ylabel("latency p50 (ms, log scale)\nwhisker to p90", fontsize=9)
     where = "torch on CUDA, " if entry["device"] == "cuda" else ""
     heading = f"{title}: {where}{entry['threads']} CPU thread(s)"
+    flagged = sum(bool(r.get("unreliable")) for r in entry["results"])
+    if flagged:
+        heading += f"; {flagged} timing(s) UNRELIABLE (busy machine or wide spread: see report.md)"
     # centred on the figure, wrapped to its width (DejaVu Sans at 9 pt: about 5.4 pt a character)
     fig.suptitle(textwrap.fill(heading, width=int((fig_width - 0.4) * 72 / 5.4)), fontsize=9)
     ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1, 1), ncols=len(forms), frameon=False)  # above the bars

@@ -36,7 +36,7 @@ from runtimes.core import first_line
 
 from .record import PipelineError
 from .resources import ResourceError, check_memory, read_npz
-from .verification import GROUND_TRUTH
+from .stages import GROUND_TRUTH
 
 __all__ = ["Calibration", "load_calibration", "read_images", "seeded_eval", "IMAGE_SUFFIXES", "IMAGENET",
            "DEFAULT_SIZE"]

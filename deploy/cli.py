@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -404,6 +405,7 @@ def _parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("zoo", help="list the built-in models")
     _common(z)
+    p.set_defaults(commands=sub.choices)
     return p
 
 
@@ -633,10 +635,12 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    progress = _Progress(args.quiet)
+    progress("deploy tune: importing torch and the converters ...")  # seconds on a cold start: say so
     from .pipeline import ConvertOptions
     from .report import text_table
     from .tune import TuneOptions, tune
-    from .tune_report import candidate_table, pruned_lines
+    from .tune_report import candidate_table, pruned_lines, table_notes
 
     command = "deploy " + " ".join(shlex.quote(a) for a in args.argv)
     conv = ConvertOptions(
@@ -647,8 +651,9 @@ def cmd_tune(args) -> int:
                        threads=args.threads, batch=args.batch, objective=args.objective, max_drop=args.max_drop,
                        min_agreement=args.min_agreement, budget_s=args.budget_s, calibration=args.calibration,
                        out=args.out, force=args.force, convert=conv, command=command)
-    result = tune(opts, progress=_Progress(args.quiet))
+    result = tune(opts, progress=progress)
     print(text_table(*candidate_table(result.candidates, result.chosen, args.objective)))
+    print("\n".join(table_notes(result.candidates, result.chosen, args.objective, result.peer)))
     pruned = pruned_lines(result.candidates)
     if pruned:
         print("\npruned before any measurement:\n" + "\n".join(f"  {p}" for p in pruned))
@@ -754,12 +759,26 @@ def _os_error(e: OSError) -> str:
     return f"{(e.strerror or str(e)).lower()}{where}; check the path and its permissions"
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; an unknown option is refused by its command's parser, naming the closest
+    option that command has (``--precison``: did you mean --precision?)."""
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:
+        command = args.commands[args.command]
+        options = [o for action in command._actions for o in action.option_strings if o.startswith("--")]
+        word = unknown[0].split("=", 1)[0]
+        guess = difflib.get_close_matches(word, options, n=1, cutoff=0.75) if word.startswith("-") else []
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        command.error(f"unrecognized argument{'s' if len(unknown) > 1 else ''}: {' '.join(unknown)}{hint}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["convert", *argv]
     _quiet_native_logs()
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     args.argv = argv
     _setup_logging(args.verbose)
     handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,

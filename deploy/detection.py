@@ -37,18 +37,21 @@ from torch import nn
 from exporters.nms import NmsOptions
 from runtimes.core import first_line
 
+from .forms import derived_form, main_stage
 from .record import ExportRecord, PipelineError, StageRecord, VerificationRecord
 from .resources import read_npz
+from .stages import batch_of, open_stage, run_batched
+from .tasks import DETECTIONS, ends_in_nms, host_nms, per_image
 
-__all__ = ["find_head", "ends_in_nms", "nms_stages", "read_ground_truth", "verify", "draw", "class_names",
-           "detect_images", "read_image", "NmsOptions", "PICTURES"]
+__all__ = ["Plan", "plan", "find_head", "ends_in_nms", "nms_stages", "read_ground_truth", "verify", "draw",
+           "label_rectangles", "class_names", "detect_images", "read_image", "NmsOptions", "PICTURES"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
 PICTURES = "detections"  # folder of the run directory holding one drawn held-out image per stage
-OUTPUTS = ("num_dets", "boxes", "scores", "classes")
+OUTPUTS = DETECTIONS
 
 
 def _noop(_: str) -> None:
@@ -102,11 +105,6 @@ def can_score() -> bool:
     return importlib.util.find_spec("pycocotools") is not None
 
 
-def ends_in_nms(stage: StageRecord) -> bool:
-    art = stage.export.artifact
-    return art is not None and "nms" in art.metadata
-
-
 # ------------------------------------------------------------------------------------------- ground truth
 
 def read_ground_truth(path: str, count: int) -> dict[str, np.ndarray] | None:
@@ -126,6 +124,70 @@ def read_ground_truth(path: str, count: int) -> dict[str, np.ndarray] | None:
     return {"gt_boxes": boxes.astype(np.float32), "gt_classes": classes.astype(np.int64)}
 
 
+# ------------------------------------------------------------------------------------ a conversion's part
+
+@dataclass
+class Plan:
+    """What a conversion does for a detector (:func:`plan`); for any other model every step is a no-op.
+
+    ``truth``: the samples' ground-truth boxes (recorded beside them); ``settle``: whether the training model's
+    recorded outputs are raw detections (then ``options`` are the NMS settings every stage is scored with);
+    ``stages``: the NMS stages of ``--nms``; ``guard_nms``: what an INT8 detector is judged at; ``verify``: the
+    detections of every stage, their mAP and pictures, and the model's own ``fuse()`` form."""
+
+    model: nn.Module
+    spec: str
+    nms: NmsOptions | None = None  # --nms
+    head: nn.Module | None = None
+    truth: dict | None = None
+    options: NmsOptions | None = None
+
+    def settle(self, vdir: Path) -> None:
+        """Read the training model's recorded output 0: a detector's raw head output (``--nms`` requires it)."""
+        if self.head is None:
+            return
+        output0 = read_npz(vdir / "reference.npz")["output0"]
+        if self.nms is not None:
+            check_output(output0, self.head.nc, self.spec)
+        if output_fits(output0, self.head.nc):
+            self.options = self.nms or NmsOptions()
+
+    def stages(self, made: Sequence[StageRecord], folder: Path, wanted: Sequence[str],
+               progress: Progress | None = None) -> list[StageRecord]:
+        return nms_stages(made, folder, wanted, self.nms, progress) if self.nms is not None else []
+
+    def guard_nms(self) -> dict | None:
+        """The NMS settings an INT8 detector with ground truth is judged by (its mAP@0.5 drop), else None."""
+        return asdict(self.options) if self.options is not None and self.truth is not None else None
+
+    def verify(self, root: Path, stages: Sequence[StageRecord], results: dict, outputs: dict, args: tuple,
+               progress: Progress | None = None) -> dict:
+        """The run's detection record ({} for a model that is not a detector); adds to ``results``."""
+        if self.options is None:
+            return {}
+        found = verify(root, stages, results, self.options, outputs, names=class_names(self.model, self.head.nc),
+                       progress=progress)
+        found["in_artifact"] = self.nms is not None
+        onnx_stage = main_stage(stages, "onnx")
+        if onnx_stage is not None and onnx_stage.path and getattr(results.get(onnx_stage.name), "passed", False):
+            found["own_fuse"] = own_fuse(self.model, args, root / onnx_stage.path, progress)
+        return found
+
+
+def plan(model: nn.Module, spec: str, nms: NmsOptions | None, samples_path: str | None, count: int | None,
+         notes: list[str]) -> Plan:
+    """The detector part of converting ``model`` (``spec`` on the command line), checked before any work: its
+    head (``--nms`` needs one), the ground truth of ``count`` samples in ``samples_path`` (mAP needs
+    pycocotools: without it a note says so)."""
+    head = require_head(model, spec) if nms is not None else find_head(model)
+    truth = read_ground_truth(samples_path, count) if samples_path and count is not None else None
+    if truth is not None and head is not None and not can_score():
+        truth = None
+        notes.append("the samples carry detection ground truth, but mAP needs pycocotools: pip install pycocotools "
+                     "(or the 'detect' extra)")
+    return Plan(model, spec, nms, head, truth)
+
+
 # ----------------------------------------------------------------------------------------------- export
 
 def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str], opts: NmsOptions,
@@ -134,9 +196,6 @@ def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str],
     ``openvino-nms`` / ``tensorrt-nms`` (converted from it)."""
     from exporters import targets as registry
     from exporters.onnx import describe_onnx
-    from exporters.targets import ExportJob, Product
-
-    from .forms import _attempt, _stage, main_stage
 
     progress = progress or _noop
     folder = Path(os.path.abspath(folder))
@@ -158,7 +217,7 @@ def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str],
         art.metadata.update(meta)
         art.note(f"NMS in the graph (NonMaxSuppression): conf {opts.conf}, IoU {opts.iou}, at most {opts.max_det} "
                  f"per image{', class-agnostic' if opts.agnostic else ''}")
-        return [Product("onnx-nms", art, parent=onnx_stage.name, main=False)]
+        return art
 
     def converted():
         from exporters.openvino import export_openvino
@@ -166,7 +225,7 @@ def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str],
         art = export_openvino(out[0].export.artifact_in(folder), folder / "model.nms.xml")
         art.metadata.update(meta)
         art.note("NMS in the graph: converted from model.nms.onnx")
-        return [Product("openvino-nms", art, parent="onnx-nms", main=False)]
+        return art
 
     def engine():  # GPU only: not exercised on a machine without a CUDA GPU and TensorRT
         from exporters.tensorrt import export_tensorrt
@@ -174,19 +233,14 @@ def nms_stages(made: Sequence[StageRecord], folder: Path, wanted: Sequence[str],
         art = export_tensorrt(out[0].export.artifact_in(folder), folder / "model.nms.engine")
         art.metadata.update(meta)
         art.note("NMS in the graph: TensorRT's ONNX parser builds NonMaxSuppression from model.nms.onnx")
-        return [Product("tensorrt-nms", art, parent="onnx-nms", main=False)]
+        return art
 
-    def stage(target: str, name: str, parent: str, make) -> StageRecord:
-        products, error, seconds = _attempt(registry.get(target), ExportJob(None, (), folder, source=source),
-                                            progress, f"{target} with NMS", make)
-        if error:
-            return StageRecord(name, ExportRecord(target, parent=parent, seconds=seconds, error=error, main=False))
-        return _stage(registry.get(target), products[0], parent, folder, seconds)
-
-    out = [stage("onnx", "onnx-nms", onnx_stage.name, with_nms)]
+    out = [derived_form(registry.get("onnx"), "onnx-nms", onnx_stage, folder, with_nms, what="onnx with NMS",
+                        progress=progress)]
     for target, make in (("openvino", converted), ("tensorrt", engine)):
         if target in wanted and not out[0].export.error:
-            out.append(stage(target, f"{target}-nms", "onnx-nms", make))
+            out.append(derived_form(registry.get(target), f"{target}-nms", out[0], folder, make,
+                                    what=f"{target} with NMS", progress=progress))
     return out
 
 
@@ -220,38 +274,15 @@ def own_fuse(model: nn.Module, args: tuple, ours: Path, progress: Progress | Non
 # ----------------------------------------------------------------------------------------- verification
 
 def _host(pred: np.ndarray, opts: NmsOptions) -> dict[str, np.ndarray]:
-    from runtimes.detection import nms
-
-    return nms(pred, conf=opts.conf, iou=opts.iou, max_det=opts.max_det, agnostic=opts.agnostic)
-
-
-def map50(pred: np.ndarray, truth: dict[str, np.ndarray], nms: dict) -> float:
-    """mAP@0.5 of a detector's output 0 ``pred`` after the host NMS ``nms`` (``NmsOptions`` as a dict)."""
-    from runtimes.detection import coco_map
-
-    return coco_map(_per_image(_host(pred, NmsOptions(**nms))), truth["gt_boxes"], truth["gt_classes"])["map50"]
-
-
-def _per_image(dets: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    n = dets["num_dets"].reshape(-1).astype(int)
-    return [(dets["boxes"][i, :k], dets["scores"][i, :k], dets["classes"][i, :k]) for i, k in enumerate(n)]
+    return host_nms(pred, asdict(opts))
 
 
 def _run_nms_stage(runner, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
-    """The four NMS outputs of ``runner`` on the rows of ``x`` in chunks of ``batch`` (the last one padded)."""
-    parts: list[dict[str, np.ndarray]] = []
-    for i in range(0, len(x), batch):
-        part = x[i:i + batch]
-        k = len(part)
-        if k < batch:
-            part = np.concatenate([part, np.repeat(part[-1:], batch - k, axis=0)])
-        outs = runner.infer([np.ascontiguousarray(part)])
-        missing = [n for n in OUTPUTS if n not in outs]
-        if missing:
-            raise PipelineError(f"the NMS artifact has no output(s) {', '.join(missing)} (it has "
-                                f"{', '.join(outs)}); rerun deploy convert --nms")
-        parts.append({n: np.asarray(outs[n])[:k] for n in OUTPUTS})
-    return {n: np.concatenate([p[n] for p in parts]) for n in OUTPUTS}
+    """The four NMS outputs of ``runner`` on the rows of ``x`` in chunks of ``batch``."""
+    try:
+        return run_batched(runner, x, batch, names=OUTPUTS)
+    except PipelineError as e:
+        raise PipelineError(f"{str(e).rstrip('.')}; rerun deploy convert --nms") from e
 
 
 def _load(path: Path) -> dict[str, np.ndarray]:
@@ -267,7 +298,6 @@ def verify(root: Path, stages: Sequence[StageRecord], results: dict[str, Verific
     Returns the run's detection record."""
     from runtimes.detection import match_detections
 
-    from .verification import _batch_of, open_stage
 
     progress = progress or _noop
     vdir = root / "verify"
@@ -306,7 +336,7 @@ def verify(root: Path, stages: Sequence[StageRecord], results: dict[str, Verific
             if samples:
                 checks["samples"] = (x_samples, ref["samples"], samples_pred)
             for on, (x, expected, candidates) in checks.items():
-                got = _run_nms_stage(runner, x, _batch_of(s, len(x)))
+                got = _run_nms_stage(runner, x, batch_of(s, len(x)))
                 match = match_detections(expected, got, conf=opts.conf, iou=opts.iou, max_det=opts.max_det,
                                          agnostic=opts.agnostic, candidates=candidates)
                 v.checks[on] = {**asdict(match), "summary": match.summary()}
@@ -331,7 +361,7 @@ def verify(root: Path, stages: Sequence[StageRecord], results: dict[str, Verific
 
         progress(f"mAP of every stage on {len(x_samples)} held-out images (pycocotools)")
         for name, d in dets.items():
-            results[name].detection.update(coco_map(_per_image(d), truth["gt_boxes"], truth["gt_classes"]))
+            results[name].detection.update(coco_map(per_image(d), truth["gt_boxes"], truth["gt_classes"]))
         if pictures:
             record["pictures"] = _pictures(root, x_samples, dets, names)
     return record
@@ -343,10 +373,52 @@ COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
            (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128))
 
 
+def label_rectangles(boxes: np.ndarray, sizes: Sequence[tuple[int, int]], width: int, height: int) -> np.ndarray:
+    """Where the labels of ``boxes`` ((N, 4) xyxy, picture pixels) go in a ``width`` x ``height`` picture: (N, 4)
+    integer rectangles x0, y0, x1, y1 (x1, y1 exclusive), label i being ``sizes[i]`` = (w, h) pixels.
+
+    Greedy, in the boxes' order (``draw`` passes them best score first): each label tries above its box,
+    inside its top edge, below it, inside its bottom edge, then every other row, nearest first; on each row
+    at the box's left edge, then right-aligned with its right edge. Every position is clamped into the picture, and the
+    first that meets no label already placed is taken. Labels therefore always lie inside the picture (one
+    larger than the picture starts at its top-left corner) and overlap only when no free position is left,
+    then at their first choice."""
+    placed = np.zeros((len(boxes), 4), dtype=np.int64)
+    for i, (box, (w, h)) in enumerate(zip(boxes, sizes)):
+        x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+        above = y0 - h
+        rows = [above, y0, y1, y1 - h] + sorted(range(height - h + 1), key=lambda y: abs(y - above))
+        ys = np.clip(rows, 0, max(0, height - h))
+        xs = np.clip([x0, x1 - w], 0, max(0, width - w))
+        corners = np.stack(np.broadcast_arrays(xs[None, :], ys[:, None]), -1).reshape(-1, 2)  # row by row
+        rects = np.concatenate([corners, corners + [w, h]], 1)
+        free = ~_intersect(rects, placed[:i]).any(1)
+        placed[i] = rects[int(np.argmax(free))] if free.any() else rects[0]
+    return placed
+
+
+def _intersect(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) whether rectangles ``a`` and ``b`` (xyxy, x1 and y1 exclusive) share a pixel."""
+    a, b = a[:, None], b[None]
+    return ((a[..., 0] < b[..., 2]) & (b[..., 0] < a[..., 2]) & (a[..., 1] < b[..., 3]) & (b[..., 1] < a[..., 3]))
+
+
+def _font(size: int):
+    """Pillow's built-in font at ``size`` px; its fixed-size bitmap font where Pillow lacks FreeType."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size)
+    except ImportError:
+        return ImageFont.load_default()
+
+
 def draw(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, names: Sequence[str] = (),
          scale: int = 1):
-    """A PIL image of ``image`` ((3, H, W) floats in [0, 1], or (H, W, 3) uint8) with its boxes, labels and
-    scores drawn, enlarged ``scale`` times (nearest neighbour) so that small inputs stay readable."""
+    """A PIL image of ``image`` ((3, H, W) floats in [0, 1], or (H, W, 3) uint8) with its boxes drawn,
+    enlarged ``scale`` times (nearest neighbour) so that small inputs stay readable. Each box's label (class
+    and score, on a filled rectangle of the box's colour) is placed by :func:`label_rectangles`: inside the
+    picture and clear of the other labels."""
     from PIL import Image, ImageDraw
 
     arr = image if image.dtype == np.uint8 else (np.clip(np.transpose(image, (1, 2, 0)), 0, 1) * 255).round()
@@ -354,12 +426,20 @@ def draw(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, classes: np.n
     if scale > 1:
         pic = pic.resize((pic.width * scale, pic.height * scale), Image.NEAREST)
     pen = ImageDraw.Draw(pic)
-    for box, score, cls in zip(boxes, scores, classes):
-        colour = COLOURS[int(cls) % len(COLOURS)]
-        x0, y0, x1, y1 = (float(v) * scale for v in box)
-        pen.rectangle((x0, y0, x1, y1), outline=colour, width=max(1, scale // 2))
-        label = f"{names[int(cls)] if int(cls) < len(names) else int(cls)} {float(score):.2f}"
-        pen.text((x0 + 2, max(0.0, y0 - 11)), label, fill=colour)
+    font, pad = _font(max(10, min(pic.size) // 32)), 2
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")  # the best score's label placed first
+    boxes, scores, classes = (np.asarray(a)[order] for a in (boxes, scores, classes))
+    colours = [COLOURS[int(c) % len(COLOURS)] for c in classes]
+    texts = [f"{names[int(c)] if int(c) < len(names) else int(c)} {float(s):.2f}" for s, c in zip(scores, classes)]
+    bounds = [pen.textbbox((0, 0), t, font=font) for t in texts]
+    sizes = [(r - left + 2 * pad, b - top + 2 * pad) for left, top, r, b in bounds]
+    for box, colour in zip(boxes, colours):
+        pen.rectangle(tuple(float(v) * scale for v in box), outline=colour, width=max(1, scale // 2))
+    placed = label_rectangles(np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale, sizes, *pic.size)
+    for (x0, y0, x1, y1), (left, top, _, _), text, colour in zip(placed.tolist(), bounds, texts, colours):
+        pen.rectangle((x0, y0, x1 - 1, y1 - 1), fill=colour)
+        ink = (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
+        pen.text((x0 + pad - left, y0 + pad - top), text, fill=ink, font=font)
     return pic
 
 
@@ -447,7 +527,6 @@ def detect_images(run_dir: str | os.PathLike, images: str, *, runtime: str | Non
     of PNGs for a folder. An existing output is replaced only with ``force``. Returns the stage run, the
     detections per image and the class names."""
     from .record import load_record
-    from .verification import _batch_of, open_stage, run_batched
 
     progress = progress or _noop
     root = Path(run_dir)
@@ -471,7 +550,7 @@ def detect_images(run_dir: str | os.PathLike, images: str, *, runtime: str | Non
     pictures = target if not single else None
     if pictures is not None:
         pictures.mkdir(parents=True, exist_ok=True)
-    found, batch = [], _batch_of(stage, 1)
+    found, batch = [], batch_of(stage, 1)
     runner = open_stage(stage, root).activate()
     try:
         for f in files:
@@ -480,7 +559,7 @@ def detect_images(run_dir: str | os.PathLike, images: str, *, runtime: str | Non
                 dets = _run_nms_stage(runner, x[None], batch)
             else:
                 dets = _host(run_batched(runner, x[None], batch)[0], opts)
-            (boxes, scores, classes), = _per_image(dets)
+            (boxes, scores, classes), = per_image(dets)
             h0, w0 = original.shape[:2]
             boxes = boxes * np.array([w0 / size[1], h0 / size[0]] * 2, dtype=np.float32)
             boxes = np.clip(boxes, 0, np.array([w0, h0, w0, h0], dtype=np.float32))

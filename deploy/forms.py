@@ -4,8 +4,9 @@
 :func:`check_targets` refuses unknown targets, unsupported precisions and missing packages before
 any work; :func:`export_forms` runs each target's export (a target after the one it is converted
 from), turning a failed export into a failed stage whose partial files are removed, so the other
-targets go on. Targets are looked up in the registry (``exporters.targets``); nothing here knows a
-format by name.
+targets go on. :func:`derived_form` makes a stage from another stage's artifact the same way (INT8
+quantization: :func:`quantize_form`; NMS appended: ``deploy.detection``). Targets are looked up in
+the registry (``exporters.targets``); nothing here knows a format by name.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from runtimes.core import Artifact, DeployError, MissingDependency, first_line
 from .record import ExportRecord, FilesRecord, PipelineError, StageRecord
 from .resources import disk_failure
 
-__all__ = ["check_targets", "export_forms", "main_stage", "quantize_form"]
+__all__ = ["check_targets", "export_forms", "main_stage", "quantize_form", "derived_form"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,6 @@ def quantize_form(target: Target, source: StageRecord | None, folder: str | Path
                   module=None, args: tuple = (), progress: Progress | None = None) -> StageRecord:
     """The stage ``<target>-int8``: ``target.quantize`` run on the fp32 ``source`` stage's artifact with
     ``options`` (``exporters.int8.Int8Options``), written to ``path`` (replacing an earlier attempt)."""
-    progress = progress or _noop
     folder = Path(os.path.abspath(folder))
     name = f"{target.name}-int8"
     if source is None or source.export.error or source.export.artifact is None:
@@ -146,15 +146,25 @@ def quantize_form(target: Target, source: StageRecord | None, folder: str | Path
             os.unlink(stale)
     quantize = registry.resolve(target.quantize)
     fp32 = source.export.artifact_in(folder)
-    job = ExportJob(module, args, folder, precision="int8", source=fp32)
-    products, error, seconds = _attempt(
-        target, job, progress, f"{target.name} int8 ({len(options.calibration)} calibration samples)",
-        lambda: [Product(name, quantize(fp32, path, options, module=module, args=args), parent=source.name,
-                         main=False)])
+    return derived_form(target, name, source, folder, lambda: quantize(fp32, path, options, module=module, args=args),
+                        what=f"{target.name} int8 ({len(options.calibration)} calibration samples)",
+                        precision="int8", progress=progress)
+
+
+def derived_form(target: Target, name: str, parent: StageRecord, folder: str | Path, make: Callable[[], Artifact], *,
+                 what: str, precision: str | None = None, progress: Progress | None = None) -> StageRecord:
+    """The stage ``name``, made by ``make()`` from the artifact of the stage ``parent`` (an INT8 quantization,
+    NMS appended, a conversion of either) into ``folder``, recorded as one of ``target``'s stages (not its main
+    one). A failure is recorded as the stage's export error, the files it wrote removed, as for an export;
+    ``precision`` (default: the artifact's) is the failed record's."""
+    folder = Path(os.path.abspath(folder))
+    job = ExportJob(None, (), folder, precision=precision or parent.precision)
+    products, error, seconds = _attempt(target, job, progress or _noop, what,
+                                        lambda: [Product(name, make(), parent=parent.name, main=False)])
     if error:
-        return StageRecord(name, ExportRecord(target.name, parent=source.name, precision="int8", seconds=seconds,
-                                              error=error, main=False))
-    return _stage(target, products[0], source.name, folder, seconds)
+        return StageRecord(name, ExportRecord(target.name, parent=parent.name, precision=precision or "fp32",
+                                              seconds=seconds, error=error, main=False))
+    return _stage(target, products[0], parent.name, folder, seconds)
 
 
 def _stage(target: Target, p: Product, parent: str, folder: Path, seconds: float | None) -> StageRecord:

@@ -6,10 +6,17 @@ output tensor names, and the MACs of convolutions and linear layers); one analys
 - **parameters**: of a torch model or ``.pt2``, the module's parameters (:func:`count_parameters`:
   ``module.parameters()``, trainable or not, a tensor shared under two names counted once), with
   its buffers (BatchNorm running statistics, ``num_batches_tracked``) counted apart; of an ONNX,
-  OpenVINO or TFLite file, which has no such distinction, the floating-point constant values in
-  the graph (weights, biases, and BatchNorm statistics if left unfolded), each counted once;
-- **MACs**: multiply-accumulates of convolutions and linear layers,
-  ``numel(output) x (weight numel / output channels)``; FLOPs = 2 x MACs;
+  OpenVINO or TFLite file, which has no such distinction, the constant values the graph computes
+  with (weights, biases, and BatchNorm statistics if left unfolded), each counted once: every
+  floating-point constant, and of an INT8 file the quantized weights and int32 biases (what ONNX's
+  DequantizeLinear / QLinearConv / ConvInteger read, OpenVINO's i8 Constant -> Convert -> [Subtract]
+  -> Multiply decompression, TFLite's quantized tensors), but not the scales, zero points and
+  FakeQuantize ranges, so an INT8 file counts what its fp32 source counts. An exporter leaves out an
+  all-zero bias, so a file can hold fewer than its plain model (noted when the run's report says);
+- **MACs**: multiply-accumulates of convolutions and linear layers, quantized ones included (QLinearConv,
+  QLinearMatMul, ConvInteger, MatMulInteger, a weight through DequantizeLinear or decompression),
+  ``numel(output) x (weight numel / output channels)``, per sample when the batch is dynamic;
+  FLOPs = 2 x MACs;
 - **mergeable branches**: an addition whose operands, looking through BatchNorm and per-channel
   affine ops, are convolutions / average pools / the identity of the *same* input tensor (looking
   through padding) is a branch group one convolution can replace (RepVGG, ACNet, DBB, MobileOne).
@@ -53,7 +60,8 @@ _KINDS = {
               **dict.fromkeys(("constant_pad_nd", "pad"), "pad"),
               **dict.fromkeys(("avg_pool1d", "avg_pool2d"), "pool"),
               **dict.fromkeys(("getitem", "clone", "contiguous", "dropout", "alias", "detach", "_to_copy"), "pass")},
-    "onnx": {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "linear", "MatMul": "linear",
+    "onnx": {"Conv": "conv", "ConvTranspose": "conv", "QLinearConv": "conv", "ConvInteger": "conv",
+             "Gemm": "linear", "MatMul": "linear", "QLinearMatMul": "linear", "MatMulInteger": "linear",
              "BatchNormalization": "bn", "Add": "binary", "Sub": "binary", "Mul": "binary", "Div": "binary",
              "Sum": "sum", "Pad": "pad", "AveragePool": "pool", "Identity": "pass", "Dropout": "pass",
              "Cast": "pass"},
@@ -65,6 +73,11 @@ _KINDS = {
                "MUL": "binary", "DIV": "binary", "ADD_N": "sum", "PAD": "pad", "PADV2": "pad",
                "AVERAGE_POOL_2D": "pool", "DEQUANTIZE": "pass"},
 }
+# ONNX quantization ops -> their input slots holding scales and zero points (quantization parameters, not weights)
+_ONNX_QPARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "QLinearConv": (1, 2, 4, 5, 6, 7),
+                 "QLinearMatMul": (1, 2, 4, 5, 6, 7), "ConvInteger": (2, 3), "MatMulInteger": (2, 3)}
+_ONNX_FLOATS = (1, 10, 11, 16)  # float, float16, double, bfloat16
+_ONNX_SAME_SHAPE = ("DequantizeLinear", "QuantizeLinear", "Cast", "Identity")  # output shape = shape of input 0
 _ADDS = {"add", "add_", "Add", "ADD"}
 _ACTIVATIONS = {"relu", "relu_", "relu6", "hardtanh", "hardtanh_", "sigmoid", "silu", "silu_", "gelu", "leaky_relu",
                 "leaky_relu_", "hardswish", "hardswish_", "hardsigmoid", "tanh",  # torch
@@ -84,6 +97,7 @@ class _Node:
     bytes: int = 0  # memory access: bytes read (inputs, weights) + written (outputs); torch graphs only
     params: int = 0  # parameters it reads (buffers not counted); torch graphs only
     module: str = ""  # the module it came from; torch graphs only
+    per_sample: bool = False  # its MACs count a dimension not fixed in the graph (a dynamic batch) as 1
 
 
 @dataclass
@@ -97,7 +111,7 @@ class OpSummary:
     convolutions: int = 0
     conv_kernels: dict[str, int] = field(default_factory=dict)
     linears: int = 0
-    params: int = 0   # torch: count_parameters; artifacts: floating-point constants
+    params: int = 0   # torch: count_parameters; artifacts: constants computed with (see the module doc)
     buffers: int = 0  # torch: buffers (BatchNorm running statistics, ...); artifacts: 0
     macs: int = 0
     batchnorms: int = 0
@@ -154,6 +168,13 @@ def _si(n: int) -> str:
     return str(n)
 
 
+def _numel(shape) -> tuple[int, bool]:
+    """(elements, every dimension fixed) of a tensor shape; a dimension the graph leaves open (a dynamic batch:
+    None, a name, a symbol, -1) counts as 1, so MACs are per sample."""
+    fixed = [isinstance(d, (int, np.integer)) and d >= 0 for d in shape]
+    return math.prod(int(d) if f else 1 for d, f in zip(shape, fixed)), all(fixed)
+
+
 def _spec(name: str, shape, dtype) -> str:
     dims = "x".join("?" if d is None or (isinstance(d, int) and d < 0) else str(d) for d in shape)
     return f"{name} {dims} {dtype}"
@@ -172,6 +193,9 @@ def _analyze(summary: OpSummary, nodes: list[_Node], consts: dict[str, int]) -> 
     summary.nodes = len(nodes)
     summary.params = sum(consts.values())
     summary.macs = sum(n.macs for n in nodes)
+    if any(n.per_sample and n.macs for n in nodes):
+        summary.notes.append("MACs and memory access are per sample: a dimension the graph leaves open "
+                             "(a dynamic batch) is counted as 1")
     convs = [n for n in nodes if n.kind == "conv"]
     summary.convolutions = len(convs)
     summary.conv_kernels = dict(Counter(n.kernel for n in convs if n.kernel))
@@ -179,7 +203,7 @@ def _analyze(summary: OpSummary, nodes: list[_Node], consts: dict[str, int]) -> 
     summary.batchnorms = sum(1 for n in nodes if n.kind == "bn")
     summary.branch_groups, summary.branches = _branch_groups(nodes, consts)
     summary.memory_access = sum(n.bytes for n in nodes)
-    summary.elementwise = sum(1 for n in nodes if _is_elementwise(n))
+    summary.elementwise = sum(1 for n in nodes if _is_elementwise(n) and _data(n, consts) is not None)
     readers = Counter(i for n in nodes if n.kind != "pass" for i in set(n.inputs) if i not in consts)
     summary.forks = sum(1 for c in readers.values() if c >= 2)
     summary.fork_branches = sum(c for c in readers.values() if c >= 2)
@@ -273,7 +297,7 @@ def _nbytes(val) -> int:
 
     if isinstance(val, (list, tuple)):
         return sum(_nbytes(v) for v in val)
-    return val.numel() * val.element_size() if isinstance(val, torch.Tensor) else 0
+    return _numel(val.shape)[0] * val.element_size() if isinstance(val, torch.Tensor) else 0
 
 
 def layer_costs(module, args) -> list[dict]:
@@ -358,14 +382,16 @@ def _torch_nodes(gm, summary: OpSummary) -> tuple[list[_Node], dict[str, int]]:
             if w is not None and not isinstance(wval, torch.Tensor):
                 wval = fetch_attr(gm, w.target)
             if isinstance(wval, torch.Tensor) and isinstance(out, torch.Tensor) and wval.dim() >= 2:
+                numel, fixed = _numel(out.shape)
+                n.per_sample = not fixed
                 if kind == "conv":
                     groups = node.args[6] if name == "conv2d" and len(node.args) > 6 else \
                         node.args[8] if name in ("convolution", "_convolution") and len(node.args) > 8 else 1
                     n.kernel = _kernel(wval.shape[2:], groups if isinstance(groups, int) else 1)
-                    n.macs = out.numel() * math.prod(wval.shape[1:])
+                    n.macs = numel * math.prod(wval.shape[1:])
                 else:
                     k = wval.shape[1] if name == "linear" else wval.shape[0]
-                    n.macs = out.numel() * int(k)
+                    n.macs = numel * int(k)
             elif kind == "linear":
                 n.kind = "other"  # a product of two activations is not a layer
         nodes.append(n)
@@ -394,37 +420,46 @@ def read_onnx(path: str, summary: OpSummary) -> OpSummary:
     for v in list(graph.value_info) + list(graph.output) + list(graph.input):
         dims = v.type.tensor_type.shape.dim
         shapes[v.name] = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims)
-    consts, const_shapes = {}, {}
+    values: dict[str, tuple[int, bool]] = {}  # constant -> (element count, floating point)
+    const_shapes: dict[str, tuple] = {}
     for init in graph.initializer:
-        arr_shape = tuple(init.dims)
-        const_shapes[init.name] = arr_shape
-        consts[init.name] = math.prod(arr_shape) if init.data_type in (1, 10, 11, 16) else 0
-    from exporters.onnx import _ONNX_DTYPES
-
-    for v in graph.input:
-        if v.name not in consts:
-            summary.inputs.append(_spec(v.name, shapes[v.name], _ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")))
-    for v in graph.output:
-        summary.outputs.append(_spec(v.name, shapes.get(v.name, ()),
-                                     _ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")))
-    nodes = []
+        const_shapes[init.name] = tuple(init.dims)
+        values[init.name] = (math.prod(init.dims), init.data_type in _ONNX_FLOATS)
     for node in graph.node:
         if node.op_type == "Constant":
             value = next((a for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                arr = numpy_helper.to_array(value.t)
-                consts[node.output[0]] = arr.size if arr.dtype.kind == "f" else 0
-                const_shapes[node.output[0]] = arr.shape
-            else:
-                consts[node.output[0]] = 0
+            arr = numpy_helper.to_array(value.t) if value is not None else np.zeros(0, np.int64)
+            values[node.output[0]] = (arr.size, arr.dtype.kind == "f")
+            const_shapes[node.output[0]] = arr.shape
+    uses: dict[str, list[tuple[str, int]]] = {}
+    for node in graph.node:
+        for slot, i in enumerate(node.input):
+            uses.setdefault(i, []).append((node.op_type, slot))
+    consts = {name: _onnx_parameters(numel, is_float, uses.get(name, []))
+              for name, (numel, is_float) in values.items()}
+    from exporters.onnx import ONNX_DTYPES
+
+    for v in graph.input:
+        if v.name not in consts:
+            summary.inputs.append(_spec(v.name, shapes[v.name], ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")))
+    for v in graph.output:
+        summary.outputs.append(_spec(v.name, shapes.get(v.name, ()),
+                                     ONNX_DTYPES.get(v.type.tensor_type.elem_type, "?")))
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Constant":
             continue
+        inputs = [i for i in node.input if i]
+        if node.op_type in _ONNX_SAME_SHAPE and inputs and all(i in const_shapes for i in inputs):
+            const_shapes[node.output[0]] = const_shapes[inputs[0]]  # a dequantized (or cast) weight
         kind = _KINDS["onnx"].get(node.op_type, "other")
-        n = _Node(node.op_type, kind, [i for i in node.input if i], list(node.output))
+        n = _Node(node.op_type, kind, inputs, list(node.output))
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         out = shapes.get(node.output[0]) if node.output else None
-        numel = math.prod(out) if out and all(isinstance(d, int) and d > 0 for d in out) else 0
-        w = node.input[1] if len(node.input) > 1 else None
-        wshape = const_shapes.get(w)
+        numel, fixed = _numel(out) if out else (0, True)
+        n.per_sample = not fixed
+        slot = 3 if node.op_type in ("QLinearConv", "QLinearMatMul") else 1
+        wshape = const_shapes.get(node.input[slot]) if len(node.input) > slot else None
         if kind == "conv" and wshape:
             n.kernel = _kernel(wshape[2:], int(attrs.get("group", 1)))
             n.macs = numel * math.prod(wshape[1:])
@@ -439,6 +474,15 @@ def read_onnx(path: str, summary: OpSummary) -> OpSummary:
                 n.macs = numel * int(k)
         nodes.append(n)
     return _analyze(summary, nodes, consts)
+
+
+def _onnx_parameters(numel: int, is_float: bool, uses: list[tuple[str, int]]) -> int:
+    """The parameters an ONNX constant holds, given its uses ``(op type, input slot)``: a floating-point one
+    counts when an op reads it other than as a scale or zero point of quantization; an integer one when a
+    quantization op reads it as a value (the int8 weight or int32 bias of DequantizeLinear, QLinearConv, ...),
+    not as a shape, an axis or an index. A constant nothing reads counts nothing."""
+    values = [op for op, slot in uses if slot not in _ONNX_QPARAMS.get(op, ())]
+    return numel if values and (is_float or any(op in _ONNX_QPARAMS for op in values)) else 0
 
 
 def read_openvino(path: str, summary: OpSummary) -> OpSummary:
@@ -456,23 +500,31 @@ def read_openvino(path: str, summary: OpSummary) -> OpSummary:
     def dims(pshape):
         return tuple(d.get_length() if d.is_static else None for d in pshape) if pshape.rank.is_static else ()
 
-    nodes, consts, const_shapes = [], {}, {}
+    nodes, values, uses = [], {}, {}  # values: constant -> (element count, real); uses: tensor -> [(op, slot)]
+    derived, int_data = set(), set()  # computed from constants only; integer weights being decompressed
     for op in model.get_ordered_ops():
         t = op.get_type_name()
         outs = [name(o) for o in op.outputs()]
         if t == "Constant":
-            shape = tuple(op.get_output_shape(0))
-            consts[outs[0]] = math.prod(shape) if op.get_output_element_type(0).is_real() else 0
-            const_shapes[outs[0]] = shape
+            values[outs[0]] = (math.prod(op.get_output_shape(0)), op.get_output_element_type(0).is_real())
+            derived.add(outs[0])
             continue
         if t in ("Parameter", "Result"):
             continue
         inputs = [name(i.get_source_output()) for i in op.inputs()]
+        for slot, i in enumerate(inputs):
+            uses.setdefault(i, []).append((op, slot))
+        if inputs and all(i in derived for i in inputs):
+            derived.update(outs)
+        if (t == "Convert" and inputs[0] in values and not values[inputs[0]][1]) or \
+                (t == "Subtract" and inputs[0] in int_data):  # Constant i8 -> Convert -> Subtract zero point
+            int_data.add(outs[0])
         kind = _KINDS["openvino"].get(t, "other")
         n = _Node(t, kind, inputs, outs)
-        out = static(op.get_output_partial_shape(0)) if op.get_output_size() else None
-        numel = math.prod(out) if out else 0
-        wshape = _const_shape(op, 1, const_shapes, name) if len(inputs) > 1 else None
+        pshape = op.get_output_partial_shape(0) if op.get_output_size() else None
+        numel, fixed = _numel(dims(pshape)) if pshape is not None and pshape.rank.is_static else (0, True)
+        n.per_sample = not fixed
+        wshape = static(op.get_input_partial_shape(1)) if len(inputs) > 1 and inputs[1] in derived else None
         if kind == "conv" and wshape:
             grouped = t == "GroupConvolution"
             n.kernel = _kernel(wshape[3:] if grouped else wshape[2:], wshape[0] if grouped else 1)
@@ -484,25 +536,29 @@ def read_openvino(path: str, summary: OpSummary) -> OpSummary:
                 transpose_b = op.get_attributes().get("transpose_b", False)
                 n.macs = numel * int(wshape[-1] if transpose_b else wshape[-2] if len(wshape) >= 2 else wshape[0])
         nodes.append(n)
+
+    def is_qparam(op, slot: int) -> bool:
+        """A FakeQuantize range, or the zero point / scale of a weight decompression chain
+        (Constant i8 -> Convert -> [Subtract zero point] -> Multiply scale)."""
+        t, inputs = op.get_type_name(), [name(i.get_source_output()) for i in op.inputs()]
+        return (t == "FakeQuantize" and slot >= 1) or \
+            (t in ("Subtract", "Multiply") and slot == 1 and inputs[0] in int_data and inputs[1] in derived)
+
+    def qparam_only(tensor: str) -> bool:  # every use is a quantization parameter (looking through Convert)
+        found = uses.get(tensor, [])
+        return bool(found) and all(is_qparam(op, slot) or (op.get_type_name() == "Convert" and
+                                                         qparam_only(name(op.output(0)))) for op, slot in found)
+
+    consts = {}
+    for c, (numel, real) in values.items():  # a real constant is a parameter, an integer one when decompressed
+        converts = [name(op.output(0)) for op, _ in uses.get(c, []) if op.get_type_name() == "Convert"]
+        kept = not qparam_only(c) if real else any(o in int_data and not qparam_only(o) for o in converts)
+        consts[c] = numel if kept else 0
     for p in model.inputs:
         summary.inputs.append(_spec(p.get_any_name(), dims(p.get_partial_shape()), p.get_element_type().to_dtype()))
     for p in model.outputs:
         summary.outputs.append(_spec(p.get_any_name(), dims(p.get_partial_shape()), p.get_element_type().to_dtype()))
     return _analyze(summary, nodes, consts)
-
-
-def _const_shape(op, index: int, const_shapes: dict, name) -> tuple | None:
-    """Shape of input ``index`` of an OpenVINO op when it is a constant (possibly through Convert)."""
-    src = op.input(index).get_source_output()
-    for _ in range(3):
-        key = name(src)
-        if key in const_shapes:
-            return const_shapes[key]
-        node = src.get_node()
-        if node.get_type_name() not in ("Convert", "Reshape") or node.get_input_size() == 0:
-            return None
-        src = node.input(0).get_source_output()
-    return None
 
 
 def read_tflite(path: str, summary: OpSummary) -> OpSummary:
@@ -513,9 +569,10 @@ def read_tflite(path: str, summary: OpSummary) -> OpSummary:
     produced = {int(o) for op in ops for o in op["outputs"]}
     graph_inputs = {d["index"] for d in it.get_input_details()}
     consts = {}
-    for idx, d in tensors.items():
+    for idx, d in tensors.items():  # a float constant, or a quantized one (int8 weight, int32 bias), is a parameter
         if idx not in produced and idx not in graph_inputs:
-            consts[str(idx)] = int(np.prod(d["shape"])) if np.dtype(d["dtype"]).kind == "f" else 0
+            quantized = len(d["quantization_parameters"]["scales"]) > 0
+            consts[str(idx)] = int(np.prod(d["shape"])) if np.dtype(d["dtype"]).kind == "f" or quantized else 0
     nodes = []
     for op in ops:
         t = op["op_name"]
@@ -626,6 +683,13 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False) -> OpSu
                               f"{next((ln for ln in str(e).splitlines() if ln.strip()), '')}") from e
     if summary.merged is None and run is not None and "merged" in run.reparameterize:
         summary.merged = dict(run.reparameterize["merged"], **{"from": str(p.parent / "report.json")})
+    plain = run.reparameterize.get("params_after") if run is not None else None
+    if isinstance(plain, int) and plain != summary.params:
+        fewer = summary.params < plain
+        summary.notes.append(f"this file stores {summary.params:,} parameters, {abs(plain - summary.params):,} "
+                             f"{'fewer' if fewer else 'more'} than the run's plain model ({plain:,}, report.json)"
+                             + (": exporters leave out an all-zero bias (adding zero changes nothing), such as the "
+                                "zero-initialised classifier bias of timm's RepVGG and MobileOne" if fewer else ""))
     return summary
 
 

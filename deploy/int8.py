@@ -5,8 +5,8 @@ The steps ``deploy.pipeline.convert`` runs under int8, after the fp32 forms are 
 1. **Quantize** (:func:`quantize_stages`): every requested target that declares ``quantize`` in its
    record (``exporters.targets.Target``) makes ``<target>-int8`` from its verified fp32 artifact
    with the calibration data (``deploy.calibration``), through the library made for its format.
-2. **Guard** (:func:`judge`, called by ``deploy.verification`` for every int8 stage): on held-out
-   samples, never the calibration ones, the int8 outputs are compared with the training model's
+2. **Guard** (``deploy.tasks``: the task's judgement, asked by ``deploy.verification`` for every int8
+   stage): on held-out samples, never the calibration ones, the int8 outputs are compared with the training model's
    (the fp32 stages match it to 1e-5): top-1 agreement, accuracy and its drop when labels exist,
    SQNR (dB) and max relative error per output. The stage passes when the drop is at most
    ``max_drop`` points and (when given) the agreement at least ``min_agreement``. Without labels
@@ -32,7 +32,7 @@ import math
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,8 @@ from exporters import targets as registry
 from exporters.int8 import Int8Options
 from runtimes.core import first_line
 
+from .tasks import DEFAULT_MIN_SQNR, UNLABELLED_AGREEMENT, Guard, GuardResult, judge, sqnr
+
 __all__ = ["Guard", "GuardResult", "judge", "quantize_stages", "blame", "fallback", "choose_equalize",
            "quick_latency", "UNLABELLED_AGREEMENT", "DEFAULT_MIN_SQNR", "WORST"]
 
@@ -48,79 +50,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-UNLABELLED_AGREEMENT = 0.9  # top-1 agreement required without labels (and without --min-agreement)
-DEFAULT_MIN_SQNR = 20.0  # dB, for outputs that are not class scores, without labels
 WORST = 5  # layers named in the report and in a failure
 DECISION_SAMPLES = 32  # calibration (and held-out) samples the equalize decision quantizes and measures with
-
-
-@dataclass
-class Guard:
-    """The accuracy bound of every INT8 stage; see the module docstring."""
-
-    max_drop: float = 1.0  # accuracy points (percent), with labels
-    min_agreement: float | None = None  # top-1 agreement with the fp32 model, 0..1
-    min_sqnr: float | None = None  # dB; default DEFAULT_MIN_SQNR where neither accuracy nor agreement applies
-    nms: dict | None = None  # a detector with ground truth: judged by mAP@0.5 at these NMS settings (NmsOptions)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict | None) -> Guard:
-        return cls(**{k: v for k, v in (d or {}).items() if k in ("max_drop", "min_agreement", "min_sqnr", "nms")})
-
-
-@dataclass
-class GuardResult:
-    passed: bool
-    reason: str
-    metrics: dict = field(default_factory=dict)
-
-
-def _sqnr(ref: np.ndarray, test: np.ndarray) -> float:
-    from runtimes.int8 import sqnr_db
-
-    return sqnr_db(ref, test)
-
-
-def judge(outs: Sequence[np.ndarray], ref: Sequence[np.ndarray], labels: np.ndarray | None,
-          guard: Guard, task: Callable[[Sequence[np.ndarray]], float] | None = None) -> GuardResult:
-    """Judge an int8 stage's outputs ``outs`` on held-out samples against the training model's ``ref``.
-    ``task`` scores a model's outputs on the samples' ground truth (a detector's mAP@0.5): then the drop of
-    that score, in points, is held to ``max_drop``."""
-    m: dict = {"sqnr_db": min(_sqnr(r, o) for r, o in zip(ref, outs)),
-               "max_rel": max(float(np.max(np.abs(r - o)) / max(float(np.max(np.abs(r))), 1e-30))
-                              for r, o in zip(ref, outs))}
-    reasons, scores = [], ref[0].ndim == 2 and outs[0].shape == ref[0].shape
-    if task is not None:
-        m["map50"], m["reference_map50"] = task(outs), task(ref)
-        m["drop"] = 100.0 * (m["reference_map50"] - m["map50"])
-        if m["drop"] > guard.max_drop + 1e-9:
-            reasons.append(f"mAP@0.5 {m['map50']:.4f} is {m['drop']:.2f} points below the fp32 model's "
-                           f"{m['reference_map50']:.4f} (--max-drop {guard.max_drop:g})")
-    if scores:
-        pred, ref_pred = outs[0].argmax(1), ref[0].argmax(1)
-        m["agreement"] = float(np.mean(pred == ref_pred))
-        # a random-weight network may give one class for every input: then agreement says little, SQNR more
-        m["reference_classes"] = int(len(np.unique(ref_pred)))
-        if labels is not None:
-            m["accuracy"], m["reference_accuracy"] = float(np.mean(pred == labels)), float(np.mean(ref_pred == labels))
-            m["drop"] = 100.0 * (m["reference_accuracy"] - m["accuracy"])
-            if m["drop"] > guard.max_drop + 1e-9:
-                reasons.append(f"accuracy {100 * m['accuracy']:.2f}% is {m['drop']:.2f} points below the fp32 "
-                               f"model's {100 * m['reference_accuracy']:.2f}% (--max-drop {guard.max_drop:g})")
-        need = guard.min_agreement if guard.min_agreement is not None else (
-            UNLABELLED_AGREEMENT if labels is None else None)
-        if need is not None and m["agreement"] < need - 1e-12:
-            reasons.append(f"top-1 agreement with the fp32 model {100 * m['agreement']:.2f}% < "
-                           f"{100 * need:.2f}%" + (" (--min-agreement)" if guard.min_agreement is not None else
-                                                   " (the default without labels; set --min-agreement)"))
-    if guard.min_sqnr is not None or not (scores or task):
-        need = guard.min_sqnr if guard.min_sqnr is not None else DEFAULT_MIN_SQNR
-        if m["sqnr_db"] < need:
-            reasons.append(f"output SQNR {m['sqnr_db']:.1f} dB < {need:g} dB")
-    return GuardResult(not reasons, "; ".join(reasons), m)
 
 
 # --------------------------------------------------------------------------------------------- quantize
@@ -220,7 +151,7 @@ def fallback(stage, source, folder: Path, ranking: Sequence[str], options: Int8O
 
 
 def _latency(stage, folder: Path, args) -> float | None:
-    from .verification import open_stage
+    from .stages import open_stage
 
     try:
         with open_stage(stage, folder, bench=True) as runner:  # the runtime's benchmark options: int8 kernels
@@ -240,7 +171,7 @@ def choose_equalize(plain, equalized, args, options: Int8Options, x_eval: np.nda
     from exporters.onnx import export_onnx
     from exporters.onnx_int8 import quantize_onnx
 
-    from .verification import run_batched
+    from .stages import run_batched
 
     scores = {}
     options = Int8Options(**{**options.__dict__, "calibration": options.calibration[:DECISION_SAMPLES]})
@@ -251,7 +182,7 @@ def choose_equalize(plain, equalized, args, options: Int8Options, x_eval: np.nda
             target = registry.get("onnx")
             with target.open(q) as runner:
                 outs = run_batched(runner, x_eval, args[0].shape[0])
-            scores[key] = min(_sqnr(r, o) for r, o in zip(reference, outs))
+            scores[key] = min(sqnr(r, o) for r, o in zip(reference, outs))
     chosen = scores["equalize"] > scores["default"] + 0.1
     progress(f"equalize: ONNX Runtime INT8 output SQNR {scores['default']:.2f} dB without, {scores['equalize']:.2f} "
              f"dB with: {'applied' if chosen else 'not applied'}")

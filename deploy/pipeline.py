@@ -38,7 +38,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import fusers
@@ -48,10 +47,11 @@ from runtimes.core import first_line
 
 from . import detection, int8, resources, sources
 from .detection import NmsOptions
-from .forms import check_targets, export_forms, main_stage
+from .forms import check_targets, export_forms
 from .record import (REPORT_NAME, ExportRecord, FilesRecord, InputsRecord, PipelineError, RunDirectory, RunOptions,
                      RunRecord, SamplesRecord, StageRecord, VerificationRecord, inside, is_run_dir, load_record,
                      unlisted_files)
+from .report import write_reports
 from .sources import LoadedModel
 from .verification import read_samples, record_reference, verify_stages
 
@@ -375,10 +375,14 @@ def check_training_model(model, root: str | os.PathLike, what: str) -> None:
                             f"error {err:.2g}); pass the model, --checkpoint and options the run was converted from")
 
 
-def _default_name(model: str) -> str:
+def default_name(model: str) -> str:
+    """The folder name of a model's default run directory, ``runs/<name>``: a zoo model's name; a timm or
+    torchvision model's prefixed with its source (``timm_repvgg_a0``, never the zoo's ``repvgg_a0``); a file's stem
+    (with the factory for ``file.py:FACTORY``)."""
     kind, target, factory = sources.parse_source(model)
     name = {"file": f"{Path(target).stem}_{factory}", "pickle": Path(target).stem,
-            "pt2": Path(target).stem.split(".")[0]}.get(kind, target)
+            "pt2": Path(target).stem.split(".")[0], "timm": f"timm_{target}",
+            "torchvision": f"torchvision_{target}"}.get(kind, target)
     return name.replace("/", "_")
 
 
@@ -400,7 +404,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     _check_passes(opts.passes)
     if opts.nms is not None:
         _check_nms(wanted, opts.precision)
-    out_dir, replaces = plan_out_dir(opts.out, _default_name(opts.model), opts.force, reads=_reads(opts))
+    out_dir, replaces = plan_out_dir(opts.out, default_name(opts.model), opts.force, reads=_reads(opts))
     if replaces and is_run_dir(out_dir):
         added = unlisted_files(out_dir)
         progress(f"replacing the previous run in {out_dir}" + (f", and {len(added)} file(s) it did not write: "
@@ -417,7 +421,6 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         trust_pickle=opts.trust_pickle)
     timings["load"] = time.perf_counter() - start
     progress(f"loaded {type(loaded.model).__name__} ({loaded.weights})")
-    head = detection.require_head(loaded.model, opts.model) if opts.nms else detection.find_head(loaded.model)
     shape = tuple(opts.input_shape or loaded.input_shape or ())
     if not shape:
         raise PipelineError(f"{opts.model} has no default input shape; pass --input-shape, e.g. 1,3,224,224")
@@ -429,11 +432,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     if opts.dynamic and shape[0] == 1:
         capture_shape = (2,) + shape[1:]
         notes.append("--dynamic: captured and verified at batch 2 (torch.export specializes a batch of 1)")
-    truth = detection.read_ground_truth(samples_path, len(samples[0])) if samples is not None else None
-    if truth is not None and head is not None and not detection.can_score():
-        truth = None
-        notes.append("the samples carry detection ground truth, but mAP needs pycocotools: pip install pycocotools "
-                     "(or the 'detect' extra)")
+    detector = detection.plan(loaded.model, opts.model, opts.nms, samples_path,
+                              len(samples[0]) if samples is not None else None, notes)
     quant = int8.plan(opts, loaded, shape, samples, progress) if opts.precision == "int8" else None
     if quant is not None and samples is None:
         samples = (quant.evaluation, None)
@@ -478,21 +478,14 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
 
         progress("recording the training model's outputs on the seeded input"
                  + (f" and {len(samples[0])} samples" if samples is not None else ""))
-        record_reference(run.tmp / "verify", loaded.model, x.numpy(), samples, truth)
-        detect = None  # a YOLO-style detector: detections of every stage (NMS on the host without --nms)
-        if head is not None:
-            with np.load(run.tmp / "verify" / "reference.npz") as ref:
-                if opts.nms is not None:
-                    detection.check_output(ref["output0"], head.nc, opts.model)
-                if detection.output_fits(ref["output0"], head.nc):
-                    detect = opts.nms or NmsOptions()
+        record_reference(run.tmp / "verify", loaded.model, x.numpy(), samples, detector.truth)
+        detector.settle(run.tmp / "verify")  # a YOLO-style detector: detections of every stage
         made = export_forms(plain, args, run.tmp, order, precision="fp32" if quant else opts.precision,
                             dynamic=opts.dynamic, opset=opts.opset, progress=progress,
                             metadata={"source": opts.model, "merged": merged, "float64_error": report.float64_error})
         if quant is not None:
             made += int8.quantize_stages(made, run.tmp, wanted, quant.options, plain, args, progress)
-        if opts.nms is not None:
-            made += detection.nms_stages(made, run.tmp, wanted, opts.nms, progress)
+        made += detector.stages(made, run.tmp, wanted, progress)
         for s in made:
             if s.export.seconds is not None:
                 timings[f"export {s.name}"] = s.export.seconds
@@ -500,19 +493,12 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         stages = [training] + made
 
         start = time.perf_counter()
-        if quant is not None and detect is not None and truth is not None:
-            quant.guard.nms = dataclasses.asdict(detect)  # INT8 detectors are judged by their mAP@0.5 drop
+        if quant is not None:
+            quant.guard.nms = detector.guard_nms()  # INT8 detectors are judged by their mAP@0.5 drop
         guard = quant.guard.to_dict() if quant else None
         outputs: dict = {}
         results = verify_stages(run.tmp, stages, opts.rtol, opts.atol, progress, guard=guard, outputs=outputs)
-        found = {}
-        if detect is not None:
-            names = detection.class_names(loaded.model, head.nc)
-            found = detection.verify(run.tmp, stages, results, detect, outputs, names=names, progress=progress)
-            found["in_artifact"] = opts.nms is not None
-            onnx_stage = main_stage(made, "onnx")
-            if onnx_stage is not None and onnx_stage.path and getattr(results.get(onnx_stage.name), "passed", False):
-                found["own_fuse"] = detection.own_fuse(loaded.model, args, run.tmp / onnx_stage.path, progress)
+        found = detector.verify(run.tmp, stages, results, outputs, args, progress)
         stages = [dataclasses.replace(s, verification=results.get(s.name) or _export_failure(s)) for s in stages]
         timings["verify"] = time.perf_counter() - start
         if quant is not None:
@@ -527,7 +513,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         record.detection = found
         vdir = run.tmp / "verify"
         record.reference = FilesRecord.of(run.tmp, sorted(f"verify/{f.name}" for f in vdir.iterdir() if f.is_file()))
-        record.write(run.tmp)
+        write_reports(record.to_dict(), run.tmp)
         run.commit()
     progress(f"wrote {out_dir}/{REPORT_NAME} and report.md")
     return ConvertResult(str(out_dir), record)

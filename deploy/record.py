@@ -348,13 +348,6 @@ class RunRecord:
             raise PipelineError(f"{where} is malformed (report_version {version}: {first_line(e)}); rerun deploy "
                                 "convert") from e
 
-    def write(self, out_dir: str | os.PathLike) -> tuple[str, str]:
-        """``report.json`` and ``report.md`` into ``out_dir``."""
-        from .report import write_reports
-
-        return write_reports(self.to_dict(), out_dir)
-
-
 def is_run_dir(path: str | os.PathLike) -> bool:
     try:
         with open(Path(path) / REPORT_NAME) as f:

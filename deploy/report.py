@@ -61,7 +61,8 @@ def _stages(stages: Sequence) -> list:
 
 def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], list[list[str]]]:
     """Headers and rows: stage, format, file, size, precision, max rel error, [samples error, accuracy,
-    agreement], pass/fail. ``stages`` are StageRecords or their dicts."""
+    agreement, judged by (with int8 stages: the INT8 guard's measures, not max rel)], pass/fail. ``stages`` are
+    StageRecords or their dicts."""
     stages = _stages(stages)
     task = any(s.verification.accuracy is not None for s in stages)
     agree = task or any(s.verification.agreement is not None for s in stages)
@@ -74,7 +75,9 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
     headers += (["samples max rel"] if samples else []) + (["SQNR dB"] if sqnr else [])
     headers += (["accuracy"] if task else []) + (["Δ points"] if task and sqnr else []) + (["agreement"] if agree
                                                                                              else [])
-    headers += (["NMS"] if nms else []) + (["mAP@.5", "mAP@.5:.95"] if boxes else []) + ["result"]
+    headers += (["NMS"] if nms else []) + (["mAP@.5", "mAP@.5:.95"] if boxes else [])
+    judged = any(s.verification.int8 for s in stages)  # int8 stages are judged by the guard, not by max rel
+    headers += (["judged by"] if judged else []) + ["result"]
     rows = []
     for s in stages:
         v = s.verification
@@ -91,6 +94,9 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
         row += [_pct(v.agreement)] if agree else []
         row += [v.detection.get("nms", "-")] if nms else []
         row += [_num(v.detection.get("map50"), ".4f"), _num(v.detection.get("map50_95"), ".4f")] if boxes else []
+        if judged:
+            row += ["-" if s.name == "training" else
+                    ", ".join(v.int8.get("judged_by", ["INT8 guard"])) if v.int8 else "max rel error"]
         rows.append(row + [result])
     return headers, rows
 
@@ -101,13 +107,13 @@ def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     int8 = {(s["runtime"], s["batch"]): s["speedup"] for s in entry.get("int8_speedups", [])}
     nms = {(s["runtime"], s["batch"]): s["share"] for s in entry.get("nms_shares", [])}
     headers = ["runtime", "variant", "batch", "form", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms",
-               "samples/s", "% of peak", "speed-up"]
+               "samples/s", "% of peak", "speed-up", "reliability"]
     rows = []
     for r in entry["results"]:
         key = (r["runtime"], r["variant"], r["batch"])
         if "p50" not in r:
             rows.append([r["runtime"], r["variant"], str(r["batch"]), r["form"], f"FAILED: {r['error']}"]
-                        + ["-"] * 7)
+                        + ["-"] * 8)
             continue
         frac = r.get("achieved_fraction")
         rows.append([r["runtime"], r["variant"], str(r["batch"]), r["form"]]
@@ -116,8 +122,15 @@ def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
                        f"{speedup[key]:.2f}x" if r["form"] == "deploy" and key in speedup else
                        f"{int8[key[0], key[2]]:.2f}x vs fp32" if r["form"] == "int8" and (key[0], key[2]) in int8
                        else f"NMS {100 * nms[key[0], key[2]]:.0f}% of it" if r["form"] == "nms"
-                       and (key[0], key[2]) in nms else ""])
+                       and (key[0], key[2]) in nms else "", _reliability(r)])
     return headers, rows
+
+
+def _reliability(row: dict) -> str:
+    """A timed row's verdict: "ok", "UNRELIABLE: <reasons>", or "-" for a benchmark recorded before the check."""
+    if "unreliable" not in row:
+        return "-"
+    return f"UNRELIABLE: {'; '.join(row['unreliable'])}" if row["unreliable"] else "ok"
 
 
 def _bench_markdown(i: int, entry: dict) -> list[str]:
@@ -138,7 +151,15 @@ def _bench_markdown(i: int, entry: dict) -> list[str]:
                      f"{g['driver'] or '?'}, CUDA {g['cuda_runtime']}")
     lines += [f"- isolation: {entry['isolation']}",
               f"- warm-up: {settings['warmup_iters']} calls and {settings['warmup_ms']:.0f} ms; then at least "
-              f"{settings['min_iters']} calls and {settings['min_ms']:.0f} ms per form", ""]
+              f"{settings['min_iters']} calls and {settings['min_ms']:.0f} ms per form"]
+    checks = entry.get("reliability")
+    if checks:
+        load = ("not reported by this system" if checks["load_max"] is None
+                else f"{checks['load_min']:.2f} to {checks['load_max']:.2f}")
+        lines.append(f"- machine load (1-minute average, before and after each measurement): {load} on "
+                     f"{checks['usable_cpus']} usable CPUs; a row is flagged UNRELIABLE when p90/p50 > "
+                     f"{checks['max_spread']} or the load > {checks['load_limit']:g} ({checks['flagged']} flagged)")
+    lines.append("")
     lines += [markdown_table(*bench_table(entry)), ""]
     if entry.get("chart"):
         lines += [f"![latency per runtime]({entry['chart']})", ""]

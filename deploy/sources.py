@@ -434,7 +434,7 @@ def _elsewhere(name: str, folders: Sequence[Path]) -> str | None:
     """Where module ``name`` comes from without ``folders`` (already imported, or installed), or None."""
     module = sys.modules.get(name)
     if module is not None:
-        if _from_folders(module, folders):
+        if _from_folders(module, folders) or _namespace(module):  # a namespace package is set aside meanwhile
             return None
         place = getattr(module, "__file__", None) or ", ".join(getattr(module, "__path__", None) or [])
         return f"already imported from {place}" if place else f"the built-in module {name}"
@@ -447,6 +447,12 @@ def _elsewhere(name: str, folders: Sequence[Path]) -> str | None:
     if spec is None or spec.origin in (None, "namespace"):  # a namespace package shadows nothing
         return None
     return None if _under(spec.origin, folders) else spec.origin
+
+
+def _namespace(module) -> bool:
+    """Whether ``module`` is a namespace package: folders without code (onnxruntime.transformers puts one named
+    ``models`` on ``sys.path``), which a regular package of the same name found later on the path overrides."""
+    return getattr(module, "__file__", None) is None and getattr(module, "__path__", None) is not None
 
 
 def _from_folders(module, folders: Sequence[Path]) -> bool:
@@ -464,9 +470,10 @@ def _code_path(dirs: Sequence[str], pickles: Sequence[str]):
 
     The folders go last on ``sys.path``, so they never shadow an installed or imported module. A module the
     pickles need from them (the top-level modules of the globals they name, and what those import from the
-    folders) that also exists elsewhere is refused, naming both places: unpickling would get the other one.
-    Afterwards ``sys.path`` is restored and the modules imported from the folders are forgotten, so a later
-    load with another ``--code-path`` gets its own code."""
+    folders) that also exists elsewhere is refused, naming both places: unpickling would get the other one; an
+    imported namespace package of that name is set aside meanwhile (it holds no code, and a regular package
+    overrides it). Afterwards ``sys.path`` is restored and the modules imported from the folders are forgotten,
+    so a later load with another ``--code-path`` gets its own code."""
     folders = [Path(d).resolve() for d in dirs]
     if not folders:
         yield
@@ -487,6 +494,11 @@ def _code_path(dirs: Sequence[str], pickles: Sequence[str]):
                           "unpickling would import those, not yours: uninstall or rename them, or run deploy in an "
                           "environment without them")
     added = [os.fspath(f) for f in folders if os.fspath(f) not in sys.path]
+    foreign = {n for n in needed if n in sys.modules and _namespace(sys.modules[n])
+               and not _from_folders(sys.modules[n], folders)}
+    aside = {n: m for n, m in sys.modules.items() if n.split(".")[0] in foreign}
+    for name in aside:
+        del sys.modules[name]
     before = set(sys.modules)
     sys.path.extend(added)
     try:
@@ -497,6 +509,7 @@ def _code_path(dirs: Sequence[str], pickles: Sequence[str]):
         for name in [n for n in sys.modules if n not in before]:
             if _from_folders(sys.modules[name], folders):
                 del sys.modules[name]
+        sys.modules.update(aside)
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -12,19 +12,31 @@ count. :func:`tune` does, within ``budget_s`` seconds:
    and ``fp16`` once more when an fp16 candidate survived the plan). A pass set that rewrites nothing
    beyond the default set is pruned: its forms are the default's.
 3. **Judge** every candidate's artifact on its runtime on held-out samples (the model's own, or seeded
-   inputs; never calibration data) with the accuracy guard of ``deploy.int8.judge``: the accuracy drop
+   inputs; never calibration data) with the accuracy guard of ``deploy.tasks.judge``: the accuracy drop
    against the fp32 training model when there are labels, else top-1 agreement (and SQNR for outputs
    that are not class scores). A candidate that fails the bound is never chosen, however fast.
 4. **Screen** the eligible candidates with a short measurement (each runtime and thread count in its
    own process, candidates interleaved call by call, ``runtimes.bench``), then **drop** those clearly
    slower than the best one (:func:`clearly_slower`: a candidate whose *fastest* call took longer than
    the best candidate's 90th-percentile call cannot be the best on this noisy machine), and **measure**
-   the rest in full. The peer baseline is measured beside them: for a timm model, timm's own
-   ``reparameterize_model`` exported by ``torch.onnx.export`` and run on ONNX Runtime with default
-   settings; for other models the training form exported the same way.
-5. **Rank** (:func:`rank`) by p50 latency (``objective="latency"``) or samples per second
-   (``"throughput"``), write ``OUT/best/`` (the chosen artifact and ``deploy.json``), ``OUT/tune.json``,
-   ``OUT/report.md`` and ``OUT/pareto.png`` (latency against accuracy delta).
+   the rest in full, in ``rounds`` interleaved rounds: each round runs every runtime-and-threads process once,
+   in an order that rotates and reverses from round to round, so that drift and other load hit every candidate
+   alike. Most of the variation on a small model is between processes (thread placement, clock, load at that
+   moment), not between the calls of one process: one long measurement gives a precise median of one lucky or
+   unlucky process; five short ones show the spread. The peer baseline is measured in the same rounds: for a timm
+   model, timm's own ``reparameterize_model`` exported by ``torch.onnx.export`` and run on ONNX Runtime with
+   default settings; for other models the training form exported the same way.
+5. **Rank** (:func:`rank`) by the median over the rounds of each round's p50 (``objective="latency"``), or of
+   each round's milliseconds per sample (``"throughput"``). Each such median has a distribution-free interval
+   (:func:`median_interval`: order statistics of the round values, 93.75 % for five rounds). A candidate is
+   **better** than another (:func:`better`) when its interval lies entirely below the other's and, for latency,
+   its p90 interval does not lie entirely above the other's: a lower median bought with a clearly worse tail
+   (a thread pool that stalls one call in six) is not better. The candidates no other one is better than are a
+   **tie** when there are several (:func:`tied`): the data cannot order them, so the choice among them is the
+   tie-break :data:`TIE_BREAK` (fewer threads, then the smaller accuracy drop or higher agreement, then the
+   lower p90, then the lower median), and the report says so. Then write ``OUT/best/`` (the
+   chosen artifact and ``deploy.json``), ``OUT/tune.json``, ``OUT/report.md`` and ``OUT/pareto.png`` (latency
+   against accuracy delta, with its Pareto front).
 
 When the budget runs out, the search stops where it is: the best candidate measured so far is chosen
 and the report says the search was cut short. When no candidate meets the bound,
@@ -38,40 +50,39 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from itertools import product
 from pathlib import Path
 
 import numpy as np
 
-import fusers
 from exporters import targets as registry
 from runtimes.bench import BenchJob, BenchSettings
 from runtimes.core import MissingDependency, first_line
 
 from . import sources
-from .int8 import Guard, judge
+from .ranking import (CUDA, PASS_SETS, TIE_BREAK, Candidate, better, clearly_slower, closest, median_interval, rank,
+                      summarize_rounds, target_of, tied)
+from .tasks import Guard, judge
+from .tune_report import write_outputs
 from .record import PipelineError
 from .resources import check_threads, read_npz
 
-__all__ = ["TuneOptions", "TuneResult", "Candidate", "tune", "plan", "clearly_slower", "rank", "PASS_SETS",
-           "SCREEN", "FULL"]
+__all__ = ["TuneOptions", "TuneResult", "Candidate", "tune", "plan", "clearly_slower", "rank", "better", "tied",
+           "median_interval", "summarize_rounds", "PASS_SETS", "SCREEN", "FULL", "ROUNDS", "TIE_BREAK"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-PASS_SETS = {"default": None, "default+rm": [*fusers.DEFAULT_PASSES, "rm"],
-             "default+equalize": [*fusers.DEFAULT_PASSES, "equalize"]}
-CUDA = "torch-cuda"  # the plain model (model.deploy.pt2) run by torch on a CUDA GPU, timed with CUDA events
 CUDA_VARIANTS = {"fp32": ("fp32", "channels_last"), "fp16": ("fp16",)}  # runtimes.bench's CUDA variants
 PEER_SESSION = {"optimization": "all"}  # ONNX Runtime's own defaults: every graph optimization, spinning on
 SCREEN = BenchSettings(warmup_iters=2, warmup_ms=50.0, min_iters=10, min_ms=300.0)
-FULL = BenchSettings(warmup_iters=5, warmup_ms=200.0, min_iters=20, min_ms=1500.0)
+FULL = BenchSettings(warmup_iters=5, warmup_ms=100.0, min_iters=20, min_ms=300.0)  # one round of the full measurement
+ROUNDS = 5  # full rounds: five round values give the range of them a 93.75 % interval of their median
 
 
 @dataclass
@@ -93,39 +104,9 @@ class TuneOptions:
     force: bool = False
     convert: object | None = None  # deploy.pipeline.ConvertOptions with the model options (checkpoint, shape, ...)
     screen: BenchSettings = field(default_factory=lambda: replace(SCREEN))
-    full: BenchSettings = field(default_factory=lambda: replace(FULL))
+    full: BenchSettings = field(default_factory=lambda: replace(FULL))  # one round
+    rounds: int = ROUNDS
     command: str | None = None
-
-
-@dataclass
-class Candidate:
-    """One way to run the model here, and what became of it."""
-
-    runtime: str
-    precision: str
-    passes: str
-    threads: int
-    status: str = "planned"  # planned, pruned, ineligible, dropped, cut, failed, measured
-    reason: str = ""
-    path: str | None = None  # its artifact, inside the tune directory
-    size: int | None = None
-    metrics: dict = field(default_factory=dict)  # the accuracy guard's numbers
-    screen: dict | None = None  # statistics of the short measurement
-    stats: dict | None = None  # statistics of the full measurement
-
-    @property
-    def name(self) -> str:
-        return f"{self.runtime} {self.precision} {self.passes} x{self.threads}"
-
-    @property
-    def eligible(self) -> bool:
-        return self.status in ("measured", "dropped", "cut", "planned") and bool(self.metrics.get("passed"))
-
-    def best_stats(self) -> dict | None:
-        return self.stats or self.screen
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self)}
 
 
 @dataclass
@@ -139,6 +120,7 @@ class TuneResult:
     eligibility: str  # how candidates were judged, in words
     closest: Candidate | None = None  # when nothing is eligible: the one nearest the bound
     manifest: dict | None = None
+    tie: list[Candidate] = field(default_factory=list)  # tied(): the candidates the data cannot order, chosen first
 
 
 def _noop(_: str) -> None:
@@ -147,8 +129,6 @@ def _noop(_: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ plan
 
-def _target(runtime: str):
-    return registry.get("pt2") if runtime == CUDA else registry.by_runtime(runtime)
 
 
 def plan(opts: TuneOptions, cpu: dict, threads: Sequence[int]) -> list[Candidate]:
@@ -172,7 +152,7 @@ def _why_not_cuda(variant: str) -> str:
 
 def _why_not(runtime: str, precision: str, cpu: dict) -> str:
     try:
-        target = _target(runtime)
+        target = target_of(runtime)
     except KeyError as e:
         return first_line(e)
     try:
@@ -202,46 +182,10 @@ def check_options(opts: TuneOptions) -> None:
     if opts.batch < 1 or opts.budget_s <= 0 or any(n < 1 for n in opts.threads or ()):
         raise PipelineError("--batch and --threads need positive integers and --budget-s a positive number of "
                             "seconds")
+    if opts.rounds < 1:
+        raise PipelineError(f"rounds={opts.rounds}: the full measurement needs at least 1 round (5 give a 93.75 % "
+                            "interval of the median); pass rounds >= 1")
     check_threads(opts.threads)
-
-
-# ----------------------------------------------------------------------------------------- the rules
-
-def _key(stats: dict, objective: str) -> float:
-    """What is minimized: p50 ms, or ms per sample for throughput."""
-    return stats["p50"] if objective == "latency" else 1000.0 / max(stats["throughput"], 1e-12)
-
-
-def clearly_slower(candidates: Sequence[Candidate], objective: str = "latency") -> list[tuple[Candidate, str]]:
-    """The screened eligible candidates that cannot be the best: whose fastest call took longer than the best
-    candidate's 90th-percentile call (per sample for throughput). On a noisy machine a p50 difference within
-    the spread of calls is not a verdict; a candidate whose best call loses to most of the leader's calls is."""
-    screened = [c for c in candidates if c.screen and c.eligible]
-    if len(screened) < 2:
-        return []
-    scale = lambda c: 1.0 if objective == "latency" else 1.0 / c.screen["batch"]  # noqa: E731
-    best = min(screened, key=lambda c: _key(c.screen, objective))
-    bar = best.screen["p90"] * scale(best)
-    return [(c, f"fastest screening call {c.screen['min'] * scale(c):.3f} ms > the best candidate's ({best.name}) "
-                f"p90 {bar:.3f} ms") for c in screened if c is not best and c.screen["min"] * scale(c) > bar]
-
-
-def rank(candidates: Sequence[Candidate], objective: str = "latency") -> list[Candidate]:
-    """The eligible measured candidates, best first (full statistics where measured, else the screening ones)."""
-    timed = [c for c in candidates if c.eligible and c.best_stats() and c.status != "dropped"]
-    return sorted(timed, key=lambda c: (c.stats is None, _key(c.best_stats(), objective)))
-
-
-def closest(candidates: Sequence[Candidate]) -> Candidate | None:
-    """The judged candidate nearest the bound: smallest accuracy drop, else highest agreement, else SQNR."""
-    judged = [c for c in candidates if c.metrics]
-    key = lambda c: (c.metrics.get("drop", 0.0), -c.metrics.get("agreement", 0.0),  # noqa: E731
-                     -_finite(c.metrics.get("sqnr_db")))
-    return min(judged, key=key, default=None)
-
-
-def _finite(v) -> float:
-    return v if isinstance(v, (int, float)) and math.isfinite(v) else (1e9 if v else -1e9)
 
 
 # ------------------------------------------------------------------------------------------- the search
@@ -271,36 +215,77 @@ def _measure_isolated(job: BenchJob) -> list[dict]:
 
 def search(candidates: list[Candidate], jobs: Callable[[list[Candidate], BenchSettings], list[BenchJob]],
            measure: Callable[[BenchJob], list[dict]], opts: TuneOptions, budget: Budget,
-           progress: Progress) -> None:
-    """Screen, drop and measure the eligible candidates (in place); see the module docstring."""
-    for phase, settings in (("screen", opts.screen), ("full", opts.full)):
-        todo = [c for c in candidates if c.eligible and c.status == "planned"]
-        for job in jobs(todo, settings):
+           progress: Progress, peer: BenchJob | None = None) -> list[dict]:
+    """Screen, drop and measure the eligible candidates in rounds (in place); see the module docstring. ``peer``, a
+    job measured in the same rounds; its rows (one a round) are returned."""
+    todo = [c for c in candidates if c.eligible and c.status == "planned"]
+    if todo:
+        progress(f"screening {len(todo)} eligible candidate(s), each runtime and thread count in its own process ...")
+    for job in jobs(todo, opts.screen):
+        if budget.spent():
+            break
+        progress(f"screening {', '.join(job.forms)} ...")
+        for c, row in _rows(job, todo, measure):
+            c.screen = row
+            progress(f"  {c.name}: p50 {row['p50']:.3f} ms (p90 {row['p90']:.3f}, {row['iters']} calls)")
+    for c, why in clearly_slower(candidates, opts.objective):
+        c.status, c.reason = "dropped", why
+    todo = [c for c in candidates if c.eligible and c.status == "planned"]
+    round_jobs = jobs(todo, opts.full) + ([peer] if peer is not None else []) if todo and not budget.cut else []
+    if round_jobs:
+        progress(f"measuring {len(todo)} candidate(s){' and the peer baseline' if peer else ''} in {opts.rounds} "
+                 f"interleaved rounds of {len(round_jobs)} process(es) ...")
+    rounds: dict[int, list[dict]] = {id(c): [] for c in todo}
+    peer_rows: list[dict] = []
+    for r in range(opts.rounds if round_jobs else 0):
+        for job in _round_order(round_jobs, r):
             if budget.spent():
                 break
-            progress(f"{'screening' if phase == 'screen' else 'measuring'} {', '.join(job.forms)} ...")
-            by_form = {c.name: c for c in todo}
-            for row in measure(job):
-                c = by_form.get(row["form"].replace("{variant}", row.get("variant", "")))
-                if c is None:
-                    continue
-                if "p50" not in row:
-                    c.status, c.reason = "failed", row.get("error", "not measured")
-                    continue
-                setattr(c, "screen" if phase == "screen" else "stats", row)
-                progress(f"  {c.name}: p50 {row['p50']:.3f} ms (p90 {row['p90']:.3f}, {row['iters']} calls)")
-            if phase == "full":
-                for c in todo:
-                    if c.status == "planned" and (c.stats is not None):
-                        c.status = "measured"
-        if phase == "screen":
-            for c, why in clearly_slower(candidates, opts.objective):
-                c.status, c.reason = "dropped", why
+            if job is peer:
+                peer_rows += [row for row in measure(job) if row.get("form") == "peer" and "p50" in row]
+                if peer_rows:
+                    progress(f"  round {r + 1}/{opts.rounds} peer baseline: p50 {peer_rows[-1]['p50']:.3f} ms")
+                continue
+            done = _rows(job, todo, measure)
+            for c, row in done:
+                rounds[id(c)].append(row)
+            if done:
+                progress(f"  round {r + 1}/{opts.rounds} " + ", ".join(f"{c.name}: p50 {row['p50']:.3f} ms"
+                                                                        for c, row in done))
         if budget.cut:
             break
+    for c in todo:
+        if rounds[id(c)] and c.status == "planned":
+            c.stats, c.status = summarize_rounds(rounds[id(c)]), "measured"
+        elif c.status == "planned":
+            c.status, c.reason = "cut", "the budget ran out before it was measured in full"
     for c in candidates:
         if c.status == "planned" and c.eligible:
             c.status, c.reason = "cut", "the budget ran out before it was measured in full"
+    return peer_rows
+
+
+def _rows(job: BenchJob, todo: list[Candidate], measure) -> list[tuple[Candidate, dict]]:
+    """``measure(job)``'s rows with their candidates; a candidate that could not be measured is marked failed."""
+    by_form = {c.name: c for c in todo}
+    out = []
+    for row in measure(job):
+        c = by_form.get(row["form"].replace("{variant}", row.get("variant", "")))
+        if c is None or c.status == "failed":
+            continue
+        if "p50" not in row:
+            c.status, c.reason = "failed", row.get("error", "not measured")
+            continue
+        out.append((c, row))
+    return out
+
+
+def _round_order(jobs: list[BenchJob], r: int) -> list[BenchJob]:
+    """Round ``r``'s order: rotated by ``r``, reversed every other round, so each process runs after each other one
+    and at each place in a round about equally often (as ``runtimes.bench`` interleaves calls)."""
+    k = r % len(jobs)
+    order = jobs[k:] + jobs[:k]
+    return order[::-1] if r % 2 else order
 
 
 # ------------------------------------------------------------------------------------------- orchestration
@@ -325,7 +310,7 @@ def _stage_for(result, c: Candidate):
     """The stage of a convert run that candidate ``c`` runs: its int8 or fp16 stage, else the target's main one."""
     from .forms import main_stage
 
-    target = _target(c.runtime)
+    target = target_of(c.runtime)
     if c.precision in target.hints or c.precision == "fp32" or c.runtime == CUDA:
         return main_stage([s for s in result.stages if s.precision == "fp32"], target.name)
     same = [s for s in result.stages if s.format == target.name and s.precision == c.precision]
@@ -370,7 +355,7 @@ def _judge_one(c: Candidate, run, guard: Guard, run_batched) -> tuple[dict, str 
         if c.runtime == CUDA:
             outs = _run_cuda(art.path, c.precision, x, batch)
         else:
-            with _target(c.runtime).open(art, precision=c.precision) as runner:
+            with target_of(c.runtime).open(art, precision=c.precision) as runner:
                 outs = run_batched(runner, x, batch)
     except Exception as e:  # noqa: BLE001 - a candidate that cannot run is a failed candidate
         return {}, None, None, f"{type(e).__name__}: {first_line(e)}"
@@ -440,7 +425,7 @@ def _jobs(shape, batch: int):
             groups.setdefault((c.runtime, c.threads), []).append(c)
         jobs = []
         for (runtime, threads), cs in groups.items():
-            target = _target(runtime)
+            target = target_of(runtime)
             if runtime == CUDA:  # one form, timed by runtimes.bench in every CUDA variant: rows name the variant
                 for passes in sorted({c.passes for c in cs}):
                     path = next(c.path for c in cs if c.passes == passes)
@@ -464,7 +449,7 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
     from runtimes.hardware import cpu_facts, usable_cpus
 
     from .calibration import seeded_eval, seeded_eval_count
-    from .pipeline import ConvertOptions, _default_name, convert
+    from .pipeline import ConvertOptions, convert, default_name
     from .record import RunDirectory
 
     progress = progress or _noop
@@ -474,12 +459,13 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
     budget = Budget(opts.budget_s, clock)
     base = opts.convert or ConvertOptions()
     threads = sorted(set(opts.threads or [usable_cpus()]))
+    progress("planning: which runtimes, precisions and thread counts this machine can run ...")
     cpu = cpu_facts(max(threads))
     candidates = plan(opts, cpu, threads)
     if not any(c.status == "planned" for c in candidates):
         raise PipelineError("no candidate can run on this machine: " + "; ".join(
             sorted({f"{c.runtime} {c.precision}: {c.reason}" for c in candidates})))
-    out_dir, replaces = _out_dir(opts, _default_name(opts.model))
+    out_dir, replaces = _out_dir(opts, default_name(opts.model))
     progress(f"loading {opts.model} ...")
     loaded = sources.load_model(opts.model, checkpoint=base.checkpoint, checkpoint_key=base.checkpoint_key,
                                 code_path=base.code_path, num_classes=base.num_classes, width=base.width,
@@ -514,7 +500,7 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
                     for c in mine:
                         c.status, c.reason = "cut", "the budget ran out before its conversion"
                     continue
-                targets = sorted({_target(c.runtime).name for c in mine} - {"pt2"})
+                targets = sorted({target_of(c.runtime).name for c in mine} - {"pt2"})
                 progress(f"converting with passes {passes} ({precision}; targets {', '.join(targets) or 'pt2'}) ...")
                 conv = replace(base, model=opts.model, passes=PASS_SETS[passes], targets=targets, precision=precision,
                                input_shape=shape, inputs=inputs, out=os.fspath(run.tmp / "forms" / key), force=False,
@@ -523,26 +509,25 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
         if not runs:
             raise PipelineError(f"--budget-s {opts.budget_s:g} ran out before the first conversion; give more time")
         _same_as_default(candidates, runs)
+        progress(f"judging {sum(c.status == 'planned' for c in candidates)} candidate(s) on the held-out samples "
+                 "(starting each runtime) ...")
         _judge_all(candidates, runs, guard, progress)
         verify = Path(next(iter(runs.values())).out_dir) / "verify"  # every run verified on the same samples
         d = read_npz(verify / "samples.npz")
         held_out = (d["input0"], d.get("labels"), list(read_npz(verify / "samples_reference.npz").values()))
         peer = _peer(loaded.model, loaded, shape, run.tmp, held_out, guard, progress)
         measure = measure or _measure_isolated
-        search(candidates, _jobs(shape, opts.batch), measure, opts, budget, progress)
-        if "path" in peer:
-            job = BenchJob("onnxruntime", {"peer": os.fspath(run.tmp / peer["path"])}, list(shape),
-                           runner=_target("onnxruntime").runner, runner_options=PEER_SESSION, threads=None,
-                           settings=opts.full)
-            progress("measuring the peer baseline ...")
-            rows = [r for r in measure(job) if r.get("form") == "peer"]
-            peer["stats"] = rows[0] if rows and "p50" in rows[0] else None
+        peer_job = BenchJob("onnxruntime", {"peer": os.fspath(run.tmp / peer["path"])}, list(shape),
+                            runner=target_of("onnxruntime").runner, runner_options=PEER_SESSION, threads=None,
+                            settings=opts.full) if "path" in peer else None
+        peer_rows = search(candidates, _jobs(shape, opts.batch), measure, opts, budget, progress, peer=peer_job)
+        if peer_job is not None:
+            peer["stats"] = summarize_rounds(peer_rows) if peer_rows else None
         ranked = rank(candidates, opts.objective)
         chosen = ranked[0] if ranked else None
         result = TuneResult(os.fspath(out_dir), candidates, chosen, peer, budget.cut, budget.clock() - budget.start,
-                            eligibility, closest=None if chosen else closest(candidates))
-        from .tune_report import write_outputs
-
+                            eligibility, closest=None if chosen else closest(candidates),
+                            tie=tied(candidates, opts.objective))
         result.manifest = write_outputs(run.tmp, result, opts, loaded, shape, cpu)
         run.commit()
     for c in candidates:  # the artifacts now live in the output directory

@@ -22,16 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from exporters import targets as registry
 from runtimes.core import first_line, nonfinite
 
 from .record import PipelineError, StageRecord, VerificationRecord
 from .resources import ResourceError, read_npz
+from .stages import GROUND_TRUTH, batch_of, open_stage, run_batched, torch_threads
+from .tasks import Classification, Guard, ends_in_nms, judge, task_of
 
 __all__ = ["record_reference", "verify_stages", "run_batched", "read_samples", "torch_threads", "open_stage",
            "check_finite"]
-
-GROUND_TRUTH = ("gt_boxes", "gt_classes")  # a detection sample file's boxes (N, K, 4) xyxy and classes (N, K), -1 pad
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,6 @@ Progress = Callable[[str], None]
 
 def _noop(_: str) -> None:
     pass
-
-
-def torch_threads(shape) -> int | None:
-    """One thread for small inputs: many small calls gain nothing from torch's thread pool but its
-    synchronization, which on a busy machine costs more than the work."""
-    return 1 if shape and math.prod(shape) < 100_000 else None
 
 
 def check_finite(arrays, what: str, fix: str) -> None:
@@ -103,19 +96,6 @@ def read_samples(path: str, shape: tuple[int, ...], shipped_with: str | None = N
     return x, labels
 
 
-def run_batched(runner, x: np.ndarray, batch: int) -> list[np.ndarray]:
-    """Run ``runner`` on the rows of ``x`` in chunks of ``batch`` (the last one padded); outputs concatenated."""
-    chunks: list[list[np.ndarray]] = []
-    for i in range(0, len(x), batch):
-        part = x[i:i + batch]
-        k = len(part)
-        if k < batch:
-            part = np.concatenate([part, np.repeat(part[-1:], batch - k, axis=0)])
-        outs = list(runner.infer([np.ascontiguousarray(part)]).values())
-        chunks.append([o[:k] if o.ndim and o.shape[0] == batch else o for o in outs])
-    return [np.concatenate([c[j] for c in chunks]) for j in range(len(chunks[0]))]
-
-
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
     return read_npz(path)
 
@@ -166,25 +146,6 @@ def _check_labels(labels: np.ndarray | None, scores: np.ndarray) -> None:
                             + "; fix the labels or pass the model they belong to")
 
 
-def open_stage(stage: StageRecord, root: Path, *, trust_pickle: bool = False, **kwargs):
-    """A runner for ``stage``'s artifact in ``root``, with its target's options. Its paths are checked to be
-    inside ``root`` (``ExportRecord.artifact_in``); a ``.pt2`` that would unpickle is refused when the runner
-    activates, unless ``trust_pickle``."""
-    target = registry.get(stage.format)
-    art = stage.export.artifact_in(root)
-    if target.name == "pt2":  # the one runner that could unpickle
-        kwargs.setdefault("trust_pickle", trust_pickle)
-        if art.inputs:
-            kwargs.setdefault("threads", torch_threads(art.inputs[0].concrete_shape(1)))
-    return target.open(art, precision=stage.precision, **kwargs)
-
-
-def _batch_of(stage: StageRecord, n: int) -> int:
-    art = stage.export.artifact
-    shape = art.inputs[0].shape if art is not None and art.inputs else (None,)
-    return shape[0] if isinstance(shape[0], int) and shape[0] > 0 else n
-
-
 def _tolerance(precision: str, rtol: float | None, atol: float):
     from runtimes import Tolerance
 
@@ -202,13 +163,10 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
 
     Stages whose export failed are not run; the result has a record for every other stage. INT8 stages are
     not held to an elementwise tolerance (their errors are still measured): the accuracy guard
-    (``deploy.int8.judge`` with the bounds ``guard``) decides, on the samples. Stages that end in NMS
-    (``deploy.detection.ends_in_nms``) are left to ``deploy.detection.verify``. ``outputs``, when given,
+    (the task's judgement, ``deploy.tasks.judge`` with the bounds ``guard``) decides, on the samples. Stages
+    that end in NMS (``deploy.tasks.ends_in_nms``) are left to ``deploy.detection.verify``. ``outputs``, when given,
     receives every stage's outputs: ``{(stage, "seeded" | "samples"): [arrays]}``.
     """
-    from .detection import ends_in_nms
-    from .int8 import Guard, judge
-
     from runtimes import Stage, verify_chain
 
     progress = progress or _noop
@@ -245,7 +203,7 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
                 raise failed_open[s.name]
             start = time.perf_counter()
             if on_samples:
-                outs = run_batched(runners[s.name], x_samples, _batch_of(s, len(x_samples)))
+                outs = run_batched(runners[s.name], x_samples, batch_of(s, len(x_samples)))
                 outs_samples[s.name] = outs
             else:
                 progress(f"verifying {s.name} ({s.path})")
@@ -294,10 +252,12 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
         outputs.update({(name, "seeded"): outs for name, outs in outs_seeded.items()})
         outputs.update({(name, "samples"): outs for name, outs in outs_samples.items()})
 
-    ref_pred = np.argmax(samples_ref[0], axis=1) if labels is not None and samples_ref[0].ndim == 2 else None
+    task = task_of(samples_ref, labels=labels) if samples_ref is not None and labels is not None else None
+    labelled = task if isinstance(task, Classification) else None  # a classifier with labels: accuracy too
     results[training.name] = VerificationRecord(passed=True, reason="reference")
-    if ref_pred is not None:
-        results[training.name].accuracy, results[training.name].agreement = float(np.mean(ref_pred == labels)), 1.0
+    if labelled is not None:
+        m = labelled.measure(samples_ref, samples_ref)
+        results[training.name].accuracy, results[training.name].agreement = m.get("accuracy"), m.get("agreement")
     for s in rest:
         v, res, reasons = results[s.name], seeded[s.name], []
         v.checks = {"seeded": res.to_dict()}
@@ -323,25 +283,20 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
                 if not sres.vs_reference.passed:
                     reasons.append(f"samples: {sres.vs_reference.summary()}")
             ok = ok and sres.passed
-            if ref_pred is not None and s.name in outs_samples:
-                pred = np.argmax(outs_samples[s.name][0], axis=1)
-                v.accuracy = float(np.mean(pred == labels))
-                v.agreement = float(np.mean(pred == ref_pred))
-                if s.precision == "fp32" and v.agreement < 1.0:
-                    ok = False
-                    reasons.append(f"fp32 predictions differ from the training model on "
-                                   f"{int(np.sum(pred != ref_pred))} of {len(pred)} samples")
+            if labelled is not None and s.name in outs_samples:
+                m = labelled.measure(outs_samples[s.name], samples_ref)
+                if "accuracy" in m:
+                    v.accuracy, v.agreement = m["accuracy"], m["agreement"]
+                    if s.precision == "fp32" and v.agreement < 1.0:
+                        ok = False
+                        reasons.append(f"fp32 predictions differ from the training model on "
+                                       f"{round((1 - v.agreement) * len(labels))} of {len(labels)} samples")
         if s.precision == "int8" and not res.error and (s.name in outs_samples or s.name in outs_seeded):
             held_out = s.name in outs_samples
             bound = Guard.from_dict(guard)
-            task = None
-            if held_out and truth and bound.nms:  # a detector with ground truth: judged by its mAP@0.5
-                from .detection import map50
-
-                def task(outs):
-                    return map50(outs[0], truth, bound.nms)
             verdict = judge(outs_samples[s.name] if held_out else outs_seeded[s.name],
-                            samples_ref if held_out else reference, labels if held_out else None, bound, task)
+                            samples_ref if held_out else reference, labels if held_out else None, bound,
+                            truth if held_out else None)
             v.int8 = {**verdict.metrics, "on": "samples" if held_out else "seeded input", "passed": verdict.passed}
             v.sqnr_db, v.agreement = verdict.metrics["sqnr_db"], verdict.metrics.get("agreement", v.agreement)
             ok = ok and verdict.passed

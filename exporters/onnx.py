@@ -33,7 +33,7 @@ from ._torch import as_args, io_names, output_leaves, to_graph_module
 from .targets import ExportJob, Product, Target
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "max_opset", "export_onnx", "export_onnx_raw", "simplify_onnx",
-           "describe_onnx", "convert_onnx_to_fp16", "op_counts", "TARGET"]
+           "describe_onnx", "convert_onnx_to_fp16", "op_counts", "ONNX_DTYPES", "TARGET"]
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ MIN_OPSET = 17
 _EXTRA = "onnx"
 
 # ONNX TensorProto element types -> numpy dtype names
-_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
-                10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
+ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+               10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
 
 
 def _onnx():
@@ -65,7 +65,7 @@ def _specs(values) -> list[TensorSpec]:
                 dims.append(int(d.dim_value))
             else:
                 dims.append(d.dim_param or None)
-        specs.append(TensorSpec(v.name, tuple(dims), _ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))))
+        specs.append(TensorSpec(v.name, tuple(dims), ONNX_DTYPES.get(tt.elem_type, str(tt.elem_type))))
     return specs
 
 

@@ -88,10 +88,7 @@ def _ov():
 
 
 def _nncf():
-    # NNCF reports usage telemetry unless NNCF_CI (or NNCF_DEV) is set, which changes nothing else in it; a
-    # deploy run sends nothing anywhere (the user can still set NNCF_CI themselves, this only sets a default)
-    os.environ.setdefault("NNCF_CI", "1")
-    return require("nncf", _EXTRA, "OpenVINO INT8 quantization")
+    return require("nncf", _EXTRA, "OpenVINO INT8 quantization")  # its telemetry is off: core.telemetry_off
 
 
 # ------------------------------------------------------------------------------------------------- names

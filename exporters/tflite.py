@@ -35,14 +35,15 @@ from ._torch import as_args, io_names, output_leaves, to_graph_module
 from .targets import ExportJob, Product, Target
 from .legalize import legalize_for_tflite
 
-__all__ = ["export_tflite", "describe_tflite", "litert_output_names", "TARGET"]
+__all__ = ["export_tflite", "describe_tflite", "litert_output_names", "legalize_error", "quiet_litert", "EXTRA",
+           "TARGET"]
 
 log = logging.getLogger(__name__)
-_EXTRA = "tflite"
+EXTRA = "tflite"
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet_litert():
     """litert-torch prints progress (rich), ai-edge-quantizer sizes and tqdm bars: send them to the log."""
     saved = os.environ.get("LITERT_TORCH_SHOW_PROGRESS")
     os.environ["LITERT_TORCH_SHOW_PROGRESS"] = "n"
@@ -67,7 +68,8 @@ def _indices(flag: bool | Sequence[int], tensors: Sequence) -> list[int]:
     return list(flag)
 
 
-def _legalize_error(exc: BaseException) -> ExportError:
+def legalize_error(exc: BaseException) -> ExportError:
+    """litert-torch's failure as one sentence: the op TFLite cannot express (and where), or its first line."""
     text = str(exc)
     m = re.search(r"failed to legalize operation '([^']+)'", text)
     if m:
@@ -126,8 +128,8 @@ def export_tflite(model, args, path, *, precision: str = "fp32", nhwc: bool | Se
                   allow_unsupported_pow: bool = False) -> Artifact:
     """Convert ``model`` (traced on ``args``, NCHW) to a ``.tflite`` file; see the module docstring."""
     check_precision(precision, fmt="TFLite")
-    litert_torch = require("litert_torch", _EXTRA, "TFLite export")
-    require("ai_edge_litert", _EXTRA, "reading TFLite files back")
+    litert_torch = require("litert_torch", EXTRA, "TFLite export")
+    require("ai_edge_litert", EXTRA, "reading TFLite files back")
     import torch
 
     args = as_args(args)
@@ -160,13 +162,13 @@ def export_tflite(model, args, path, *, precision: str = "fp32", nhwc: bool | Se
     if path.exists():
         path.unlink()
     try:
-        with _quiet(), torch.no_grad():
+        with quiet_litert(), torch.no_grad():
             edge = litert_torch.convert(module, sample, quant_config=quant_config)
             edge.export(os.fspath(path))
     except ExportError:
         raise
     except Exception as e:
-        raise _legalize_error(e) from e
+        raise legalize_error(e) from e
     art = describe_tflite(path, input_names=input_names, output_names=output_names, precision=precision,
                           tflite_outputs=signature_outputs)
     for note in notes:
@@ -189,16 +191,19 @@ def _export_target(job: ExportJob) -> list[Product]:
 
 
 def _native(precision: str, cpu: dict) -> str:
+    # Measured on an x86 CPU with avx512_fp16: an fp16-weight model whose activations pass fp16's range runs
+    # without overflow, so LiteRT computes it in fp32 there too (tests/test_exporters_tflite.py checks this).
+    # Only ARM CPUs with fp16 arithmetic (asimdhp, fphp) keep the candidate, where XNNPACK may compute in fp16.
     if precision == "fp16" and not set(cpu.get("simd", ())) & {"asimdhp", "fphp"}:
-        return ("LiteRT's CPU delegate (XNNPACK) computes an fp16-weight model in fp32 on a CPU without fp16 "
-                "arithmetic: it is the fp32 candidate with smaller weights")
+        return ("LiteRT's CPU delegate (XNNPACK) computes an fp16-weight model in fp32 on x86 CPUs, those with "
+                "avx512_fp16 included: it is the fp32 candidate with smaller weights")
     return ""
 
 
 TARGET = Target(
     name="tflite", title="TFLite", runtime="tflite", suffixes=(".tflite",), source="torch",
     export=_export_target, function="exporters.tflite:export_tflite", runner="runtimes.litert_runner:LiteRTRunner",
-    requires=(("litert_torch", _EXTRA), ("ai_edge_litert", _EXTRA)), inspect="deploy.inspect:read_tflite",
+    requires=(("litert_torch", EXTRA), ("ai_edge_litert", EXTRA)), inspect="deploy.inspect:read_tflite",
     precisions=("fp32", "fp16", "int8"), quantize="exporters.tflite_int8:quantize_tflite", native=_native,
     default=True, bench_note={"delegate": "XNNPACK (LiteRT default)"},
     description="TFLite through litert-torch, run on LiteRT",

@@ -65,7 +65,7 @@ from runtimes.core import Artifact, ExportError, eval_mode, require, set_trainin
 from ._torch import as_args, to_graph_module
 from .int8 import Int8Options
 from .legalize import legalize_for_tflite
-from .tflite import _EXTRA, _legalize_error, _quiet, describe_tflite
+from .tflite import EXTRA, describe_tflite, legalize_error, quiet_litert
 
 __all__ = ["quantize_tflite", "mark_sources", "op_summary", "OBSERVERS"]
 
@@ -209,7 +209,7 @@ def _qdq_mode(strict: bool):
 
 
 def _schema():
-    return require("ai_edge_litert.schema_py_generated", _EXTRA, "reading TFLite files")
+    return require("ai_edge_litert.schema_py_generated", EXTRA, "reading TFLite files")
 
 
 def op_summary(content: bytes) -> dict[str, dict[str, int]]:
@@ -251,8 +251,8 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     """A full-integer TFLite model at ``path`` made from the plain ``module`` (traced on ``args``) with the
     calibration of ``options``; ``src`` is the fp32 TFLite artifact (names, layout, parent). See the module
     docstring."""
-    litert_torch = require("litert_torch", _EXTRA, "TFLite int8 quantization")
-    require("torchao", _EXTRA, "TFLite int8 quantization")
+    litert_torch = require("litert_torch", EXTRA, "TFLite int8 quantization")
+    require("torchao", EXTRA, "TFLite int8 quantization")
     import torch
     from litert_torch.quantize.quant_config import QuantConfig
 
@@ -286,13 +286,13 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
         set_training(converted, False)
         sample = tuple(a.permute(0, 2, 3, 1).contiguous() if i in nhwc_in else a for i, a in enumerate(args))
     try:
-        with _quiet(), torch.no_grad(), _qdq_mode(strict=io == "float32"):
+        with quiet_litert(), torch.no_grad(), _qdq_mode(strict=io == "float32"):
             content = litert_torch.convert(converted, sample,
                                            quant_config=QuantConfig(pt2e_quantizer=quantizer)).model_content()
     except ExportError:
         raise
     except Exception as e:
-        raise _legalize_error(e) from e
+        raise legalize_error(e) from e
     if path.exists():
         path.unlink()
     path.write_bytes(content)

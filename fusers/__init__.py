@@ -9,9 +9,9 @@ from __future__ import annotations
 from .batch import free_batch
 from .capture import BatchNormStatisticsError, CaptureError, InputError, capture
 from .leftovers import Leftover, find_leftovers
-from .manager import PassManager, PassRecord, Report
+from .manager import Instrument, PassManager, PassRecord, Report
 from .reparam import DEFAULT_PASSES, last_report, reparameterize
-from .rules import Instrument, Match, Pass, Refusal, RefusalCode
+from .rules import Match, Pass, Refusal, RefusalCode
 
 __all__ = ["capture", "reparameterize", "last_report", "DEFAULT_PASSES", "CaptureError", "InputError",
            "BatchNormStatisticsError", "Pass", "Match", "Refusal", "RefusalCode", "Instrument", "PassManager",

@@ -4,7 +4,7 @@ After every pass the graph (held in float64) runs on seeded inputs and is compar
 captured model's float64 outputs. A pass whose result differs by more than ``tolerance``
 (relative to each output's scale) is undone; its rewrites are then retried one at a time so
 the exact ones are kept and each inexact one is reported (:attr:`RefusalCode.ROLLED_BACK`) with
-the error it caused. Instruments observe the run (see ``rules.Instrument``).
+the error it caused. Instruments observe the run (see :class:`Instrument`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .graph import is_erased, remove_unused_attributes
 from .numerics import max_rel_error
 from .rules import ROLLBACK_CODES, Match, Pass, Refusal, RefusalCode
 
-__all__ = ["Pass", "Match", "Refusal", "RefusalCode", "PassRecord", "Report", "PassManager"]
+__all__ = ["Pass", "Match", "Refusal", "RefusalCode", "PassRecord", "Report", "Instrument", "PassManager"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,23 @@ def _latest(records: list[PassRecord]) -> list[Refusal]:
         for r in p.refusals + p.rolled_back:
             latest[r.key] = r  # a dict keeps the first position, the value is replaced
     return list(latest.values())
+
+
+class Instrument:
+    """Observes a :class:`PassManager`; every method is optional, these do nothing.
+
+    Any object with some of these methods is an instrument; subclassing is not required.
+    ``on_pass_end`` receives every record, also those with no rewrite.
+    """
+
+    def on_pass_start(self, name: str, round: int) -> None:  # noqa: A002 - the record's field name
+        pass
+
+    def on_pass_end(self, record: PassRecord) -> None:
+        pass
+
+    def on_run_end(self, report: Report) -> None:
+        pass
 
 
 class PassManager:

@@ -78,7 +78,7 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     can be verified against them.
 
     ``instruments`` observe the passes (``on_pass_start``, ``on_pass_end``) and receive the finished
-    report (``on_run_end``); see ``fusers.rules.Instrument``.
+    report (``on_run_end``); see ``fusers.manager.Instrument``.
     """
     args = as_args(example_inputs)
     report, times = Report(), {}

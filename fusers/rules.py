@@ -12,8 +12,8 @@ node; a pass that needs a whole-graph view overrides it), then matches each site
 before rewriting it, since earlier rewrites of the same pass may have moved its inputs. Matches
 and refusals name nodes, never hold them: the manager restores graphs from copies.
 
-An *instrument* observes the manager: any object with some of ``on_pass_start(name, round)``,
-``on_pass_end(record)`` and ``on_run_end(report)`` (see :class:`Instrument`).
+An *instrument* observes the manager (``fusers.manager.Instrument``); it is defined beside the
+records it receives, so this module imports nothing of the manager.
 """
 
 from __future__ import annotations
@@ -21,16 +21,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import fx
 
 from .graph import common_path
 
-if TYPE_CHECKING:
-    from .manager import PassRecord, Report
-
-__all__ = ["RefusalCode", "Refusal", "Match", "Pass", "Instrument", "ROLLBACK_CODES"]
+__all__ = ["RefusalCode", "Refusal", "Match", "Pass", "ROLLBACK_CODES"]
 
 
 class RefusalCode(str, enum.Enum):
@@ -158,20 +155,3 @@ class Pass:
         """A :class:`Refusal` of ``nodes`` with the sentence ``why`` (after this pass's prefix)."""
         message = f"{self.refusal}: {why}" if self.refusal else why
         return Refusal(self.name, code, [n.name for n in nodes], message, common_path(nodes))
-
-
-class Instrument:
-    """Observes a :class:`~fusers.manager.PassManager`; every method is optional, these do nothing.
-
-    Any object with some of these methods is an instrument; subclassing is not required.
-    ``on_pass_end`` receives every record, also those with no rewrite.
-    """
-
-    def on_pass_start(self, name: str, round: int) -> None:  # noqa: A002 - the record's field name
-        pass
-
-    def on_pass_end(self, record: PassRecord) -> None:
-        pass
-
-    def on_run_end(self, report: Report) -> None:
-        pass

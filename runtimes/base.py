@@ -17,7 +17,7 @@ import numpy as np
 
 from .core import Artifact, CorruptArtifact, DeployError, MissingDependency, TensorSpec
 
-__all__ = ["Runner", "InputMismatch", "CorruptArtifact", "MissingDependency", "check_file", "corrupt"]
+__all__ = ["Runner", "InputMismatch", "CorruptArtifact", "MissingDependency", "check_file", "corrupt", "error_reason"]
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,10 @@ def check_file(path: str, what: str) -> str:
 
 def corrupt(path: str, what: str, exc: BaseException) -> CorruptArtifact:
     """The error for a file its runtime cannot parse: one sentence naming the file."""
-    return CorruptArtifact(f"{what} file {path} is corrupt or not a valid {what} model ({_reason(exc)}).")
+    return CorruptArtifact(f"{what} file {path} is corrupt or not a valid {what} model ({error_reason(exc)}).")
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     """The informative line of a runtime's error (OpenVINO puts source locations first)."""
     lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]

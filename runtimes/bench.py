@@ -18,6 +18,21 @@ one job do not disturb each other either.
 
 On CUDA the torch runtime times with CUDA events around each call after a synchronisation, in
 three variants: fp32, fp16 (weights and input cast to half) and channels-last (fp32).
+
+**Busy machines.** Every measured row records the 1-minute load average just before and just
+after its measurement (``load_before``, ``load_after``; ``os.getloadavg``) and a list
+``unreliable`` of reasons not to trust it (empty when none), from ``unreliable``:
+
+- the spread: p90 / p50 above ``MAX_SPREAD`` (1.5) means one call in ten took half as long again
+  as the median, so the median alone misrepresents the calls;
+- the load: a load average above the usable CPUs (``LOAD_PER_CPU`` x ``usable_cpus()``). The load
+  counts the benchmark's own threads too (up to ``threads`` of them, fewer in a 1-minute average of
+  a short run), so the load of *other* work is at least ``load - threads``; when that exceeds the
+  ``cpus - threads`` CPUs the benchmark leaves free, which is ``load > cpus``, other work certainly
+  took CPUs the benchmark wanted. The rule never flags the benchmark's own load, and it misses
+  lighter contention, which the spread usually shows. The load average is the whole machine's (a
+  container may see its host's), so a process pinned to fewer CPUs than the machine has may be
+  flagged for work on CPUs it does not use.
 """
 
 from __future__ import annotations
@@ -33,12 +48,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .hardware import usable_cpus
+
 __all__ = ["Stats", "BenchSettings", "BenchJob", "measure", "stats_of", "run_job", "run_isolated", "wall_timer",
-           "ISOLATION"]
+           "ISOLATION", "MAX_SPREAD", "LOAD_PER_CPU", "load_average", "unreliable"]
 
 log = logging.getLogger(__name__)
 
 ISOLATION = ("subprocess", "none")
+MAX_SPREAD = 1.5  # p90 / p50 above this flags a row: its calls' times vary too much for the median to stand for them
+LOAD_PER_CPU = 1.0  # a 1-minute load average above this many per usable CPU flags a row (see the module docstring)
 
 
 @dataclass
@@ -70,6 +89,26 @@ def stats_of(times_ms, batch: int = 1) -> Stats:
     return Stats(iters=int(t.size), p50=float(p50), p90=float(p90), p99=float(p99), mean=mean,
                  std=float(t.std(ddof=1)) if t.size > 1 else 0.0, min=float(t.min()), max=float(t.max()),
                  batch=batch, throughput=batch * 1e3 / mean if mean > 0 else float("inf"))
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable tasks), or None where the system does not report one."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not a Unix system
+        return None
+
+
+def unreliable(row: Mapping, cpus: int) -> list[str]:
+    """Why the timings of ``row`` (with ``p50``, ``p90`` and optionally ``load_before`` / ``load_after``) may not be
+    trusted on a machine with ``cpus`` usable CPUs; empty when neither the spread nor the load says so."""
+    reasons = []
+    if row["p50"] > 0 and row["p90"] / row["p50"] > MAX_SPREAD:
+        reasons.append(f"p90/p50 {row['p90'] / row['p50']:.2f} > {MAX_SPREAD}")
+    loads = [v for v in (row.get("load_before"), row.get("load_after")) if v is not None]
+    if loads and max(loads) > LOAD_PER_CPU * cpus:
+        reasons.append(f"load {max(loads):.1f} on {cpus} CPUs")
+    return reasons
 
 
 def wall_timer(call: Callable[[], object]) -> float:
@@ -130,6 +169,24 @@ def measure(calls: Mapping[str, Callable[[], object]], settings: BenchSettings |
         if n >= s.min_iters and min(totals.values()) >= s.min_ms:
             break
     return {name: stats_of(t, batch) for name, t in times.items()}
+
+
+def _measured_rows(calls: Mapping[str, Callable[[], object]], settings: BenchSettings, variant: Callable[[str], str],
+                   *, timer: Callable[[Callable[[], object]], float], batch: int) -> list[dict]:
+    """``measure(calls)`` as result rows, each with the load average before and after and its ``unreliable`` reasons."""
+    if not calls:
+        return []
+    before = load_average()
+    stats = measure(calls, settings, timer=timer, batch=batch)
+    after, cpus = load_average(), usable_cpus()
+    rows = []
+    for form, st in stats.items():
+        row = {"form": form, "variant": variant(form), **st.to_dict(), "load_before": before, "load_after": after}
+        row["unreliable"] = unreliable(row, cpus)
+        if row["unreliable"]:
+            log.info("%s %s timing may be unreliable: %s", form, row["variant"], "; ".join(row["unreliable"]))
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------- jobs
@@ -206,12 +263,12 @@ def run_job(job: BenchJob) -> dict:
             except Exception as e:  # one form failing does not stop the others
                 rows.append({"form": form, "variant": _variant(job, form), "error": f"{type(e).__name__}: {e}"})
         effective = {getattr(r, "effective_precision", None) for r in runners} - {None}
-        for form, stats in measure(calls, job.settings, batch=batch).items() if calls else ():
-            rows.append({"form": form, "variant": _variant(job, form), **stats.to_dict()})
+        # wall_timer is looked up at call time (not bound as a default), so a test can script the clock
+        rows += _measured_rows(calls, job.settings, lambda form: _variant(job, form), timer=wall_timer, batch=batch)
     finally:
         for r in runners:
             r.deactivate()
-    settings = {"threads": job.threads, **job.note}
+    settings = {"threads": job.threads, "usable_cpus": usable_cpus(), **job.note}
     if effective:
         settings["effective_precision"] = sorted(effective)
     return {"rows": rows, "settings": settings}
@@ -251,8 +308,7 @@ def _run_torch_cuda(job: BenchJob, x: np.ndarray) -> dict:
                 calls[form] = call
             except Exception as e:
                 rows.append({"form": form, "variant": variant, "error": f"{type(e).__name__}: {e}"})
-        for form, stats in measure(calls, job.settings, timer=timer, batch=int(x.shape[0])).items() if calls else ():
-            rows.append({"form": form, "variant": variant, **stats.to_dict()})
+        rows += _measured_rows(calls, job.settings, lambda _, v=variant: v, timer=timer, batch=int(x.shape[0]))
     props = torch.cuda.get_device_properties(0)
     return {"rows": rows, "settings": {"device": props.name, "timer": "CUDA events after synchronize",
                                        "tf32": torch.backends.cuda.matmul.allow_tf32}}

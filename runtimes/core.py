@@ -41,6 +41,7 @@ __all__ = [
     "untrusted_message",
     "require",
     "require_installed",
+    "telemetry_off",
     "check_precision",
     "dtype_name",
     "first_line",
@@ -101,6 +102,26 @@ def require(module: str, extra: str, purpose: str | None = None):
         return importlib.import_module(module)
     except ImportError as e:
         raise _missing(module, extra, purpose) from e
+
+
+# The tool makes no network call of its own. Libraries that report usage are told not to, before any of them
+# is imported: NNCF and Hugging Face's hub read these variables (a value the user set is kept); OpenVINO's
+# converter sends through the ``openvino_telemetry`` package whatever its variables say (it forked a child that
+# hung in getaddrinfo after a run), and falls back to its own stub when that package cannot be imported, as
+# NNCF does: an entry of None in ``sys.modules`` makes the import fail.
+OFFLINE_ENVIRONMENT = {"NNCF_CI": "1", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+SILENCED_MODULES = ("openvino_telemetry",)
+
+
+def telemetry_off() -> None:
+    """Turn every loaded library's usage telemetry off for this process (done when this module is imported)."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    for module in SILENCED_MODULES:
+        if sys.modules.get(module) is not None:
+            log.warning("%s was imported before deploy: its telemetry may send usage reports", module)
+        else:
+            sys.modules[module] = None
 
 
 def require_installed(module: str, extra: str, purpose: str | None = None) -> None:
@@ -365,3 +386,6 @@ def as_numpy(value):
             value = value.float()
         return value.numpy()
     return np.asarray(value)
+
+
+telemetry_off()

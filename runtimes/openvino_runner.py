@@ -23,7 +23,7 @@ import numpy as np
 
 from .core import Artifact, CorruptArtifact, TensorSpec, require
 
-from .base import Runner, _reason, check_file
+from .base import Runner, error_reason, check_file
 
 __all__ = ["OpenVINORunner", "read_ir"]
 
@@ -136,7 +136,7 @@ def _ir_problem(path: str, exc: BaseException) -> str:
         if "weights" in str(exc).lower() and os.path.isfile(weights):
             return (f"its weights file {weights} ({os.path.getsize(weights)} bytes) does not hold the weights the "
                     "XML refers to: it is truncated or belongs to another export")
-    return _reason(exc).split(" Available frontends")[0].strip()
+    return error_reason(exc).split(" Available frontends")[0].strip()
 
 
 def _port_name(port, default: str) -> str:

@@ -23,7 +23,7 @@ import pytest
 import torch
 from conftest import ROOT, error_line, leftovers, main_in_process as _main
 
-from deploy import cli, record, sources, zoo
+from deploy import cli, pipeline, record, sources, zoo
 from deploy.pipeline import PipelineError, plan_out_dir
 from deploy.record import RunDirectory
 from exporters.onnx import MIN_OPSET, export_onnx_raw, max_opset
@@ -208,10 +208,10 @@ def test_an_output_parent_that_is_a_file_or_not_writable_is_one_sentence(capsys,
 
 
 def test_a_permission_error_mid_run_is_one_sentence_and_leaves_nothing(capsys, tmp_path, monkeypatch):
-    def refuse(self, out_dir):
+    def refuse(report, out_dir):
         raise PermissionError(13, "Permission denied", str(out_dir))
 
-    monkeypatch.setattr(record.RunRecord, "write", refuse)
+    monkeypatch.setattr(pipeline, "write_reports", refuse)
     rc, _, err = _main(capsys, "convert", "repvgg_digits", "--targets", "none", "--out", str(tmp_path / "o"))
     assert rc == 2 and "permission denied" in error_line(err)
     assert not (tmp_path / "o").exists() and leftovers(tmp_path) == []

@@ -252,3 +252,17 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_an_imported_namespace_package_of_the_same_name_is_set_aside(pickled, tmp_path, monkeypatch):
+    """onnxruntime.transformers puts a folder holding a code-less ``models`` on sys.path; once something imported
+    it, a code path's regular ``models`` package must still load, and the namespace package come back after."""
+    path, a, _ = pickled
+    (tmp_path / "lib" / "models").mkdir(parents=True)
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    import models
+
+    assert getattr(models, "__file__", None) is None  # a namespace package
+    loaded = load_model(str(path), code_path=[str(a)], trust_pickle=True)
+    assert type(loaded.model).__module__ == "models.net" and sys.modules["models"] is models
+    monkeypatch.delitem(sys.modules, "models")

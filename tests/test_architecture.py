@@ -38,6 +38,119 @@ def _imports(package: str) -> dict[str, set[str]]:
     return out
 
 
+def _modules(root: Path = ROOT) -> dict[str, Path]:
+    """``{dotted module name: file}`` of every module of the project's packages (a package is its __init__)."""
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            parts = path.relative_to(root).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _module_graph(root: Path = ROOT) -> tuple[dict[str, set[str]], list[tuple[str, str, str]]]:
+    """The project's modules and the modules each imports (every import statement, also inside functions and
+    under TYPE_CHECKING), and the private names (``_x``) one module takes from another: imported by name, or
+    read as an attribute of an imported module (``forms._attempt``)."""
+    modules = _modules(root)
+
+    def owner(name: str) -> str | None:  # the module a dotted name lies in
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph, private = {m: set() for m in modules}, []
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        bound = {}  # local name -> project module
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                for a in node.names:
+                    if (target := owner(a.name)) is not None:
+                        graph[mod].add(target)
+                        bound[a.asname or a.name] = target if a.asname else owner(a.name.split(".")[0])
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(up + ([node.module] if node.module else []))
+                if owner(base) is None:
+                    continue
+                for a in node.names:
+                    full = f"{base}.{a.name}"
+                    target = full if full in modules else owner(base)
+                    graph[mod].add(target)
+                    if full in modules:
+                        bound[a.asname or a.name] = full
+                    elif a.name.startswith("_") and not a.name.startswith("__"):
+                        private.append((mod, target, a.name))
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound
+                  and node.attr.startswith("_") and not node.attr.startswith("__")):
+                private.append((mod, bound[node.value.id], node.attr))
+        graph[mod].discard(mod)
+    return graph, [(m, t, n) for m, t, n in private if t != m]
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm, iteratively)."""
+    index, low, on, stack, groups = {}, {}, set(), [], []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on.add(start)
+        while work:
+            node, edges = work[-1]
+            for nxt in edges:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = len(index)
+                    stack.append(nxt)
+                    on.add(nxt)
+                    work.append((nxt, iter(sorted(graph[nxt]))))
+                    break
+                if nxt in on:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    group = []
+                    while True:
+                        member = stack.pop()
+                        on.discard(member)
+                        group.append(member)
+                        if member == node:
+                            break
+                    if len(group) > 1:
+                        groups.append(sorted(group))
+    return groups
+
+
+def test_no_module_imports_itself_through_others():
+    circles = _circles(_module_graph()[0])
+    assert not circles, f"import circles: {circles}"
+
+
+def test_no_module_takes_another_modules_private_names():
+    taken = _module_graph()[1]
+    assert not taken, "private names used across modules: " + ", ".join(f"{m} uses {t}.{n}" for m, t, n in taken)
+
+
+def test_the_circle_finder_sees_a_circle_and_a_private_name(tmp_path):
+    """The reader is not blind: a function-level import closing a circle, and ``module._private``, are found."""
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "__init__.py").write_text("")
+    (tmp_path / "deploy" / "a.py").write_text("from .b import helper\n")
+    (tmp_path / "deploy" / "b.py").write_text("def helper():\n    from . import c\n    return c._secret\n")
+    (tmp_path / "deploy" / "c.py").write_text("from deploy.a import helper\n_secret = 1\n")
+    graph, private = _module_graph(tmp_path)
+    assert _circles(graph) == [["deploy.a", "deploy.b", "deploy.c"]]
+    assert private == [("deploy.b", "deploy.c", "_secret")]
+
+
 @pytest.mark.parametrize("package", PACKAGES)
 def test_packages_import_only_the_layers_below_them(package):
     wrong = {f: sorted(deps - ALLOWED[package]) for f, deps in _imports(package).items() if deps - ALLOWED[package]}

@@ -94,6 +94,39 @@ def test_fp16_has_half_weights_and_agrees_within_1e_2(folder):
     assert err32 <= 1e-5
 
 
+class _PastHalfRange(torch.nn.Module):
+    """An intermediate of 90,000 (past fp16's 65,504) between two 1x1 convolutions; the output is 300."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 3, 1)
+        with torch.no_grad():
+            self.up.weight.fill_(300.0), self.up.bias.zero_(), self.down.weight.fill_(1 / 2400), self.down.bias.zero_()
+
+    def forward(self, x):
+        return self.down(self.up(x))
+
+
+@pytest.mark.e2e
+def test_fp16_pruning_says_what_litert_does_on_this_cpu(folder):
+    """``deploy tune`` prunes tflite fp16 as "computed in fp32": true where an intermediate past fp16's range
+    comes out finite and right, and the reason must not blame a CPU that has fp16 arithmetic (avx512_fp16)."""
+    from exporters import targets
+    from runtimes.hardware import cpu_facts
+
+    model, x = _PastHalfRange().eval(), torch.full((1, 3, 4, 4), 100.0)
+    art = export("tflite", model, folder / "range16.tflite", args=(x,), precision="fp16")
+    out = _run(art, x.numpy())[0]
+    computes_fp32 = bool(np.isfinite(out).all() and np.allclose(out, 300.0, rtol=1e-2))
+    cpu = cpu_facts()
+    reason = targets.get("tflite").native("fp16", cpu)
+    assert bool(reason) == computes_fp32, (reason, out.ravel()[:4])
+    if reason:
+        assert "without fp16" not in reason and "in fp32" in reason
+        if "avx512_fp16" in cpu.get("simd", ()):
+            assert "avx512_fp16 included" in reason
+
+
 def test_nhwc_inputs(folder):
     model, x = make("convnet"), example()
     art = export("tflite", capture(model, x), folder / "nhwc.tflite", args=(x,), nhwc=True)

@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -124,21 +125,181 @@ def test_every_artifact_of_the_default_run_reports_the_same_numbers(digits_run):
 
 
 @pytest.mark.e2e
-def test_fp16_artifacts_count_their_weights_once(tmp_path):
+def test_every_format_and_precision_counts_the_plain_models_parameters(tmp_path):
+    """fp32, fp16 and INT8 files count what ``plain.parameters()`` counts (quantized weights and int32 biases,
+    not scales, zero points or ranges) and the plain model's MACs, through quantized convolutions too."""
     pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
     pytest.importorskip("litert_torch")
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxsim")
+
+    from exporters.int8 import Int8Options
+    from exporters.onnx_int8 import quantize_onnx
+    from exporters.openvino_int8 import quantize_openvino
+    from exporters.tflite_int8 import quantize_tflite
+
     model = zoo.randomize_batchnorm(zoo.create("repvgg_a0", width=0.125, num_classes=10,
                                                depths=(1, 1, 1, 1, 1)), seed=0).eval()
     x = torch.randn(1, 3, 32, 32)
     plain = fusers.reparameterize(model, (x,))
     params = sum(p.numel() for p in plain.parameters())
     macs = hooked_macs_plain(plain, x)
+    calibration = np.random.default_rng(1).standard_normal((8, 3, 32, 32)).astype(np.float32)
     onnx_art = export("onnx", plain, tmp_path / "m.onnx", args=(x,))
-    for art in (export("openvino", onnx_art, tmp_path / "m16.xml", precision="fp16"),
-                export("tflite", plain, tmp_path / "m16.tflite", args=(x,), precision="fp16")):
+    ov_art = export("openvino", onnx_art, tmp_path / "m.xml")
+    tfl_art = export("tflite", plain, tmp_path / "m.tflite", args=(x,))
+    int8 = {"onnx": quantize_onnx(onnx_art, tmp_path / "q.onnx", Int8Options(calibration)),
+            "openvino": quantize_openvino(ov_art, tmp_path / "q.xml", Int8Options(calibration)),
+            "tflite": quantize_tflite(tfl_art, tmp_path / "q.tflite", Int8Options(calibration), module=plain,
+                                      args=(x,))}
+    arts = [export("pt2", plain, tmp_path / "m.pt2", args=(x,)), onnx_art, ov_art, tfl_art,
+            export("openvino", onnx_art, tmp_path / "m16.xml", precision="fp16"),
+            export("tflite", plain, tmp_path / "m16.tflite", args=(x,), precision="fp16"), *int8.values()]
+    for art in arts:
         s = inspect_path(art.path)
-        assert (s.params, s.macs, s.convolutions, s.branch_groups) == (params, macs, 5, 0), art.path
-        assert s.merged is None  # not written by a deploy run
+        assert (s.params, s.macs, s.convolutions, s.linears, s.branch_groups) == (params, macs, 5, 1, 0), art.path
+        assert s.merged is None or art.format == "pt2"  # not written by a deploy run (a .pt2 carries its own)
+    quantizer = {"onnx": "DequantizeLinear", "openvino": "FakeQuantize", "tflite": "QUANTIZE"}
+    for fmt, art in int8.items():  # really quantized files
+        assert inspect_path(art.path).ops[quantizer[fmt]] >= 1, fmt
+    fp32_ov, int8_ov = inspect_path(ov_art.path), inspect_path(int8["openvino"].path)
+    assert int8_ov.elementwise == fp32_ov.elementwise  # weight decompression runs on constants, not per input
+
+
+def onnx_layers(form: str, batch=1):
+    """A conv (2 -> 3 channels, 3x3, on 5x5: 3x3x3 outputs) and a matmul (27 -> 4) as ONNX ``form``: float,
+    qdq (DequantizeLinear -> Conv / MatMul), qlinear (QLinearConv, QLinearMatMul) or integer (ConvInteger,
+    MatMulInteger, no bias): 54 + 3 + 108 parameters (no bias: 162), 27 x 18 + 4 x 27 = 594 MACs."""
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits, nodes = [], []
+
+    def const(name, value, dtype):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    w, b, w2 = rng.integers(-127, 127, (3, 2, 3, 3)), rng.integers(-99, 99, 3), rng.integers(-127, 127, (27, 4))
+    scalar = {"s": (0.1, np.float32), "zp": (0, np.uint8)}
+    for name, (v, dtype) in scalar.items():
+        const(name, v, dtype)
+    const("shape", [1, 27], np.int64)  # an integer constant that is no parameter
+    const("wzp", np.zeros(3), np.int8), const("ws", np.full(3, 0.01), np.float32)
+    const("w2zp", 0, np.int8), const("w2s", 0.01, np.float32)
+    if form == "float":
+        nodes += [helper.make_node("Conv", ["x", const("w", w, np.float32), const("b", b, np.float32)], ["y"]),
+                  helper.make_node("Reshape", ["y", "shape"], ["f"]),
+                  helper.make_node("MatMul", ["f", const("w2", w2, np.float32)], ["out"])]
+    elif form == "qdq":
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+                  helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"]),
+                  helper.make_node("DequantizeLinear", [const("w", w, np.int8), "ws", "wzp"], ["wd"], axis=0),
+                  helper.make_node("DequantizeLinear", [const("b", b, np.int32), const("bs", np.full(3, 1e-3),
+                                                                                     np.float32)], ["bd"]),
+                  helper.make_node("Conv", ["xd", "wd", "bd"], ["y"]),
+                  helper.make_node("Reshape", ["y", "shape"], ["f"]),
+                  helper.make_node("DequantizeLinear", [const("w2", w2, np.int8), "w2s", "w2zp"], ["w2d"]),
+                  helper.make_node("MatMul", ["f", "w2d"], ["out"])]
+    elif form == "qlinear":
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+                  helper.make_node("QLinearConv", ["xq", "s", "zp", const("w", w, np.int8), "ws", "wzp", "s", "zp",
+                                                   const("b", b, np.int32)], ["yq"]),
+                  helper.make_node("Reshape", ["yq", "shape"], ["fq"]),
+                  helper.make_node("QLinearMatMul", ["fq", "s", "zp", const("w2", w2, np.int8), "w2s", "w2zp", "s",
+                                                     "zp"], ["oq"]),
+                  helper.make_node("DequantizeLinear", ["oq", "s", "zp"], ["out"])]
+    else:
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"]),
+                  helper.make_node("ConvInteger", ["xq", const("w", w, np.int8), "zp", "wzp"], ["y"]),
+                  helper.make_node("Cast", ["y"], ["yf"], to=T.FLOAT),
+                  helper.make_node("Reshape", ["yf", "shape"], ["f"]),
+                  helper.make_node("QuantizeLinear", ["f", "s", "zp"], ["fq"]),
+                  helper.make_node("MatMulInteger", ["fq", const("w2", w2, np.int8), "zp", "w2zp"], ["out"])]
+    out_type = T.INT32 if form == "integer" else T.FLOAT
+    graph = helper.make_graph(nodes, form, [helper.make_tensor_value_info("x", T.FLOAT, [batch, 2, 5, 5])],
+                              [helper.make_tensor_value_info("out", out_type, [batch, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("form, params", [("float", 165), ("qdq", 165), ("qlinear", 165), ("integer", 162)])
+def test_onnx_quantized_layers_count_their_weights_and_macs(tmp_path, form, params):
+    onnx = pytest.importorskip("onnx")
+    model = onnx_layers(form)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, tmp_path / "m.onnx")
+    s = inspect_path(tmp_path / "m.onnx")
+    assert (s.params, s.macs, s.convolutions, s.linears, s.conv_kernels) == (params, 594, 1, 1, {"3x3": 1})
+    assert not s.notes
+
+
+def test_dynamic_batch_counts_macs_per_sample(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    onnx.save(onnx_layers("qdq", batch="batch"), tmp_path / "m.onnx")
+    s = inspect_path(tmp_path / "m.onnx")
+    assert (s.params, s.macs) == (165, 594) and "per sample" in s.notes[0]
+    x = torch.randn(2, 2, 5, 5)
+    program = torch.export.export(nn.Conv2d(2, 3, 3).eval(), (x,), dynamic_shapes=({0: torch.export.Dim("b")},))
+    s = inspect_module(program, (x,))
+    assert (s.params, s.macs) == (57, 27 * 18) and "per sample" in s.notes[0]
+    assert "MACs:          486" in s.summary()  # a symbolic batch no longer reaches the text
+
+
+def openvino_layers(quantized: bool):
+    """The layers of :func:`onnx_layers` in OpenVINO: float, or NNCF's INT8 form (FakeQuantize on the input,
+    weights as i8 Constant -> Convert -> Subtract u8 zero point -> Multiply f16 scale, an fp32 bias Add)."""
+    import openvino as ov
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(0)
+    w, w2 = rng.integers(-127, 127, (3, 2, 3, 3)), rng.integers(-127, 127, (4, 27))
+
+    def weight(value):
+        if not quantized:
+            return ops.constant(value.astype(np.float32))
+        channels = (len(value),) + (1,) * (value.ndim - 1)
+        data = ops.subtract(ops.convert(ops.constant(value.astype(np.int8)), "f32"),
+                            ops.convert(ops.constant(np.zeros(channels, np.uint8)), "f32"))
+        return ops.multiply(data, ops.convert(ops.constant(np.full(channels, 0.01, np.float16)), "f32"))
+
+    x = ops.parameter([1, 2, 5, 5], np.float32, name="x")
+    data = x
+    if quantized:
+        lo, hi = ops.constant(np.float32(-3)), ops.constant(np.float32(3))
+        data = ops.fake_quantize(x, lo, hi, lo, hi, 256)
+    y = ops.add(ops.convolution(data, weight(w), [1, 1], [0, 0], [0, 0], [1, 1]),
+                ops.constant(np.ones((1, 3, 1, 1), np.float32)))
+    f = ops.reshape(y, ops.constant(np.array([1, 27], np.int64)), special_zero=False)
+    return ov.Model([ops.matmul(f, weight(w2), transpose_a=False, transpose_b=True)], [x], "layers")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_openvino_decompressed_weights_count_once(tmp_path, quantized):
+    ov = pytest.importorskip("openvino")
+    ov.save_model(openvino_layers(quantized), tmp_path / "m.xml", compress_to_fp16=False)
+    s = inspect_path(tmp_path / "m.xml")
+    assert (s.params, s.macs, s.convolutions, s.linears, s.conv_kernels) == (165, 594, 1, 1, {"3x3": 1})
+    assert s.elementwise == 1  # the bias Add; the decompression runs on constants
+    assert s.ops.get("FakeQuantize", 0) == quantized
+
+
+def test_a_file_holding_fewer_parameters_than_its_run_says_why(tmp_path, monkeypatch):
+    """torch.onnx and the TFLite converter leave out an all-zero bias: the file stores fewer values than the run's
+    plain model, and inspect says so beside the count it read."""
+    import types
+
+    import deploy.inspect as inspect_module_
+
+    onnx = pytest.importorskip("onnx")
+    onnx.save(onnx_layers("float"), tmp_path / "m.onnx")
+    run = types.SimpleNamespace(stages=[], reparameterize={"params_after": 165 + 4})
+    monkeypatch.setattr(inspect_module_, "_run_beside", lambda path: run)
+    s = inspect_path(tmp_path / "m.onnx")
+    assert s.params == 165 and "stores 165 parameters, 4 fewer than the run's plain model (169" in s.notes[-1]
+    assert "all-zero bias" in s.notes[-1]
+    run.reparameterize["params_after"] = 165
+    assert not inspect_path(tmp_path / "m.onnx").notes
 
 
 def test_cli_inspect(capsys, tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from deploy import pipeline
 from deploy.pipeline import ConvertOptions, PipelineError, convert, plan_out_dir, verify
-from deploy.verification import run_batched
+from deploy.stages import run_batched
 from deploy.report import jsonable, stage_table, text_table
 
 pytest.importorskip("onnxruntime")

@@ -167,7 +167,9 @@ def yolo_style_checkpoint(tmp_path, monkeypatch):
     (code / "models" / "tiny.py").write_text(CODE)
     monkeypatch.syspath_prepend(str(code))
     for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
-        monkeypatch.delitem(sys.modules, name)  # another test's models package (a YOLOv7 checkpoint's) is not ours
+        # not a code path's (the loader forgets those): a library's own, e.g. the namespace package that
+        # onnxruntime.transformers' folder on sys.path gives an earlier test of this process
+        monkeypatch.delitem(sys.modules, name)
     from models.tiny import TinyDetector
 
     model = TinyDetector()

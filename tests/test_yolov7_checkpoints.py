@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,12 +135,12 @@ def test_checkpoint_is_what_train_py_saves(checkpoints):
         assert floats and all(t.dtype == torch.float16 for t in floats), key
 
 
-def test_loading_needs_the_code_path(checkpoints, monkeypatch):
-    ck = checkpoints("yolov7-tiny")
-    # an earlier --code-path load in this process (another test's) left its models package importable
-    for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "models"))])
+def test_loading_needs_the_code_path(checkpoints, tmp_path_factory):
+    ck = checkpoints("yolov7-tiny")  # earlier --code-path loads in this process (other tests') left nothing behind
+    tmp = tmp_path_factory.getbasetemp().resolve()
+    assert not [p for p in sys.path if Path(p or ".").resolve().is_relative_to(tmp)]
+    assert not [n for n, m in list(sys.modules.items()) if n.split(".")[0] == "models"
+                and Path(getattr(m, "__file__", None) or "/").resolve().is_relative_to(tmp)]
     with pytest.raises(SourceError, match=r"cannot unpickle .*No module named 'models(\.yolo)?'.*--code-path DIR"):
         load_model(str(ck.path), trust_pickle=True)
 
