@@ -256,7 +256,7 @@ def _load_training(record: RunRecord, out_dir: Path, opts: BenchOptions) -> torc
                                    trust_pickle=given.trust_pickle).model
     except sources.SourceError as e:
         raise PipelineError(f"the training model {source.model} cannot be loaded ({str(e).rstrip('.')})") from e
-    check_training_model(model, out_dir, f"the training model {source.model}")
+    check_training_model(model, record, out_dir, f"the training model {source.model}")
     return model
 
 

@@ -285,10 +285,6 @@ def _run_nms_stage(runner, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
         raise PipelineError(f"{str(e).rstrip('.')}; rerun deploy convert --nms") from e
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
-    return read_npz(path)
-
-
 def verify(root: Path, stages: Sequence[StageRecord], results: dict[str, VerificationRecord], opts: NmsOptions,
            outputs: dict, *, names: Sequence[str] = (), trust_pickle: bool = False, pictures: bool = True,
            progress: Progress | None = None) -> dict:
@@ -301,13 +297,13 @@ def verify(root: Path, stages: Sequence[StageRecord], results: dict[str, Verific
 
     progress = progress or _noop
     vdir = root / "verify"
-    seeded_in = next(iter(_load(vdir / "inputs.npz").values()))
-    reference = _load(vdir / "reference.npz")["output0"]
-    samples = _load(vdir / "samples.npz") if (vdir / "samples.npz").exists() else None
+    seeded_in = next(iter(read_npz(vdir / "inputs.npz").values()))
+    reference = read_npz(vdir / "reference.npz")["output0"]
+    samples = read_npz(vdir / "samples.npz") if (vdir / "samples.npz").exists() else None
     truth = {k: samples.pop(k) for k in ("gt_boxes", "gt_classes")} if samples and "gt_boxes" in samples else None
     x_samples = samples["input0"] if samples else None
     ref = {"seeded": _host(reference, opts)}
-    samples_pred = _load(vdir / "samples_reference.npz")["output0"] if samples else None
+    samples_pred = read_npz(vdir / "samples_reference.npz")["output0"] if samples else None
     if samples:
         ref["samples"] = _host(samples_pred, opts)
 

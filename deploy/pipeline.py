@@ -349,14 +349,14 @@ def reload_command(record: RunRecord, command: str, out_dir: str | os.PathLike |
     return " ".join(shlex.quote(w) for w in words)
 
 
-def check_training_model(model, root: str | os.PathLike, what: str) -> None:
-    """Refuse ``model`` unless it computes the training outputs recorded in the run directory ``root``
-    (``verify/reference.npz`` on ``verify/inputs.npz``): the model given for a run must be the one it was
-    converted from."""
+def check_training_model(model, record: RunRecord, root: str | os.PathLike, what: str) -> None:
+    """Refuse ``model`` unless it computes the training outputs recorded in the run directory ``root`` (whose
+    record is ``record``): ``verify/reference.npz`` on ``verify/inputs.npz``. The model given for a run must be the
+    one it was converted from."""
     from runtimes import TorchRunner
     from runtimes.core import max_rel_error
 
-    problems = reference_problems(load_record(root), root)
+    problems = reference_problems(record, root)
     if problems:
         raise PipelineError(f"the training model cannot be checked against {root}: {'; '.join(problems)}; rerun "
                             "deploy convert")

@@ -96,10 +96,6 @@ def read_samples(path: str, shape: tuple[int, ...], shipped_with: str | None = N
     return x, labels
 
 
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    return read_npz(path)
-
-
 _FIX_MODEL = ("nothing can be verified against it: fix the model (a NaN or an overflow in its forward), its "
               "weights or its inputs")
 
@@ -171,10 +167,10 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
 
     progress = progress or _noop
     vdir = root / "verify"
-    inputs = _load_npz(vdir / "inputs.npz")
-    reference = list(_load_npz(vdir / "reference.npz").values())
-    samples = _load_npz(vdir / "samples.npz") if (vdir / "samples.npz").exists() else None
-    samples_ref = list(_load_npz(vdir / "samples_reference.npz").values()) if samples else None
+    inputs = read_npz(vdir / "inputs.npz")
+    reference = list(read_npz(vdir / "reference.npz").values())
+    samples = read_npz(vdir / "samples.npz") if (vdir / "samples.npz").exists() else None
+    samples_ref = list(read_npz(vdir / "samples_reference.npz").values()) if samples else None
     labels = samples.pop("labels", None) if samples else None
     truth = {key: samples.pop(key) for key in GROUND_TRUTH if key in samples} if samples else {}
     x_samples = next(iter(samples.values())) if samples else None

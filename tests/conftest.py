@@ -7,16 +7,40 @@ verify and inspect tests read that one directory instead of converting again.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def terminate_when(proc: subprocess.Popen, ready: str, timeout: float, poll: float = 0.1,
+                   settle: float = 0.0) -> tuple[str, float]:
+    """Send SIGTERM to ``proc`` once a file matching the glob ``ready`` exists (and ``settle`` seconds more):
+    its stderr and the seconds it took to exit after the signal. It must not exit first nor take longer than
+    ``timeout`` to get ready; it is killed if still alive at the end."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not glob.glob(ready):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
+            time.sleep(poll)
+        time.sleep(settle)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        return err, time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def run_deploy(*args: str, cwd, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ interpreter start-up); the SIGTERM case runs the real command line in a subproce
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -16,12 +15,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, error_line, leftovers, main_in_process as _main
+from conftest import ROOT, error_line, leftovers, main_in_process as _main, terminate_when
 
 from deploy import cli, pipeline, record, sources, zoo
 from deploy.pipeline import PipelineError, plan_out_dir
@@ -115,17 +113,7 @@ def test_sigterm_mid_run_removes_the_partial_folder(factory, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "deploy", "convert", f"{factory}:slow", "--targets", "none",
                              "--out", str(out)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not glob.glob(str(tmp_path / ".out.partial-*")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    err, _ = terminate_when(proc, str(tmp_path / ".out.partial-*"), 120, poll=0.05)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM); nothing was written" in err and "Traceback" not in err
     assert not out.exists() and leftovers(tmp_path) == []

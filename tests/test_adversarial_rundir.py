@@ -10,20 +10,18 @@ when run; the tests assert that it was not created.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, error_line, main_in_process
+from conftest import ROOT, error_line, main_in_process, terminate_when
 
 from deploy.pipeline import ConvertOptions, convert
 from deploy.sources import SourceError, load_model
@@ -230,20 +228,9 @@ def test_sigterm_stops_a_bench_and_removes_its_temporary_folders(tmp_path, run_d
     proc = subprocess.Popen([sys.executable, "-m", "deploy", "bench", str(run_dir), "--min-ms", "600000",
                              "--no-chart", "--batch", "1,2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not glob.glob(str(tmp_path / "tmp" / f"deploy-bench-{proc.pid}-*" / "job-*.json")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            time.sleep(0.1)
-        time.sleep(1.0)  # the runtime's process is timing now
-        started = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - started < 30, err
+    err, seconds = terminate_when(proc, str(tmp_path / "tmp" / f"deploy-bench-{proc.pid}-*" / "job-*.json"), 300,
+                                  settle=1.0)  # the runtime's process is timing by then
+    assert proc.returncode == 128 + signal.SIGTERM and seconds < 30, err
     assert "terminated (SIGTERM)" in err and "Traceback" not in err
     assert os.listdir(tmp_path / "tmp") == []  # its own folder and the stale one
 
