@@ -6,6 +6,7 @@
     deploy inspect MODEL_OR_ARTIFACT          ops, convolutions, parameters, FLOPs, mergeable branches
     deploy bench DIR_OR_MODEL [options]       latency of the artifacts on their runtimes (and of the training form)
     deploy tune MODEL_OR_DIR [options]        choose runtime, precision, passes and threads by measuring them
+    deploy sweep MODEL... [options]           convert a catalogue of models, each in its own process: a table
     deploy zoo                                list the built-in models
 
 ``deploy MODEL [options]`` (no command) is ``deploy convert MODEL [options]``. Exit status: 0 when
@@ -30,7 +31,7 @@ import sys
 import time
 import warnings
 
-COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "detect", "zoo")
+COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "detect", "zoo", "sweep")
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -244,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
                     "every artifact on its own runtime.",
         epilog="With no command, 'deploy [MODEL] [options]' runs 'deploy convert'. Plain 'deploy' converts the "
                f"built-in trained default ({DEFAULT_MODEL}) into runs/{DEFAULT_MODEL}.")
-    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,tune,detect,zoo}")
+    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,tune,detect,zoo,sweep}")
 
     c = sub.add_parser("convert", help="convert a model into verified artifacts",
                        description="load -> capture -> passes -> plain model (DIR/model.deploy.pt2) -> exporters "
@@ -372,7 +373,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--precisions", type=_runtimes, default=("fp32", "fp16", "bf16", "int8"), metavar="LIST",
                    help="comma-separated precisions (default fp32,fp16,bf16,int8)")
     t.add_argument("--passes", dest="pass_sets", type=_runtimes, default=("default",), metavar="LIST",
-                   help="comma-separated pass sets from default, default+rm, default+equalize (default: default)")
+                   help="comma-separated pass sets from default, default+rm, default+equalize, default+grow "
+                        "(default: default)")
     t.add_argument("--threads", type=_thread_counts, metavar="LIST", help="thread counts, e.g. 1,2 (default: the CPUs "
                    "this process may use)")
     t.add_argument("--batch", type=_at_least(1), default=1, help="batch size (default 1)")
@@ -405,8 +407,57 @@ def _parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("zoo", help="list the built-in models")
     _common(z)
+    _sweep_parser(sub)
     p.set_defaults(commands=sub.choices)
     return p
+
+
+def _params(text: str) -> int:
+    from .sweep import parse_count
+
+    try:
+        return parse_count(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _sweep_parser(sub) -> None:
+    w = sub.add_parser("sweep", help="convert a catalogue of models and tabulate what passes",
+                       description="run deploy convert on every model and precision in its own process (with a "
+                       "timeout and a memory cap), beside the peer path (the same model through torch.onnx.export "
+                       "and ONNX Runtime); OUT/results.jsonl (one line per job), OUT/sweep.md, OUT/sweep.png. A "
+                       "rerun into the same OUT runs only the jobs not recorded there",
+                       epilog="Exit status: 0 when every job ran, even if some failed (the table is the result); 2 "
+                       "for bad input (no models, a pattern matching nothing, a bad option, an OUT that is not a "
+                       "sweep directory, a Ray cluster that cannot be reached); 130 after Ctrl-C (the finished jobs "
+                       "stay in the table; rerun to go on).")
+    w.add_argument("models", nargs="*", metavar="MODEL", help="what deploy convert takes, or timm:PATTERN / "
+                   "torchvision:PATTERN (fnmatch wildcards, quoted: 'timm:resnet*')")
+    w.add_argument("--list", dest="list_file", metavar="FILE", help="a file of models, one a line (# comments)")
+    w.add_argument("--sample", type=_at_least(1), metavar="N", help="N models of each pattern, drawn with --seed "
+                   "(default: every match)")
+    w.add_argument("--seed", type=_seed, default=0, help="seed of the --sample draw (default 0; the conversions use "
+                   "convert's default seed)")
+    w.add_argument("--max-params", type=_params, metavar="P", help="only pattern models with at most P parameters, "
+                   "counted on the meta device (e.g. 25M)")
+    w.add_argument("--targets", type=_targets, default=("onnx",), metavar="LIST", help="targets of every job (default "
+                   "onnx)")
+    w.add_argument("--precisions", type=_runtimes, default=("fp32",), metavar="LIST",
+                   help="comma-separated precisions, one job each (default fp32)")
+    w.add_argument("--bench", action="store_true", help="deploy bench every converted run (p50 per runtime in the "
+                   "record)")
+    w.add_argument("--compare-export", action="store_true", help="also time timm's reparameterize_model + "
+                   "torch.export.export in the peer process (the baseline column)")
+    w.add_argument("--out", metavar="DIR", default="runs/sweep", help="sweep directory (default runs/sweep)")
+    w.add_argument("--timeout", type=_positive_float, default=900.0, metavar="S",
+                   help="seconds per job process before it is killed (default 900)")
+    w.add_argument("--memory", type=_positive_float, metavar="GB", help="resident memory per job (its whole process "
+                   "group) before it is killed (default: 80%% of the available memory over the workers)")
+    w.add_argument("--workers", type=_at_least(1), metavar="N", help="jobs at once on this machine (default 1)")
+    w.add_argument("--rerun-failed", action="store_true", help="also rerun the jobs recorded as not passing")
+    w.add_argument("--ray", metavar="auto|ADDRESS", help="run the jobs as Ray tasks on an existing cluster (HOST:PORT "
+                   "of its head, or auto); needs pip install 'reparam-deploy[ray]'")
+    _common(w)
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -676,6 +727,29 @@ def cmd_tune(args) -> int:
     return EXIT_OK
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import SweepOptions, run_sweep
+    from .sweep_report import job_line, summary_lines
+
+    opts = SweepOptions(specs=args.models, list_file=args.list_file, sample=args.sample, seed=args.seed,
+                        max_params=args.max_params, targets=args.targets, precisions=args.precisions,
+                        bench=args.bench, compare_export=args.compare_export, out=args.out, timeout=args.timeout,
+                        memory_gb=args.memory, workers=args.workers, rerun_failed=args.rerun_failed, ray=args.ray)
+    try:
+        result = run_sweep(opts, on_result=lambda k, n, r: print(_printable(job_line(k, n, r)), flush=True),
+                           progress=_Progress(args.quiet))
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print(f"deploy sweep: {'terminated (SIGTERM)' if terminated else 'interrupted'}; the running jobs were "
+              f"killed, the finished ones are in {os.path.join(args.out, 'sweep.md')}: run the same command again "
+              "to go on", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+    print("\n" + "\n".join(_printable(line) for line in summary_lines(result.records)))
+    print(f"\ntable: {result.table}" + (f"; chart: {result.chart}" if result.chart else "")
+          + f" ({result.ran} job(s) run, {result.skipped} already recorded)")
+    return EXIT_OK
+
+
 def cmd_zoo(args) -> int:
     from . import zoo
 
@@ -782,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     _setup_logging(args.verbose)
     handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,
-                "tune": cmd_tune, "detect": cmd_detect, "zoo": cmd_zoo}
+                "tune": cmd_tune, "detect": cmd_detect, "zoo": cmd_zoo, "sweep": cmd_sweep}
     if hasattr(signal, "SIGXFSZ"):  # over ulimit -f a write fails with EFBIG (said in one sentence), not a core dump
         with contextlib.suppress(ValueError):  # (not the main thread: signals stay as they are)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -801,13 +875,20 @@ def main(argv: list[str] | None = None) -> int:
         from .resources import disk_failure, no_space_message
 
         full = disk_failure(e)  # out of disk space: exit 1, like a failed stage, and not the model's fault
-        if full is None and not isinstance(e, _errors()):
-            raise
-        message = str(e) if full is None else no_space_message(full)
+        expected = full is not None or isinstance(e, _errors())
+        if full is not None:
+            message = no_space_message(full)
+        elif expected:
+            message = str(e)
+        else:  # a bug of ours or of a library: one sentence, the traceback with -v
+            from runtimes.core import first_line
+
+            message = (f"internal error ({type(e).__name__}: {first_line(e).rstrip('.')}); run again with -v for "
+                       "the traceback and report it")
         print(f"deploy {args.command}: error: {_printable(message.strip().rstrip('.'))}.", file=sys.stderr)
         if args.verbose:
             logging.getLogger(__name__).exception("details")
-        return EXIT_FAILED if full is not None else EXIT_ERROR
+        return EXIT_ERROR if full is None and expected else EXIT_FAILED
     except KeyboardInterrupt as e:
         terminated = isinstance(e, _Terminated)
         print(f"deploy {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was "

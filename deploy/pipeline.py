@@ -464,8 +464,10 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
             notes.append(_unused_note(loaded.model, report))
         timings["reparameterize"] = time.perf_counter() - start
         progress(f"reparameterized in {timings['reparameterize']:.1f} s: {report.count()} rewrites, "
-                 f"{len(report.refusals())} refused; float64 error {report.float64_error:.1e}, float32 error "
-                 f"{report.float32_error:.1e}")
+                 f"{len(report.refusals())} refused; "
+                 + (f"float64 error {report.float64_error:.1e}" if report.proof == "float64" else
+                    f"checked in {report.proof}: error {report.float64_error:.1e}")
+                 + f", float32 error {report.float32_error:.1e}")
         start = time.perf_counter()
         from .inspect import inspect_module
 
@@ -478,7 +480,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
 
         progress("recording the training model's outputs on the seeded input"
                  + (f" and {len(samples[0])} samples" if samples is not None else ""))
-        record_reference(run.tmp / "verify", loaded.model, x.numpy(), samples, detector.truth)
+        noise = record_reference(run.tmp / "verify", loaded.model, x.numpy(), samples, detector.truth)
         detector.settle(run.tmp / "verify")  # a YOLO-style detector: detections of every stage
         made = export_forms(plain, args, run.tmp, order, precision="fp32" if quant else opts.precision,
                             dynamic=opts.dynamic, opset=opts.opset, progress=progress,
@@ -497,7 +499,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
             quant.guard.nms = detector.guard_nms()  # INT8 detectors are judged by their mAP@0.5 drop
         guard = quant.guard.to_dict() if quant else None
         outputs: dict = {}
-        results = verify_stages(run.tmp, stages, opts.rtol, opts.atol, progress, guard=guard, outputs=outputs)
+        results = verify_stages(run.tmp, stages, opts.rtol, opts.atol, progress, guard=guard, outputs=outputs,
+                                noise=noise)
         found = detector.verify(run.tmp, stages, results, outputs, args, progress)
         stages = [dataclasses.replace(s, verification=results.get(s.name) or _export_failure(s)) for s in stages]
         timings["verify"] = time.perf_counter() - start
@@ -511,6 +514,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
                          samples_path, samples, _reparam_dict(report, merged), stages, timings, notes, out_dir)
         record.int8 = quant.record() if quant is not None else {}
         record.detection = found
+        record.tolerance["rounding_noise"] = noise
         vdir = run.tmp / "verify"
         record.reference = FilesRecord.of(run.tmp, sorted(f"verify/{f.name}" for f in vdir.iterdir() if f.is_file()))
         write_reports(record.to_dict(), run.tmp)
@@ -615,8 +619,10 @@ def verify(out_dir: str | os.PathLike, *, rtol: float | None = None, atol: float
                                 "trust its source")
         stages.append(StageRecord(s.name, export, s.files))
     outputs: dict = {}
+    noise = record.tolerance.get("rounding_noise")
+    noise = float(noise) if isinstance(noise, (int, float)) and 0 <= noise < 1 else None  # an untrusted file's value
     results = verify_stages(root, stages, rtol, atol, progress, trust_pickle=trust_pickle,
-                            guard=record.int8.get("guard"), outputs=outputs)
+                            guard=record.int8.get("guard"), outputs=outputs, noise=noise)
     if record.detection.get("nms"):
         detection.verify(root, stages, results, NmsOptions(**record.detection["nms"]), outputs,
                          names=record.detection.get("names", ()), trust_pickle=trust_pickle, pictures=False,

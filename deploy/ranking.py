@@ -17,7 +17,8 @@ __all__ = ["Candidate", "PASS_SETS", "CUDA", "CONFIDENCE", "TIE_BREAK", "target_
            "clearly_slower", "median_interval", "summarize_rounds", "better", "tied", "rank", "closest"]
 
 PASS_SETS = {"default": None, "default+rm": [*fusers.DEFAULT_PASSES, "rm"],
-             "default+equalize": [*fusers.DEFAULT_PASSES, "equalize"]}
+             "default+equalize": [*fusers.DEFAULT_PASSES, "equalize"],
+             "default+grow": [p if p != "merge_sequence" else "merge_sequence_grow" for p in fusers.DEFAULT_PASSES]}
 CUDA = "torch-cuda"  # the plain model (model.deploy.pt2) run by torch on a CUDA GPU, timed with CUDA events
 CONFIDENCE = 0.9  # the least coverage asked of a median's interval (five rounds: their range, 93.75 %)
 TIE_BREAK = ("fewer threads", "smaller accuracy drop (with labels) or higher top-1 agreement", "lower p90",

@@ -331,7 +331,7 @@ def to_markdown(report: dict) -> str:
               f"{merged['convolutions_after']}; MACs {merged['macs_before']:,} -> {merged['macs_after']:,}; "
               f"parameters {rep['params_before']:,} -> {rep['params_after']:,}; float64 max rel error "
               f"{_num(rep['float64_error'])} (vs the captured graph), float32 {_num(rep['float32_error'])} "
-              "(vs the training model).", "",
+              "(vs the training model)." + _proof_note(rep.get("proof", "float64")), "",
               markdown_table(["pass", "round", "rewrites", "refused", "rolled back", "f64 rel err", "seconds"],
                              [[p["name"], p["round"], p["rewrites"], p["refused"], p["rolled_back"],
                                _num(p["max_rel_error"]), _num(p["seconds"], ".2f")] for p in rep["passes"]]), ""]
@@ -375,3 +375,8 @@ def write_reports(report: dict, out_dir: str | os.PathLike) -> tuple[str, str]:
     with open(md_path, "w") as f:
         f.write(to_markdown(jsonable(report)))
     return str(json_path), str(md_path)
+
+
+def _proof_note(proof) -> str:
+    """Where the rewrites could not be checked in float64, say how they were (``Report.proof``)."""
+    return "" if proof == "float64" else f" Rewrites were checked in {proof}, not float64."

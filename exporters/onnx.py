@@ -8,6 +8,10 @@
   (other opsets are reached by version conversion; 17 is the oldest accepted, ``max_opset()`` the
   newest the installed onnx defines). A conversion that fails leaves the file at opset 18 without
   an error from the exporter; the written opset is therefore checked, and a mismatch is an error.
+- An op whose ONNX translation fails on some of its calls (``aten.scaled_dot_product_attention`` on 5-D
+  windows, as in timm's Twins) is decomposed with torch's own decomposition for exactly those calls and the
+  export retried (:mod:`exporters.legalize`); a model that exports as it is goes through unchanged. The
+  artifact's ``decomposed`` metadata and its notes say what was decomposed and why.
 - ``dynamic=True`` makes dimension 0 of every input a symbol ``batch``. A graph captured with a
   static batch may have that batch baked into a reshape; then an output's first dimension stays a
   constant and the export is refused instead of writing a model that is wrong at other batches.
@@ -18,6 +22,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -30,6 +35,7 @@ import numpy as np
 from runtimes.core import Artifact, ExportError, TensorSpec, first_line, require
 
 from ._torch import as_args, io_names, output_leaves, to_graph_module
+from .legalize import Decomposition, decompose_program, plan_onnx_decomposition, single_node_module
 from .targets import ExportJob, Product, Target
 
 __all__ = ["DEFAULT_OPSET", "MIN_OPSET", "max_opset", "export_onnx", "export_onnx_raw", "simplify_onnx",
@@ -39,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
+_MAX_ATTEMPTS = 8  # exports of one model, each after decomposing the failing calls of one more op
 _EXTRA = "onnx"
 
 # ONNX TensorProto element types -> numpy dtype names
@@ -103,6 +110,72 @@ def _unsupported_op(exc: BaseException) -> str | None:
     return m.group(1).replace("torch.ops.", "") if m else None
 
 
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception of ``exc``'s chain as ``Type: first line`` (what the exporter actually tripped on)."""
+    seen = set()
+    while (exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _run_exporter(program, args, path, opset, in_names, out_names, dynamic_shapes) -> None:
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(program, args, os.fspath(path), dynamo=True, opset_version=opset,
+                          input_names=in_names, output_names=out_names, dynamic_shapes=dynamic_shapes,
+                          external_data=False, optimize=True, verbose=False)
+
+
+def _translation_failure(node, inputs: list, opset: int) -> str | None:
+    """The exporter's failure on ``node`` exported alone on ``inputs`` (its recorded input values), or None."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(single_node_module(node), tuple(inputs), dynamo=True, opset_version=opset,
+                              optimize=False, verbose=False)
+    except Exception as e:  # noqa: BLE001 - any failure of the exporter is the answer
+        return _root_cause(e)
+    return None
+
+
+def _legalize(module, args, exc: BaseException, opset: int, done: list[Decomposition]) -> str:
+    """After an export failed with ``exc``: put into ``done`` the decomposition that may let it pass and return
+    '', or return the reason there is none (then the export has failed)."""
+    op = _unsupported_op(exc)
+    if op is None:
+        return "not an op the exporter failed on"
+    earlier = next((d for d in done if str(d.op) == op), None)
+    if earlier is not None and earlier.every_call:
+        return ("decomposing every call of it that torch's decomposition reproduces did not help" if
+                len(earlier.nodes) < earlier.total else "decomposing all its calls did not help")
+    plan, why = plan_onnx_decomposition(module, args, op, _root_cause(exc),
+                                        functools.partial(_translation_failure, opset=opset),
+                                        every_call=earlier is not None)
+    if plan is None:
+        return why
+    if earlier is not None:
+        done.remove(earlier)
+    done.append(plan)
+    return ""
+
+
+def _export_failure(exc: BaseException, opset: int, why: str) -> ExportError:
+    op = _unsupported_op(exc)
+    if op is None:
+        return ExportError(f"torch.onnx.export failed for ONNX (opset {opset}): {first_line(exc)}")
+    cause = _root_cause(exc)
+    if "No ONNX function found" in cause:
+        failed = "the torch.onnx exporter has no translation for it"
+    else:
+        failed = f"the torch.onnx exporter's translation of it fails ({cause})"
+    return ExportError(f"ONNX (opset {opset}) cannot express op {op}: {failed}, and {why}.")
+
+
 def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: bool = False,
                     input_names: Sequence[str] | None = None,
                     output_names: Sequence[str] | None = None) -> Artifact:
@@ -123,25 +196,36 @@ def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: b
     leaves = output_leaves(module, args)
     in_names = io_names(input_names, len(args), "input")
     out_names = io_names(output_names, len(leaves), "output")
-    dynamic_shapes = None
+    dynamic_shapes = named_shapes = None  # the dims to capture with; their names, for an ExportedProgram
     if dynamic:
         batch = torch.export.Dim("batch")
         dynamic_shapes = tuple({0: batch} if isinstance(a, torch.Tensor) and a.dim() > 0 else None for a in args)
+        named_shapes = tuple(d and {0: "batch"} for d in dynamic_shapes)
     for stale in (path, Path(str(path) + ".data")):
         if stale.exists():
             stale.unlink()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(module, args, os.fspath(path), dynamo=True, opset_version=opset,
-                              input_names=in_names, output_names=out_names, dynamic_shapes=dynamic_shapes,
-                              external_data=False, optimize=True, verbose=False)
-    except Exception as e:
-        op = _unsupported_op(e)
-        if op:
-            raise ExportError(f"ONNX (opset {opset}) cannot express op {op}: the torch.onnx exporter has no "
-                              f"translation for it.") from e
-        raise ExportError(f"torch.onnx.export failed for ONNX (opset {opset}): {first_line(e)}") from e
+    program, decomposed = module, []
+    for _ in range(_MAX_ATTEMPTS):
+        try:
+            _run_exporter(program, args, path, opset, in_names, out_names,
+                          dynamic_shapes if program is module else named_shapes)
+            break
+        except Exception as e:
+            try:
+                why = _legalize(module, args, e, opset, decomposed)
+            except Exception as failed:  # noqa: BLE001 - the export's own failure is the one to report
+                log.info("ONNX legalization failed", exc_info=True)
+                why = f"decomposing it failed ({type(failed).__name__}: {first_line(failed)})"
+            if why:
+                raise _export_failure(e, opset, why) from e
+        try:
+            program = decompose_program(module, args, decomposed, dynamic_shapes)
+        except Exception as e:
+            raise ExportError(f"torch.export cannot capture the plain graph to decompose "
+                              f"{', '.join(str(d.op) for d in decomposed)} for ONNX: {first_line(e)}") from e
+    else:
+        raise ExportError(f"the ONNX export still fails after decomposing the failing calls of {len(decomposed)} "
+                          f"op(s) ({', '.join(str(d.op) for d in decomposed)}); -v logs the exporter's failures.")
     if Path(str(path) + ".data").exists():
         raise ExportError(f"the ONNX exporter wrote the weights of {path} to an external file {path}.data; "
                           f"models over 2 GB cannot be embedded in one file.")
@@ -156,6 +240,10 @@ def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: b
                           f"(its version conversion of this model failed); choose --opset {art.metadata['opset']} "
                           "or another opset the conversion supports.")
     art.metadata.update(dynamic_batch=dynamic, exporter=f"torch.onnx dynamo (torch {torch.__version__})")
+    if decomposed:
+        art.metadata["decomposed"] = [d.to_dict() for d in decomposed]
+        for d in decomposed:
+            art.note(str(d))
     if dynamic:
         static = [s.name for s in art.outputs if s.shape and isinstance(s.shape[0], int)]
         if static:
@@ -297,14 +385,13 @@ def convert_onnx_to_fp16(src: Artifact | str | os.PathLike, path=None, *, rtol: 
 def _export_target(job: ExportJob) -> list[Product]:
     """``model.onnx`` (stage ``onnx``), its onnxsim result ``model.sim.onnx`` when that verified (stage
     ``onnx-simplified``), and for ``--precision fp16`` an fp16 copy ``model.fp16.onnx`` (``onnx-fp16``)."""
-    art = export_onnx(job.module, job.args, job.folder / "model.onnx", dynamic=job.dynamic, opset=job.opset,
-                      simplified_path=job.folder / "model.sim.onnx")
+    raw = export_onnx_raw(job.module, job.args, job.folder / "model.onnx", dynamic=job.dynamic, opset=job.opset)
     sim = job.folder / "model.sim.onnx"
-    if art.parent is None and sim.exists():
+    art, simplified = simplify_onnx(raw, sim)
+    if not simplified and sim.exists():
         sim.unlink()  # onnxsim's rejected result: the note in the record says why
-    if art.parent:
-        made = [Product("onnx", describe_onnx(art.parent, precision="fp32"), main=False),
-                Product("onnx-simplified", art, parent="onnx")]
+    if simplified:  # the unsimplified record keeps its own notes (what was decomposed for the exporter)
+        made = [Product("onnx", raw, main=False), Product("onnx-simplified", art, parent="onnx")]
     else:
         made = [Product("onnx", art)]
     if job.precision == "fp16":

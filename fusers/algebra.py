@@ -45,6 +45,8 @@ __all__ = [
     "dirac_tap",
     "carry_input",
     "add_shortcut",
+    "compose_affine",
+    "affine_as_batchnorm",
 ]
 
 
@@ -296,3 +298,22 @@ def add_shortcut(kernel, bias, carried: int, tap: tuple[int, ...], shortcut_kern
     if shortcut_bias is not None:
         b = b + shortcut_bias
     return k, b
+
+
+def compose_affine(s, t, a_in=None, c_in=None, a_out=None, c_out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A_out(s * A_in^-1(u) + t)`` per channel as ``(s', t')``, where ``A(v) = a * v + c`` (None: identity).
+
+    ``s' = a_out * s / a_in``, ``t' = a_out * (t - s * c_in / a_in) + c_out``: a BatchNorm read and written in
+    other coordinates is still one BatchNorm.
+    """
+    if a_in is not None:
+        s, t = s / a_in, t - s * c_in / a_in
+    if a_out is not None:
+        s, t = a_out * s, a_out * t + c_out
+    return s, t
+
+
+def affine_as_batchnorm(s, t, var, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(weight, bias, running_mean)`` of an eval BatchNorm with running variance ``var`` computing ``s * x + t``:
+    ``weight = s * sqrt(var + eps)``, ``bias = t``, ``mean = 0``."""
+    return s * torch.sqrt(var + eps), t.clone(), torch.zeros_like(t)

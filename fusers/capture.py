@@ -145,17 +145,17 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
                       "uses BatchNorm running statistics", stacklevel=2)
     set_training(model, False)
     try:
-        try:
-            with torch.no_grad():
-                model(*args)
-        except Exception as e:
-            raise InputError(f"{type(model).__name__} fails on example inputs of shape {_shapes(args)}: "
-                             f"{first_line(e)}{_where(e)}; pass inputs the model accepts") from e
         printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
         try:
             with contextlib.redirect_stderr(printed):
                 ep = torch.export.export(model, args, strict=False)
         except Exception as e:
+            try:  # the model itself failing on the inputs is the user's to fix, not an export failure
+                with torch.no_grad():
+                    model(*args)
+            except Exception as eager:
+                raise InputError(f"{type(model).__name__} fails on example inputs of shape {_shapes(args)}: "
+                                 f"{first_line(eager)}{_where(eager)}; pass inputs the model accepts") from eager
             if printed.getvalue().strip():
                 log.info("the graph torch.export captured of %s before it stopped:\n%s", type(model).__name__,
                          printed.getvalue().strip())

@@ -440,3 +440,14 @@ def share_identical_weights(gm: fx.GraphModule) -> int:
     if rename:
         remove_unused_attributes(gm)
     return len(rename)
+
+
+def out_of_place(node) -> object | None:
+    """The functional overload of an in-place aten op (``relu_.default`` -> ``relu.default``), else None."""
+    target = getattr(node, "target", None)
+    packet = getattr(target, "overloadpacket", None)
+    name = getattr(packet, "__name__", "")
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    functional = getattr(aten, name[:-1], None)
+    return getattr(functional, target._overloadname, None) if functional is not None else None

@@ -10,7 +10,9 @@ reparameterization tools, so after the passes every such site is listed:
   ``slice_scatter`` ...), which exports as ScatterND.
 
 Each carries the reason: the standing refusal of a pass on its nodes when there is one, otherwise
-what surrounds it.
+what surrounds it. A BatchNorm's reason is worked out on the final graph (``fold_bn_region.why_not``): which
+op blocks moving it back into its input's producers and which blocks moving it forward into its readers,
+unless batch statistics or a rolled-back rewrite settle it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from torch import fx
 
 from .graph import (VIEW_OPS, aten, as_avgpool, as_batchnorm, as_conv, common_path, op_name, shape, sole_user,
                     written_arg)
-from .rules import Refusal
+from .passes.fold_bn_region import FoldBatchNormRegion, why_not
+from .rules import ROLLBACK_CODES, Refusal, RefusalCode
 
 __all__ = ["Leftover", "find_leftovers"]
 
@@ -106,16 +109,29 @@ def _branch_sums(gm, refusals) -> list[Leftover]:
     return out
 
 
+_DECISIVE = ROLLBACK_CODES | {RefusalCode.NO_RUNNING_STATS}
+
+
+def _batchnorm_reason(gm, node: fx.Node, refusals: list[Refusal]) -> str:
+    """Why a BatchNorm stayed: a refusal that settles it (batch statistics, a rewrite the float64 check undid),
+    else why no change of coordinates around it is exact (``fold_bn_region``, derived from the graph now)."""
+    for r in refusals:
+        if node.name in r.nodes and r.code in _DECISIVE:
+            return f"{r.pass_name}: {r.reason}"
+    why = why_not(gm, node)
+    if why is not None:
+        return f"{FoldBatchNormRegion.name}: {FoldBatchNormRegion.refusal}: {why}"
+    src = node.args[0] if node.target == aten.batch_norm.default else node.args[0].args[0]
+    return _why([node], refusals, f"it follows {op_name(src)} ({src.name}); {FoldBatchNormRegion.name} can fold it "
+                                  "but did not run")
+
+
 def find_leftovers(gm: fx.GraphModule, refusals: list[Refusal]) -> list[Leftover]:
     """Every BatchNorm, unmerged sum of parallel linear branches and in-place write left in ``gm``."""
     out = []
     for node in gm.graph.nodes:
         if as_batchnorm(gm, node) is not None:
-            src = node.args[0] if node.target == aten.batch_norm.default else node.args[0].args[0]
-            users = ", ".join(sorted({op_name(u) for u in node.users})) or "the output"
-            out.append(Leftover("batchnorm", [node.name], _why([node], refusals, f"it follows {op_name(src)} and feeds "
-                                                                                  f"{users}: no pass applies"),
-                                common_path([node])))
+            out.append(Leftover("batchnorm", [node.name], _batchnorm_reason(gm, node, refusals), common_path([node])))
         written = written_arg(node)
         if node.target in _SCATTERS or (written is not None and written.target in VIEW_OPS):
             out.append(Leftover("in_place_write", [node.name], _why([node], refusals, f"{op_name(node)} into "

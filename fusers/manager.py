@@ -20,6 +20,7 @@ import torch
 from torch import fx
 
 from .graph import is_erased, remove_unused_attributes
+from .numerics import leaves as tensor_leaves
 from .numerics import max_rel_error
 from .rules import ROLLBACK_CODES, Match, Pass, Refusal, RefusalCode
 
@@ -61,6 +62,8 @@ class Report:
     passes: list[PassRecord] = field(default_factory=list)
     float64_error: float = 0.0
     float32_error: float | None = None
+    proof: str = "float64"  # how rewrites were checked; see ``reparam.reparameterize``
+    proof_shape: list | None = None  # the smaller input shapes the per-pass checks ran at (None: the captured ones)
     ops_before: dict = field(default_factory=dict)
     ops_after: dict = field(default_factory=dict)
     params_before: int = 0
@@ -93,7 +96,8 @@ class Report:
         return {"passes": [p.to_dict() for p in self.passes], "refusals": [r.to_dict() for r in refusals],
                 "rewrites": self.count(), "refused": len(refusals),
                 "left_unfused": [left.to_dict() for left in self.leftovers],
-                "float64_error": self.float64_error, "float32_error": self.float32_error,
+                "float64_error": self.float64_error, "float32_error": self.float32_error, "proof": self.proof,
+                "proof_shape": self.proof_shape,
                 "ops_before": dict(self.ops_before), "ops_after": dict(self.ops_after),
                 "params_before": self.params_before, "params_after": self.params_after, "seconds": dict(self.seconds),
                 "unused": list(self.unused), "dead_ops": dict(self.dead_ops)}
@@ -113,7 +117,8 @@ class Report:
         if self.leftovers:
             lines.append(f"left unfused: {len(self.leftovers)}")
             lines += [f"  {left.kind} {left.site}: {left.reason}" for left in self.leftovers]
-        lines.append(f"float64 max rel error vs captured model: {self.float64_error:.2e}")
+        lines.append(f"float64 max rel error vs captured model: {self.float64_error:.2e}" if self.proof == "float64"
+                     else f"proof: {self.proof}; max rel error vs captured model: {self.float64_error:.2e}")
         if self.float32_error is not None:
             lines.append(f"float32 max rel error vs training model: {self.float32_error:.2e}")
         if self.dead_ops:
@@ -175,6 +180,11 @@ class PassManager:
             method = getattr(instrument, event, None)
             if method is not None:
                 method(*args)
+
+    def _precision(self) -> str:
+        """The dtype the check runs in (float64, or the model's own where the graph cannot run in float64)."""
+        leaf = next(iter(tensor_leaves(self.reference)), None)
+        return "float64" if leaf is None else str(leaf.dtype).removeprefix("torch.")
 
     def _error(self, gm) -> float:
         with torch.no_grad():
@@ -242,7 +252,8 @@ class PassManager:
                 done, rest = self._apply(p, gm, pending, self.budget)
                 err = self._error(gm)
             except Exception as e:  # a crashing rewrite is a bug: undo it, say so, keep going
-                log.exception("pass %s crashed; its rewrites were undone", p.name)
+                log.warning("pass %s crashed (%s: %s); its rewrites were undone", p.name, type(e).__name__, e)
+                log.debug("traceback of the crash", exc_info=True)
                 self._restore(gm, saved)
                 record.rolled_back.append(Refusal(p.name, RefusalCode.CRASHED, [],
                                                   f"pass crashed: {type(e).__name__}: {e}"))
@@ -268,7 +279,8 @@ class PassManager:
                 good.append(m)
             else:
                 record.rolled_back.append(Refusal(p.name, RefusalCode.ROLLED_BACK, m.nodes,
-                                                  f"rolled back: float64 error {err:.1e} > {self.tolerance:.0e}",
+                                                  f"rolled back: {self._precision()} error {err:.1e} > "
+                                                  f"{self.tolerance:.0e}",
                                                   m.path))
         if not good:
             return

@@ -167,7 +167,8 @@ def match_sequence(gm, node, check_cost: bool = True) -> Sequence | Unproven | N
     if check_cost and merged.kernel.numel() > a.kernel.numel() + b2.kernel.numel():
         return Unproven(RefusalCode.WOULD_GROW,
                         f"merging would raise the weights from {a.kernel.numel() + b2.kernel.numel():,} to "
-                        f"{merged.kernel.numel():,} (a bottleneck); kept as two ops")
+                        f"{merged.kernel.numel():,} (a bottleneck); kept as two ops (exact either way: `deploy tune "
+                        "--passes default,default+grow` measures the merged form)")
     return Sequence(first, merged, chain)
 
 

@@ -40,14 +40,17 @@ def convert_dtype(gm: fx.GraphModule, src: torch.dtype, dst: torch.dtype) -> int
             if isinstance(t, torch.Tensor) and t.dtype == src:
                 setattr(module, name, t.detach().to(dst))
     changed = 0
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
+    for module in gm.modules():  # the graph and the subgraphs of higher-order ops (autocast, set_grad_enabled)
+        if not isinstance(module, fx.GraphModule):
             continue
-        args, kwargs = _swap(node.args, src, dst), {k: _swap(v, src, dst) for k, v in node.kwargs.items()}
-        if args != node.args or kwargs != node.kwargs:
-            node.args, node.kwargs = args, kwargs
-            changed += 1
-    gm.recompile()
+        for node in module.graph.nodes:
+            if node.op != "call_function":
+                continue
+            args, kwargs = _swap(node.args, src, dst), {k: _swap(v, src, dst) for k, v in node.kwargs.items()}
+            if args != node.args or kwargs != node.kwargs:
+                node.args, node.kwargs = args, kwargs
+                changed += 1
+        module.recompile()
     return changed
 
 

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import fx
 
-from runtimes.core import eval_mode, max_rel_error, nonfinite, set_training, tensor_leaves
+from runtimes.core import eval_mode, first_line, max_rel_error, nonfinite, set_training, tensor_leaves
 
+from .batch import GUARDS
 from .capture import InputError, as_args, capture, drop_dead_code, unused_parameters
 from .graph import op_counts, remove_unused_attributes, share_identical_weights
 from .leftovers import find_leftovers
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PASSES: tuple[str, ...] = ("slice_writes", "drop_noops", "fold_constants", "constant_pad", "affine_chain",
                                    "fold_bn", "push_affine", "fold_into_next", "merge_linear", "merge_sequence",
-                                   "split_slices")
+                                   "fold_bn_region", "split_slices")
 TOLERANCE = 1e-9
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
 _LAST: list[Report] = []
@@ -66,7 +67,7 @@ def _float_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verify: bool = True,
-                   seed: int = 0, instruments: Iterable[Any] = ()) -> fx.GraphModule:
+                   seed: int = 0, instruments: Iterable[Any] = (), small: bool = True) -> fx.GraphModule:
     """Return a plain deploy module computing the same function as ``model``.
 
     ``model`` is untouched (its train/eval mode is restored). Rewrites run on a float64 copy of
@@ -79,6 +80,13 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
 
     ``instruments`` observe the passes (``on_pass_start``, ``on_pass_end``) and receive the finished
     report (``on_run_end``); see ``fusers.manager.Instrument``.
+
+    With ``small`` the per-pass checks of an image model run at a quarter or half of its spatial size when
+    the graph runs there alike (:func:`_small_inputs`: every conv and pool still sees each of its taps on
+    real data), which is what most of the time goes to. The result is then checked once more at the
+    captured size, to the same ``1e-9``; if that check fails, or the small checks rolled anything back (a
+    rewrite exact at the captured size may not be at the small one), the whole run is done again at the
+    captured size. ``report.proof_shape`` says which size the per-pass checks used.
     """
     args = as_args(example_inputs)
     report, times = Report(), {}
@@ -92,14 +100,21 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     dtype = _float_dtype(model)
 
     start = time.perf_counter()
-    convert_dtype(gm, dtype, torch.float64)
-    check_inputs = seeded_like(args, seed, dtype=torch.float64)
-    with torch.no_grad():
-        reference = gm(*check_inputs)
+    check_inputs, reference, tolerance = _proof_reference(gm, args, dtype, seed, report)
     if verify:
         _check_finite(model, reference)
-    manager = PassManager(resolve_passes(passes), check_inputs, reference, TOLERANCE, instruments=instruments)
+    guards = _drop_guards(gm) if small and report.proof == "float64" else []
+    small_inputs = _small_inputs(gm, check_inputs, reference, seed) if guards else None
+    if small_inputs is not None:
+        with torch.no_grad():
+            small_reference = gm(*small_inputs)
+        report.proof_shape = [list(t.shape) for t in tensor_leaves(small_inputs)]
+        manager = PassManager(resolve_passes(passes), small_inputs, small_reference, tolerance,
+                              instruments=instruments)
+    else:
+        manager = PassManager(resolve_passes(passes), check_inputs, reference, tolerance, instruments=instruments)
     manager.run(gm, report)
+    _restore_guards(gm, guards)
     remove_unused_attributes(gm)
     report.leftovers = find_leftovers(gm, report.refusals())
     shared = share_identical_weights(gm)
@@ -108,6 +123,11 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     with torch.no_grad():
         report.float64_error = max_rel_error(reference, gm(*check_inputs))
     del reference
+    if small_inputs is not None and (report.float64_error > tolerance or any(p.rolled_back for p in report.passes)):
+        log.info("the checks at %s rolled back a rewrite or the result missed %.0e at the captured size (%.1e): "
+                 "again with every check at the captured size", report.proof_shape, tolerance, report.float64_error)
+        return reparameterize(model, example_inputs, passes=passes, verify=verify, seed=seed,
+                              instruments=instruments, small=False)
     convert_dtype(gm, torch.float64, dtype)
     times["passes"] = time.perf_counter() - start
 
@@ -126,6 +146,126 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
              type(model).__name__, report.count(), len(report.refusals()), len(report.leftovers), report.float64_error)
     manager.finish(report)
     return gm
+
+
+def _proof_reference(gm: fx.GraphModule, args, dtype: torch.dtype, seed: int, report: Report):
+    """Seeded inputs, the captured graph's outputs on them, and the tolerance every rewrite is held to.
+
+    The graph runs in float64 and rewrites must agree to :data:`TOLERANCE`. A graph that cannot run in
+    float64 (a kernel that only takes float32, such as a custom extension op) is checked in its own dtype
+    instead, against a bound derived from its size, ``ops * eps(dtype)``: each op rounds once, so a graph
+    of ``ops`` ops computes within about that relative error of itself rewritten. ``report.proof`` says so.
+    """
+    convert_dtype(gm, dtype, torch.float64)
+    check_inputs = seeded_like(args, seed, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            return check_inputs, gm(*check_inputs), TOLERANCE
+    except Exception as e:  # noqa: BLE001 - any kernel's refusal of float64 means the same here
+        if dtype == torch.float64:
+            raise
+        reason = first_line(e)
+    convert_dtype(gm, torch.float64, dtype)
+    check_inputs = seeded_like(args, seed, dtype=dtype)
+    with torch.no_grad():
+        reference = gm(*check_inputs)
+    ops = sum(n.op == "call_function" for n in gm.graph.nodes)
+    tolerance = ops * torch.finfo(dtype).eps
+    report.proof = (f"{str(dtype).removeprefix('torch.')} with a bound of {ops} ops x eps = {tolerance:.1e} "
+                    f"(the graph does not run in float64: {reason})")
+    log.warning("rewrites are checked in %s, not float64: %s", dtype, report.proof)
+    return check_inputs, reference, tolerance
+
+
+def _drop_guards(gm: fx.GraphModule) -> list:
+    """Take out torch.export's checks of the captured input size for the small checks: the calls of its shape
+    guards and its input-constraint hook. :func:`_restore_guards` puts them back."""
+    calls = [(n.target, n.args, getattr(gm, n.target)) for n in gm.graph.nodes
+             if n.op == "call_module" and n.target == GUARDS]
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARDS]:
+        gm.graph.erase_node(node)
+    gm.recompile()
+    hooks = [(k, h) for k, h in gm._forward_pre_hooks.items() if getattr(h, "__name__", "") == _INPUT_HOOK]
+    for k, _ in hooks:
+        del gm._forward_pre_hooks[k]
+    return [calls, hooks]
+
+
+def _restore_guards(gm: fx.GraphModule, guards: list) -> None:
+    if not guards:
+        return
+    calls, hooks = guards
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}  # a rollback copies the graph
+    last = list(placeholders.values())[-1]
+    for target, args, module in calls:
+        gm.add_submodule(target, module)
+        with gm.graph.inserting_after(last):
+            gm.graph.call_module(target, tuple(placeholders[a.name] if isinstance(a, fx.Node) else a for a in args))
+    gm.recompile()
+    gm._forward_pre_hooks.update(hooks)
+
+
+_INPUT_HOOK = "_check_input_constraints_pre_hook"
+
+
+_WINDOWED = {torch.ops.aten.conv1d.default: 1, torch.ops.aten.conv2d.default: 2, torch.ops.aten.conv3d.default: 3,
+             torch.ops.aten.convolution.default: None}
+_POOLS = {torch.ops.aten.avg_pool2d.default, torch.ops.aten.max_pool2d.default, torch.ops.aten.avg_pool1d.default,
+          torch.ops.aten.max_pool1d.default}
+
+
+def _small_inputs(gm: fx.GraphModule, inputs, full, seed: int):
+    """Seeded float64 inputs of a quarter (else half) the spatial size, or None.
+
+    Only for one 4-D floating input of at least 64x64. The smaller input must run through the graph (no
+    reshape baked from the captured size), give outputs of the same rank and finite values, and give every
+    conv and pool an input at least its kernel's extent plus its stride in each spatial dim, so that every
+    tap meets real data at some position and the border and the interior are both checked.
+    """
+    if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() != 4:
+        return None
+    n, c, h, w = inputs[0].shape
+    for scale in (4, 2):
+        if h % scale or w % scale or min(h, w) // scale < 32:
+            continue
+        small = seeded_like((torch.empty(n, c, h // scale, w // scale, dtype=inputs[0].dtype),), seed)
+        seen = _Windows(gm)
+        try:
+            with torch.no_grad():
+                out = seen.run(*small)
+        except Exception:  # noqa: BLE001 - a shape baked into the graph: not at this size
+            continue
+        if [t.dim() for t in tensor_leaves(out)] != [t.dim() for t in tensor_leaves(full)] or \
+                any(nonfinite(t) for t in tensor_leaves(out)) or not seen.covered:
+            continue
+        return small
+    return None
+
+
+class _Windows(fx.Interpreter):
+    """Runs the graph and checks that each conv's and pool's input covers its kernel extent plus its stride."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.covered = True
+
+    def call_function(self, target, args, kwargs):
+        if target in _WINDOWED or target in _POOLS:
+            x = args[0]
+            if target in _POOLS:
+                kernel, stride = list(args[1]), list(args[2] if len(args) > 2 and args[2] else args[1])
+                dilation = [1] * len(kernel)
+            else:
+                kernel = list(args[1].shape[2:])
+                stride = list(args[3]) if len(args) > 3 else [1]
+                dilation = list(args[5]) if len(args) > 5 else [1]
+            nd = len(kernel)
+            stride, dilation = stride * nd if len(stride) == 1 else stride, dilation * nd if len(dilation) == 1 \
+                else dilation
+            for size, k, st, d in zip(x.shape[2:], kernel, stride, dilation):
+                if size < d * (k - 1) + 1 + st:
+                    self.covered = False
+        return super().call_function(target, args, kwargs)
 
 
 def _check_finite(model: torch.nn.Module, reference) -> None:

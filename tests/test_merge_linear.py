@@ -174,10 +174,41 @@ def test_dilated_branches_merge_into_a_large_kernel():
     assert tuple(w.shape) == (4, 1, 7, 7)
 
 
-def test_dilated_branches_without_a_large_kernel_stay_apart():
+def test_dilated_branches_without_a_large_kernel_merge_as_the_authors_do():
+    """Two dilated 3x3s (9 + 9 taps each) become one 7x7 (49 taps): more weights, one conv and no add."""
     deploy, report, ops, err = reparam(Dilated(large=0), 1, 4, 12, 12)
-    assert ops["conv2d"] == 2 and err <= 1e-5
-    assert [(r.pass_name, r.code) for r in report.refusals()] == [("merge_linear", RefusalCode.WOULD_GROW)]
+    assert ops == {"conv2d": 1} and err <= 1e-5 and not report.refusals()
+    (w,) = [p for p in deploy.parameters() if p.dim() == 4]
+    assert tuple(w.shape) == (4, 1, 7, 7)
+
+
+class AvgBranchBlock(nn.Module):
+    """DBB without its 1x1 before the pool: ``bn(conv1x1(x)) + bn(avgpool3x3(x))``, then an activation.
+
+    Average pooling with ``count_include_pad`` is a depthwise conv whose taps are ``1/9``; its BatchNorm
+    folds into it and the branch merges with the 1x1 conv into one dense 3x3 conv.
+    """
+
+    def __init__(self, c=8, count_include_pad=True):
+        super().__init__()
+        self.dbb_1x1 = conv_bn(c, c, 1, 1, 0, 1)
+        self.dbb_avg = nn.Sequential(nn.AvgPool2d(3, 1, 1, count_include_pad=count_include_pad), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(self.dbb_1x1(x) + self.dbb_avg(x))
+
+
+def test_average_pool_branch_and_its_batchnorm_merge_with_the_conv():
+    deploy, report, ops, err = reparam(AvgBranchBlock(), 2, 8, 8, 8)
+    assert ops == {"conv2d": 1, "relu": 1} and err <= 1e-5 and not report.refusals()
+    (w,) = [p for p in deploy.parameters() if p.dim() == 4]
+    assert tuple(w.shape) == (8, 8, 3, 3)
+
+
+def test_average_pool_that_excludes_padding_is_not_a_conv_and_stays():
+    """``count_include_pad=False`` divides border windows by fewer taps: not a fixed kernel, no merge."""
+    deploy, report, ops, err = reparam(AvgBranchBlock(count_include_pad=False), 2, 8, 8, 8)
+    assert ops["avg_pool2d"] == 1 and ops["conv2d"] == 1 and err <= 1e-5
 
 
 class BNAfterSum(nn.Module):

@@ -79,3 +79,14 @@ def test_bottleneck_sequence_is_not_merged():
     deploy, report, ops, err = reparam(model, 1, 16, 6, 6)
     assert ops["conv2d"] == 2 and err <= 1e-5
     assert [(r.pass_name, r.code) for r in report.refusals()] == [("merge_sequence", RefusalCode.WOULD_GROW)]
+
+
+def test_bottleneck_sequence_merges_in_the_grow_pass_set():
+    """``default+grow`` (measured by ``deploy tune``) merges what the default keeps for cost."""
+    from deploy.ranking import PASS_SETS
+
+    model = nn.Sequential(nn.Conv2d(16, 2, 1, bias=False), nn.Conv2d(2, 16, 3, padding=1))
+    deploy, report, ops, err = reparam(model, 1, 16, 6, 6, passes=PASS_SETS["default+grow"])
+    assert ops == {"conv2d": 1} and err <= 1e-5 and not report.refusals()
+    (w,) = [p for p in deploy.parameters() if p.dim() == 4]
+    assert tuple(w.shape) == (16, 16, 3, 3)

@@ -40,3 +40,18 @@ def test_timm_and_torchvision_models_get_their_own_default_folder():
     assert default_name("timm:repvgg_a0") == "timm_repvgg_a0"
     assert default_name("torchvision:resnet18") == "torchvision_resnet18"
     assert default_name("models/net.py:build") == "net_build"
+
+
+def test_an_internal_error_is_one_sentence_and_its_traceback_needs_verbose(capsys, monkeypatch):
+    from deploy import cli
+
+    def broken(args):
+        raise RuntimeError("Tensor dtype mismatch! Expected: Float, Got: double\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_zoo", broken)
+    rc, out, err = main_in_process(capsys, "zoo")
+    assert rc == 1 and "Traceback" not in err
+    assert error_line(err) == ("deploy zoo: error: internal error (RuntimeError: Tensor dtype mismatch! Expected: "
+                               "Float, Got: double); run again with -v for the traceback and report it.")
+    rc, out, err = main_in_process(capsys, "zoo", "-v")
+    assert rc == 1 and "Traceback" in err and "second line" in err

@@ -67,7 +67,7 @@ class TokensAttention(nn.Module):
 def test_batchnorms_fold_into_linears_behind_tokens_and_per_channel_pooling():
     _, report, ops, err = reparam(TokensAttention(), 2, 8, 4, 4)
     assert not [k for k in ops if "batch_norm" in k] and ops["linear"] == 3 and err <= 1e-5, report.summary()
-    assert report.count("push_affine") == 2
+    assert report.count("push_affine") + report.count("fold_bn_region") == 2  # the region pass may take the second
 
 
 class PoolAcrossChannels(nn.Module):

@@ -10,6 +10,9 @@ the Linear's shape do not count).
 A BatchNorm (or a per-channel ``s * x + t``) after a ``cat`` along channels is split per producer:
 the producer of channels ``[a, b)`` takes ``s[a:b]``, ``t[a:b]``. Done when every producer is a
 convolution or Linear that only the ``cat`` reads; the ``cat`` then stands where the BatchNorm was.
+
+A BatchNorm after anything else, or after a conv whose output others read too, is refused here with
+what it follows; ``fold_bn_region`` may still fold it by rescaling the region around it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from torch import fx
 
 from .. import algebra
-from ..graph import Conv, aten, as_batchnorm, as_conv, erase_unused, replace_conv, shape, sole_user, value_users
+from ..graph import (Conv, aten, as_batchnorm, as_conv, erase_unused, op_name, replace_conv, shape, sole_user,
+                     value_users)
 from ..matchers import channel_affine
 from ..rules import Match, Pass, RefusalCode
 
@@ -42,14 +46,14 @@ class FoldBatchNorm(Pass):
             return self.refuse(RefusalCode.NO_RUNNING_STATS, [node], _BATCH_STATS)
         conv = as_conv(gm, bn.x) or _linear_behind_views(gm, bn)
         if conv is None:  # stands only if the BN is still there when the passes are done
-            what = getattr(bn.x, "target", getattr(bn.x, "op", "input"))
-            return self.refuse(RefusalCode.NO_PRODUCER, [node],
-                               f"it follows {getattr(what, '__name__', what)}, not a conv or Linear, and feeds no "
-                               "unpadded conv; kept as an affine op")
+            what = op_name(bn.x) if isinstance(bn.x, fx.Node) else "a constant"
+            return self.refuse(RefusalCode.NO_PRODUCER, [node], f"it follows {what} ({getattr(bn.x, 'name', bn.x)}), "
+                               "not a conv or Linear")
         if conv.node is not bn.x:  # a Linear whose features a view made the BatchNorm's channels
             return self.found([node], (conv, bn))
         if sole_user(conv.node) is not node:
-            return self.refuse(RefusalCode.OTHER_USERS, [node], f"{conv.node.name} output is also used elsewhere")
+            others = ", ".join(u.name for u in conv.node.users if u is not node)
+            return self.refuse(RefusalCode.OTHER_USERS, [node], f"{conv.node.name}'s output is also read by {others}")
         if conv.kind == "linear" and len(shape(conv.node) or ()) != 2:
             return self.refuse(RefusalCode.LINEAR_NOT_2D, [node],
                                "BatchNorm after a Linear with a non-2-D output normalises another dim")

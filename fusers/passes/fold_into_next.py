@@ -30,7 +30,8 @@ class FoldIntoNext(Pass):
         if affine is None:
             return None
         if sole_user(conv.x) is not node:
-            return self.refuse(RefusalCode.OTHER_USERS, [node], f"{conv.x.name} is also used elsewhere")
+            others = ", ".join(u.name for u in conv.x.users if u is not node)
+            return self.refuse(RefusalCode.OTHER_USERS, [node], f"{conv.x.name} is also read by {others}")
         if any(conv.padding):
             return self.refuse(RefusalCode.PADDED_CONV, [node],
                                f"the conv zero-pads its input (padding {conv.padding}); the border would see 0 "

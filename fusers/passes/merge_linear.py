@@ -12,7 +12,9 @@ padding ``p - c``), bias shifts ``conv(x) - v``, and FastViT's RepMixer
 ``s * (a + f) + t = (s * a + t) + s * f``, so ``bn(conv(x) + conv(relu(conv(x))))`` keeps no BatchNorm:
 each branch's last conv takes ``s``, one of them ``t`` (a branch that is not a conv, such as a
 residual ``x``, cannot take ``s``: then the BatchNorm stays). Exactness conditions are checked in ``algebra.merge_branches``:
-a group that fails one is left as it was, with the reason.
+a group that fails one is left as it was, with the reason. A group merges even when its kernel holds more
+weights than the branches did (a 1x1 conv beside a 3x3 average pool, dilated 3x3s without a large kernel), as
+ACNet's and DBB's own conversions do: one conv replaces several convs, pools and adds.
 """
 
 from __future__ import annotations
@@ -233,13 +235,6 @@ def _plan(root, terms, flat, kind, refusals, refuse) -> Plan | None:
             merged = algebra.merge_branches([t.branch.scaled(t.coef) for t in group], tuple(in_size))
         except algebra.NotExact as e:
             refusals.append(refuse(e.code, [t.node for t in group], str(e)))
-            plan.rest.extend(group)
-            continue
-        before = sum(t.branch.kernel.numel() for t in group)
-        if merged.kernel.numel() > before:  # e.g. small dilated kernels with no large kernel to absorb them
-            refusals.append(refuse(RefusalCode.WOULD_GROW, [t.node for t in group],
-                                   f"one kernel would hold {merged.kernel.numel():,} weights, "
-                                   f"the branches hold {before:,}"))
             plan.rest.extend(group)
             continue
         if absorb:

@@ -7,6 +7,11 @@ input to its bias ``b1``; so the sequence is exact only when every padded value 
 With zero padding and a nonzero bias the border outputs would change (error ~0.1): refused.
 A per-channel affine op after the pad (``s * y + t``, DBB's ``+ v``) joins the 1x1 conv first:
 ``K1' = s * K1``, ``b1' = s * b1 + t``. The pattern is matched by ``matchers.match_sequence``.
+
+Outside a branch sum a sequence whose merged kernel holds more weights than its two ops (a bottleneck,
+``16 -> 2 -> 16`` channels) is kept by ``merge_sequence``: exact either way, and which runs faster is a
+question for the runtime. ``merge_sequence_grow`` merges those too; ``deploy tune --passes
+default,default+grow`` converts with each and keeps the faster by measurement.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ class MergeSequence(Pass):
     name = "merge_sequence"
     refusal = "1x1 -> kxk sequence not merged"
 
+    grow = False  # merge a bottleneck too (see the module docstring)
+
     def match(self, gm, node):
-        seq = match_sequence(gm, node)
+        seq = match_sequence(gm, node, check_cost=not self.grow)
         if isinstance(seq, Unproven):
             return self.refuse(seq.code, [node], seq.why)
         return None if seq is None else self.found([node], seq)
@@ -32,3 +39,10 @@ class MergeSequence(Pass):
         replace_conv(gm, node, seq.first.x, "conv", b.kernel, b.bias, b.stride, b.padding, b.dilation, b.groups)
         erase_unused(gm.graph, [node])
         return f"1x1 conv + {node.target.__name__} -> conv"
+
+
+class MergeSequenceGrow(MergeSequence):
+    """``merge_sequence`` that also merges a bottleneck into one larger kernel."""
+
+    name = "merge_sequence_grow"
+    grow = True

@@ -1,0 +1,82 @@
+"""Per-pass checks at a smaller spatial size, one final check at the captured size.
+
+The float64 checks of an image model run at a quarter or half of its size when every conv and pool still
+meets each of its taps on real data there; the result must still agree at the captured size, or the run is
+done again with every check at the captured size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fusers
+from fusers.graph import as_conv, replace_conv
+from fusers.rules import Pass, RefusalCode
+from helpers import randomize_bn
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 3, 2, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.b(self.a(x)).mean((2, 3))
+
+
+class Flattening(ConvNet):
+    """A head that flattens the feature map into a Linear: its weight is sized by the captured input."""
+
+    def __init__(self, size=64):
+        super().__init__()
+        self.fc = nn.Linear(8 * (size // 2) ** 2, 4)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x)).flatten(1))
+
+
+class DropPadding(Pass):
+    """A deliberately broken rewrite that changes only the border: the first conv loses its padding and the
+    lost ring is put back as zeros."""
+
+    name = "drop_padding"
+
+    def match(self, gm, node):
+        c = as_conv(gm, node)
+        return self.found([node]) if c is not None and c.padding == (1, 1) and c.stride == (1, 1) else None
+
+    def rewrite(self, gm, match):
+        (node,) = [n for n in gm.graph.nodes if n.name == match.nodes[0]]
+        c = as_conv(gm, node)
+        new = replace_conv(gm, node, c.x, "conv", c.weight, c.bias, c.stride, (0, 0), c.dilation, c.groups)
+        with gm.graph.inserting_after(new):
+            padded = gm.graph.call_function(torch.ops.aten.constant_pad_nd.default, (new, [1, 1, 1, 1], 0.0))
+        new.replace_all_uses_with(padded)
+        padded.args = (new, [1, 1, 1, 1], 0.0)
+        gm.graph.erase_node(node)
+        return "padding dropped"
+
+
+def _run(model, size, passes=None):
+    model = randomize_bn(model)
+    return fusers.reparameterize(model, (torch.randn(1, 3, size, size),), passes=passes).reparam_report
+
+
+def test_checks_run_at_a_quarter_size_and_the_result_holds_at_the_captured_size():
+    report = _run(ConvNet(), 128)
+    assert report.proof_shape == [[1, 3, 32, 32]]
+    assert "batch_norm" not in report.ops_after and report.float64_error <= 1e-12
+
+
+def test_a_small_input_is_not_used_below_64_or_where_the_graph_bakes_the_size():
+    assert _run(ConvNet(), 48).proof_shape is None
+    assert _run(Flattening(64), 64).proof_shape is None
+
+
+def test_a_border_bug_is_still_rolled_back():
+    report = _run(ConvNet(), 128, passes=[DropPadding()])
+    codes = {r.code for r in report.refusals()}
+    assert codes == {RefusalCode.ROLLED_BACK} and report.float64_error == 0.0
+    assert report.proof_shape is None  # the small checks rolled something back: done again at the captured size
