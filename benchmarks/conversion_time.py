@@ -24,8 +24,11 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fusers, not an installed one
 
 MODELS = ("repvgg_a0", "mobileone_s0", "repvgg_b1", "fastvit_t8")
 

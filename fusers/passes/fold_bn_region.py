@@ -15,12 +15,14 @@ identity, and rewrite every op that touches ``R`` to compute in them, adding no 
   ``c = c_p +- c_q``), ``cat`` and channel slices or splits (``a`` and ``c`` concatenated or sliced), average
   pooling and means over non-channel dims (``avg(a*v + c) = a*avg(v) + c``; ``c = 0`` where zero padding is
   averaged in), max pooling (``max(a*v + c) = a*max(v) + c`` for ``a > 0``), ReLU (``relu(a*v) = a*relu(v)``
-  for ``a > 0``, ``c = 0``) and views that keep the channel dim;
+  for ``a > 0``, ``c = 0``); views that keep the channel dim whole, permutes and transposes move the dim the
+  change runs along (a Linear reads its last dim);
 * any other op reads ``v`` only where ``a_v = 1`` and ``c_v = 0``.
 
 The scales follow from the seed along these rules; a tensor that would need two scales is refused. The
-shifts are free at conv, Linear and BatchNorm outputs (a bias takes them) and tied elsewhere: one linear
-system per channel, solved in float64 by least squares and used only when it leaves no residual. A scale
+shifts are free at conv, Linear and BatchNorm outputs (a bias takes them) and tied elsewhere: a linear
+system whose unknowns are blocks of channels that move together, solved in float64 by least squares and
+used only when it leaves no residual; otherwise the constraint with the largest residual is named. A scale
 under 1e-6 of the largest is refused: undoing it would lose the channel's precision.
 
 Examples: CoAtNet's first pre-norm reads the stem conv, whose output also feeds the average-pooled
