@@ -65,11 +65,11 @@ def check_eatformer(plain, ops, y):
     assert y.shape == (1, NUM_CLASSES)
     blocks = 2
     assert ops["softmax"] == blocks and ops["layer_norm"] == blocks and ops["matmul"] == 2 * blocks  # q·kᵀ, ·v
-    # merge_linear refuses to sum branches of different dilation ("mismatched dilations"): MSRA keeps its
-    # three depthwise branches, each with its dilation and groups == channels.
-    msra = [c for c in conv_layers(plain) if ".msra.branches." in c.path]
-    assert sorted(c.dilation for c in msra) == sorted([(1, 1), (2, 2), (3, 3)] * blocks)
-    assert all(c.groups == c.in_channels for c in msra)  # depthwise
+    # MSRA's three depthwise 3x3 branches of dilation 1, 2, 3 meet on the gcd grid: one depthwise conv per block
+    # whose 7x7 kernel holds the dilated taps (the dilated reparameterization of UniRepLKNet).
+    msra = [c for c in conv_layers(plain) if c.path.endswith(".msra")]
+    assert len(msra) == blocks and not [c for c in conv_layers(plain) if ".msra.branches." in c.path]
+    assert all(c.kernel == (7, 7) and c.dilation == (1, 1) and c.groups == c.in_channels for c in msra)
 
 
 CASES = {  # name: (factory keywords, input size, structural check); small enough for ~90 s on 2 cores

@@ -6,8 +6,8 @@ Each ``EATBlock`` has three residual parts, ``x += MSRA(x)``, ``x += GLI(x)``, `
 
 - ``MSRA`` (multi-scale region aggregation): parallel depthwise 3×3 conv-BN branches with dilation 1, 2, 3
   are summed (the weighted aggregation of regions of several sizes), then GELU and a 1×1 conv-BN. The sum
-  equals one depthwise 7×7 convolution, but ``merge_linear`` refuses branches of mismatched dilation, so
-  the deploy form keeps the three dilated depthwise convs (each with its BN folded in).
+  equals one depthwise 7×7 convolution: ``merge_linear`` puts the dilated taps on the common grid, so the
+  deploy form has one depthwise conv per block (its BNs folded in).
 - ``GLI`` (global and local interaction): LayerNorm over channels, then the channels are split: a local
   part goes through a depthwise 3×3 conv-BN-GELU, a global part through multi-head self-attention over
   the flattened tokens; concatenated and projected by a 1×1 conv-BN. The paper's modulated deformable
