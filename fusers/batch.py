@@ -56,6 +56,11 @@ def _shapes(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, tuple[int, ...
     return shapes
 
 
+def guard_calls(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's calls of torch.export's input-shape guards (they assert the captured input size)."""
+    return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARDS]
+
+
 def free_batch(gm: fx.GraphModule, x: torch.Tensor, tol: float = TOL) -> tuple[int, str]:
     """Make ``gm`` (captured on the single input ``x``) batch-generic in place; see the module
     docstring. Returns ``(reshapes rewritten, "")``, or ``(0, reason)`` when the graph was left as it was."""
@@ -76,7 +81,7 @@ def free_batch(gm: fx.GraphModule, x: torch.Tensor, tol: float = TOL) -> tuple[i
         size = gm.graph.call_function(torch.ops.aten.sym_size.int, (source, 0))
     for n in sites:
         n.args = (n.args[0], [size, *n.args[1][1:]], *n.args[2:])
-    for guard in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARDS]:
+    for guard in guard_calls(gm):
         gm.graph.erase_node(guard)  # torch.export's shape guards assert the captured batch
     gm.recompile()
     reason = _prove(before, gm, x, tol)

@@ -396,8 +396,9 @@ def op_counts(gm: torch.nn.Module) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def remove_unused_attributes(gm: fx.GraphModule) -> None:
-    """Drop dead get_attr nodes and every parameter, buffer and submodule the graph no longer reads."""
+def remove_unused_attributes(gm: fx.GraphModule, recompile: bool = True) -> None:
+    """Drop dead get_attr nodes and every parameter, buffer and submodule the graph no longer reads
+    (``recompile=False``: the caller regenerates the code before the graph runs again)."""
     graph = gm.graph
     for node in list(graph.nodes):  # dtype assertions on folded constants guard nothing
         if node.target == aten._assert_tensor_metadata.default and all(a.op == "get_attr" for a in node.all_input_nodes):
@@ -411,7 +412,8 @@ def remove_unused_attributes(gm: fx.GraphModule) -> None:
             module._parameters.pop(attr, None)
             module._buffers.pop(attr, None)
     gm.delete_all_unused_submodules()
-    gm.recompile()
+    if recompile:
+        gm.recompile()
 
 
 def share_identical_weights(gm: fx.GraphModule) -> int:

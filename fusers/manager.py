@@ -187,6 +187,7 @@ class PassManager:
         return "float64" if leaf is None else str(leaf.dtype).removeprefix("torch.")
 
     def _error(self, gm) -> float:
+        gm.recompile()  # the rewrites edit the graph only; its code is generated once, here, before it runs
         with torch.no_grad():
             return max_rel_error(self.reference, gm(*self.inputs))
 
@@ -208,6 +209,7 @@ class PassManager:
                 self._notify("on_pass_end", record)
             if not changed:
                 break
+        gm.recompile()
         report.settle(gm)
 
     def finish(self, report: Report) -> None:
@@ -221,7 +223,7 @@ class PassManager:
         Returns the rewrites made (match, description) and the matches not reached.
         """
         by_name = {n.name: n for n in gm.graph.nodes}
-        base, done, rest = _nbytes(gm) if budget is not None else 0, [], []
+        base, done, rest = _new_bytes(gm) if budget is not None else 0, [], []
         for i, m in enumerate(matches):
             node = by_name.get(m.nodes[0])
             fresh = p.match(gm, node) if node is not None and not is_erased(node) else None
@@ -229,11 +231,10 @@ class PassManager:
                 done.append((m, p.rewrite(gm, fresh)))
             else:
                 log.debug("%s: %s skipped, the site changed", p.name, m.site)
-            if budget is not None and _nbytes(gm) - base > budget:
+            if budget is not None and _new_bytes(gm) - base > budget:
                 rest = matches[i + 1:]
                 break
         gm.graph.lint()
-        gm.recompile()
         return done, rest
 
     def _run_pass(self, p: Pass, gm, round_: int) -> PassRecord:
@@ -265,7 +266,7 @@ class PassManager:
                 self._restore(gm, saved)
                 self._bisect(p, gm, record, [m for m, _ in done], saved)
             pending = rest
-            remove_unused_attributes(gm)  # weights replaced by an accepted chunk are freed now
+            remove_unused_attributes(gm, recompile=False)  # weights replaced by an accepted chunk are freed now
         return record
 
     def _bisect(self, p: Pass, gm, record: PassRecord, matches: list[Match], saved) -> None:
@@ -296,9 +297,15 @@ class PassManager:
 
     @staticmethod
     def _restore(gm, saved) -> None:
-        gm.graph = copy.deepcopy(saved)
-        gm.recompile()
+        gm.graph = copy.deepcopy(saved)  # the setter recompiles
 
 
 def _nbytes(gm) -> int:
     return sum(t.numel() * t.element_size() for t in list(gm.parameters()) + list(gm.buffers()))
+
+
+def _new_bytes(gm) -> int:
+    """The bytes of the tensors held on ``gm`` itself, where rewrites put their new weights
+    (:func:`fusers.graph.add_tensor`): cheap enough to read after every rewrite."""
+    tensors = list(gm._parameters.values()) + list(gm._buffers.values())
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -21,7 +21,7 @@ from torch import fx
 
 from runtimes.core import eval_mode, first_line, max_rel_error, nonfinite, set_training, tensor_leaves
 
-from .batch import GUARDS
+from .batch import guard_calls
 from .capture import InputError, as_args, capture, drop_dead_code, unused_parameters
 from .graph import op_counts, remove_unused_attributes, share_identical_weights
 from .leftovers import find_leftovers
@@ -178,9 +178,8 @@ def _proof_reference(gm: fx.GraphModule, args, dtype: torch.dtype, seed: int, re
 def _drop_guards(gm: fx.GraphModule) -> list:
     """Take out torch.export's checks of the captured input size for the small checks: the calls of its shape
     guards and its input-constraint hook. :func:`_restore_guards` puts them back."""
-    calls = [(n.target, n.args, getattr(gm, n.target)) for n in gm.graph.nodes
-             if n.op == "call_module" and n.target == GUARDS]
-    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == GUARDS]:
+    calls = [(n.target, n.args, getattr(gm, n.target)) for n in guard_calls(gm)]
+    for node in guard_calls(gm):
         gm.graph.erase_node(node)
     gm.recompile()
     hooks = [(k, h) for k, h in gm._forward_pre_hooks.items() if getattr(h, "__name__", "") == _INPUT_HOOK]

@@ -343,14 +343,30 @@ def interrupted_sweep(models):
         while not (out / "results.jsonl").is_file() or len((out / "results.jsonl").read_text().splitlines()) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
             time.sleep(0.2)
-        time.sleep(1.0)  # repvgg_digits' conversion is running now
+        while not _processes_of(out, "convert", "repvgg_digits"):  # its job has started (not merely been queued)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        time.sleep(0.5)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     return proc.returncode, err, out
+
+
+def _processes_of(out: Path, *words: str) -> list[str]:
+    """The ids of the processes whose command line names ``out`` and every one of ``words``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace") if entry.name.isdigit() else ""
+        except OSError:
+            continue
+        if str(out) in cmdline and all(w in cmdline for w in words):
+            found.append(entry.name)
+    return found
 
 
 @pytest.mark.e2e
@@ -374,14 +390,7 @@ def test_ctrl_c_keeps_the_table_kills_the_running_job_and_exits_130(interrupted_
     assert "Traceback" not in err
     assert _statuses((out / "sweep.md").read_text()) == {"killer.py:build": ["killed", "killed"],
                                                          "tiny.py:build": ["pass", "pass"]}
-    running = []  # no job process of this sweep outlives it
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and str(out) in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                running.append(entry.name)
-        except OSError:
-            pass
-    assert not running
+    assert not _processes_of(out)  # no job process of this sweep outlives it
 
 
 def _kill_session(sid: int) -> None:
