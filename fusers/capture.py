@@ -170,7 +170,7 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
 
 # ------------------------------------------------------------------------------------------ dead code
 
-def _aliases_input(node: fx.Node) -> bool:
+def aliases_input(node: fx.Node) -> bool:
     """Whether ``node``'s result may share memory with its first argument (a view, ``contiguous``, ``to``, an
     in-place op's return): its schema says so, or it is one of the views the graph module knows."""
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -183,7 +183,7 @@ def _aliases_input(node: fx.Node) -> bool:
 
 def _memory_of(node: fx.Node) -> fx.Node:
     """The node whose fresh result ``node`` may alias (``node`` itself when it computes a new tensor)."""
-    while _aliases_input(node):
+    while aliases_input(node):
         node = node.args[0]
     return node
 
