@@ -329,6 +329,12 @@ def test_rerun_into_the_same_out_skips_finished_jobs(pool_sweep, models):
     assert {p: p.stat().st_mtime_ns for p in reports} == reports
 
 
+def _sigint_by_default() -> None:
+    """Give the sweep Ctrl-C's default disposition: a test run started in the background (``nohup``, ``&`` in a
+    script) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def interrupted_sweep(models):
     """A sweep of a model whose forward kills its process, the tiny model, then repvgg_digits, sent SIGINT once
@@ -337,7 +343,7 @@ def interrupted_sweep(models):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen([sys.executable, "-m", "deploy", "sweep", "killer.py:build", "tiny.py:build",
                              "repvgg_digits", "--out", str(out)], cwd=models, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_by_default)
     try:
         deadline = time.monotonic() + 300
         while not (out / "results.jsonl").is_file() or len((out / "results.jsonl").read_text().splitlines()) < 2:
