@@ -21,8 +21,8 @@ need to know about a format, so none of them holds a table of its own:
   every run (the plain model, ``pt2``).
 
 The built-in targets are declared at the bottom of ``exporters.pt2``, ``exporters.onnx``,
-``exporters.openvino``, ``exporters.tflite`` and ``exporters.tensorrt``; more can be added with
-:func:`register` (or a ``reparam_deploy.targets`` entry point naming a module that registers
+``exporters.openvino``, ``exporters.tflite``, ``exporters.tensorrt`` and ``exporters.executorch``; more can
+be added with :func:`register` (or a ``reparam_deploy.targets`` entry point naming a module that registers
 them). Adding a format is one module; adding a precision to a format is an edit of its record.
 """
 
@@ -43,7 +43,8 @@ __all__ = ["Target", "ExportJob", "Product", "register", "get", "names", "all_ta
 
 log = logging.getLogger(__name__)
 
-BUILTIN_MODULES = ("exporters.pt2", "exporters.onnx", "exporters.openvino", "exporters.tflite", "exporters.tensorrt")
+BUILTIN_MODULES = ("exporters.pt2", "exporters.onnx", "exporters.openvino", "exporters.tflite", "exporters.tensorrt",
+                   "exporters.executorch")
 ENTRY_POINT_GROUP = "reparam_deploy.targets"
 
 

@@ -8,16 +8,20 @@ Adding a runtime is one new file with a subclass implementing the three ``*_impl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .core import Artifact, CorruptArtifact, DeployError, MissingDependency, TensorSpec
 
-__all__ = ["Runner", "InputMismatch", "CorruptArtifact", "MissingDependency", "check_file", "corrupt", "error_reason"]
+__all__ = ["Runner", "InputMismatch", "CorruptArtifact", "MissingDependency", "check_file", "corrupt", "error_reason",
+           "native_stderr_to_log"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,42 @@ def error_reason(exc: BaseException) -> str:
     lines = [ln.strip().rstrip(".") for ln in str(exc).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
     return (useful or lines or [type(exc).__name__])[-1 if useful else 0]
+
+
+@contextlib.contextmanager
+def native_stderr_to_log(chatter: str, label: str) -> Iterator[None]:
+    """Hold what a runtime's C++ code writes on file descriptor 2 while the block runs.
+
+    Native libraries announce themselves there and no environment variable silences them (LiteRT's
+    XNNPACK delegate: ``INFO: Created TensorFlow Lite XNNPACK delegate``; ExecuTorch's CPU probe:
+    ``[cpuinfo_utils.cpp:71] Reading file ...``). Lines starting with ``chatter`` go to the debug log
+    under ``label``; anything else (warnings, errors) is written back to stderr when the block ends,
+    raising or not.
+    """
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode(errors="replace")
+            kept = []
+            for line in text.splitlines(keepends=True):
+                if line.startswith(chatter):
+                    log.debug("%s: %s", label, line.rstrip())
+                else:
+                    kept.append(line)
+            if kept:
+                os.write(2, "".join(kept).encode())
 
 
 class Runner:

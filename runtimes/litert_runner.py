@@ -18,58 +18,19 @@ default): the runner feeds ``clip(round(x / s) + z)`` in the tensor's integer ra
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from .core import Artifact, TensorSpec, require
 
-from .base import Runner, check_file, corrupt
+from .base import Runner, check_file, corrupt, native_stderr_to_log
 
 __all__ = ["LiteRTRunner"]
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _native_stderr_to_log() -> Iterator[None]:
-    """Hold what LiteRT's C++ code writes on file descriptor 2 while the block runs.
-
-    The XNNPACK delegate announces itself there (``INFO: Created TensorFlow Lite XNNPACK delegate
-    for CPU.``, once a process, when the first interpreter allocates its tensors) and no environment
-    variable silences it (``TF_CPP_MIN_LOG_LEVEL`` does not). ``INFO:`` lines go to the debug log;
-    anything else (warnings, errors) is written back to stderr when the block ends, raising or not.
-    """
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:  # no stderr to redirect
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            text = sink.read().decode(errors="replace")
-            kept = []
-            for line in text.splitlines(keepends=True):
-                if line.startswith("INFO: "):
-                    log.debug("LiteRT: %s", line.rstrip())
-                else:
-                    kept.append(line)
-            if kept:
-                os.write(2, "".join(kept).encode())
 
 
 def _numbered(names) -> list[str]:
@@ -147,7 +108,8 @@ class LiteRTRunner(Runner):
         path = check_file(self.path, "TFLite")
         lite = require("ai_edge_litert.interpreter", "tflite", "the LiteRT runner")
         try:
-            with _native_stderr_to_log():  # allocating applies the XNNPACK delegate, which says so on stderr
+            # allocating applies the XNNPACK delegate, which says so on stderr
+            with native_stderr_to_log("INFO: ", "LiteRT"):
                 self.interpreter = lite.Interpreter(model_path=path, num_threads=self.threads)
                 self.interpreter.allocate_tensors()
             signatures = self.interpreter.get_signature_list()

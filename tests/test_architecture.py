@@ -236,7 +236,7 @@ def test_a_registered_target_is_converted_verified_inspected_and_benched(basic_o
 def test_unknown_targets_list_the_registered_ones(basic_onnx, tmp_path):
     from deploy.pipeline import ConvertOptions, PipelineError, convert
 
-    with pytest.raises(PipelineError, match=r"known targets: onnx, openvino, tflite, tensorrt, onnx-basic"):
+    with pytest.raises(PipelineError, match=r"known targets: onnx, openvino, tflite, tensorrt, executorch, onnx-basic"):
         convert(ConvertOptions(targets=("coreml",), out=str(tmp_path / "o")))
 
 
