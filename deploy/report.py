@@ -331,7 +331,9 @@ def to_markdown(report: dict) -> str:
               f"{merged['convolutions_after']}; MACs {merged['macs_before']:,} -> {merged['macs_after']:,}; "
               f"parameters {rep['params_before']:,} -> {rep['params_after']:,}; float64 max rel error "
               f"{_num(rep['float64_error'])} (vs the captured graph), float32 {_num(rep['float32_error'])} "
-              "(vs the training model)." + _proof_note(rep.get("proof", "float64")), "",
+              "(vs the training model)." + _proof_note(rep.get("proof", "float64"))
+              + (f" The {rep['tolerance_note']}." if isinstance(rep.get("tolerance_note"), str)
+                 and rep["tolerance_note"] else ""), "",
               markdown_table(["pass", "round", "rewrites", "refused", "rolled back", "f64 rel err", "seconds"],
                              [[p["name"], p["round"], p["rewrites"], p["refused"], p["rolled_back"],
                                _num(p["max_rel_error"]), _num(p["seconds"], ".2f")] for p in rep["passes"]]), ""]

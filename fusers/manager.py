@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import fx
-
 from torch.utils._pytree import tree_map
 
 from .capture import aliases_input
