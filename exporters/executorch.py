@@ -51,7 +51,7 @@ def export_executorch(model, args, path, *, precision: str = "fp32", input_names
     """Lower ``model`` (traced on ``args``) to an ExecuTorch program for XNNPACK at ``path``; see the module
     docstring."""
     check_precision(precision, ("fp32",), fmt="ExecuTorch")
-    require("executorch", EXTRA, "ExecuTorch export")
+    executorch = require("executorch", EXTRA, "ExecuTorch export")
     import torch
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
@@ -70,8 +70,6 @@ def export_executorch(model, args, path, *, precision: str = "fp32", input_names
         raise ExportError(f"ExecuTorch could not lower the model for XNNPACK: {first_line(e)}") from e
     path.write_bytes(program.buffer)
     art = describe_pte(path, input_names=input_names, output_names=output_names, precision=precision)
-    import executorch
-
     art.metadata.update(exporter=f"executorch {getattr(executorch, '__version__', '?')} (XnnpackPartitioner)",
                         delegated_calls=delegated, backends=backends, portable_ops=portable)
     if portable:
