@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fusers.manager import NOISE_FACTOR  # one factor for every rounding-noise floor
 from runtimes.core import first_line, nonfinite
 
 from .record import PipelineError, StageRecord, VerificationRecord
@@ -137,9 +138,6 @@ def record_reference(vdir: Path, model, x: np.ndarray, samples: tuple[np.ndarray
                      **(ground_truth or {}))
             np.savez(vdir / "samples_reference.npz", **{f"output{i}": o for i, o in enumerate(samples_ref)})
     return rounding_noise(model, x, ref)
-
-
-NOISE_FACTOR = 3.0
 
 
 def rounding_noise(model, x: np.ndarray, reference: Sequence[np.ndarray]) -> float | None:

@@ -181,8 +181,9 @@ def _proof_reference(gm: fx.GraphModule, args, dtype: torch.dtype, seed: int, re
 def _drop_guards(gm: fx.GraphModule) -> list:
     """Take out torch.export's checks of the captured input size for the small checks: the calls of its shape
     guards and its input-constraint hook. :func:`_restore_guards` puts them back."""
-    calls = [(n.target, n.args, getattr(gm, n.target)) for n in guard_calls(gm)]
-    for node in guard_calls(gm):
+    nodes = guard_calls(gm)
+    calls = [(n.target, n.args, getattr(gm, n.target)) for n in nodes]
+    for node in nodes:
         gm.graph.erase_node(node)
     gm.recompile()
     hooks = [(k, h) for k, h in gm._forward_pre_hooks.items() if getattr(h, "__name__", "") == _INPUT_HOOK]

@@ -9,7 +9,8 @@ from torch import nn
 
 import fusers
 from deploy import zoo
-from fusers.graph import as_conv, module_path, op_counts
+from fusers.graph import as_conv, module_path, op_counts, replace_conv
+from fusers.rules import Pass
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -54,3 +55,22 @@ def conv_layers(plain) -> list[ConvLayer]:
             out.append(ConvLayer(path, tuple(conv.stride), tuple(conv.dilation), conv.groups,
                                  conv.weight.shape[1] * conv.groups, tuple(conv.weight.shape[2:])))
     return out
+
+
+class ScaleWeights(Pass):
+    """A deliberately broken pass: rescales the weights of the conv named ``n`` by ``factors[n]``."""
+
+    name = "scale_weights"
+
+    def __init__(self, factors):
+        self.factors = factors
+
+    def match(self, gm, node):
+        return self.found([node], self.factors[node.name]) if node.name in self.factors else None
+
+    def rewrite(self, gm, match):
+        (node,) = [n for n in gm.graph.nodes if n.name == match.nodes[0]]
+        c = as_conv(gm, node)
+        replace_conv(gm, node, c.x, "conv", c.weight * match.plan, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        gm.graph.erase_node(node)
+        return f"x{match.plan}"

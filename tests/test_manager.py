@@ -8,28 +8,8 @@ from torch import nn
 
 import fusers
 from deploy import zoo
-from fusers.graph import as_conv, replace_conv
-from fusers.rules import Pass, RefusalCode
-from helpers import randomize_bn
-
-
-class ScaleWeights(Pass):
-    """A deliberately broken pass: rescales the weights of the conv named ``n`` by ``factors[n]``."""
-
-    name = "scale_weights"
-
-    def __init__(self, factors):
-        self.factors = factors
-
-    def match(self, gm, node):
-        return self.found([node], self.factors[node.name]) if node.name in self.factors else None
-
-    def rewrite(self, gm, match):
-        (node,) = [n for n in gm.graph.nodes if n.name == match.nodes[0]]
-        c = as_conv(gm, node)
-        replace_conv(gm, node, c.x, "conv", c.weight * match.plan, c.bias, c.stride, c.padding, c.dilation, c.groups)
-        gm.graph.erase_node(node)
-        return f"x{match.plan}"
+from fusers.rules import RefusalCode
+from helpers import ScaleWeights, randomize_bn
 
 
 def test_inexact_rewrite_is_rolled_back_and_exact_one_kept():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_manager import ScaleWeights
+from helpers import ScaleWeights
 
 import fusers
 from deploy import zoo
