@@ -104,6 +104,8 @@ def _check_runtimes(runtimes: Sequence[str], device: str) -> None:
             registry.check_available(target, f"benchmarking on {r}")
         except MissingDependency as e:
             raise PipelineError(f"{str(e).rstrip('.')}; drop {r} from --runtimes") from e
+        if target.not_run_here():
+            raise PipelineError(f"the {r} runtime cannot run here ({target.not_run_here()}); drop {r} from --runtimes")
 
 
 def _check_options(opts: BenchOptions) -> str:
@@ -173,6 +175,10 @@ def _stage_files(record: RunRecord, runtimes: Sequence[str] | None) -> tuple[dic
         if stage is None or not stage.path:
             raise PipelineError(f"the run in {record.out_dir} has no {runtime} artifact; convert with --targets "
                                 f"including {target.name}, or drop {runtime} from --runtimes")
+        if stage.verification.not_run:
+            notes.append(f"{runtime}: skipped, its artifact {stage.path} was written, not run "
+                         f"({stage.verification.not_run})")
+            continue
         if not stage.passed:
             notes.append(f"{runtime}: skipped, its artifact {stage.path} did not verify ({stage.reason})")
             continue
@@ -431,6 +437,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
     out_dir = _resolve_dir(opts, progress)
     record = load_record(out_dir)
     picked, notes = _stage_files(record, opts.runtimes)
+    notes += [n for n in [registry.phone_note(list(picked))] if n]
     plain_stages = [s for s in record.stages if PT2 in s.files.files]  # the .pt2 the cost model reads
     notes += _check_unchanged([*picked.values(), *plain_stages], out_dir, opts.allow_changed, opts.trust_pickle)
     if not picked:

@@ -7,6 +7,7 @@
     deploy bench DIR_OR_MODEL [options]       latency of the artifacts on their runtimes (and of the training form)
     deploy tune MODEL_OR_DIR [options]        choose runtime, precision, passes and threads by measuring them
     deploy sweep MODEL... [options]           convert a catalogue of models, each in its own process: a table
+    deploy doctor DIR [--stage NAME]          where a stage of a convert run loses accuracy or fails
     deploy zoo                                list the built-in models
 
 ``deploy MODEL [options]`` (no command) is ``deploy convert MODEL [options]``. Exit status: 0 when
@@ -31,7 +32,7 @@ import sys
 import time
 import warnings
 
-COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "detect", "zoo", "sweep")
+COMMANDS = ("convert", "verify", "inspect", "bench", "tune", "detect", "zoo", "sweep", "doctor")
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 
 
@@ -245,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
                     "every artifact on its own runtime.",
         epilog="With no command, 'deploy [MODEL] [options]' runs 'deploy convert'. Plain 'deploy' converts the "
                f"built-in trained default ({DEFAULT_MODEL}) into runs/{DEFAULT_MODEL}.")
-    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,tune,detect,zoo,sweep}")
+    sub = p.add_subparsers(dest="command", metavar="{convert,verify,inspect,bench,tune,detect,zoo,sweep,doctor}")
 
     c = sub.add_parser("convert", help="convert a model into verified artifacts",
                        description="load -> capture -> passes -> plain model (DIR/model.deploy.pt2) -> exporters "
@@ -408,6 +409,7 @@ def _parser() -> argparse.ArgumentParser:
     z = sub.add_parser("zoo", help="list the built-in models")
     _common(z)
     _sweep_parser(sub)
+    _doctor_parser(sub)
     p.set_defaults(commands=sub.choices)
     return p
 
@@ -460,6 +462,30 @@ def _sweep_parser(sub) -> None:
     _common(w)
 
 
+def _doctor_parser(sub) -> None:
+    from .doctor import CHECK_TIMEOUT, MAX_CHECKS, SAMPLES
+
+    o = sub.add_parser("doctor", help="say where a stage of a convert run loses accuracy or fails",
+                       description="diagnose the stages of a deploy convert output directory that failed or changed "
+                       "(or --stage): an fp32 stage that disagrees -> the first tensor where it diverges from the "
+                       "plain graph; an INT8 stage -> the per-layer table and the float scope; an export or runtime "
+                       "failure -> the smallest failing ONNX subgraph, written to DIR/doctor/reduced.onnx",
+                       epilog="Exit status: 0 when the diagnosis ran (the table is the result), 2 for bad input.")
+    o.add_argument("dir", metavar="DIR", help="output directory of deploy convert")
+    o.add_argument("--stage", metavar="NAME", help="the stage to diagnose (default: every stage that failed or "
+                   "whose files changed since conversion)")
+    o.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    o.add_argument("--out", metavar="DIR", help="where a reduced subgraph is written (default DIR/doctor)")
+    o.add_argument("--samples", type=_at_least(0, 100_000), default=SAMPLES, metavar="N",
+                   help=f"held-out samples compared besides the seeded input (default {SAMPLES})")
+    o.add_argument("--max-checks", type=_at_least(1, 10_000), default=MAX_CHECKS, metavar="N",
+                   help=f"runtime checks of a reduction, at most (default {MAX_CHECKS})")
+    o.add_argument("--check-timeout", type=_width, default=CHECK_TIMEOUT, metavar="S",
+                   help=f"seconds of one runtime check before it counts as a hang (default {CHECK_TIMEOUT:g})")
+    o.add_argument("--trust-pickle", action="store_true", help=_TRUST_HELP)
+    _common(o)
+
+
 # ----------------------------------------------------------------------------------------------- output
 
 class _Progress:
@@ -498,9 +524,11 @@ def _stage_lines(stages) -> str:
 
 def _verdict(stages, failures: list[str]) -> str:
     n = len(stages) - 1
+    unrun = sum(1 for s in stages[1:] if s.verification.not_run and not s.export.error)
+    tail = f"; {unrun} written, not run here" if unrun else ""
     if failures:
-        return f"{len(failures)} of {n} stage(s) FAILED"
-    return "the stage passes" if n == 1 else f"all {n} stages pass"
+        return f"{len(failures)} of {n} stage(s) FAILED{tail}"
+    return ("the stage passes" if n - unrun == 1 else f"all {n - unrun} stages pass") + tail
 
 
 def _int8_lines(q: dict) -> str:
@@ -510,6 +538,10 @@ def _int8_lines(q: dict) -> str:
     if "sqnr_db" in eq:
         lines.append(f"equalize {'applied' if eq['chosen'] else 'not applied'}: INT8 output SQNR "
                      f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with")
+    decode = [s["name"] for s in q.get("float_scope", []) if s.get("op") != "layer"]
+    if decode:
+        lines.append(f"float scope: {len(decode)} op(s) after the last conv of each output kept in float (decode: "
+                     f"{', '.join(decode[:6])}{' ...' if len(decode) > 6 else ''})")
     for f in q.get("fallbacks", []):
         lines.append(f"fallback {f['stage']}: {len(f['kept_in_float'])} layer(s) kept in float, bound "
                      f"{'met' if f['passed'] else 'still not met'}")
@@ -524,7 +556,7 @@ def _int8_lines(q: dict) -> str:
 
 def _failures(stages) -> list[str]:
     return [f"FAILED {s.name} ({s.path or 'not written'}): {s.reason}" for s in stages
-            if not s.passed and s.name != "training"]
+            if s.failed and s.name != "training"]
 
 
 _INT8_FLAGS = (("--calibration", "calibration", None), ("--calibration-size", "calibration_size", 128),
@@ -750,6 +782,24 @@ def cmd_sweep(args) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import doctor
+    from .report import text_table
+
+    found = doctor(args.dir, stage=args.stage, out=args.out, trust_pickle=args.trust_pickle, samples=args.samples,
+                   max_checks=args.max_checks, check_timeout=args.check_timeout,
+                   progress=_Progress(args.quiet))
+    if args.json:
+        print(json.dumps({"run": args.dir, "diagnoses": [d.to_dict() for d in found]}, indent=2, default=str))
+        return EXIT_OK
+    for i, d in enumerate(found):
+        print(("\n" if i else "") + _printable(text_table(d.headers, [[str(c) for c in r] for r in d.rows])))
+        for note in d.notes:
+            print(_printable(f"note: {note}"))
+        print(_printable(f"\n{d.conclusion}"))
+    return EXIT_OK
+
+
 def cmd_zoo(args) -> int:
     from . import zoo
 
@@ -856,7 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     _setup_logging(args.verbose)
     handlers = {"convert": cmd_convert, "verify": cmd_verify, "inspect": cmd_inspect, "bench": cmd_bench,
-                "tune": cmd_tune, "detect": cmd_detect, "zoo": cmd_zoo, "sweep": cmd_sweep}
+                "tune": cmd_tune, "detect": cmd_detect, "zoo": cmd_zoo, "sweep": cmd_sweep,
+                "doctor": cmd_doctor}
     if hasattr(signal, "SIGXFSZ"):  # over ulimit -f a write fails with EFBIG (said in one sentence), not a core dump
         with contextlib.suppress(ValueError):  # (not the main thread: signals stay as they are)
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -24,7 +24,7 @@ output tensor names, and the MACs of convolutions and linear layers); one analys
   foldable. For an artifact in a ``deploy convert`` output directory (or a ``.pt2`` written by it)
   the numbers merged by the run are read back from its report.
 
-Readers: torch (a model, captured with torch.export, or a ``.pt2``), ONNX, OpenVINO IR, TFLite.
+Readers: torch (a model, captured with torch.export, or a ``.pt2``), ONNX, OpenVINO IR, TFLite, ExecuTorch.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ import numpy as np
 from runtimes.core import count_parameters, require
 
 __all__ = ["OpSummary", "count_parameters", "inspect_path", "inspect_module", "inspect_source", "layer_costs",
-           "read_torch", "read_onnx", "read_openvino", "read_tflite"]
+           "read_torch", "read_onnx", "read_openvino", "read_tflite", "read_executorch", "read_ncnn", "read_coreml",
+           "read_mnn"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,24 @@ _KINDS = {
                "FULLY_CONNECTED": "linear", "BATCH_MATMUL": "linear", "ADD": "binary", "SUB": "binary",
                "MUL": "binary", "DIV": "binary", "ADD_N": "sum", "PAD": "pad", "PADV2": "pad",
                "AVERAGE_POOL_2D": "pool", "DEQUANTIZE": "pass"},
+    "executorch": {"Conv2d": "conv", "DepthwiseConv2d": "conv", "ConvTranspose2d": "conv",  # XNNPACK nodes
+                   "FullyConnected": "linear", "BatchMatrixMultiply": "linear", "Add": "binary",
+                   "Multiply": "binary", "Subtract": "binary", "Div": "binary", "StaticConstantPad": "pad",
+                   "AvgPooling2d": "pool", "Convert": "pass"},
+    "coreml": {"conv": "conv", "conv_transpose": "conv", "linear": "linear", "matmul": "linear", "batch_norm": "bn",
+               "add": "binary", "sub": "binary", "mul": "binary", "real_div": "binary", "pad": "pad",
+               "avg_pool": "pool", "cast": "pass", "identity": "pass"},
+    "ncnn": {**dict.fromkeys(("Convolution", "ConvolutionDepthWise", "Convolution1D", "Convolution3D",
+                              "ConvolutionDepthWise1D", "ConvolutionDepthWise3D", "Deconvolution",
+                              "DeconvolutionDepthWise", "Deconvolution1D", "Deconvolution3D"), "conv"),
+             "InnerProduct": "linear", "Gemm": "linear", "MatMul": "linear", "BatchNorm": "bn", "BinaryOp": "binary",
+             "Scale": "binary", "Eltwise": "sum", "Padding": "pad", "Pooling": "pool", "Split": "pass",
+             "Noop": "pass", "Cast": "pass"},
+    "mnn": {**dict.fromkeys(("Convolution", "ConvolutionDepthwise", "Deconvolution", "DeconvolutionDepthwise",
+                             "ConvInt8", "DepthwiseConvInt8"), "conv"),
+            "MatMul": "linear", "BatchMatMul": "linear", "BatchNorm": "bn", "BinaryOp": "binary", "Scale": "binary",
+            "Eltwise": "sum", "Padding": "pad", "Pooling": "pool", "ConvertTensor": "pass", "Cast": "pass",
+            "FloatToInt8": "pass", "Int8ToFloat": "pass"},
 }
 # ONNX quantization ops -> their input slots holding scales and zero points (quantization parameters, not weights)
 _ONNX_QPARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "QLinearConv": (1, 2, 4, 5, 6, 7),
@@ -602,12 +621,281 @@ def read_tflite(path: str, summary: OpSummary) -> OpSummary:
     return _analyze(summary, nodes, consts)
 
 
+def read_executorch(path: str, summary: OpSummary) -> OpSummary:
+    """An ExecuTorch ``.pte``: the kernel calls of its ``forward`` plan (by operator name) and the nodes of every
+    XNNPACK delegate (its flatbuffer decoded with ExecuTorch's own schema, ``XNN`` prefix dropped: ``Conv2d``);
+    parameters are the constant tensors of both. Other backends' delegates count as one op each."""
+    require("executorch.exir", "executorch", "inspecting ExecuTorch files")
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(Path(path).read_bytes()).program
+    plans = {p.name: p for p in program.execution_plan}
+    plan = plans.get("forward") or program.execution_plan[0]
+    values = [v.val for v in plan.values]
+    consts = {f"v{i}": math.prod(t.sizes) for i, t in enumerate(values)
+              if hasattr(t, "sizes") and t.data_buffer_idx > 0 and t.allocation_info is None}
+    nodes = []
+    for instruction in (i for chain in plan.chains for i in chain.instructions):
+        call = instruction.instr_args
+        if hasattr(call, "op_index"):  # KernelCall: inputs, then the out argument
+            name = plan.operators[call.op_index].name.split("::")[-1]
+            names = [f"v{a}" for a in call.args]
+            nodes.append(_Node(name, _KINDS["torch"].get(name, "other"), names[:-1], names[-1:]))
+        elif hasattr(call, "delegate_index"):
+            delegate = plan.delegates[call.delegate_index]
+            if delegate.id == "XnnpackBackend" and int(delegate.processed.location) == 0:  # inline data
+                blob = program.backend_delegate_data[delegate.processed.index].data
+                nodes += _xnnpack_nodes(blob, f"d{call.delegate_index}:", consts)
+            else:
+                nodes.append(_Node(delegate.id, "other", [f"v{a}" for a in call.args], []))
+    for kind, ids in (("inputs", plan.inputs), ("outputs", plan.outputs)):
+        for n, i in enumerate(ids):
+            t = values[i]
+            dtype = t.scalar_type.name.lower() if hasattr(t, "scalar_type") else "?"
+            getattr(summary, kind).append(_spec(f"{kind[:-1]}{n}", tuple(getattr(t, "sizes", ())), dtype))
+    return _analyze(summary, nodes, consts)
+
+
+def _xnnpack_nodes(blob: bytes, prefix: str, consts: dict[str, int]) -> list[_Node]:
+    """The nodes of one XNNPACK delegate's graph (``consts`` gets its constant tensors)."""
+    import re
+    import tempfile
+    from importlib.resources import files
+
+    from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
+    from executorch.exir._serialize._flatbuffer import _flatc_decompile
+
+    header = XNNHeader.from_bytes(blob[:XNNHeader.EXPECTED_LENGTH])
+    if not header.is_valid():
+        raise ValueError("an XNNPACK delegate has no valid header")
+    schema = files("executorch.backends.xnnpack.serialization").joinpath("schema.fbs")
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = Path(tmp) / "graph.bin"
+        graph.write_bytes(blob[header.flatbuffer_offset:header.flatbuffer_offset + header.flatbuffer_size])
+        _flatc_decompile(tmp, os.fspath(schema), os.fspath(graph))
+        text = (Path(tmp) / "graph.json").read_text()
+    text = re.sub(r"(?<=[:\[,\s])(-?)inf\b", r"\1Infinity", text)  # flatc writes bare inf / nan
+    data = json.loads(re.sub(r"(?<=[:\[,\s])-?nan\b", "NaN", text))
+    dims = {}
+    for value in data.get("xvalues", []):
+        t = value["xvalue_union"]
+        t = t.get("tensor_value", t)  # a quantized tensor wraps the plain one
+        dims[t["id_out"]] = tuple(t.get("dims", ()))
+        if t.get("constant_buffer_idx", 0) > 0:
+            consts[f"{prefix}{t['id_out']}"] = math.prod(dims[t["id_out"]])
+    nodes = []
+    for x in data.get("xnodes", []):
+        op, fields = x["xnode_union_type"].removeprefix("XNN"), x["xnode_union"]
+        ids = [v for k, v in fields.items() if k.endswith("_id") and k != "output_id" and v in dims]
+        out = fields.get("output_id")
+        n = _Node(op, _KINDS["executorch"].get(op, "other"), [f"{prefix}{i}" for i in ids],
+                  [f"{prefix}{out}"] if out is not None else [])
+        numel = math.prod(dims.get(out, ()) or (0,))
+        if n.kind == "conv" and "kernel_height" in fields:
+            n.kernel = _kernel((fields["kernel_height"], fields["kernel_width"]), depthwise=op == "DepthwiseConv2d")
+            n.macs = numel * fields["kernel_height"] * fields["kernel_width"] * fields.get("group_input_channels", 1)
+        elif n.kind == "linear" and len(dims.get(fields.get("filter_id"), ())) == 2:
+            n.macs = numel * dims[fields["filter_id"]][1]
+        nodes.append(n)
+    return nodes
+
+
 def _const_through(index: int, ops, consts) -> bool:
     """Whether tensor ``index`` is computed from constants only (a DEQUANTIZE of fp16 weights)."""
     for op in ops:
         if index in [int(o) for o in op["outputs"]]:
             return all(str(int(i)) in consts for i in op["inputs"] if int(i) >= 0)
     return False
+
+
+def read_coreml(path: str, summary: OpSummary) -> OpSummary:
+    """An ``.mlpackage`` ML Program, from its model description alone (a protobuf: parsing it runs nothing; the
+    weights file is not read, the weights' shapes are in the description). Its ``const`` ops are the constants
+    (float ones count as parameters), ``constexpr_*`` ops the weights they decompress."""
+    from runtimes.coreml_runner import MIL_DTYPES, feature_specs, load_spec, operations
+
+    spec = load_spec(path)
+    ops = list(operations(spec))
+
+    def dims(value) -> tuple | None:
+        if value.type.WhichOneof("type") != "tensorType":
+            return None
+        return tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else None
+                     for d in value.type.tensorType.dimensions)
+
+    def args(op, key: str | None = None) -> list[str]:  # the tensors an op reads, x and y first
+        keys = [key] if key else sorted(op.inputs, key=lambda k: (k not in ("x", "y"), k != "x", k))
+        return [b.name for k in keys if k in op.inputs for b in op.inputs[k].arguments if b.name]
+
+    shapes, consts, ints = {}, {}, {}
+    for op in ops:
+        for o in op.outputs:
+            shapes[o.name] = dims(o)
+        if op.type == "const" or op.type.startswith("constexpr_"):
+            t = op.outputs[0].type.tensorType
+            numel, _ = _numel(shapes[op.outputs[0].name] or ())
+            floating = MIL_DTYPES.get(int(t.dataType), "").startswith(("float", "bfloat"))
+            consts[op.outputs[0].name] = numel if floating else 0
+            value = op.attributes["val"].immediateValue.tensor if "val" in op.attributes else None
+            if value is not None and (value.ints.values or value.bools.values):  # groups, transpose_y
+                ints[op.outputs[0].name] = [int(v) for v in (value.ints.values or value.bools.values)]
+            for i in args(op):  # the compressed data and scales of a decompressed weight: counted as the weight
+                consts[i] = 0
+    nodes = []
+    for op in ops:
+        if op.type == "const" or op.type.startswith("constexpr_"):
+            continue
+        kind = _KINDS["coreml"].get(op.type, "other")
+        n = _Node(op.type, kind, args(op), [o.name for o in op.outputs])
+        out = shapes.get(n.outputs[0]) if n.outputs else None
+        numel, fixed = _numel(out) if out else (0, True)
+        n.per_sample = not fixed
+        weight = next(iter(args(op, "weight") or args(op, "y")), None)
+        wshape = shapes.get(weight) if weight in consts else None
+        if kind == "conv" and wshape:
+            groups = (ints.get(next(iter(args(op, "groups")), ""), [1]) or [1])[0]
+            n.kernel = _kernel(wshape[2:], int(groups))
+            if op.type == "conv_transpose":  # weight (C_in, C_out / groups, k...): every input element fans out
+                x = shapes.get(next(iter(args(op, "x")), ""))
+                n.macs = _numel(x)[0] * math.prod(wshape[1:]) if x else 0
+            else:
+                n.macs = numel * math.prod(wshape[1:])
+        elif kind == "linear":
+            if wshape is None:
+                n.kind = "other"
+            elif op.type == "linear":  # weight (out, in)
+                n.macs = numel * int(wshape[-1])
+            else:
+                transposed = bool(ints.get(next(iter(args(op, "transpose_y")), ""), [0])[0])
+                n.macs = numel * int(wshape[-1] if transposed else wshape[-2] if len(wshape) >= 2 else wshape[0])
+        nodes.append(n)
+    inputs, outputs = feature_specs(spec)
+    summary.inputs += [_spec(s.name, s.shape, s.dtype) for s in inputs]
+    summary.outputs += [_spec(s.name, s.shape, s.dtype) for s in outputs]
+    stored = spec.description.metadata.userDefined.get("deploy.json")
+    if stored:
+        data = json.loads(stored)
+        if isinstance(data, dict) and "merged" in data:
+            summary.merged = dict(data.get("merged") or {}, **{"from": f"{Path(path).name} metadata"})
+    return _analyze(summary, nodes, consts)
+
+
+def read_ncnn(path: str, summary: OpSummary) -> OpSummary:
+    """An ncnn ``.param`` text, parsed strictly (``runtimes.ncnn_runner.read_param``: it is untrusted input).
+    Parameters: the weights and biases its layers read from the ``.bin``, from their parameters (Convolution
+    ``6=weight_data_size``, ``5=bias_term``...). No MACs: the text holds no tensor shapes."""
+    from runtimes.ncnn_runner import UNCOUNTED, input_dims, layer_weights, read_param
+
+    param = read_param(path)
+    nodes, consts, uncounted = [], {}, Counter()
+    for layer in param.layers:
+        if layer.type == "Input":
+            summary.inputs += [_spec(t, input_dims(layer) or (None,), "float32") for t in layer.tops]
+            continue
+        weights = layer_weights(layer)
+        if layer.type == "MemoryData":  # a constant blob
+            consts.update({t: weights if i == 0 else 0 for i, t in enumerate(layer.tops)})
+            continue
+        uncounted[layer.type] += layer.type in UNCOUNTED
+        kind = _KINDS["ncnn"].get(layer.type, "other")
+        if layer.type == "BinaryOp" and layer.get(0) == 0 and len(layer.bottoms) == 2:  # 0=0: add
+            kind = "sum"
+        elif layer.type in ("Eltwise", "Pooling") and layer.get(0) != 1:  # Eltwise 0=1: sum; Pooling 0=1: average
+            kind = "other"
+        inputs = list(layer.bottoms) + ([f"{layer.name}:weights"] if weights else [])
+        if weights:
+            consts[f"{layer.name}:weights"] = weights
+        n = _Node(layer.type, kind, inputs, list(layer.tops))
+        if kind == "conv":
+            kw = layer.get(1)
+            kh, kd = layer.get(11, kw), layer.get(21, kw)
+            dims = (kd, kh, kw) if "3D" in layer.type else (kw,) if "1D" in layer.type else (kh, kw)
+            n.kernel = _kernel(dims, layer.get(7, 1) if "DepthWise" in layer.type else 1)
+        nodes.append(n)
+    summary.outputs += [_spec(t, (None,), "float32") for t in param.outputs()]
+    summary.notes.append("ncnn blobs are one sample (no batch dimension); MACs not computed: an ncnn .param holds "
+                         "no tensor shapes")
+    if +uncounted:
+        summary.notes.append("weights of " + ", ".join(f"{v} {k}" for k, v in sorted((+uncounted).items()))
+                             + " layer(s) not counted in the parameters")
+    return _analyze(summary, nodes, consts)
+
+
+_MNN_DTYPES = {"DT_FLOAT": "float32", "DT_HALF": "float16", "DT_DOUBLE": "float64", "DT_INT32": "int32",
+               "DT_INT64": "int64", "DT_UINT8": "uint8", "DT_INT8": "int8", "DT_BOOL": "bool"}
+
+
+def read_mnn(path: str, summary: OpSummary) -> OpSummary:
+    """A ``.mnn`` file: its ops and parameters from MNN's JSON dump (``exporters.mnn.dump_json``), the shapes of
+    its tensors from MNN's runtime (``MNN.expr.load_as_dict``, for MACs). A convolution's parameters are its float
+    weights and biases, or, when MNN stores the weights compressed (fp16 or int8 ``quanParameter``), the element
+    count of its kernel; float ``Const`` blobs count, integer ones (shapes, axes) do not."""
+    from exporters.mnn import dump_json
+    from runtimes.mnn_runner import mnn_modules, native_output
+
+    model = dump_json(path)
+    names = [str(n) for n in model.get("tensorName") or []]
+
+    def tensor(i) -> str:
+        return names[i] if isinstance(i, int) and 0 <= i < len(names) else f"#{i}"
+
+    _, _, expr = mnn_modules()
+    with native_output("MNN"):
+        variables = expr.load_as_dict(path)
+        shapes = {k: tuple(int(d) for d in v.shape) for k, v in variables.items()}
+        names_of = {"float": "float32", "double": "float64", "int": "int32", "int64": "int64", "uint8": "uint8",
+                    "int8": "int8"}
+        dtypes = {k: names_of.get(str(v.dtype).replace("dtype.", ""), "?") for k, v in variables.items()}
+    nodes, consts = [], {}
+    for op in model["oplists"]:
+        t, main = str(op.get("type", "?")), op.get("main") or {}
+        outs = [tensor(i) for i in op.get("outputIndexes") or []]
+        ins = [tensor(i) for i in op.get("inputIndexes") or []]
+        if t == "Input":
+            dtype = _MNN_DTYPES.get(str(main.get("dtype", "DT_FLOAT")), str(main.get("dtype")))
+            summary.inputs.append(_spec(outs[0] if outs else "?", main.get("dims") or (), dtype))
+            continue
+        if t == "Const":
+            real = main.get("dataType", "DT_FLOAT") in ("DT_FLOAT", "DT_HALF", "DT_BFLOAT16")
+            consts[outs[0] if outs else "?"] = math.prod(main.get("dims") or [1]) if real else 0
+            continue
+        kind = _KINDS["mnn"].get(t, "other")
+        if t in ("BinaryOp", "UnaryOp") and main.get("opType"):
+            t = str(main["opType"])  # MNN's op families, by operation: ADD, MUL, SIGMOID...
+        if kind == "pool" and main.get("type") != "AVEPOOL":
+            kind = "other"
+        n = _Node(t, kind, ins, outs)
+        out = shapes.get(outs[0]) if outs else None
+        numel = math.prod(out) if out else 0
+        if kind == "conv":
+            common = main.get("common") or {}
+            k = (int(common.get("kernelY", 1)), int(common.get("kernelX", 1)))
+            groups, cout = max(int(common.get("group", 1)), 1), int(common.get("outputCount", 0))
+            cin = int(common.get("inputCount", 0)) or (shapes.get(ins[0], (0, 0))[1] if ins else 0)
+            depthwise = "Depthwise" in t
+            per_out = (1 if depthwise else cin // groups) * k[0] * k[1]
+            n.kernel = _kernel(k, groups, depthwise=depthwise)
+            n.macs = numel * per_out
+            stored = len(main.get("weight") or [])
+            consts[f"{op.get('name', t)}:weights"] = (stored or (cout * per_out if main.get("quanParameter") else 0)) \
+                + len(main.get("bias") or [])
+            n.inputs.append(f"{op.get('name', t)}:weights")
+        elif kind == "linear":
+            weights = [i for i in ins if i in consts]
+            if not weights or not ins or ins[-1] not in consts:
+                n.kind = "other"
+            else:
+                wshape = shapes.get(ins[-1]) or ()
+                n.macs = numel * int(wshape[-2] if main.get("transposeB") is not True and len(wshape) >= 2
+                                     else wshape[-1] if wshape else 0)
+        nodes.append(n)
+    read = {i for n in nodes for i in n.inputs}
+    for name in model.get("outputName") or [o for n in nodes for o in n.outputs if o not in read]:
+        summary.outputs.append(_spec(str(name), shapes.get(str(name), ()), dtypes.get(str(name), "?")))
+    if any(op.get("name", "").endswith("__matmul_converted") for op in model["oplists"]):
+        summary.notes.append("MNN's converter turns a MatMul with constant weights into a 1x1 convolution, "
+                             "so linear layers are counted as convolutions")
+    return _analyze(summary, nodes, consts)
 
 
 # -------------------------------------------------------------------------------------------- entry
@@ -621,15 +909,21 @@ def _run_beside(path: Path):
         record = load_record(path.parent)
     except PipelineError:
         return None
-    return record if any(path.name in s.files.files for s in record.stages) else None
+    return record if any(path.name in _names(s.files.files) for s in record.stages) else None
+
+
+def _names(files) -> set[str]:
+    """The files of a stage and the packages (folders) holding them, relative to the run directory."""
+    return {part for f in files for part in (f, f.split("/")[0])}
 
 
 def _changed_since(record, path: Path) -> bool:
-    """Whether ``record`` lists ``path`` with another sha256."""
+    """Whether ``record`` lists ``path`` (a file, or the files of a package folder) with another sha256."""
     from .record import sha256
 
-    recorded = [s.files.sha256[path.name] for s in record.stages if path.name in s.files.sha256]
-    return bool(recorded) and sha256(path) not in recorded
+    recorded = [(f, h) for s in record.stages for f, h in s.files.sha256.items()
+                if f == path.name or f.startswith(path.name + "/")]
+    return any(not (path.parent / f).is_file() or sha256(path.parent / f) != h for f, h in recorded)
 
 
 def read_torch(path: str, summary: OpSummary, *, trust_pickle: bool = False) -> OpSummary:
@@ -660,7 +954,7 @@ def inspect_path(path: str | os.PathLike, *, trust_pickle: bool = False) -> OpSu
         known = [s for t in registry.all_targets() if t.inspect for s in t.suffixes]
         raise ValueError(f"cannot inspect {p}: unknown extension {p.suffix!r}; expected "
                          f"{', '.join(known)} or a model (zoo name, timm:NAME, file.py:FACTORY)")
-    if not p.is_file():
+    if not (p.is_file() or p.is_dir() and p.suffix in target.suffixes):  # a package (.mlpackage) is a folder
         raise FileNotFoundError(f"{p} does not exist; check the path")
     summary = OpSummary(str(p), target.name)
     from runtimes.core import CorruptArtifact, UntrustedFile

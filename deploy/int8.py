@@ -76,6 +76,34 @@ def quantize_stages(made, folder: Path, wanted: Sequence[str], options: Int8Opti
     return out
 
 
+# ------------------------------------------------------------------------------------------- float scope
+
+_WEIGHTED = ("conv", "convolution", "linear", "addmm", "matmul", "mm", "bmm")  # aten ops that carry a layer's weights
+_MOVES = ("view", "reshape", "permute", "contiguous", "clone", "flatten", "unsqueeze", "squeeze", "getitem",
+          "split_with_sizes", "split", "transpose", "expand", "alias", "_to_copy", "slice", "select")
+
+
+def decode_scope(module) -> dict[str, str]:
+    """The ops of the plain graph ``module`` left in float by rule: every op after the last convolution or
+    linear layer of each output (no weighted layer reads its result): a detector's decode (sigmoid, grid and
+    anchor arithmetic, the concat of the scales), a softmax over a distribution, a classifier's final
+    softmax. ``{node name: op}`` in graph order; only ops computing on a layer's output are in it (not a grid
+    built from ``arange``), and not those that only move values (view, permute, getitem)."""
+    nodes = [n for n in module.graph.nodes if n.op == "call_function"]
+    after_layer: dict = {}
+    for node in nodes:
+        after_layer[node] = any(_op(i).startswith(_WEIGHTED) or after_layer.get(i, False) for i in node.all_input_nodes)
+    feeds_layer: dict = {}
+    for node in reversed(nodes):
+        feeds_layer[node] = any(_op(u).startswith(_WEIGHTED) or feeds_layer.get(u, False) for u in node.users)
+    return {n.name: _op(n) for n in nodes if after_layer[n] and not feeds_layer[n]
+            and not _op(n).startswith(_WEIGHTED) and _op(n) not in _MOVES and not _op(n).startswith("_")}
+
+
+def _op(node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
 # ------------------------------------------------------------------------------------------------ blame
 
 def blame(folder: Path, stages, x: np.ndarray, batch: int, progress: Progress) -> list[dict]:
@@ -205,13 +233,31 @@ class Plan:
     equalize: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     fallbacks: list = field(default_factory=list)
+    scope: dict = field(default_factory=dict)  # the float scope by rule: {op name: op} (decode_scope)
 
     def record(self) -> dict:
         o = self.options
         return {"calibration": self.calibration.to_dict(), "evaluation": self.evaluation_source,
                 "method": o.method, "per_channel": o.per_channel, "guard": self.guard.to_dict(),
                 "fallback": self.fallback_mode, "equalize": self.equalize, "layers": self.layers,
-                "fallbacks": self.fallbacks}
+                "fallbacks": self.fallbacks, "float_scope": self.float_scope()}
+
+    def float_scope(self) -> list[dict]:
+        """Every op kept in float and why: the decode by rule, then the layers a fallback kept (worst first)."""
+        rule = [{"name": n, "op": op, "why": "after the last conv/linear layer of its output (decode)"}
+                for n, op in self.scope.items()]
+        lost = {r["name"]: r.get("lost_db") for r in self.layers if "name" in r}
+        kept = dict.fromkeys(n for f in self.fallbacks for n in f.get("kept_in_float", ()))
+        return rule + [{"name": n, "op": "layer", "why": f"loses {lost[n]:.1f} dB under INT8 (--int8-fallback auto)"
+                        if isinstance(lost.get(n), float) else "kept by --int8-fallback auto"} for n in kept]
+
+    def set_scope(self, module, args) -> None:
+        """Keep ``module``'s decode (:func:`decode_scope`) in float in every INT8 form, its ops named as the
+        exporters name them (the plain module captured again, as the ONNX, TFLite and ExecuTorch exports do)."""
+        from exporters._torch import recaptured
+
+        self.scope = decode_scope(recaptured(module, args))
+        self.options.float_scope = tuple(self.scope)
 
 
 def plan(opts, loaded, shape, samples, progress: Progress) -> Plan:

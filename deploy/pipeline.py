@@ -126,11 +126,11 @@ class VerifyResult:
 
     @property
     def passed(self) -> bool:
-        return all(s.passed for s in self.stages) and not self.reference
+        return not any(s.failed for s in self.stages) and not self.reference
 
     @property
     def failed(self) -> list[StageRecord]:
-        return [s for s in self.stages if not s.passed]
+        return [s for s in self.stages if s.failed]
 
 
 @dataclass
@@ -153,7 +153,7 @@ class ConvertResult:
 
     @property
     def failed(self) -> list[StageRecord]:
-        return [s for s in self.stages if not s.passed]
+        return [s for s in self.stages if s.failed]
 
 
 def _noop(_: str) -> None:
@@ -486,6 +486,10 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
                             dynamic=opts.dynamic, opset=opts.opset, progress=progress,
                             metadata={"source": opts.model, "merged": merged, "float64_error": report.float64_error})
         if quant is not None:
+            quant.set_scope(plain, args)
+            if quant.scope:
+                progress(f"INT8 float scope: {len(quant.scope)} op(s) after the last conv of each output stay in float "
+                         f"({', '.join(list(quant.scope)[:6])}{' ...' if len(quant.scope) > 6 else ''})")
             made += int8.quantize_stages(made, run.tmp, wanted, quant.options, plain, args, progress)
         made += detector.stages(made, run.tmp, wanted, progress)
         for s in made:

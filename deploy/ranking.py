@@ -131,8 +131,28 @@ def _tie_break(c: Candidate, objective: str) -> tuple:
     return c.threads, m.get("drop", 0.0), -m.get("agreement", 0.0), c.stats["p90"], objective_value(c.stats, objective)
 
 
-def _timed(candidates: Sequence[Candidate]) -> list[Candidate]:
-    return [c for c in candidates if c.eligible and c.best_stats() and c.status != "dropped"]
+def _timed(candidates: Sequence[Candidate], objective: str = "latency") -> list[Candidate]:
+    slower = {id(c) for c, _ in slower_int8(candidates, objective)}
+    return [c for c in candidates if c.eligible and c.best_stats() and c.status != "dropped" and id(c) not in slower]
+
+
+def slower_int8(candidates: Sequence[Candidate], objective: str = "latency") -> list[tuple[Candidate, str]]:
+    """The eligible INT8 candidates no faster than a float form (fp32, fp16, bf16) of the same runtime, with why:
+    an INT8 placement is kept only when it pays for its accuracy risk in speed, so these are never chosen."""
+    timed = [c for c in candidates if c.eligible and c.best_stats() and c.status != "dropped"]
+    out = []
+    for c in (c for c in timed if c.precision == "int8"):
+        floats = [d for d in timed if d.runtime == c.runtime and d.precision != "int8"]
+        best = min(floats, key=lambda d: objective_value(d.best_stats(), objective), default=None)
+        if best is not None and objective_value(c.best_stats(), objective) >= objective_value(best.best_stats(),
+                                                                                                   objective):
+            out.append((c, f"INT8 is not faster than {best.name} on {c.runtime} ({_ms(c, objective)} vs "
+                           f"{_ms(best, objective)}): never chosen"))
+    return out
+
+
+def _ms(c: Candidate, objective: str) -> str:
+    return f"{objective_value(c.best_stats(), objective):.3f} ms" + ("" if objective == "latency" else " per sample")
 
 
 def better(x: Candidate, y: Candidate, objective: str = "latency") -> bool:
@@ -148,7 +168,7 @@ def tied(candidates: Sequence[Candidate], objective: str = "latency") -> list[Ca
     """The candidates measured in full that no other one is :func:`better` than, in tie-break order
     (:data:`TIE_BREAK`), when there are several; empty when one stands alone. (There is always one: ``better``
     needs a lower interval, so the candidate with the lowest interval start has none better.)"""
-    full = [c for c in _timed(candidates) if c.stats]
+    full = [c for c in _timed(candidates, objective) if c.stats]
     front = [y for y in full if not any(better(x, y, objective) for x in full if x is not y)]
     return sorted(front, key=lambda c: _tie_break(c, objective)) if len(front) > 1 else []
 
@@ -157,7 +177,7 @@ def rank(candidates: Sequence[Candidate], objective: str = "latency") -> list[Ca
     """The eligible measured candidates, best first: the tie (:func:`tied`) in tie-break order, then the others by
     their median (full statistics where measured, ahead of those with screening ones only)."""
     tie = tied(candidates, objective)
-    rest = [c for c in _timed(candidates) if all(c is not t for t in tie)]
+    rest = [c for c in _timed(candidates, objective) if all(c is not t for t in tie)]
     return tie + sorted(rest, key=lambda c: (c.stats is None, objective_value(c.best_stats(), objective)))
 
 

@@ -170,6 +170,7 @@ class VerificationRecord:
     int8: dict = field(default_factory=dict)  # int8 stages: the accuracy guard's numbers and verdict
     detection: dict = field(default_factory=dict)  # detectors: where NMS ran, box matching, mAP (deploy.detection)
     changed: bool = False  # a file's sha256 differs from the one recorded at conversion
+    not_run: str = ""  # written but not run on this machine, and why (Core ML off macOS): neither passed nor failed
     seconds: float | None = None
     checks: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -206,11 +207,17 @@ class StageRecord:
 
     @property
     def path(self) -> str | None:
-        return self.files.path
+        """The artifact (a file, or a folder such as a Core ML package), relative to the run directory."""
+        return self.export.artifact.path if self.export.artifact is not None else self.files.path
 
     @property
     def passed(self) -> bool:
         return self.verification.passed
+
+    @property
+    def failed(self) -> bool:
+        """Not verified, and not a stage written but not runnable here (``verification.not_run``)."""
+        return not self.passed and not (self.verification.not_run and not self.export.error)
 
     @property
     def reason(self) -> str:
@@ -294,7 +301,7 @@ class RunRecord:
 
     @property
     def failed(self) -> list[str]:
-        return [s.name for s in self.stages if not s.passed]
+        return [s.name for s in self.stages if s.failed]
 
     @property
     def passed(self) -> bool:

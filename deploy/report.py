@@ -82,7 +82,8 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
     for s in stages:
         v = s.verification
         changed = " (changed)" if v.changed else ""
-        result = "reference" if s.name == "training" else ("pass" if v.passed else "FAIL") + changed
+        result = ("reference" if s.name == "training" else "written, not run" if v.not_run and not s.export.error
+                  else ("pass" if v.passed else "FAIL") + changed)
         row = [s.name, s.format] + ([s.path or "-"] if files else [])
         row += [human_size(s.files.size), s.precision, "-" if s.name == "training" else _num(v.max_rel)]
         row += [_num(v.samples_max_rel)] if samples else []
@@ -203,6 +204,10 @@ def int8_markdown(q: dict, stages) -> list[str]:
             f"{'applied' if eq['chosen'] else 'not applied'}: ONNX Runtime INT8 output SQNR "
             f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with "
             f"({eq.get('pairs', '?')} conv pairs)" if "sqnr_db" in eq else eq.get("reason", "")))
+    scope = q.get("float_scope") or []
+    if scope:
+        lines.append(f"- float scope ({len(scope)} op(s) kept in float in every INT8 form that has them): "
+                     + "; ".join(f"`{s['name']}` ({s['op']}): {s['why']}" for s in scope))
     for f in q.get("fallbacks", []):
         lat = f.get("latency_ms", {})
         cost = (f"; latency {lat['int8']:.3f} -> {lat['int8_fallback']:.3f} ms (rough median)"
@@ -286,6 +291,8 @@ def to_markdown(report: dict) -> str:
     tol = report.get("tolerance", {})
     stages = _stages(report["stages"])
     verdict = "all stages pass" if report["passed"] else f"FAILED: {', '.join(report['failed'])}"
+    unrun = [s.name for s in stages if s.verification.not_run and not s.export.error]
+    verdict += f" ({', '.join(unrun)}: written, not run here)" if unrun else ""
     lines = [f"# deploy report: {model['spec']}", "",
              f"**Result: {verdict}.**", "",
              f"- model: `{model['spec']}` ({model['kind']}, {model['class']}, {model['params']:,} parameters"
@@ -304,9 +311,13 @@ def to_markdown(report: dict) -> str:
     lines += ["## Stages", "", "Every stage runs on its own runtime and is compared with the training model on "
               "the same inputs (error = max |a - b| / max |a| per output, worst output).", "",
               markdown_table(headers, rows), ""]
-    failed = [s for s in stages if not s.passed and s.name != "training"]
+    failed = [s for s in stages if s.failed and s.name != "training"]
     if failed:
         lines += ["Failures:", ""] + [f"- **{s.name}** ({s.path or 'not written'}): {s.reason}" for s in failed] + [""]
+    unrun = [s for s in stages if s.verification.not_run and not s.export.error]
+    if unrun:
+        lines += ["Written, not run (never counted as verified):", ""] + [
+            f"- **{s.name}** ({s.path}): {s.verification.not_run}" for s in unrun] + [""]
     detail = [[s.name, s.parent or "-", _num(s.verification.max_abs), _num(s.verification.max_rel),
                _num(s.verification.parent_max_rel), _num(s.verification.cosine, ".8f"), _num(s.export.seconds, ".2f"),
                _num(s.verification.seconds, ".2f")] for s in stages if s.name != "training"]

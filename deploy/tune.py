@@ -65,7 +65,7 @@ from runtimes.core import MissingDependency, first_line
 
 from . import sources
 from .ranking import (CUDA, PASS_SETS, TIE_BREAK, Candidate, better, clearly_slower, closest, median_interval, rank,
-                      summarize_rounds, target_of, tied)
+                      slower_int8, summarize_rounds, target_of, tied)
 from .tasks import Guard, judge
 from .tune_report import write_outputs
 from .record import PipelineError
@@ -159,6 +159,8 @@ def _why_not(runtime: str, precision: str, cpu: dict) -> str:
         registry.check_available(target, f"the {runtime} runtime")
     except MissingDependency as e:
         return str(e).rstrip(".")
+    if target.not_run_here():
+        return target.not_run_here()
     if precision not in target.precisions and precision not in target.hints:
         return f"the {target.label} target makes {', '.join(target.precisions + target.hints)}, not {precision}"
     return target.native(precision, cpu)
@@ -523,6 +525,8 @@ def tune(opts: TuneOptions, progress: Progress | None = None, *, clock: Callable
         peer_rows = search(candidates, _jobs(shape, opts.batch), measure, opts, budget, progress, peer=peer_job)
         if peer_job is not None:
             peer["stats"] = summarize_rounds(peer_rows) if peer_rows else None
+        for c, why in slower_int8(candidates, opts.objective):
+            c.reason = why
         ranked = rank(candidates, opts.objective)
         chosen = ranked[0] if ranked else None
         result = TuneResult(os.fspath(out_dir), candidates, chosen, peer, budget.cut, budget.clock() - budget.start,

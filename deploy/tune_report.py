@@ -16,6 +16,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from exporters import targets as registry
+
 from .report import jsonable, markdown_table
 
 __all__ = ["write_outputs", "candidate_table", "table_notes", "pruned_lines", "pareto_front", "pareto_figure",
@@ -98,6 +100,8 @@ def table_notes(candidates: Sequence, chosen=None, objective: str = "latency", p
     elif chosen is not None and chosen.stats and len(full) > 1:
         lines.append(f"No tie: {chosen.name} is the only candidate measured in full that no other one beats (with "
                      f"{beats}).")
+    phones = registry.phone_note([c.runtime for c in candidates if c.stats])
+    lines += [phones] if phones else []
     ps, cs = (peer or {}).get("stats"), chosen.best_stats() if chosen is not None else None
     if ps and cs:
         lines.append(f"Peer baseline ({peer.get('form')}, in the same rounds): p50 {ps['p50']:.3f} ms "

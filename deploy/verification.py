@@ -191,6 +191,15 @@ def _tolerance(precision: str, rtol: float | None, atol: float, noise: float | N
     return tol, note
 
 
+def not_run_here(stage: StageRecord) -> str:
+    """Why ``stage``'s artifact can be written but not run on this machine (its target's ``not_run_here``), or ''."""
+    from exporters import targets as registry
+
+    if stage.export.format not in registry.names(selectable=False):
+        return ""
+    return registry.get(stage.export.format).not_run_here()
+
+
 def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None, atol: float,
                   progress: Progress | None = None, *, trust_pickle: bool = False,
                   guard: dict | None = None, outputs: dict | None = None,
@@ -223,7 +232,9 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
         check_finite({f"output{i}": o for i, o in enumerate(samples_ref)}, "verify/samples_reference.npz: output",
                      fix)
 
-    training, rest = stages[0], [s for s in stages[1:] if not s.export.error and not ends_in_nms(s)]
+    not_run = {s.name: why for s in stages[1:] if not s.export.error and (why := not_run_here(s))}
+    training, rest = stages[0], [s for s in stages[1:]
+                                 if not s.export.error and not ends_in_nms(s) and s.name not in not_run]
     results = {s.name: VerificationRecord() for s in rest}
     runners, failed_open = {}, {}
     for s in rest:
@@ -295,6 +306,8 @@ def verify_stages(root: Path, stages: Sequence[StageRecord], rtol: float | None,
     task = task_of(samples_ref, labels=labels) if samples_ref is not None and labels is not None else None
     labelled = task if isinstance(task, Classification) else None  # a classifier with labels: accuracy too
     results[training.name] = VerificationRecord(passed=True, reason="reference")
+    for name, why in not_run.items():
+        results[name] = VerificationRecord(reason=f"written, not run: {why}", not_run=why)
     if labelled is not None:
         m = labelled.measure(samples_ref, samples_ref)
         results[training.name].accuracy, results[training.name].agreement = m.get("accuracy"), m.get("agreement")

@@ -19,7 +19,7 @@ from runtimes.core import ExportError, eval_mode, first_line, output_leaves, set
 if TYPE_CHECKING:
     from torch import fx
 
-__all__ = ["as_args", "plain_graph_module", "to_graph_module", "eval_flags", "output_leaves", "io_names",
+__all__ = ["as_args", "plain_graph_module", "to_graph_module", "recaptured", "eval_flags", "output_leaves", "io_names",
            "source_line"]
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,17 @@ def to_graph_module(model, args: tuple) -> fx.GraphModule:
             except Exception as e:
                 raise ExportError(f"torch.export cannot capture {type(model).__name__}: {first_line(e)}") from e
     return plain_graph_module(model)
+
+
+def recaptured(model, args: tuple) -> fx.GraphModule:
+    """``model`` captured again with torch.export (guard-free, eval mode): every node carries its fake value
+    (``meta["val"]``), which a pass-made graph may lack, and its name is the one the ONNX exporter gives it."""
+    import torch
+
+    try:
+        return plain_graph_module(torch.export.export(to_graph_module(model, args), args, strict=False).module())
+    except Exception as e:
+        raise ExportError(f"torch.export cannot capture the plain model again: {first_line(e)}") from e
 
 
 def io_names(given: Sequence[str] | None, count: int, prefix: str) -> list[str]:

@@ -5,7 +5,7 @@ The plain module is exported with ``torch.export`` (static shapes), lowered with
 ExecuTorch ships on Android and iOS), turned into an ExecuTorch program and written as one ``.pte``
 flatbuffer. Ops XNNPACK does not take run on ExecuTorch's portable kernels; the record notes how many
 ops each side got. The file is read back with ExecuTorch's Python runtime for its input and output
-specs. fp32 only for now.
+specs. INT8: ``exporters.executorch_int8`` (XNNPACK's PT2E quantizer).
 """
 
 from __future__ import annotations
@@ -53,8 +53,6 @@ def export_executorch(model, args, path, *, precision: str = "fp32", input_names
     check_precision(precision, ("fp32",), fmt="ExecuTorch")
     executorch = require("executorch", EXTRA, "ExecuTorch export")
     import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
 
     args = as_args(args)
     path = Path(path)
@@ -62,13 +60,9 @@ def export_executorch(model, args, path, *, precision: str = "fp32", input_names
     module = to_graph_module(model, args)
     try:
         ep = torch.export.export(module, args, strict=False)
-        with native_stderr_to_log(CPU_PROBE, "ExecuTorch"):
-            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-        delegated, backends, portable = _split(edge.exported_program().graph_module)
-        program = edge.to_executorch()
     except Exception as e:
-        raise ExportError(f"ExecuTorch could not lower the model for XNNPACK: {first_line(e)}") from e
-    path.write_bytes(program.buffer)
+        raise ExportError(f"torch.export cannot capture the plain model for ExecuTorch: {first_line(e)}") from e
+    delegated, backends, portable = write_program(ep, path)
     art = describe_pte(path, input_names=input_names, output_names=output_names, precision=precision)
     art.metadata.update(exporter=f"executorch {getattr(executorch, '__version__', '?')} (XnnpackPartitioner)",
                         delegated_calls=delegated, backends=backends, portable_ops=portable)
@@ -77,6 +71,23 @@ def export_executorch(model, args, path, *, precision: str = "fp32", input_names
                  + ", ".join(f"{k} {v}" for k, v in sorted(portable.items())))
     log.info("exported %s (%d XNNPACK subgraph(s))", path, delegated)
     return art
+
+
+def write_program(ep, path: Path) -> tuple[int, list[str], dict[str, int]]:
+    """Lower the exported program ``ep`` for XNNPACK and write it as an ExecuTorch program at ``path``; returns
+    how many delegate calls it has, their backends, and the ops left to the portable kernels."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    try:
+        with native_stderr_to_log(CPU_PROBE, "ExecuTorch"):
+            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+        split = _split(edge.exported_program().graph_module)
+        program = edge.to_executorch()
+    except Exception as e:
+        raise ExportError(f"ExecuTorch could not lower the model for XNNPACK: {first_line(e)}") from e
+    path.write_bytes(program.buffer)
+    return split
 
 
 def _split(gm) -> tuple[int, list[str], dict[str, int]]:
@@ -96,14 +107,19 @@ def _split(gm) -> tuple[int, list[str], dict[str, int]]:
 
 
 def _export_target(job: ExportJob) -> list[Product]:
-    return [Product("executorch", export_executorch(job.module, job.args, job.folder / "model.pte",
-                                                    precision=job.precision))]
+    art = export_executorch(job.module, job.args, job.folder / "model.pte", precision=job.precision)
+    if job.dynamic:
+        art.note(f"static batch {art.inputs[0].shape[0]}: the program is planned for the example shape "
+                 "(--dynamic applies to the formats that keep the batch open)")
+    return [Product("executorch", art)]
 
 
 TARGET = Target(
     name="executorch", title="ExecuTorch", runtime="executorch", suffixes=(".pte",), source="torch",
     export=_export_target, function="exporters.executorch:export_executorch",
     runner="runtimes.executorch_runner:ExecuTorchRunner", requires=(("executorch", EXTRA),),
-    precisions=("fp32",), bench_note={"backend": "XNNPACK (x86 CPU here: no claim about ARM speed)"},
+    inspect="deploy.inspect:read_executorch", mobile=True,
+    precisions=("fp32", "int8"), quantize="exporters.executorch_int8:quantize_executorch",
+    bench_note={"backend": "XNNPACK (x86 CPU here: no claim about ARM speed)"},
     description="ExecuTorch program lowered to XNNPACK, run on ExecuTorch's runtime",
 )

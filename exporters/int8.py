@@ -28,13 +28,16 @@ class Int8Options:
     ``calibration``: ``(N, ...)`` float32 inputs of the model's single input, never the evaluation
     samples; ``method``: how activation ranges are read from them (``minmax``, ``entropy`` or
     ``percentile``, the last at ``percentile``); ``per_channel``: one weight scale per output channel
-    (else one per tensor); ``exclude``: layers (graph node names) kept in float.
+    (else one per tensor); ``exclude``: layers (graph node names) kept in float, each one the format must have;
+    ``float_scope``: ops kept in float by rule (a detector's decode, ``deploy.int8.decode_scope``): a quantizer
+    keeps those its format has and passes over the others (a view the format folds away).
     """
 
     calibration: np.ndarray
     method: str = "minmax"
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
+    float_scope: tuple[str, ...] = ()
     percentile: float = 99.999
     batch: int = 1  # the artifact's batch: calibration is fed in chunks of it
     extra: dict = field(default_factory=dict)  # format-specific choices
@@ -44,6 +47,12 @@ class Int8Options:
             raise ValueError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
         self.calibration = np.ascontiguousarray(self.calibration, dtype=np.float32)
         self.exclude = tuple(self.exclude)
+        self.float_scope = tuple(self.float_scope)
+
+    def kept_in_float(self, names) -> tuple[str, ...]:
+        """``exclude`` and the ops of ``float_scope`` among ``names`` (the format's layer names)."""
+        present = set(names)
+        return self.exclude + tuple(n for n in self.float_scope if n in present and n not in self.exclude)
 
     def batches(self):
         """The calibration inputs in chunks of ``batch`` rows (the last one padded by repeating its last row)."""

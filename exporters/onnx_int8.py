@@ -67,18 +67,21 @@ def quantizable_layers(onnx_path) -> list[str]:
     return [name for name, _ in onnx_layers(onnx_path)]
 
 
-def _exclude_nodes(model, exclude, path) -> list[str]:
-    """The ONNX node names of the layers in ``exclude``; ValueError naming the known layers for an unknown one."""
+def _exclude_nodes(model, options: Int8Options, path) -> tuple[list[str], list[str]]:
+    """The ONNX node names of the layers in ``options.exclude`` (ValueError naming the known layers for an unknown
+    one) and those of the ``float_scope`` ops the file has."""
     nodes = {}
     for node in model.graph.node:
         for key in (layer_name(node), *node.output):
             nodes.setdefault(key, node.name)
-    unknown = [name for name in exclude if name not in nodes]
+    unknown = [name for name in options.exclude if name not in nodes]
     if unknown:
         known = [name for name, _ in onnx_layers(model)]
         raise ValueError(f"cannot keep {', '.join(map(repr, unknown))} in float: {path} has no such layer; its "
                          f"quantizable layers are {', '.join(known)}")
-    return [nodes[name] for name in exclude]
+    excluded = [nodes[name] for name in options.exclude]
+    scope = [nodes[name] for name in options.kept_in_float(nodes)[len(options.exclude):]]
+    return excluded, [n for n in dict.fromkeys(scope) if n not in excluded]
 
 
 class _Reader:
@@ -153,7 +156,8 @@ def _quantized_layers(model) -> int:
 
 def float_inputs(model, nodes) -> int:
     """Feed the nodes named ``nodes`` their float inputs: an input ``DequantizeLinear(QuantizeLinear(t))`` is
-    replaced by ``t``, and Q/DQ nodes no one reads any more are removed. Returns how many inputs changed."""
+    replaced by ``t``, and Q/DQ nodes no one reads any more are removed, with the scales and zero points only
+    they read. Returns how many inputs changed."""
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
     changed = 0
@@ -172,9 +176,13 @@ def float_inputs(model, nodes) -> int:
         dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
                 and not any(o in read for o in n.output)]
         if not dead:
-            return changed
+            break
         for n in dead:
             graph.node.remove(n)
+    read = {i for n in graph.node for i in n.input} | outputs
+    for init in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(init)
+    return changed
 
 
 def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options, module=None,
@@ -191,7 +199,8 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
     path.parent.mkdir(parents=True, exist_ok=True)
     input_name = _check_calibration(src, options)
     model = onnx.load(src.path)
-    excluded = _exclude_nodes(model, options.exclude, src.path)
+    excluded, scope = _exclude_nodes(model, options, src.path)
+    excluded += scope
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[options.method]
     bins = int(options.extra.get("num_bins", ENTROPY_BINS))
@@ -227,12 +236,13 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
         "method": options.method, **({"percentile": options.percentile} if options.method == "percentile" else {}),
         **({"histogram_bins": bins} if cached else {}),
         "calibration_samples": int(len(options.calibration)), "quantized_layers": quantized,
-        "layers": total, "excluded": list(options.exclude)}
+        "layers": total, "excluded": list(options.exclude), "float_scope": scope}
     if method is CalibrationMethod.Entropy and not cached:
         art.note("this onnxruntime has no calibration cache: its entropy ranges come from a 128-bin histogram, "
                  "which makes them the min/max ranges", logging.WARNING)
     scale = "per channel" if options.per_channel else "per tensor"
     art.note(f"static QDQ INT8 (int8 weights {scale}, uint8 activations), {options.method} ranges from "
              f"{len(options.calibration)} calibration samples; {quantized} of {total} Conv/Gemm/MatMul layers "
-             f"quantized" + (f", kept in float: {', '.join(options.exclude)}" if options.exclude else ""))
+             f"quantized" + (f", kept in float: {', '.join(options.exclude)}" if options.exclude else "")
+             + (f"; {len(scope)} op(s) of the float scope (decode) kept in float" if scope else ""))
     return art

@@ -317,6 +317,8 @@ def _prepare(src, path, options: Int8Options) -> _Job:
     if want[0] is not None and want[0] != options.batch:
         options = replace(options, batch=want[0])
     ignored = _friendly(options.exclude, layer_names(model))
+    every = {_layer_name(op.get_friendly_name()): op.get_friendly_name() for op in model.get_ordered_ops()}
+    ignored += [every[n] for n in options.kept_in_float(every)[len(options.exclude):] if every[n] not in ignored]
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in (path, path.with_suffix(".bin")):
         if stale.exists():
@@ -339,7 +341,8 @@ def _save(job: _Job, nncf, quantized, preset: str, warnings: list[str]) -> Artif
               "calibration_samples": len(options.calibration), "batch": options.batch,
               "fake_quantize": _count(quantized, "FakeQuantize"),
               "int8_weight_layers": len(weights) - len(float_layers), "float_layers": float_layers,
-              "excluded": list(options.exclude), "ignored_scope": list(ignored)})
+              "excluded": list(options.exclude), "ignored_scope": list(ignored),
+              "float_scope": list(ignored[len(options.exclude):])})
     for message in dict.fromkeys(warnings):
         art.note(f"NNCF: {message}")
     if options.method == "entropy":

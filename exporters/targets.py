@@ -12,16 +12,21 @@ need to know about a format, so none of them holds a table of its own:
   keyword arguments it gets for a given precision (``runner_options``) and when timed
   (``bench_options``, described in ``bench_note``);
 - ``requires``: the ``(module, pip extra)`` pairs it cannot run without, and ``check`` for what a
-  package cannot tell (a GPU); ``files``: the files beside the artifact that belong to it;
+  package cannot tell (a GPU); ``not_run_here``: why its artifacts can be written but not run on this
+  machine (Core ML off macOS: the stage is "written, not run", never verified); ``files``: the files
+  beside the artifact that belong to it;
 - ``function``: the plain export function ``exporters.export(name, ...)`` calls;
 - ``inspect``: the reader ``deploy inspect`` uses (``"module:function"``, ``(path, summary)``);
 - ``precisions`` it can produce, ``hints`` those its runner applies to the fp32 artifact, and ``native``
-  why a precision does not run natively on a CPU (``deploy tune`` prunes with that reason); ``quantize``: how it makes an INT8 artifact from its fp32 one
-  (``"module:function"``, see ``exporters.int8``); ``default``: in the default ``--targets``; ``always``: made in
+  why a precision does not run natively on a CPU (``deploy tune`` prunes with that reason); ``quantize``:
+  how it makes an INT8 artifact from its fp32 one
+  (``"module:function"``, see ``exporters.int8``); ``mobile``: a phone's runtime (its timings here are this
+  machine's CPU, said so by :func:`phone_note`); ``default``: in the default ``--targets``; ``always``: made in
   every run (the plain model, ``pt2``).
 
 The built-in targets are declared at the bottom of ``exporters.pt2``, ``exporters.onnx``,
-``exporters.openvino``, ``exporters.tflite``, ``exporters.tensorrt`` and ``exporters.executorch``; more can
+``exporters.openvino``, ``exporters.tflite``, ``exporters.tensorrt``, ``exporters.executorch``, ``exporters.ncnn``,
+``exporters.mnn`` and ``exporters.coreml``; more can
 be added with :func:`register` (or a ``reparam_deploy.targets`` entry point naming a module that registers
 them). Adding a format is one module; adding a precision to a format is an edit of its record.
 """
@@ -39,12 +44,12 @@ from typing import Any
 from runtimes.core import Artifact, MissingDependency, require_installed
 
 __all__ = ["Target", "ExportJob", "Product", "register", "get", "names", "all_targets", "by_runtime", "by_suffix",
-           "runtimes", "requirements", "check_available", "resolve", "export_order", "BUILTIN_MODULES"]
+           "runtimes", "phone_note", "requirements", "check_available", "resolve", "export_order", "BUILTIN_MODULES"]
 
 log = logging.getLogger(__name__)
 
 BUILTIN_MODULES = ("exporters.pt2", "exporters.onnx", "exporters.openvino", "exporters.tflite", "exporters.tensorrt",
-                   "exporters.executorch")
+                   "exporters.executorch", "exporters.ncnn", "exporters.mnn", "exporters.coreml")
 ENTRY_POINT_GROUP = "reparam_deploy.targets"
 
 
@@ -106,6 +111,8 @@ class Target:
     bench_options: dict = field(default_factory=dict)
     bench_note: dict = field(default_factory=dict)
     check: Callable[[str], None] | None = None  # raises MissingDependency (e.g. no GPU); arg: purpose
+    not_run_here: Callable[[], str] = lambda: ""  # why its artifacts cannot run on this machine ("": they can)
+    mobile: bool = False  # a phone's runtime: its timings here are this machine's CPU, never a phone's
     device: str = "cpu"  # where its runner computes: "cpu" or "cuda"
     default: bool = False
     always: bool = False
@@ -264,6 +271,18 @@ def export_order(wanted: Sequence[str]) -> list[Target]:
             needed.add(t.source)
             t = get(t.source)
     return [t for t in all_targets() if t.always or t.name in needed]
+
+
+def phone_note(timed: Sequence[str]) -> str:
+    """The caveat for the phone runtimes among the runtimes ``timed`` on this machine, or ''."""
+    import platform
+
+    phones = [r for r in dict.fromkeys(timed) if r in runtimes() and by_runtime(r).mobile]
+    if not phones:
+        return ""
+    many = len(phones) > 1
+    return (f"{', '.join(phones)}: phone runtime{'s' if many else ''} timed on this machine's {platform.machine()} "
+            f"CPU, not on a phone: no claim about {'their' if many else 'its'} speed on a phone's ARM CPU")
 
 
 def missing_message(e: MissingDependency) -> str:

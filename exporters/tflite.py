@@ -205,6 +205,6 @@ TARGET = Target(
     export=_export_target, function="exporters.tflite:export_tflite", runner="runtimes.litert_runner:LiteRTRunner",
     requires=(("litert_torch", EXTRA), ("ai_edge_litert", EXTRA)), inspect="deploy.inspect:read_tflite",
     precisions=("fp32", "fp16", "int8"), quantize="exporters.tflite_int8:quantize_tflite", native=_native,
-    default=True, bench_note={"delegate": "XNNPACK (LiteRT default)"},
+    default=True, bench_note={"delegate": "XNNPACK (LiteRT default)"}, mobile=True,
     description="TFLite through litert-torch, run on LiteRT",
 )

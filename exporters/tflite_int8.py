@@ -13,17 +13,8 @@ The numbers (``q = clamp(round(x / s) + z, -128, 127)``, ``x ~ s * (q - z)``):
   per output channel (``per_channel``: ``W_c``) or per tensor; read with min/max observers (the floor
   ``2^-12`` is litert-torch's observer ``eps``, for activations too);
 - activations: affine per tensor, ``s = (b - a) / 255``, ``z = -128 - round(a / s)``, over a range
-  ``[a, b]`` (holding 0) read from the calibration inputs by the observer ``method`` maps to:
-
-  ========== ============================================================================
-  minmax     ``MinMaxObserver``: the smallest and largest value seen
-  entropy    ``HistogramObserver`` (litert-torch's default): the range minimising the L2
-             quantization error over a 2048-bin histogram; no KL-divergence observer exists
-             in torchao's PT2E, so "entropy" is this L2 search, not TensorRT's KL method
-  percentile ``PercentileObserver`` (:func:`_percentile_observer`): the same
-             histogram, its range clipped to the ``(100 - p)`` and ``p`` percentiles
-  ========== ============================================================================
-
+  ``[a, b]`` (holding 0) read from the calibration inputs by the observer ``method`` maps to
+  (``exporters.pt2e``: minmax, entropy = the L2 histogram search, percentile);
 - biases: int32 at scale ``s_in * s_w`` (the converter computes them from the float bias).
 
 Which ops become int8 is the quantizer's choice: conv (+ReLU), linear, add (+ReLU), mul (+ReLU), cat,
@@ -54,52 +45,23 @@ alone leaves the conv int8 and the converter folds the ReLU into it (a clamp of 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from runtimes.core import Artifact, ExportError, eval_mode, require, set_training
+from runtimes.core import Artifact, ExportError, require, set_training
 
-from ._torch import as_args, to_graph_module
+from ._torch import as_args, recaptured
 from .int8 import Int8Options
 from .legalize import legalize_for_tflite
+from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude
 from .tflite import EXTRA, describe_tflite, legalize_error, quiet_litert
 
-__all__ = ["quantize_tflite", "mark_sources", "op_summary", "OBSERVERS"]
+__all__ = ["quantize_tflite", "mark_sources", "op_summary"]
 
 log = logging.getLogger(__name__)
 
-OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver (L2 error search, not KL)",
-             "percentile": "PercentileObserver (histogram percentiles)"}
-
-
-@functools.cache
-def _percentile_observer() -> type:
-    """The ``PercentileObserver`` class, defined on first use (torchao is imported only then)."""
-    import torch
-    from torchao.quantization.pt2e.observer import HistogramObserver
-
-    class PercentileObserver(HistogramObserver):
-        """``HistogramObserver``'s histogram, its range clipped to the ``(100 - p)`` and ``p`` percentiles
-        (the bin edges at those cumulative fractions) instead of the L2 search."""
-
-        def __init__(self, percentile: float = 99.999, **kwargs):
-            super().__init__(**kwargs)
-            self.percentile = float(percentile)
-
-        def calculate_qparams(self):
-            if self.min_val == float("inf"):  # never ran: the base class warns and returns defaults
-                return super().calculate_qparams()
-            cdf = torch.cumsum(self.histogram, 0) / torch.sum(self.histogram)
-            width = (self.max_val - self.min_val) / self.bins
-            q = self.percentile / 100.0
-            hi = int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype)).clamp(max=self.bins - 1))
-            lo = int(torch.searchsorted(cdf, torch.tensor(1.0 - q, dtype=cdf.dtype)).clamp(max=hi))
-            return self._calculate_qparams(self.min_val + width * lo, self.min_val + width * (hi + 1))
-
-    return PercentileObserver
 
 
 def _config(options: Int8Options):
@@ -107,26 +69,21 @@ def _config(options: Int8Options):
     import dataclasses
 
     from litert_torch.quantize.pt2e_quantizer import get_symmetric_quantization_config
-    from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
 
     base = get_symmetric_quantization_config(is_per_channel=options.per_channel, is_dynamic=False)
-    observer = {"minmax": MinMaxObserver.with_args(eps=2 ** -12),
-                "entropy": HistogramObserver.with_args(eps=2 ** -12),
-                "percentile": _percentile_observer().with_args(eps=2 ** -12, percentile=options.percentile),
-                }[options.method]
-    act = dataclasses.replace(base.input_activation, observer_or_fake_quant_ctr=observer)
+    act = dataclasses.replace(base.input_activation, observer_or_fake_quant_ctr=activation_observer(options))
     return dataclasses.replace(base, input_activation=act, output_activation=act)
 
 
-def _quantizer(options: Int8Options):
-    """A ``PT2EQuantizer`` with the config of ``options`` that leaves the nodes named in ``exclude`` alone."""
+def _quantizer(options: Int8Options, kept: Sequence[str]):
+    """A ``PT2EQuantizer`` with the config of ``options`` that leaves the nodes named in ``kept`` alone."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
     class _Quantizer(PT2EQuantizer):
         def annotate(self, model):
             for node in model.graph.nodes:
-                if node.name in options.exclude:
+                if node.name in kept:
                     node.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)
             return super().annotate(model)
 
@@ -152,14 +109,6 @@ def mark_sources(gm) -> int:
             node.meta["source_fn_stack"] = [(node.name, sources[node.target])]
             count += 1
     return count
-
-
-def _check_exclude(gm, exclude: Sequence[str]) -> None:
-    names = [n.name for n in gm.graph.nodes if n.op == "call_function"]
-    unknown = [e for e in exclude if e not in names]
-    if unknown:
-        raise ValueError(f"cannot keep {', '.join(unknown)} in float: the plain graph has no such node; its layers "
-                         f"are {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}.")
 
 
 def _calibration(options: Int8Options, arg, nhwc: bool):
@@ -232,21 +181,6 @@ def op_summary(content: bytes) -> dict[str, dict[str, int]]:
 
 # ------------------------------------------------------------------------------------------- quantize
 
-def _quantized_module(gm, args: tuple, options: Int8Options, quantizer, nhwc: bool):
-    """``gm`` with quantize/dequantize pairs where ``quantizer`` annotates it, calibrated on ``options``;
-    returns it and the number of calibration samples."""
-    import torch
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    samples = 0
-    with torch.no_grad(), eval_mode(gm):
-        prepared = prepare_pt2e(gm, quantizer)
-        for x in _calibration(options, args[0], nhwc):
-            prepared(x)
-            samples += len(x)
-        return convert_pt2e(prepared, fold_quantize=False), samples
-
-
 def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args=None) -> Artifact:
     """A full-integer TFLite model at ``path`` made from the plain ``module`` (traced on ``args``) with the
     calibration of ``options``; ``src`` is the fp32 TFLite artifact (names, layout, parent). See the module
@@ -274,12 +208,13 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    gm = to_graph_module(module, args)
+    gm = recaptured(module, args)  # its nodes named as the ONNX export names them: the blame's layer names
     gm, _ = legalize_for_tflite(gm, args, allow_unsupported_pow=True)  # the fp32 export refused what cannot be
-    _check_exclude(gm, options.exclude)
+    check_exclude(gm, options.exclude)
+    kept = options.kept_in_float(n.name for n in gm.graph.nodes)
     marked = mark_sources(gm)
-    quantizer = _quantizer(options)
-    converted, samples = _quantized_module(gm, args, options, quantizer, bool(nhwc_in))
+    quantizer = _quantizer(options, kept)
+    converted, samples = calibrate(gm, quantizer, _calibration(options, args[0], bool(nhwc_in)))
     sample = args
     if nhwc_in or nhwc_out:
         converted = litert_torch.to_channel_last_io(converted, args=nhwc_in, outputs=nhwc_out)
@@ -300,9 +235,9 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     art = describe_tflite(path, input_names=src.input_names, output_names=src.output_names, precision="int8",
                           parent=src.path, tflite_outputs=src.metadata.get("tflite_outputs"))
     ops = op_summary(content)
-    if options.exclude and not ops["float"]:
+    if kept and not ops["float"]:
         log.warning("%s: %s kept in float, but no op of the TFLite model computes in float", path,
-                    ", ".join(options.exclude))
+                    ", ".join(kept))
     version = getattr(litert_torch, "__version__", "?")
     art.metadata.update(
         layout=layout, rewrites=list(src.metadata.get("rewrites", [])), exporter=f"litert-torch {version}",
@@ -313,11 +248,14 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
                            "weights": "PerChannelMinMaxObserver" if options.per_channel else "MinMaxObserver"},
               "percentile": options.percentile if options.method == "percentile" else None,
               "per_channel": options.per_channel, "calibration_samples": samples, "exclude": list(options.exclude),
+              "float_scope": [n for n in kept if n not in options.exclude],
               "source_marked_nodes": marked, "io": _edge_type(content), "ops": ops})
     art.note(f"int8 (litert-torch PT2E: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
              f"{OBSERVERS[options.method]} activations, {samples} calibration samples): "
              f"{sum(ops['int8'].values())} int8 ops, {sum(ops['float'].values())} float op(s)"
              + (f" ({', '.join(options.exclude)} kept in float)" if options.exclude else "")
+             + (f"; {len(kept) - len(options.exclude)} op(s) of the float scope (decode) kept in float"
+                if len(kept) > len(options.exclude) else "")
              + f", {art.metadata['int8']['io']} inputs/outputs")
     log.info("quantized %s -> %s (int8, %d calibration samples)", src.path, path, samples)
     return art

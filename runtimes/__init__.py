@@ -32,7 +32,11 @@ from .compare import (
     save_inputs,
     verify_chain,
 )
+from .coreml_runner import CoreMLRunner
+from .executorch_runner import ExecuTorchRunner
 from .litert_runner import LiteRTRunner
+from .mnn_runner import MNNRunner
+from .ncnn_runner import NcnnRunner
 from .onnxruntime_runner import OnnxRuntimeRunner
 from .openvino_runner import OpenVINORunner
 from .tensorrt_runner import TensorRTRunner
@@ -40,14 +44,23 @@ from .torch_runner import TorchRunner
 
 __all__ = [
     "Runner", "TorchRunner", "OnnxRuntimeRunner", "OpenVINORunner", "LiteRTRunner", "TensorRTRunner",
+    "ExecuTorchRunner", "NcnnRunner", "MNNRunner", "CoreMLRunner",
     "open_runner", "RUNNERS", "RUNNERS_BY_SUFFIX", "InputMismatch", "CorruptArtifact", "MissingDependency",
     "UntrustedFile",
     "make_inputs", "load_inputs", "save_inputs", "flatten", "compare", "verify_chain", "Tolerance",
     "ComparisonResult", "OutputComparison", "Stage", "StageResult", "ChainResult",
 ]
 
-RUNNERS = (OnnxRuntimeRunner, OpenVINORunner, LiteRTRunner, TensorRTRunner, TorchRunner)
+RUNNERS = (OnnxRuntimeRunner, OpenVINORunner, LiteRTRunner, TensorRTRunner, TorchRunner, ExecuTorchRunner,
+           NcnnRunner, MNNRunner, CoreMLRunner)
 RUNNERS_BY_SUFFIX: dict[str, type[Runner]] = {suffix: cls for cls in RUNNERS for suffix in cls.suffixes}
+
+
+def _runner_for(path: str) -> type[Runner] | None:
+    """The runner whose longest suffix ends ``path`` (``.ncnn.param`` before ``.param``), or None."""
+    name = os.fspath(path).lower()
+    found = [s for s in RUNNERS_BY_SUFFIX if name.endswith(s)]
+    return RUNNERS_BY_SUFFIX[max(found, key=len)] if found else None
 
 
 def open_runner(target: Any, **kwargs) -> Runner:
@@ -57,18 +70,18 @@ def open_runner(target: Any, **kwargs) -> Runner:
     artifact's record supplies the input/output names and, for OpenVINO, the precision.
     """
     if isinstance(target, Artifact):
-        cls = RUNNERS_BY_SUFFIX.get(os.path.splitext(target.path)[1].lower())
+        cls = _runner_for(target.path)
         if cls is None:
             raise ValueError(f"no runner for artifact format {target.format!r} ({target.path}); exporters.open_runner "
                              "also knows the formats registered as targets")
         return cls(target.path, artifact=target, **kwargs)
     if isinstance(target, (str, os.PathLike)):
         path = os.fspath(target)
-        suffix = os.path.splitext(path)[1].lower()
-        if suffix not in RUNNERS_BY_SUFFIX:
+        cls = _runner_for(path)
+        if cls is None:
             raise ValueError(f"cannot tell the runtime of {path} from its extension; known extensions: "
                              f"{', '.join(RUNNERS_BY_SUFFIX)}")
-        return RUNNERS_BY_SUFFIX[suffix](path, **kwargs)
+        return cls(path, **kwargs)
     import torch
 
     if isinstance(target, (torch.nn.Module, torch.export.ExportedProgram)):

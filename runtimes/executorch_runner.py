@@ -40,12 +40,12 @@ class ExecuTorchRunner(Runner):
         if self.threads is not None:
             _set_threads(self.threads)
         try:
-            with native_stderr_to_log(CPU_PROBE, "ExecuTorch"):  # its first load probes the CPU, on stderr
+            with native_stderr_to_log(CPU_PROBE, "ExecuTorch"):  # loading probes the CPU, on stderr
                 self.program = runtime.Runtime.get().load_program(
                     path, verification=runtime.Verification.InternalConsistency)
-            if self.method_name not in self.program.method_names:
-                raise ValueError(f"it has no method {self.method_name!r}")
-            self.method = self.program.load_method(self.method_name)
+                if self.method_name not in self.program.method_names:
+                    raise ValueError(f"it has no method {self.method_name!r}")
+                self.method = self.program.load_method(self.method_name)
             meta = self.method.metadata
         except Exception as e:
             raise corrupt(path, "ExecuTorch", e) from e

@@ -236,8 +236,9 @@ def test_a_registered_target_is_converted_verified_inspected_and_benched(basic_o
 def test_unknown_targets_list_the_registered_ones(basic_onnx, tmp_path):
     from deploy.pipeline import ConvertOptions, PipelineError, convert
 
-    with pytest.raises(PipelineError, match=r"known targets: onnx, openvino, tflite, tensorrt, executorch, onnx-basic"):
-        convert(ConvertOptions(targets=("coreml",), out=str(tmp_path / "o")))
+    with pytest.raises(PipelineError, match=r"known targets: onnx, openvino, tflite, tensorrt, executorch, ncnn, mnn, "
+                                            r"coreml, onnx-basic"):
+        convert(ConvertOptions(targets=("caffe",), out=str(tmp_path / "o")))
 
 
 def test_runner_suffix_table_comes_from_the_runner_classes():
@@ -271,3 +272,16 @@ def test_error_measure_is_one_function_for_numpy_and_torch():
     assert max_rel_error(torch.from_numpy(a), b) == pytest.approx(compare(a, b).max_rel)
     assert max_rel_error((a, {"x": a}), (a, {"x": b})) == pytest.approx(1e-3 / np.abs(a).max())
     assert max_rel_error(a, a[:2]) == float("inf") and max_rel_error(a, a * np.nan) == float("inf")
+
+
+def test_phone_runtimes_are_declared_and_their_timings_here_carry_the_caveat():
+    import platform
+
+    from exporters import targets
+
+    assert [t.runtime for t in targets.all_targets() if t.mobile] == ["tflite", "executorch", "ncnn", "mnn", "coreml"]
+    assert targets.phone_note(["onnxruntime", "openvino"]) == ""
+    assert targets.phone_note(["onnxruntime", "ncnn", "mnn", "ncnn"]) == (
+        f"ncnn, mnn: phone runtimes timed on this machine's {platform.machine()} CPU, not on a phone: no claim about "
+        "their speed on a phone's ARM CPU")
+    assert targets.phone_note(["executorch"]).endswith("no claim about its speed on a phone's ARM CPU")

@@ -1,8 +1,10 @@
-"""ExecuTorch: the target record, the runner's refusals, and the default model through ``model.pte``.
+"""ExecuTorch: the target record, the runner's refusals, INT8 through XNNPACK's quantizer, and the default
+model through ``model.pte`` and ``model.int8.pte``.
 
 The record is read from the registry (no package needed). With ``executorch`` installed the shipped
 RepVGG-Digits converts to a ``.pte`` lowered to XNNPACK, and the stage is verified against the training
-model on the seeded inputs and the 360 held-out digits like every other stage.
+model on the seeded inputs and the 360 held-out digits like every other stage; its INT8 form is judged by
+the accuracy guard.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from runtimes.core import CorruptArtifact, MissingDependency
 
 def test_target_record_is_registered_and_not_in_the_default_targets():
     t = targets.get("executorch")
-    assert (t.runtime, t.suffixes, t.source, t.precisions) == ("executorch", (".pte",), "torch", ("fp32",))
+    assert (t.runtime, t.suffixes, t.source, t.precisions) == ("executorch", (".pte",), "torch", ("fp32", "int8"))
     assert not t.default and ("executorch", "executorch") in t.requires
     assert targets.by_suffix(".pte") is t
 
@@ -38,6 +40,60 @@ def test_corrupt_or_empty_pte_is_one_sentence_naming_the_file(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(CorruptArtifact, match="it is empty"):
         ExecuTorchRunner(empty).activate()
+    from deploy.inspect import inspect_path
+
+    with pytest.raises(CorruptArtifact, match=rf"cannot read {bad} as executorch"):
+        inspect_path(bad)
+
+
+def _small_net():
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    return net, (torch.randn(1, 3, 8, 8),)
+
+
+def test_int8_program_computes_in_int8_and_keeps_excluded_layers_in_float(tmp_path):
+    pytest.importorskip("executorch.runtime", reason="executorch not installed")
+    import numpy as np
+    import torch
+
+    from exporters.executorch import export_executorch
+    from exporters.executorch_int8 import quantize_executorch
+    from exporters.int8 import Int8Options
+    from runtimes.executorch_runner import ExecuTorchRunner
+
+    net, args = _small_net()
+    fp32 = export_executorch(net, args, tmp_path / "model.pte")
+    calibration = np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32)
+    q = quantize_executorch(fp32, tmp_path / "model.int8.pte", Int8Options(calibration), module=net, args=args)
+    ops = q.metadata["int8"]["ops"]
+    assert (ops["int8"]["conv2d"], ops["int8"]["linear"], ops["float"]) == (2, 1, {})
+    assert q.precision == "int8" and q.metadata["portable_ops"] == {}
+    x = calibration[:1]
+    with ExecuTorchRunner(tmp_path / "model.int8.pte") as r:
+        got = next(iter(r.infer([x]).values()))
+    want = net(torch.from_numpy(x)).detach().numpy()
+    assert 0 < np.abs(got - want).max() <= 0.05 * np.abs(want).max()  # int8 rounding: close, not exact
+
+    from deploy.inspect import inspect_path
+
+    for summary in (inspect_path(tmp_path / "model.pte"), inspect_path(tmp_path / "model.int8.pte")):
+        assert (summary.convolutions, summary.linears, summary.conv_kernels) == (2, 1, {"3x3": 2})
+        assert summary.params == sum(p.numel() for p in net.parameters()) == 844
+        assert summary.macs == 8 * 8 * 8 * (3 * 9 + 8 * 9) + 4 * 8
+    assert summary.ops["Convert"] == 2  # the int8 program quantizes its input and dequantizes its output
+
+    kept = quantize_executorch(fp32, tmp_path / "kept.pte", Int8Options(calibration, exclude=("conv2d",)),
+                               module=net, args=args)
+    assert kept.metadata["int8"]["ops"]["float"]["conv2d"] == 1
+    assert kept.metadata["int8"]["ops"]["int8"]["conv2d"] == 1
+    with pytest.raises(ValueError, match="cannot keep conv9 in float: the plain graph has no such node"):
+        quantize_executorch(fp32, tmp_path / "bad.pte", Int8Options(calibration, exclude=("conv9",)),
+                            module=net, args=args)
 
 
 @pytest.mark.e2e
@@ -45,10 +101,16 @@ def test_default_model_converts_and_verifies_on_executorch(tmp_path):
     pytest.importorskip("executorch.runtime", reason="executorch not installed")
     from deploy.pipeline import ConvertOptions, convert
 
-    result = convert(ConvertOptions(model="repvgg_digits", targets=("executorch",), out=str(tmp_path / "run")))
+    result = convert(ConvertOptions(model="repvgg_digits", targets=("executorch",), precision="int8",
+                                    out=str(tmp_path / "run")))
     assert result.passed
-    stage = {s.name: s for s in result.stages}["executorch"]
-    art, v = stage.export.artifact, stage.verification
+    stages = {s.name: s for s in result.stages}
+    art, v = stages["executorch"].export.artifact, stages["executorch"].verification
     assert art.path.endswith("model.pte") and art.metadata["delegated_calls"] >= 1
     assert "XnnpackBackend" in art.metadata["backends"]
     assert v.max_rel <= 1e-4 and v.samples_max_rel <= 1e-4 and v.accuracy == 1.0
+    q, qv = stages["executorch-int8"].export.artifact, stages["executorch-int8"].verification
+    assert q.path.endswith("model.int8.pte") and q.precision == "int8"
+    assert q.metadata["int8"]["ops"]["int8"]["conv2d"] == 6 and not q.metadata["int8"]["ops"]["float"]
+    assert stages["executorch-int8"].files.size < 0.4 * stages["executorch"].files.size  # int8 weights stored
+    assert qv.passed and qv.accuracy >= v.accuracy - 0.01

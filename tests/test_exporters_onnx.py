@@ -176,6 +176,6 @@ def test_missing_onnx_packages_name_the_extra(monkeypatch, tmp_path):
 
 def test_registry_rejects_unknown_format_and_missing_args(tmp_path):
     with pytest.raises(ValueError, match="known formats: onnx, openvino, tflite, tensorrt"):
-        exporters.exporter("coreml")
+        exporters.exporter("caffe")
     with pytest.raises(ExportError, match="needs example inputs"):
         export("onnx", make("conv"), tmp_path / "m.onnx")

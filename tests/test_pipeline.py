@@ -222,8 +222,8 @@ def test_fp16_and_dynamic_batch(tmp_path, net):
 
 def test_failures_leave_nothing_behind(tmp_path, net, samples, monkeypatch):
     out = tmp_path / "o"
-    with pytest.raises(PipelineError, match=r"unknown target\(s\) coreml; known targets: onnx"):
-        convert(ConvertOptions(model=net, targets=("coreml",), out=str(out)))
+    with pytest.raises(PipelineError, match=r"unknown target\(s\) caffe; known targets: onnx"):
+        convert(ConvertOptions(model=net, targets=("caffe",), out=str(out)))
     with pytest.raises(PipelineError, match=r"array 'images' has shape \(20, 3, 12, 12\) but the model input is "
                                             r"1,3,16,16"):
         convert(ConvertOptions(model=net, input_shape=(1, 3, 16, 16), inputs=samples, targets=(), out=str(out)))

@@ -194,8 +194,11 @@ def test_per_tensor_kernels_have_one_scale(setup):
 
 @pytest.mark.e2e  # a TFLite conversion and quantization each: the fast lane keeps the per-channel one
 def test_excluded_conv_stays_float(setup):
+    from exporters._torch import recaptured
+
     plain = setup["plain"]
-    convs = [n.name for n in plain.graph.nodes if n.target == torch.ops.aten.conv2d.default]
+    graph = recaptured(plain, (setup["x"],)).graph  # layers are named as the ONNX export names them
+    convs = [n.name for n in graph.nodes if n.target == torch.ops.aten.conv2d.default]
     art = _quantized(setup, "exclude", exclude=(convs[1],))
     ops = art.metadata["int8"]["ops"]
     assert ops["float"] == {"CONV_2D": 1} and ops["int8"]["CONV_2D"] == 3
@@ -297,11 +300,11 @@ def test_percentile_observer_clips_outliers():
     pytest.importorskip("torchao")
     from torchao.quantization.pt2e.observer import MinMaxObserver
 
-    from exporters.tflite_int8 import _percentile_observer
+    from exporters.pt2e import percentile_observer
 
     x = torch.cat([torch.linspace(0, 1, 100_000), torch.tensor([100.0])])
     kw = {"dtype": torch.int8, "quant_min": -128, "quant_max": 127, "qscheme": torch.per_tensor_affine}
-    clipped, full = _percentile_observer()(percentile=99.9, **kw), MinMaxObserver(**kw)
+    clipped, full = percentile_observer()(percentile=99.9, **kw), MinMaxObserver(**kw)
     clipped(x), full(x)
     assert float(full.calculate_qparams()[0]) == pytest.approx(100 / 255, rel=1e-6)
     assert float(clipped.calculate_qparams()[0]) == pytest.approx(1 / 255, rel=0.06)  # 1 +- a 100/2048 bin

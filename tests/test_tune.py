@@ -19,7 +19,7 @@ from deploy import tune as tune_mod
 from deploy.int8 import Guard
 from deploy.record import PipelineError
 from deploy.tune import (Budget, Candidate, TuneOptions, check_options, clearly_slower, closest, plan, rank,
-                         search)
+                         search, slower_int8)
 from exporters import targets as registry
 from runtimes.bench import BenchJob, BenchSettings
 from runtimes.core import MissingDependency
@@ -105,9 +105,22 @@ def test_rank_by_latency_is_p50_order_and_by_throughput_is_samples_per_second():
     a = cand(precision="fp32", stats=timing(1.0, mean=3.0))
     b = cand(precision="int8", stats=timing(1.5, mean=1.6))
     c = cand(runtime="openvino", stats=timing(2.0))
-    assert rank([c, b, a], "latency") == [a, b, c]
+    assert rank([c, b, a], "latency") == [a, c]  # b: INT8 slower than a, the fp32 form of its runtime
     assert rank([c, b, a], "throughput") == [b, c, a]
     assert [round(x.stats["throughput"]) for x in rank([a, b, c], "throughput")] == [625, 500, 333]
+
+
+def test_an_int8_form_no_faster_than_its_runtimes_float_form_is_never_chosen():
+    fp32 = cand(precision="fp32", stats=timing(1.0))
+    int8 = cand(precision="int8", stats=timing(1.2))  # the fastest candidate of all would be ...
+    other = cand(runtime="openvino", stats=timing(1.1))
+    assert rank([int8, other, fp32]) == [fp32, other]
+    (slow, why), = slower_int8([int8, other, fp32])
+    assert slow is int8 and why.startswith("INT8 is not faster than onnxruntime fp32") and "1.200 ms vs 1.000 ms" in why
+    faster = cand(precision="int8", stats=timing(0.5))
+    assert rank([faster, other, fp32])[0] is faster and slower_int8([faster, other, fp32]) == []
+    alone = cand(runtime="tflite", precision="int8", stats=timing(3.0))  # no float form of tflite measured
+    assert rank([alone, fp32]) == [fp32, alone]
 
 
 def test_rank_puts_full_measurements_first_and_leaves_out_dropped_ineligible_failed_and_untimed():

@@ -67,7 +67,7 @@ def test_summarize_rounds_takes_the_median_of_each_rounds_statistics_and_keeps_t
 # ------------------------------------------------------------------------------------------ luck does not win
 
 def test_a_lucky_round_does_not_win_against_a_consistently_faster_narrow_candidate():
-    lucky, steady = cand(precision="int8"), cand(precision="fp32")
+    lucky, steady = cand(precision="bf16"), cand(precision="fp32")
     opts = options()
     measure = Scripted(opts, screen={lucky.name: timing(0.60, p90=2.0, fastest=0.5),
                                      steady.name: timing(1.00, p90=1.1, fastest=0.95)},

@@ -1,0 +1,96 @@
+"""What the PT2E quantizers share (litert-torch's for TFLite, XNNPACK's for ExecuTorch): observers, the layers
+kept in float, calibration.
+
+Both follow torchao's PT2E flow on the plain graph: a quantizer annotates it, ``prepare_pt2e`` inserts
+observers, the calibration inputs run through it, ``convert_pt2e`` turns the observers into
+quantize/dequantize pairs that the format's converter folds into int8 kernels. Both quantizers read
+activation ranges with an observer made here from ``Int8Options.method`` (:func:`activation_observer`),
+with the ``eps = 2^-12`` floor both configs use:
+
+========== ============================================================================
+minmax     ``MinMaxObserver``: the smallest and largest value seen
+entropy    ``HistogramObserver`` (both quantizers' default): the range minimising the L2
+           quantization error over a 2048-bin histogram; no KL-divergence observer exists
+           in torchao's PT2E, so "entropy" is this L2 search, not TensorRT's KL method
+percentile ``PercentileObserver`` (:func:`percentile_observer`): the same histogram,
+           its range clipped to the ``(100 - p)`` and ``p`` percentiles
+========== ============================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+
+from runtimes.core import eval_mode
+
+from .int8 import Int8Options
+
+__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "check_exclude", "calibrate"]
+
+OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver (L2 error search, not KL)",
+             "percentile": "PercentileObserver (histogram percentiles)"}
+EPS = 2 ** -12  # the smallest scale both quantizers' observers give
+
+
+@functools.cache
+def percentile_observer() -> type:
+    """The ``PercentileObserver`` class, defined on first use (torchao is imported only then)."""
+    import torch
+    from torchao.quantization.pt2e.observer import HistogramObserver
+
+    class PercentileObserver(HistogramObserver):
+        """``HistogramObserver``'s histogram, its range clipped to the ``(100 - p)`` and ``p`` percentiles
+        (the bin edges at those cumulative fractions) instead of the L2 search."""
+
+        def __init__(self, percentile: float = 99.999, **kwargs):
+            super().__init__(**kwargs)
+            self.percentile = float(percentile)
+
+        def calculate_qparams(self):
+            if self.min_val == float("inf"):  # never ran: the base class warns and returns defaults
+                return super().calculate_qparams()
+            cdf = torch.cumsum(self.histogram, 0) / torch.sum(self.histogram)
+            width = (self.max_val - self.min_val) / self.bins
+            q = self.percentile / 100.0
+            hi = int(torch.searchsorted(cdf, torch.tensor(q, dtype=cdf.dtype)).clamp(max=self.bins - 1))
+            lo = int(torch.searchsorted(cdf, torch.tensor(1.0 - q, dtype=cdf.dtype)).clamp(max=hi))
+            return self._calculate_qparams(self.min_val + width * lo, self.min_val + width * (hi + 1))
+
+    return PercentileObserver
+
+
+def activation_observer(options: Int8Options):
+    """The activation observer constructor ``options.method`` names (see the module docstring)."""
+    from torchao.quantization.pt2e.observer import HistogramObserver, MinMaxObserver
+
+    if options.method == "minmax":
+        return MinMaxObserver.with_args(eps=EPS)
+    if options.method == "entropy":
+        return HistogramObserver.with_args(eps=EPS)
+    return percentile_observer().with_args(eps=EPS, percentile=options.percentile)
+
+
+def check_exclude(gm, exclude: Sequence[str]) -> None:
+    """Refuse layers to keep in float that the plain graph ``gm`` does not have, naming the ones it has."""
+    names = [n.name for n in gm.graph.nodes if n.op == "call_function"]
+    unknown = [e for e in exclude if e not in names]
+    if unknown:
+        raise ValueError(f"cannot keep {', '.join(unknown)} in float: the plain graph has no such node; its layers "
+                         f"are {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}.")
+
+
+def calibrate(gm, quantizer, batches: Iterable, *, fold_quantize: bool = False):
+    """``gm`` with quantize/dequantize pairs where ``quantizer`` annotates it, its observers fed ``batches``
+    (torch tensors); returns it and the number of calibration samples. ``fold_quantize`` stores the quantized
+    weights as int8 constants (else a float weight and its quantize op, for converters that fold them)."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    samples = 0
+    with torch.no_grad(), eval_mode(gm):
+        prepared = prepare_pt2e(gm, quantizer)
+        for x in batches:
+            prepared(x)
+            samples += len(x)
+        return convert_pt2e(prepared, fold_quantize=fold_quantize), samples
