@@ -28,10 +28,10 @@ from pathlib import Path
 
 from runtimes.core import Artifact, ExportError, first_line, require
 
-from ._torch import as_args, recaptured
+from ._torch import recaptured
 from .executorch import EXTRA, describe_pte, write_program
 from .int8 import Int8Options
-from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude
+from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude, plain_args
 
 __all__ = ["quantize_executorch", "int8_ops"]
 
@@ -114,12 +114,7 @@ def quantize_executorch(src: Artifact, path, options: Int8Options, module=None, 
     require("torchao", EXTRA, "ExecuTorch int8 quantization")
     import torch
 
-    if module is None or not args:
-        raise ValueError("ExecuTorch int8 is quantized from the plain torch module: pass module= and args= "
-                         "(a .pte program cannot be calibrated).")
-    args = as_args(args)
-    if len(args) != 1:
-        raise ValueError(f"ExecuTorch int8 calibration feeds one input; the model takes {len(args)}.")
+    args = plain_args(module, args, "ExecuTorch", "a .pte program cannot be calibrated")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Int8Options", "METHODS"]
+__all__ = ["Int8Options", "METHODS", "check_calibration"]
 
 METHODS = ("minmax", "entropy", "percentile")
 
@@ -62,3 +62,21 @@ class Int8Options:
             if len(part) < self.batch:
                 part = np.concatenate([part, np.repeat(part[-1:], self.batch - len(part), axis=0)])
             yield part
+
+
+def check_calibration(src, options: Int8Options) -> str:
+    """The name of the one input of the artifact ``src`` that the calibration batches of ``options`` fit;
+    ExportError naming the mismatch otherwise."""
+    from runtimes.core import ExportError
+
+    if len(src.inputs) != 1:
+        raise ExportError(f"INT8 calibration feeds one input, but {src.path} has {len(src.inputs)} "
+                          f"({', '.join(src.input_names)}).")
+    spec, x = src.inputs[0], options.calibration
+    if len(x) == 0:
+        raise ExportError(f"INT8 quantization of {src.path} needs calibration samples; none were given.")
+    want = (options.batch, *x.shape[1:])
+    if len(spec.shape) != len(want) or any(isinstance(d, int) and d != w for d, w in zip(spec.shape, want)):
+        raise ExportError(f"calibration batches of shape {want} do not fit input {spec.name} {list(spec.shape)} "
+                          f"of {src.path}; give samples of its shape and Int8Options.batch = its batch.")
+    return spec.name

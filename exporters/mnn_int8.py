@@ -40,7 +40,7 @@ import numpy as np
 
 from runtimes.core import Artifact, ExportError, require_installed
 
-from .int8 import Int8Options
+from .int8 import Int8Options, check_calibration
 from .mnn import CONV_TYPES, EXTRA, last_message, describe_mnn, dump_json, int8_summary, run_tool
 
 __all__ = ["quantize_mnn", "METHODS"]
@@ -76,20 +76,11 @@ def _write_samples(folder: Path, name: str, options: Int8Options) -> int:
 
 
 def _check(src: Artifact, options: Int8Options) -> str:
-    if len(src.inputs) != 1:
-        raise ExportError(f"INT8 calibration feeds one input, but {src.path} has {len(src.inputs)} "
-                          f"({', '.join(src.input_names)}).")
-    spec, x = src.inputs[0], options.calibration
-    if len(x) == 0:
-        raise ExportError(f"INT8 quantization of {src.path} needs calibration samples; none were given.")
-    want = (options.batch, *x.shape[1:])
-    if len(spec.shape) != len(want) or any(isinstance(d, int) and d != w for d, w in zip(spec.shape, want)):
-        raise ExportError(f"calibration batches of shape {want} do not fit input {spec.name} {list(spec.shape)} "
-                          f"of {src.path}; give samples of its shape and Int8Options.batch = its batch.")
+    name = check_calibration(src, options)
     if not options.per_channel:
         raise ExportError("MNN's quantization tool always gives each output channel its own weight scale; "
                           "drop --per-tensor for the mnn target.")
-    return spec.name
+    return name
 
 
 def quantize_mnn(src: Artifact | str | os.PathLike, path, options: Int8Options, module=None,

@@ -28,9 +28,9 @@ activation, and writes QuantizeLinear/DequantizeLinear pairs (QDQ format) around
   ``node_conv2d_3`` with output ``conv2d_3``) stay in float: their weights stay float, and their inputs are
   rewired past the QuantizeLinear/DequantizeLinear pair the quantizer leaves there when the producer is
   quantized (:func:`float_inputs`; with exclusions the quantizer keeps each ReLU as a node instead of folding it
-  into its producer's uint8 clamp, so skipping a pair skips no activation). Without that, ONNX Runtime's ``WeightBiasQuantization`` optimization
-  (``basic`` level and above) sees a DequantizeLinear feeding a Conv and quantizes its float weight per
-  tensor again, so the layer kept in float would run in int8 after all.
+  into its producer's uint8 clamp, so skipping a pair skips no activation). Without that, ONNX Runtime's
+  ``WeightBiasQuantization`` optimization (``basic`` level and above) sees a DequantizeLinear feeding a
+  Conv and quantizes its float weight per tensor again, so the layer kept in float would run in int8 after all.
 
 No ONNX Runtime pre-processing is run (its optimizer renames nodes, and layer names must survive); the result
 is checked with ``onnx.checker``.
@@ -49,7 +49,7 @@ from pathlib import Path
 from runtimes.core import Artifact, ExportError, first_line, require
 from runtimes.int8 import layer_name, onnx_layers
 
-from .int8 import Int8Options
+from .int8 import Int8Options, check_calibration
 from .onnx import describe_onnx
 
 __all__ = ["quantize_onnx", "quantizable_layers", "float_inputs", "ACTIVATIONS", "WEIGHTS", "ENTROPY_BINS"]
@@ -119,20 +119,6 @@ def _quiet():
             log.debug("onnxruntime.quantization printed: %s", out.getvalue().strip())
 
 
-def _check_calibration(src: Artifact, options: Int8Options) -> str:
-    if len(src.inputs) != 1:
-        raise ExportError(f"INT8 calibration feeds one input, but {src.path} has {len(src.inputs)} "
-                          f"({', '.join(src.input_names)}).")
-    spec, x = src.inputs[0], options.calibration
-    if len(x) == 0:
-        raise ExportError(f"INT8 quantization of {src.path} needs calibration samples; none were given.")
-    want = (options.batch, *x.shape[1:])
-    if len(spec.shape) != len(want) or any(isinstance(d, int) and d != w for d, w in zip(spec.shape, want)):
-        raise ExportError(f"calibration batches of shape {want} do not fit input {spec.name} {list(spec.shape)} "
-                          f"of {src.path}; give samples of its shape and Int8Options.batch = its batch.")
-    return spec.name
-
-
 def _entropy_cache(model, reader: _Reader, bins: int, folder: str) -> str:
     """Entropy ranges over a ``bins``-bin histogram, saved as a calibration cache for ``quantize_static``."""
     import onnx
@@ -197,7 +183,7 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
     src = src if isinstance(src, Artifact) else describe_onnx(src)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    input_name = _check_calibration(src, options)
+    input_name = check_calibration(src, options)
     model = onnx.load(src.path)
     excluded, scope = _exclude_nodes(model, options, src.path)
     excluded += scope

@@ -26,7 +26,8 @@ from runtimes.core import eval_mode
 
 from .int8 import Int8Options
 
-__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "check_exclude", "calibrate"]
+__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "plain_args", "check_exclude",
+           "calibrate"]
 
 OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver (L2 error search, not KL)",
              "percentile": "PercentileObserver (histogram percentiles)"}
@@ -69,6 +70,19 @@ def activation_observer(options: Int8Options):
     if options.method == "entropy":
         return HistogramObserver.with_args(eps=EPS)
     return percentile_observer().with_args(eps=EPS, percentile=options.percentile)
+
+
+def plain_args(module, args, fmt: str, why: str) -> tuple:
+    """``args`` as a tuple of one example input; ValueError when the plain ``module`` or its input is missing
+    (``why``: why ``fmt`` cannot be calibrated from its file) or when it takes several inputs."""
+    from ._torch import as_args
+
+    if module is None or not args:
+        raise ValueError(f"{fmt} int8 is quantized from the plain torch module: pass module= and args= ({why}).")
+    args = as_args(args)
+    if len(args) != 1:
+        raise ValueError(f"{fmt} int8 calibration feeds one input; the model takes {len(args)}.")
+    return args
 
 
 def check_exclude(gm, exclude: Sequence[str]) -> None:

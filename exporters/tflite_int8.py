@@ -52,10 +52,10 @@ from pathlib import Path
 
 from runtimes.core import Artifact, ExportError, require, set_training
 
-from ._torch import as_args, recaptured
+from ._torch import recaptured
 from .int8 import Int8Options
 from .legalize import legalize_for_tflite
-from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude
+from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude, plain_args
 from .tflite import EXTRA, describe_tflite, legalize_error, quiet_litert
 
 __all__ = ["quantize_tflite", "mark_sources", "op_summary"]
@@ -190,12 +190,7 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     import torch
     from litert_torch.quantize.quant_config import QuantConfig
 
-    if module is None or not args:
-        raise ValueError("TFLite int8 is quantized from the plain torch module: pass module= and args= "
-                         "(litert-torch cannot calibrate the fp32 .tflite file).")
-    args = as_args(args)
-    if len(args) != 1:
-        raise ValueError(f"TFLite int8 calibration feeds one input; the model takes {len(args)}.")
+    args = plain_args(module, args, "TFLite", "litert-torch cannot calibrate the fp32 .tflite file")
     io = options.extra.get("io", "float32")
     if io not in ("float32", "int8"):
         raise ValueError(f"Int8Options.extra['io'] for TFLite is 'float32' or 'int8', got {io!r}.")

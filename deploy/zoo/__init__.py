@@ -9,10 +9,10 @@ channel count, so tests can build tiny versions) and ``num_classes``.
     >>> model = zoo.randomize_batchnorm(zoo.create("repvgg_a0", width=0.25)).eval()
     >>> x = torch.randn(*zoo.input_shape("repvgg_a0"))
 
-Two entries ship trained weights (``create(name, pretrained=True)``) and a held-out data set
-(``zoo.samples(name)``): the classifier ``repvgg_digits`` (:mod:`deploy.zoo.digits`) and the detector
-``yolo_shapes`` (:mod:`deploy.zoo.shapes`, whose samples carry ``gt_boxes`` / ``gt_classes`` instead of
-``labels``).
+Three entries ship trained weights (``create(name, pretrained=True)``) and a held-out data set
+(``zoo.samples(name)``): the classifiers ``repvgg_digits`` (:mod:`deploy.zoo.digits`) and ``repvgg_digits32``
+(:mod:`deploy.zoo.digits32`, the digits at 32x32 under strong augmentation) and the detector ``yolo_shapes``
+(:mod:`deploy.zoo.shapes`, whose samples carry ``gt_boxes`` / ``gt_classes`` instead of ``labels``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from .dbb import dbb_resnet
 from .digits import TEST_SPLIT as _DIGITS_TEST
 from .digits import TRAIN_SPLIT as _DIGITS_TRAIN
 from .digits import repvgg_digits
+from .digits32 import TEST_SPLIT as _DIGITS32_TEST
+from .digits32 import TRAIN_SPLIT as _DIGITS32_TRAIN
+from .digits32 import repvgg_digits32
 from .mobileone import mobileone_s0
 from .resnet import resnet_small
 from .shapes import TRAIN_SPLIT as _SHAPES_TRAIN
@@ -80,6 +83,7 @@ _ZOO: dict[str, _Entry] = {
     "dbb_resnet": _Entry(dbb_resnet, _IMAGENET, "Small ResNet (32/64/128) with Diverse Branch Blocks (Ding et al. 2021): kxk, 1x1, 1x1-kxk, 1x1-avg; zero_pad=True for the inexact variant"),
     "resnet_small": _Entry(resnet_small, _IMAGENET, "Small ResNet (32/64/128) of basic blocks relu(bn(3x3(relu(bn(3x3(x))))) + shortcut(x)); plain with the 'rm' pass"),
     "repvgg_digits": _Entry(repvgg_digits, (1, 1, 8, 8), "RepVGG-Digits: 6 RepVGG blocks (16-64 channels) trained on scikit-learn's 8x8 digits; shipped weights and held-out split", pretrained=True, samples=str(_DIGITS_TEST), calibration=str(_DIGITS_TRAIN)),
+    "repvgg_digits32": _Entry(repvgg_digits32, (1, 1, 32, 32), "RepVGG-Digits32: 6 RepVGG blocks (64-128 channels) trained with AdamW on the digits upsampled to 32x32, rotated, scaled, shifted and noised; shipped weights and held-out split", pretrained=True, samples=str(_DIGITS32_TEST), calibration=str(_DIGITS32_TRAIN)),
     "yolo_shapes": _Entry(yolo_shapes, (1, 3, 64, 64), "YOLO-Shapes: YOLOv7-tiny (RepConv heads, IDetect) at width 0.25 trained on synthetic 64x64 circles, squares, triangles; shipped weights and held-out split", pretrained=True, samples=str(_SHAPES_VAL), calibration=str(_SHAPES_TRAIN)),
     "yolov7_tiny_rep": _Entry(yolov7_tiny_rep, (1, 3, 320, 320), "YOLOv7-tiny (Wang et al. 2023) with RepConv heads and an IDetect head (ImplicitA / ImplicitM), 80 classes"),
     "panet": _Entry(panet, (1, 3, 128, 128), "PANet (Liu et al. 2018): FPN top-down (lateral 1x1, nearest upsample, add) plus bottom-up path augmentation (stride-2 3x3 into P_i+1), one map per level"),
