@@ -538,6 +538,10 @@ def _int8_lines(q: dict) -> str:
     if "sqnr_db" in eq:
         lines.append(f"equalize {'applied' if eq['chosen'] else 'not applied'}: INT8 output SQNR "
                      f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with")
+    bc = q.get("bias_correction") or {}
+    if "sqnr_db" in bc:
+        lines.append(f"bias correction {'applied' if bc['chosen'] else 'not applied'}: INT8 output SQNR "
+                     f"{bc['sqnr_db']['without']:.2f} dB without, {bc['sqnr_db']['with']:.2f} dB with")
     decode = [s["name"] for s in q.get("float_scope", []) if s.get("op") != "layer"]
     if decode:
         lines.append(f"float scope: {len(decode)} op(s) after the last conv of each output kept in float (decode: "

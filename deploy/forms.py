@@ -36,10 +36,16 @@ def _noop(_: str) -> None:
     pass
 
 
+def without_int8(names: Sequence[str]) -> list[str]:
+    """The targets among ``names`` that have no INT8 form (ncnn: its quantization tools are not on PyPI)."""
+    return [n for n in names if "int8" not in registry.get(n).precisions]
+
+
 def check_targets(names: Sequence[str], precision: str) -> list[Target]:
     """The targets to export for ``names`` (with those made in every run and the sources they are converted
     from), in export order; :class:`PipelineError` for an unknown target, a precision it cannot produce, or a
-    package or device it lacks."""
+    package or device it lacks. Under int8 a target without an INT8 form is refused only when no other one asked
+    for has one (an int8 run makes every fp32 form too: those targets give theirs alone, :func:`without_int8`)."""
     known = registry.names()
     unknown = [t for t in names if t not in known]
     if unknown:
@@ -48,8 +54,9 @@ def check_targets(names: Sequence[str], precision: str) -> list[Target]:
     if precision not in precisions:
         raise PipelineError(f"unknown precision {precision!r}; choose one of {', '.join(precisions)}")
     order = registry.export_order(names)
+    partial = precision == "int8" and len(without_int8(names)) < len(names)
     for t in order:
-        if t.name in names and precision not in t.precisions:
+        if t.name in names and precision not in t.precisions and not partial:
             able = [o.name for o in registry.all_targets() if precision in o.precisions and not o.always]
             raise PipelineError(f"the {t.name} target cannot produce {precision} (it makes "
                                 f"{', '.join(t.precisions)}); the targets that can are {', '.join(able)}: drop "

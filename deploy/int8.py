@@ -217,6 +217,52 @@ def choose_equalize(plain, equalized, args, options: Int8Options, x_eval: np.nda
     return {"chosen": bool(chosen), "sqnr_db": scores}
 
 
+def choose_bias_correction(plain, args, quant: Plan, reference_model, progress: Progress) -> None:
+    """Measure the bias corrections of ``plain`` (``exporters.bias_correction``) on the calibration data and keep
+    them (in ``quant.options``) when they raise the ONNX Runtime INT8 output SQNR against ``reference_model`` on
+    the first :data:`DECISION_SAMPLES` held-out samples by more than 0.1 dB; both numbers go to the report."""
+    import torch
+
+    from exporters._torch import recaptured
+    from exporters.bias_correction import corrections
+    from exporters.onnx import export_onnx
+    from exporters.onnx_int8 import quantize_onnx
+    from runtimes.compare import flatten
+
+    from .stages import run_batched
+
+    try:
+        registry.check_available(registry.get("onnx"), "choosing bias correction under int8")
+        options = quant.options
+        batches = (torch.from_numpy(b) for b in options.batches())
+        fixes = corrections(recaptured(plain, args), batches, options.per_channel)
+        if not fixes:
+            quant.bias_correction = {"chosen": False, "reason": "no convolution or linear layer with a bias"}
+            return
+        x = quant.evaluation[:DECISION_SAMPLES]
+        with torch.no_grad():
+            reference = flatten(reference_model(torch.from_numpy(x)))
+        scores = {}
+        with tempfile.TemporaryDirectory(prefix="deploy-bias-") as tmp:
+            art = export_onnx(plain, args, Path(tmp) / "plain.onnx", simplify=False)
+            for key, fix in (("without", {}), ("with", fixes)):
+                opts = Int8Options(**{**options.__dict__, "bias_correction": fix})
+                q = quantize_onnx(art, Path(tmp) / f"{key}.int8.onnx", opts)
+                with registry.get("onnx").open(q) as runner:
+                    outs = run_batched(runner, x, args[0].shape[0])
+                scores[key] = min(sqnr(r, o) for r, o in zip(reference, outs))
+    except Exception as e:  # noqa: BLE001 - an optimization; the run goes on without it
+        log.info("bias correction not measured", exc_info=True)
+        quant.bias_correction = {"chosen": False, "reason": f"not measured: {first_line(e)}"}
+        return
+    chosen = scores["with"] > scores["without"] + 0.1
+    if chosen:
+        quant.options.bias_correction = fixes
+    quant.bias_correction = {"chosen": bool(chosen), "sqnr_db": scores, "layers": len(fixes)}
+    progress(f"bias correction ({len(fixes)} layers): ONNX Runtime INT8 output SQNR {scores['without']:.2f} dB "
+             f"without, {scores['with']:.2f} dB with: {'applied' if chosen else 'not applied'}")
+
+
 # ------------------------------------------------------------------------------------------ the pipeline
 
 @dataclass
@@ -234,13 +280,15 @@ class Plan:
     layers: list = field(default_factory=list)
     fallbacks: list = field(default_factory=list)
     scope: dict = field(default_factory=dict)  # the float scope by rule: {op name: op} (decode_scope)
+    bias_correction: dict = field(default_factory=dict)  # choose_bias_correction's decision and numbers
 
     def record(self) -> dict:
         o = self.options
         return {"calibration": self.calibration.to_dict(), "evaluation": self.evaluation_source,
                 "method": o.method, "per_channel": o.per_channel, "guard": self.guard.to_dict(),
                 "fallback": self.fallback_mode, "equalize": self.equalize, "layers": self.layers,
-                "fallbacks": self.fallbacks, "float_scope": self.float_scope()}
+                "fallbacks": self.fallbacks, "float_scope": self.float_scope(),
+                "bias_correction": self.bias_correction}
 
     def float_scope(self) -> list[dict]:
         """Every op kept in float and why: the decode by rule, then the layers a fallback kept (worst first)."""

@@ -47,7 +47,7 @@ from runtimes.core import first_line
 
 from . import detection, int8, resources, sources
 from .detection import NmsOptions
-from .forms import check_targets, export_forms
+from .forms import check_targets, export_forms, without_int8
 from .record import (REPORT_NAME, ExportRecord, FilesRecord, InputsRecord, PipelineError, RunDirectory, RunOptions,
                      RunRecord, SamplesRecord, StageRecord, VerificationRecord, inside, is_run_dir, load_record,
                      unlisted_files)
@@ -428,6 +428,9 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
     shipped_with = None if opts.inputs else opts.model
     samples = read_samples(samples_path, shape, shipped_with) if samples_path else None
     notes = list(loaded.notes)
+    if opts.precision == "int8":
+        notes += [f"--precision int8: the {name} target has no INT8 form ({registry.get(name).description}); its fp32 "
+                  "stage only" for name in without_int8(wanted)]
     capture_shape = shape
     if opts.dynamic and shape[0] == 1:
         capture_shape = (2,) + shape[1:]
@@ -487,6 +490,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
                             metadata={"source": opts.model, "merged": merged, "float64_error": report.float64_error})
         if quant is not None:
             quant.set_scope(plain, args)
+            int8.choose_bias_correction(plain, args, quant, loaded.model, progress)
             if quant.scope:
                 progress(f"INT8 float scope: {len(quant.scope)} op(s) after the last conv of each output stay in float "
                          f"({', '.join(list(quant.scope)[:6])}{' ...' if len(quant.scope) > 6 else ''})")

@@ -204,6 +204,13 @@ def int8_markdown(q: dict, stages) -> list[str]:
             f"{'applied' if eq['chosen'] else 'not applied'}: ONNX Runtime INT8 output SQNR "
             f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with "
             f"({eq.get('pairs', '?')} conv pairs)" if "sqnr_db" in eq else eq.get("reason", "")))
+    bc = q.get("bias_correction") or {}
+    if bc:
+        lines.append("- bias correction (per output channel, the mean error of the int8-rounded weights on the "
+                     "calibration data, subtracted from the bias; ONNX Runtime, TFLite, ExecuTorch): " + (
+                         f"{'applied' if bc['chosen'] else 'not applied'}: ONNX Runtime INT8 output SQNR "
+                         f"{bc['sqnr_db']['without']:.2f} dB without, {bc['sqnr_db']['with']:.2f} dB with "
+                         f"({bc['layers']} layers)" if "sqnr_db" in bc else bc.get("reason", "")))
     scope = q.get("float_scope") or []
     if scope:
         lines.append(f"- float scope ({len(scope)} op(s) kept in float in every INT8 form that has them): "

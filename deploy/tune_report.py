@@ -100,7 +100,7 @@ def table_notes(candidates: Sequence, chosen=None, objective: str = "latency", p
     elif chosen is not None and chosen.stats and len(full) > 1:
         lines.append(f"No tie: {chosen.name} is the only candidate measured in full that no other one beats (with "
                      f"{beats}).")
-    phones = registry.phone_note([c.runtime for c in candidates if c.stats])
+    phones = registry.phone_note([c.runtime for c in candidates if c.best_stats()])
     lines += [phones] if phones else []
     ps, cs = (peer or {}).get("stats"), chosen.best_stats() if chosen is not None else None
     if ps and cs:

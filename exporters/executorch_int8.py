@@ -30,6 +30,7 @@ from runtimes.core import Artifact, ExportError, first_line, require
 
 from ._torch import recaptured
 from .executorch import EXTRA, describe_pte, write_program
+from .bias_correction import apply_to_graph
 from .int8 import Int8Options
 from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude, plain_args
 
@@ -120,6 +121,7 @@ def quantize_executorch(src: Artifact, path, options: Int8Options, module=None, 
 
     gm = recaptured(module, args)  # XNNPACK's annotators read every weight's fake value (``meta["val"]``)
     check_exclude(gm, options.exclude)
+    corrected = apply_to_graph(gm, options.bias_correction) if options.bias_correction else 0
     kept = options.kept_in_float(n.name for n in gm.graph.nodes)
     converted, samples = calibrate(gm, _quantizer(options, kept), _batches(options, args[0]), fold_quantize=True)
     ops = int8_ops(converted)
@@ -144,7 +146,7 @@ def quantize_executorch(src: Artifact, path, options: Int8Options, module=None, 
                            "weights": "PerChannelMinMaxObserver" if options.per_channel else "MinMaxObserver"},
               "percentile": options.percentile if options.method == "percentile" else None,
               "per_channel": options.per_channel, "calibration_samples": samples, "exclude": list(options.exclude),
-              "float_scope": [n for n in kept if n not in options.exclude],
+              "float_scope": [n for n in kept if n not in options.exclude], "bias_corrected": corrected,
               "ops": ops})
     art.note(f"int8 (XNNPACK PT2E: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
              f"{OBSERVERS[options.method]} activations, {samples} calibration samples): "

@@ -30,7 +30,9 @@ class Int8Options:
     ``percentile``, the last at ``percentile``); ``per_channel``: one weight scale per output channel
     (else one per tensor); ``exclude``: layers (graph node names) kept in float, each one the format must have;
     ``float_scope``: ops kept in float by rule (a detector's decode, ``deploy.int8.decode_scope``): a quantizer
-    keeps those its format has and passes over the others (a view the format folds away).
+    keeps those its format has and passes over the others (a view the format folds away); ``bias_correction``:
+    ``{layer: per-channel array}`` subtracted from those layers' biases before quantizing
+    (``exporters.bias_correction``; ONNX Runtime, TFLite and ExecuTorch apply it).
     """
 
     calibration: np.ndarray
@@ -38,6 +40,7 @@ class Int8Options:
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
     float_scope: tuple[str, ...] = ()
+    bias_correction: dict = field(default_factory=dict)
     percentile: float = 99.999
     batch: int = 1  # the artifact's batch: calibration is fed in chunks of it
     extra: dict = field(default_factory=dict)  # format-specific choices

@@ -49,6 +49,7 @@ from pathlib import Path
 from runtimes.core import Artifact, ExportError, first_line, require
 from runtimes.int8 import layer_name, onnx_layers
 
+from .bias_correction import apply_to_onnx
 from .int8 import Int8Options, check_calibration
 from .onnx import describe_onnx
 
@@ -185,6 +186,7 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
     path.parent.mkdir(parents=True, exist_ok=True)
     input_name = check_calibration(src, options)
     model = onnx.load(src.path)
+    corrected = apply_to_onnx(model, options.bias_correction) if options.bias_correction else 0
     excluded, scope = _exclude_nodes(model, options, src.path)
     excluded += scope
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -222,7 +224,7 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
         "method": options.method, **({"percentile": options.percentile} if options.method == "percentile" else {}),
         **({"histogram_bins": bins} if cached else {}),
         "calibration_samples": int(len(options.calibration)), "quantized_layers": quantized,
-        "layers": total, "excluded": list(options.exclude), "float_scope": scope}
+        "layers": total, "excluded": list(options.exclude), "float_scope": scope, "bias_corrected": corrected}
     if method is CalibrationMethod.Entropy and not cached:
         art.note("this onnxruntime has no calibration cache: its entropy ranges come from a 128-bin histogram, "
                  "which makes them the min/max ranges", logging.WARNING)

@@ -53,6 +53,7 @@ from pathlib import Path
 from runtimes.core import Artifact, ExportError, require, set_training
 
 from ._torch import recaptured
+from .bias_correction import apply_to_graph
 from .int8 import Int8Options
 from .legalize import legalize_for_tflite
 from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude, plain_args
@@ -206,6 +207,7 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     gm = recaptured(module, args)  # its nodes named as the ONNX export names them: the blame's layer names
     gm, _ = legalize_for_tflite(gm, args, allow_unsupported_pow=True)  # the fp32 export refused what cannot be
     check_exclude(gm, options.exclude)
+    corrected = apply_to_graph(gm, options.bias_correction) if options.bias_correction else 0
     kept = options.kept_in_float(n.name for n in gm.graph.nodes)
     marked = mark_sources(gm)
     quantizer = _quantizer(options, kept)
@@ -243,7 +245,7 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
                            "weights": "PerChannelMinMaxObserver" if options.per_channel else "MinMaxObserver"},
               "percentile": options.percentile if options.method == "percentile" else None,
               "per_channel": options.per_channel, "calibration_samples": samples, "exclude": list(options.exclude),
-              "float_scope": [n for n in kept if n not in options.exclude],
+              "float_scope": [n for n in kept if n not in options.exclude], "bias_corrected": corrected,
               "source_marked_nodes": marked, "io": _edge_type(content), "ops": ops})
     art.note(f"int8 (litert-torch PT2E: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
              f"{OBSERVERS[options.method]} activations, {samples} calibration samples): "

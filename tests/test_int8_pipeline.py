@@ -165,3 +165,13 @@ def test_calibration_of_the_wrong_shape_names_both_shapes(capsys, tmp_path):
 def test_min_agreement_above_one_is_refused_by_argparse(capsys, tmp_path):
     rc, _, err = _main(capsys, "convert", "--precision", "int8", "--min-agreement", "98", "--out", str(tmp_path))
     assert rc == 2 and "fraction in 0..1" in err
+
+
+def test_a_target_without_int8_beside_one_with_it_gives_its_fp32_stage_alone():
+    from deploy.forms import check_targets, without_int8
+    from deploy.record import PipelineError
+
+    assert without_int8(["onnx", "ncnn", "tflite"]) == ["ncnn"]
+    assert [t.name for t in check_targets(["onnx", "ncnn"], "int8")] == ["pt2", "onnx", "ncnn"]
+    with pytest.raises(PipelineError, match="the ncnn target cannot produce int8"):
+        check_targets(["ncnn"], "int8")  # no INT8 form asked for at all: refused, naming those that have one
