@@ -289,6 +289,9 @@ def _parser() -> argparse.ArgumentParser:
                    f"(default {DEFAULT_SQNR:g} dB where neither accuracy nor agreement applies)")
     q.add_argument("--int8-fallback", choices=("off", "auto"), default="off", help="auto: keep the most sensitive "
                    "layers in float until the bound is met (default off)")
+    q.add_argument("--bias-correction", choices=("auto", "off"), default="auto", help="auto: subtract the mean "
+                   "error of the int8-rounded weights from each layer's bias where that raises the held-out INT8 "
+                   "SQNR (default auto)")
     q.add_argument("--mean", type=_floats, metavar="LIST", help="per-channel mean for a folder of calibration "
                    "images (default: the model's, else ImageNet's)")
     q.add_argument("--std", type=_stds, metavar="LIST", help="per-channel std for a folder of calibration images")
@@ -566,8 +569,8 @@ def _failures(stages) -> list[str]:
 _INT8_FLAGS = (("--calibration", "calibration", None), ("--calibration-size", "calibration_size", 128),
                ("--int8-method", "int8_method", "minmax"), ("--per-tensor", "per_tensor", False),
                ("--max-drop", "max_drop", 1.0), ("--min-agreement", "min_agreement", None),
-               ("--min-sqnr", "min_sqnr", None), ("--int8-fallback", "int8_fallback", "off"), ("--mean", "mean", None),
-               ("--std", "std", None))
+               ("--min-sqnr", "min_sqnr", None), ("--int8-fallback", "int8_fallback", "off"),
+               ("--bias-correction", "bias_correction", "auto"), ("--mean", "mean", None), ("--std", "std", None))
 
 
 _NMS_FLAGS = (("--conf", "conf", 0.25), ("--iou", "iou", 0.45), ("--max-det", "max_det", 300),
@@ -586,7 +589,7 @@ def cmd_convert(args) -> int:
         opset=args.opset, command=command, trust_pickle=args.trust_pickle, calibration=args.calibration,
         calibration_size=args.calibration_size, int8_method=args.int8_method, per_tensor=args.per_tensor,
         max_drop=args.max_drop, min_agreement=args.min_agreement, min_sqnr=args.min_sqnr,
-        int8_fallback=args.int8_fallback, mean=args.mean, std=args.std,
+        int8_fallback=args.int8_fallback, bias_correction=args.bias_correction, mean=args.mean, std=args.std,
         nms=NmsOptions(args.conf, args.iou, args.max_det, args.classes_agnostic) if args.nms else None)
     for flags, needs, on in ((_INT8_FLAGS, "--precision int8", args.precision == "int8"),
                              (_NMS_FLAGS, "--nms", args.nms)):

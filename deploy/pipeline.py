@@ -107,6 +107,7 @@ class ConvertOptions:
     min_agreement: float | None = None
     min_sqnr: float | None = None
     int8_fallback: str = "off"  # "auto": keep the most sensitive layers in float until the guard passes
+    bias_correction: str = "auto"  # "auto": keep INT8 bias correction where it raises the held-out SQNR; "off"
     mean: Sequence[float] | None = None  # image-folder calibration normalization
     std: Sequence[float] | None = None
     # detectors (deploy.detection): NMS inside the ONNX / OpenVINO artifacts, detections matched, mAP per stage
@@ -490,7 +491,10 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
                             metadata={"source": opts.model, "merged": merged, "float64_error": report.float64_error})
         if quant is not None:
             quant.set_scope(plain, args)
-            int8.choose_bias_correction(plain, args, quant, loaded.model, progress)
+            if opts.bias_correction == "auto":
+                int8.choose_bias_correction(plain, args, quant, loaded.model, progress)
+            else:
+                quant.bias_correction = {"chosen": False, "reason": "--bias-correction off"}
             if quant.scope:
                 progress(f"INT8 float scope: {len(quant.scope)} op(s) after the last conv of each output stay in float "
                          f"({', '.join(list(quant.scope)[:6])}{' ...' if len(quant.scope) > 6 else ''})")

@@ -121,7 +121,7 @@ def quantize_executorch(src: Artifact, path, options: Int8Options, module=None, 
 
     gm = recaptured(module, args)  # XNNPACK's annotators read every weight's fake value (``meta["val"]``)
     check_exclude(gm, options.exclude)
-    corrected = apply_to_graph(gm, options.bias_correction) if options.bias_correction else 0
+    corrected = apply_to_graph(gm, options.bias_fixes()) if options.bias_correction else 0
     kept = options.kept_in_float(n.name for n in gm.graph.nodes)
     converted, samples = calibrate(gm, _quantizer(options, kept), _batches(options, args[0]), fold_quantize=True)
     ops = int8_ops(converted)

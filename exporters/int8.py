@@ -52,6 +52,10 @@ class Int8Options:
         self.exclude = tuple(self.exclude)
         self.float_scope = tuple(self.float_scope)
 
+    def bias_fixes(self) -> dict:
+        """``bias_correction`` without the layers kept in float (their weights are not rounded)."""
+        return {k: v for k, v in self.bias_correction.items() if k not in self.exclude}
+
     def kept_in_float(self, names) -> tuple[str, ...]:
         """``exclude`` and the ops of ``float_scope`` among ``names`` (the format's layer names)."""
         present = set(names)

@@ -186,7 +186,7 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
     path.parent.mkdir(parents=True, exist_ok=True)
     input_name = check_calibration(src, options)
     model = onnx.load(src.path)
-    corrected = apply_to_onnx(model, options.bias_correction) if options.bias_correction else 0
+    corrected = apply_to_onnx(model, options.bias_fixes()) if options.bias_correction else 0
     excluded, scope = _exclude_nodes(model, options, src.path)
     excluded += scope
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,

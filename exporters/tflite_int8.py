@@ -207,7 +207,7 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     gm = recaptured(module, args)  # its nodes named as the ONNX export names them: the blame's layer names
     gm, _ = legalize_for_tflite(gm, args, allow_unsupported_pow=True)  # the fp32 export refused what cannot be
     check_exclude(gm, options.exclude)
-    corrected = apply_to_graph(gm, options.bias_correction) if options.bias_correction else 0
+    corrected = apply_to_graph(gm, options.bias_fixes()) if options.bias_correction else 0
     kept = options.kept_in_float(n.name for n in gm.graph.nodes)
     marked = mark_sources(gm)
     quantizer = _quantizer(options, kept)

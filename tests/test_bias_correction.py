@@ -90,6 +90,9 @@ def test_onnx_biases_are_corrected_by_layer_name_and_the_quantizer_applies_them(
     assert q.metadata["int8"]["bias_corrected"] == 3
     plain_q = quantize_onnx(art, tmp_path / "plain.int8.onnx", Int8Options(calibration))
     assert plain_q.metadata["int8"]["bias_corrected"] == 0
+    kept = Int8Options(calibration, bias_correction=fixes, exclude=("conv2d",))  # its weights are not rounded
+    assert sorted(kept.bias_fixes()) == ["conv2d_1", "linear"]
+    assert quantize_onnx(art, tmp_path / "kept.int8.onnx", kept).metadata["int8"]["bias_corrected"] == 2
 
 
 @pytest.mark.e2e

@@ -4,10 +4,11 @@ shipped with its held-out split and its calibration split.
 
 Measured, not wished for: training does not make the outliers of ``tests/test_int8_outliers.py`` (merged channels
 60-320x the median range). The merged kernels here reach 2.6x the median channel range, and naive post-training
-quantization (one weight scale per tensor, no ``equalize``, no layer kept in float: ``--per-tensor --passes default
---int8-fallback off``) costs about 10 dB of output SQNR against the default path but no accuracy: it passes the
-guard. That file stays the evidence that naive PTQ fails on large merged-weight outliers; this one pins the trained
-network's numbers, so a retrained model that does grow them shows up here.
+quantization (one weight scale per tensor, no ``equalize``, no layer kept in float, no bias correction:
+``--per-tensor --passes default --int8-fallback off --bias-correction off``) costs about 10 dB of output SQNR
+against the default path but no accuracy: it passes the guard. That file stays the evidence that naive PTQ fails
+on large merged-weight outliers; this one pins the trained network's numbers, so a retrained model that does grow
+them shows up here.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def runs(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("int8_trained")
     return {"naive": convert(folder, "naive", per_tensor=True, passes=list(fusers.DEFAULT_PASSES),
-                             int8_fallback="off"),
+                             int8_fallback="off", bias_correction="off"),
             "default": convert(folder, "default")}
 
 
@@ -112,7 +113,8 @@ def test_both_paths_calibrate_on_the_training_split_and_judge_on_the_held_out_on
 @pytest.mark.e2e
 def test_naive_ptq_loses_sqnr_but_not_accuracy(runs):
     """``deploy convert repvgg_digits32 --precision int8 --targets onnx --per-tensor --passes default
-    --int8-fallback off``: per-tensor weight scales, no equalize trial, no layer in float."""
+    --int8-fallback off --bias-correction off``: per-tensor weight scales, no equalize trial, no layer in float, no
+    bias correction."""
     result, stage = runs["naive"]
     report = result.report["int8"]
     assert report["per_channel"] is False and report["equalize"] == {} and report["fallbacks"] == []
