@@ -81,6 +81,7 @@ def test_a_report_naming_a_model_file_runs_nothing(capsys, tmp_path, run_dir):
     assert not marker.exists() and not (tmp_path / "tune").exists()
 
 
+@pytest.mark.e2e
 def test_a_built_in_model_is_reloaded_from_the_report_and_checked_against_its_outputs(capsys, tmp_path, run_dir):
     rc, out, err = main_in_process(capsys, "bench", str(run_dir), "--compare-train", *FAST)
     assert rc == 0 and "deploy form" in out and "the training form's speed" in out, err

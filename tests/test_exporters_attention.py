@@ -202,6 +202,7 @@ def test_windowed_attention_exports_from_the_plain_graph_and_matches_torch(tmp_p
     assert any("ONNX legalization, the export is retried: 1 of 2" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.e2e
 def test_dynamic_batch_survives_the_decomposition(tmp_path):
     model, x = tiny_twins(window=WINDOW_CASES["causal"]), example(2, size=16)
     gm = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False).module()
@@ -212,6 +213,7 @@ def test_dynamic_batch_survives_the_decomposition(tmp_path):
         assert rel_error(run_ort(art.path, x3), model(x3)) <= 1e-4
 
 
+@pytest.mark.e2e
 def test_timms_own_twins_blocks_export(tmp_path):
     twins = pytest.importorskip("timm.models.twins")
 

@@ -56,6 +56,7 @@ def _small_net():
     return net, (torch.randn(1, 3, 8, 8),)
 
 
+@pytest.mark.e2e
 def test_int8_program_computes_in_int8_and_keeps_excluded_layers_in_float(tmp_path):
     pytest.importorskip("executorch.runtime", reason="executorch not installed")
     import numpy as np

@@ -106,6 +106,7 @@ def test_onnx_runtime_keeps_the_decode_in_float_and_quantizes_the_convolutions(t
     assert not {t.name for t in model.graph.initializer} - {i for n in model.graph.node for i in n.input}  # no leftover
 
 
+@pytest.mark.e2e
 def test_executorch_keeps_the_decode_in_float(tmp_path):
     pytest.importorskip("executorch.runtime", reason="executorch not installed")
     net, args = _detector()
