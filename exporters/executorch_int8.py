@@ -32,7 +32,7 @@ from ._torch import recaptured
 from .executorch import EXTRA, describe_pte, write_program
 from .bias_correction import apply_to_graph
 from .int8 import Int8Options
-from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude, plain_args
+from .pt2e import activation_observer, calibrate, check_exclude, int8_note, int8_record, plain_args
 
 __all__ = ["quantize_executorch", "int8_ops"]
 
@@ -140,20 +140,9 @@ def quantize_executorch(src: Artifact, path, options: Int8Options, module=None, 
     art.metadata.update(
         exporter=f"executorch {version} (XnnpackPartitioner)", delegated_calls=delegated, backends=backends,
         portable_ops=portable,
-        int8={"tool": f"executorch {version} XNNPACKQuantizer, torchao prepare_pt2e/convert_pt2e",
-              "method": options.method,
-              "observer": {"activations": OBSERVERS[options.method],
-                           "weights": "PerChannelMinMaxObserver" if options.per_channel else "MinMaxObserver"},
-              "percentile": options.percentile if options.method == "percentile" else None,
-              "per_channel": options.per_channel, "calibration_samples": samples, "exclude": list(options.exclude),
-              "float_scope": [n for n in kept if n not in options.exclude], "bias_corrected": corrected,
-              "ops": ops})
-    art.note(f"int8 (XNNPACK PT2E: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
-             f"{OBSERVERS[options.method]} activations, {samples} calibration samples): "
-             f"{sum(ops['int8'].values())} int8 ops, {sum(ops['float'].values())} float op(s)"
-             + (f" ({', '.join(options.exclude)} kept in float)" if options.exclude else "")
-             + (f"; {len(kept) - len(options.exclude)} op(s) of the float scope (decode) kept in float"
-                if len(kept) > len(options.exclude) else "")
+        int8=int8_record(options, f"executorch {version} XNNPACKQuantizer, torchao prepare_pt2e/convert_pt2e", samples,
+                         kept, corrected, ops))
+    art.note(int8_note("XNNPACK PT2E", options, samples, kept, sum(ops["int8"].values()), sum(ops["float"].values()))
              + (f"; {sum(portable.values())} op(s) on the portable kernels" if portable else ""))
     log.info("quantized %s -> %s (int8, %d calibration samples)", src.path, path, samples)
     return art

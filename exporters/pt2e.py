@@ -26,8 +26,8 @@ from runtimes.core import eval_mode
 
 from .int8 import Int8Options
 
-__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "plain_args", "check_exclude",
-           "calibrate"]
+__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "int8_record", "int8_note", "plain_args",
+           "check_exclude", "calibrate"]
 
 OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver (L2 error search, not KL)",
              "percentile": "PercentileObserver (histogram percentiles)"}
@@ -70,6 +70,30 @@ def activation_observer(options: Int8Options):
     if options.method == "entropy":
         return HistogramObserver.with_args(eps=EPS)
     return percentile_observer().with_args(eps=EPS, percentile=options.percentile)
+
+
+def int8_record(options: Int8Options, tool: str, samples: int, kept: Sequence[str], corrected: int,
+                ops: dict, **extra) -> dict:
+    """``metadata["int8"]`` of a PT2E-quantized artifact: the tool, the observers, the calibration, the layers
+    kept in float (``exclude``, then the float scope) and the ops by what they compute in."""
+    return {"tool": tool, "method": options.method,
+            "observer": {"activations": OBSERVERS[options.method],
+                         "weights": "PerChannelMinMaxObserver" if options.per_channel else "MinMaxObserver"},
+            "percentile": options.percentile if options.method == "percentile" else None,
+            "per_channel": options.per_channel, "calibration_samples": samples, "exclude": list(options.exclude),
+            "float_scope": [n for n in kept if n not in options.exclude], "bias_corrected": corrected,
+            **extra, "ops": ops}
+
+
+def int8_note(label: str, options: Int8Options, samples: int, kept: Sequence[str], int8_ops: int,
+              float_ops: int) -> str:
+    """The one-line note of a PT2E-quantized artifact (``label``: the quantizer, e.g. ``XNNPACK PT2E``)."""
+    return (f"int8 ({label}: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
+            f"{OBSERVERS[options.method]} activations, {samples} calibration samples): "
+            f"{int8_ops} int8 ops, {float_ops} float op(s)"
+            + (f" ({', '.join(options.exclude)} kept in float)" if options.exclude else "")
+            + (f"; {len(kept) - len(options.exclude)} op(s) of the float scope (decode) kept in float"
+               if len(kept) > len(options.exclude) else ""))
 
 
 def plain_args(module, args, fmt: str, why: str) -> tuple:

@@ -56,7 +56,7 @@ from ._torch import recaptured
 from .bias_correction import apply_to_graph
 from .int8 import Int8Options
 from .legalize import legalize_for_tflite
-from .pt2e import OBSERVERS, activation_observer, calibrate, check_exclude, plain_args
+from .pt2e import activation_observer, calibrate, check_exclude, int8_note, int8_record, plain_args
 from .tflite import EXTRA, describe_tflite, legalize_error, quiet_litert
 
 __all__ = ["quantize_tflite", "mark_sources", "op_summary"]
@@ -238,22 +238,11 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     version = getattr(litert_torch, "__version__", "?")
     art.metadata.update(
         layout=layout, rewrites=list(src.metadata.get("rewrites", [])), exporter=f"litert-torch {version}",
-        int8={"tool": f"litert-torch {version} PT2EQuantizer, torchao {_version('torchao')} prepare_pt2e/"
-                      f"convert_pt2e, litert-converter STATIC QDQ mode{' (strict)' if io == 'float32' else ''}",
-              "method": options.method,
-              "observer": {"activations": OBSERVERS[options.method],
-                           "weights": "PerChannelMinMaxObserver" if options.per_channel else "MinMaxObserver"},
-              "percentile": options.percentile if options.method == "percentile" else None,
-              "per_channel": options.per_channel, "calibration_samples": samples, "exclude": list(options.exclude),
-              "float_scope": [n for n in kept if n not in options.exclude], "bias_corrected": corrected,
-              "source_marked_nodes": marked, "io": _edge_type(content), "ops": ops})
-    art.note(f"int8 (litert-torch PT2E: {'per-channel' if options.per_channel else 'per-tensor'} weights, "
-             f"{OBSERVERS[options.method]} activations, {samples} calibration samples): "
-             f"{sum(ops['int8'].values())} int8 ops, {sum(ops['float'].values())} float op(s)"
-             + (f" ({', '.join(options.exclude)} kept in float)" if options.exclude else "")
-             + (f"; {len(kept) - len(options.exclude)} op(s) of the float scope (decode) kept in float"
-                if len(kept) > len(options.exclude) else "")
-             + f", {art.metadata['int8']['io']} inputs/outputs")
+        int8=int8_record(options, f"litert-torch {version} PT2EQuantizer, torchao {_version('torchao')} prepare_pt2e/"
+                         f"convert_pt2e, litert-converter STATIC QDQ mode{' (strict)' if io == 'float32' else ''}",
+                         samples, kept, corrected, ops, source_marked_nodes=marked, io=_edge_type(content)))
+    art.note(int8_note("litert-torch PT2E", options, samples, kept, sum(ops["int8"].values()),
+                       sum(ops["float"].values())) + f", {art.metadata['int8']['io']} inputs/outputs")
     log.info("quantized %s -> %s (int8, %d calibration samples)", src.path, path, samples)
     return art
 
