@@ -380,10 +380,23 @@ def short_measurements(monkeypatch):
     monkeypatch.setattr(tune_mod, "FULL", FULL)
 
 
-def _expected_choice(measured: list[dict]) -> tuple[dict, list[dict]]:
+def _not_faster_int8(candidates: list[dict]) -> set[str]:
+    """The INT8 candidates whose recorded p50 is not below the best float form of the same runtime (never chosen)."""
+    timed = [c for c in candidates if c["status"] != "dropped" and c["metrics"].get("passed")
+             and (c["stats"] or c["screen"])]
+    p50 = {c["name"]: (c["stats"] or c["screen"])["p50"] for c in timed}
+    return {c["name"] for c in timed if c["precision"] == "int8"
+            and any(p50[d["name"]] <= p50[c["name"]] for d in timed
+                    if d["runtime"] == c["runtime"] and d["precision"] != "int8")}
+
+
+def _expected_choice(candidates: list[dict]) -> tuple[dict, list[dict]]:
     """The choice and the tie re-derived from recorded rounds alone (latency): p50 and p90 = the medians of the five
     rounds' values, their intervals = their ranges (93.75 %); x beats y when x's p50 range lies below y's and x's p90
-    range does not lie above y's; the tie = those nothing beats, ordered by threads, drop, agreement, p90, p50."""
+    range does not lie above y's; the tie = those nothing beats, ordered by threads, drop, agreement, p90, p50. An
+    INT8 form not faster than its runtime's float form is not a candidate."""
+    slower = _not_faster_int8(candidates)
+    measured = [c for c in candidates if c["status"] == "measured" and c["name"] not in slower]
     for c in measured:
         p50s, p90s = [r["p50"] for r in c["stats"]["rounds"]], [r["p90"] for r in c["stats"]["rounds"]]
         assert len(p50s) == 5 and c["stats"]["p50"] == float(np.median(p50s))
@@ -436,9 +449,10 @@ def test_tune_the_default_model_writes_a_best_form_that_reproduces_its_accuracy(
     chosen = by_name[record["chosen"]]
     assert chosen["status"] == "measured" and chosen["metrics"]["passed"]
     assert manifest["expected"]["p50_ms"] == chosen["stats"]["p50"] > 0
-    measured = [c for c in record["candidates"] if c["status"] == "measured"]
-    expected, tie = _expected_choice(measured)
+    expected, tie = _expected_choice(record["candidates"])
     assert record["chosen"] == expected["name"] and record["tie"] == [c["name"] for c in tie]
+    for name in _not_faster_int8(record["candidates"]):
+        assert "INT8 is not faster than" in by_name[name]["reason"]
     assert len(record["peer"]["stats"]["rounds"]) == 5  # the peer measured in the same rounds
     for c in record["candidates"]:
         if c["status"] == "dropped":  # the rule, on the recorded screening numbers
@@ -526,7 +540,7 @@ def test_tune_resnet18_two_pass_sets_chooses_the_faster_measured_form(tmp_path, 
         assert (saved["stats"] or saved["screen"])["p50"] == p50
     measured = [c for c in timed if c.status == "measured"]
     assert result.chosen in measured
-    expected, tie = _expected_choice([x for x in record["candidates"] if x["status"] == "measured"])
+    expected, tie = _expected_choice(record["candidates"])
     assert result.chosen.name == expected["name"] and [c.name for c in result.tie] == [c["name"] for c in tie]
     for c in timed:
         if c.status == "dropped":  # dropped by the rule, on its recorded numbers
