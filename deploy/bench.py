@@ -49,7 +49,7 @@ from .pipeline import (PT2, ConvertOptions, PipelineError, check_training_model,
 from .record import RunRecord, StageRecord, alive, inside, load_record
 from .resources import check_threads
 
-__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "nms_shares", "reliability"]
+__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "slower_int8_notes", "nms_shares", "reliability"]
 
 FORMS = ("training", "deploy", "int8", "nms")  # nms: the deploy form with NMS appended (deploy.detection)
 WORK_PREFIX = "deploy-bench-"  # temporary folders: deploy-bench-<pid>-<random>
@@ -391,6 +391,13 @@ def int8_speedups(rows: Sequence[dict]) -> list[dict]:
              "speedup": v["deploy"]["p50"] / v["int8"]["p50"]} for k, v in by_key.items() if len(v) == 2]
 
 
+def slower_int8_notes(ratios: Sequence[dict]) -> list[str]:
+    """One note for each INT8 form of :func:`int8_speedups` that is not faster than its fp32 form."""
+    return [f"INT8 is not faster than fp32 on {s['runtime']} at batch {s['batch']} (p50 {s['fp32_p50']:.3f} -> "
+            f"{s['int8_p50']:.3f} ms): keep the fp32 artifact there; deploy tune never chooses such a form"
+            for s in ratios if s["speedup"] <= 1.0]
+
+
 def nms_shares(rows: Sequence[dict]) -> list[dict]:
     """The share of the end-to-end (with NMS) p50 that NMS takes, for every (runtime, batch) measured with and
     without it: ``(p50 with NMS - p50 without) / p50 with NMS``."""
@@ -507,6 +514,7 @@ def bench(opts: BenchOptions, progress: Progress | None = None) -> BenchResult:
         if "p50" in r and flops and cpu["peak_gflops"] and on_cpu:  # FLOPs of the run's batch, scaled
             r["achieved_fraction"] = flops * r["batch"] / shape[0] / (r["p50"] * 1e-3) / (cpu["peak_gflops"] * 1e9)
     checks, flag_notes = reliability(rows, cpu["usable_cpus"], threads)
+    flag_notes += slower_int8_notes(int8_speedups(rows))
     entry = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": opts.command,

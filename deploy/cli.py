@@ -287,8 +287,11 @@ def _parser() -> argparse.ArgumentParser:
                    f"with the fp32 model (0..1; default {UNLABELLED} without labels)")
     q.add_argument("--min-sqnr", type=_finite, metavar="DB", help="least output SQNR in dB of an INT8 artifact "
                    f"(default {DEFAULT_SQNR:g} dB where neither accuracy nor agreement applies)")
-    q.add_argument("--int8-fallback", choices=("off", "auto"), default="off", help="auto: keep the most sensitive "
-                   "layers in float until the bound is met (default off)")
+    q.add_argument("--int8-fallback", choices=("off", "auto"), default="auto", help="auto: keep the most sensitive "
+                   "layers in float until the drop is within half of --max-drop (default auto)")
+    q.add_argument("--weight-rounding", choices=("nearest", "mse"), default="nearest", help="mse: choose each "
+                   "output channel's int8 weight grid by an MSE search over clipping ranges, kept where that raises "
+                   "the held-out INT8 SQNR (default nearest)")
     q.add_argument("--bias-correction", choices=("auto", "off"), default="auto", help="auto: subtract the mean "
                    "error of the int8-rounded weights from each layer's bias where that raises the held-out INT8 "
                    "SQNR (default auto)")
@@ -536,11 +539,19 @@ def _verdict(stages, failures: list[str]) -> str:
 
 def _int8_lines(q: dict) -> str:
     """INT8 summary after the stage table: calibration, equalize, fallbacks, the five worst layers."""
+    from .report import fallback_note
+
     lines = [f"\nINT8: calibrated on {q['calibration']['source']}; judged on {q['evaluation']}"]
     eq = q.get("equalize") or {}
     if "sqnr_db" in eq:
         lines.append(f"equalize {'applied' if eq['chosen'] else 'not applied'}: INT8 output SQNR "
                      f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with")
+    wr = q.get("weight_rounding") or {}
+    if "sqnr_db" in wr:
+        lines.append(f"MSE weight rounding {'applied' if wr['chosen'] else 'not applied'}: INT8 output SQNR "
+                     f"{wr['sqnr_db']['nearest']:.2f} dB nearest, {wr['sqnr_db']['mse']:.2f} dB MSE")
+    elif wr.get("reason"):
+        lines.append(f"MSE weight rounding not applied: {wr['reason']}")
     bc = q.get("bias_correction") or {}
     if "sqnr_db" in bc:
         lines.append(f"bias correction {'applied' if bc['chosen'] else 'not applied'}: INT8 output SQNR "
@@ -550,8 +561,7 @@ def _int8_lines(q: dict) -> str:
         lines.append(f"float scope: {len(decode)} op(s) after the last conv of each output kept in float (decode: "
                      f"{', '.join(decode[:6])}{' ...' if len(decode) > 6 else ''})")
     for f in q.get("fallbacks", []):
-        lines.append(f"fallback {f['stage']}: {len(f['kept_in_float'])} layer(s) kept in float, bound "
-                     f"{'met' if f['passed'] else 'still not met'}")
+        lines.append(f"fallback {f['stage']}: {fallback_note(f).removeprefix('--int8-fallback auto: ')}")
     layers = [r for r in q.get("layers", []) if "name" in r][:5]
     if layers:
         lines.append("worst layers (ONNX Runtime QDQ vs fp32; dB lost in the layer, output SQNR, weight max/median "
@@ -569,8 +579,9 @@ def _failures(stages) -> list[str]:
 _INT8_FLAGS = (("--calibration", "calibration", None), ("--calibration-size", "calibration_size", 128),
                ("--int8-method", "int8_method", "minmax"), ("--per-tensor", "per_tensor", False),
                ("--max-drop", "max_drop", 1.0), ("--min-agreement", "min_agreement", None),
-               ("--min-sqnr", "min_sqnr", None), ("--int8-fallback", "int8_fallback", "off"),
-               ("--bias-correction", "bias_correction", "auto"), ("--mean", "mean", None), ("--std", "std", None))
+               ("--min-sqnr", "min_sqnr", None), ("--int8-fallback", "int8_fallback", "auto"),
+               ("--bias-correction", "bias_correction", "auto"), ("--weight-rounding", "weight_rounding", "nearest"),
+               ("--mean", "mean", None), ("--std", "std", None))
 
 
 _NMS_FLAGS = (("--conf", "conf", 0.25), ("--iou", "iou", 0.45), ("--max-det", "max_det", 300),
@@ -589,7 +600,8 @@ def cmd_convert(args) -> int:
         opset=args.opset, command=command, trust_pickle=args.trust_pickle, calibration=args.calibration,
         calibration_size=args.calibration_size, int8_method=args.int8_method, per_tensor=args.per_tensor,
         max_drop=args.max_drop, min_agreement=args.min_agreement, min_sqnr=args.min_sqnr,
-        int8_fallback=args.int8_fallback, bias_correction=args.bias_correction, mean=args.mean, std=args.std,
+        int8_fallback=args.int8_fallback, bias_correction=args.bias_correction,
+        weight_rounding=args.weight_rounding, mean=args.mean, std=args.std,
         nms=NmsOptions(args.conf, args.iou, args.max_det, args.classes_agnostic) if args.nms else None)
     for flags, needs, on in ((_INT8_FLAGS, "--precision int8", args.precision == "int8"),
                              (_NMS_FLAGS, "--nms", args.nms)):

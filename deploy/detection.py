@@ -174,6 +174,14 @@ class Plan:
         return found
 
 
+    def rescore(self, root: Path, stages: Sequence[StageRecord], results: dict, outputs: dict) -> None:
+        """The detection metrics (NMS on the host, mAP) of ``stages`` verified again (an INT8 fallback), into
+        ``results``; no pictures, no NMS-fusion check."""
+        if self.options is not None:
+            verify(root, stages, results, self.options, outputs, names=class_names(self.model, self.head.nc),
+                   pictures=False)
+
+
 def plan(model: nn.Module, spec: str, nms: NmsOptions | None, samples_path: str | None, count: int | None,
          notes: list[str]) -> Plan:
     """The detector part of converting ``model`` (``spec`` on the command line), checked before any work: its

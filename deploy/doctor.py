@@ -11,9 +11,20 @@ one :class:`Diagnosis` (a table and one sentence of conclusion), by case:
    name, and the graph outputs by position. Walking the ONNX nodes in topological order, the first node whose
    output fails ``max|a - b| <= rtol · max|a| + atol`` (the stage's tolerance, from ``report.json``) is the
    divergence; its inputs (activations and weights) are shown with their own errors. The inputs are the
-   run's recorded ``verify/inputs.npz`` and the first held-out samples (``verify/samples.npz``). A stage in
-   another format is diagnosed through the ONNX file it was converted from; the intermediates of OpenVINO,
-   TFLite and the other formats are not compared yet (the table says so).
+   run's recorded ``verify/inputs.npz`` and the first held-out samples (``verify/samples.npz``). OpenVINO's
+   tensors (each op's outputs added as results) keep their ONNX names and are matched the same way.
+   A TFLite file is made from the plain program by litert-torch, not from ONNX (:func:`tflite_divergence`):
+   it runs on LiteRT's builtin kernels with ``experimental_preserve_all_tensors`` (the XNNPACK delegate hides
+   the tensors inside it), and its ops are walked in execution order. litert-torch names a tensor after the
+   ``nn_module_stack`` of the fx nodes it was lowered from (``Class_name/Class_name;``, fused locations joined),
+   not after the nodes, so an op's output is matched with the one plain node that has one of those locations,
+   is an aten op the TFLite op computes (``CONV_2D``: a convolution; a fused ``RELU``: the relu using it) and
+   takes the nodes the op's inputs carry (transposes, reshapes, pads carry their input's); the graph outputs
+   (renamed after the signature) by position. An op with no such node, or several, is left unmatched and
+   counted; nothing is matched by value. NHWC tensors are compared with the plain NCHW tensor permuted, a
+   convolution's OHWI weights with its OIHW parameters permuted. A stage in another format is diagnosed
+   through the ONNX file it was converted from; the intermediates of the other formats are not compared yet
+   (the table says so).
 2. **An INT8 stage** (:func:`int8_scope`): the per-layer table of ``runtimes.int8.layer_errors`` (dB each
    layer loses, output SQNR), measured again on the ONNX Runtime QDQ model of the run when there is one, else
    the table ``report.json`` recorded; the float scope is the fallback the run recorded (``--int8-fallback
@@ -379,6 +390,318 @@ def first_divergence(model, program_values: dict[str, np.ndarray], plain_outputs
     return {"compared": compared, "first": None}
 
 
+# ------------------------------------------------------------------- case 1, TFLite: intermediates by location
+
+_TFL_FLOATS = (0, 1, 10)  # TensorType FLOAT32, FLOAT16, FLOAT64
+# ops that move or re-type values and compute no layer: their output carries their input's plain-graph node
+_TFL_CARRY = frozenset({"RESHAPE", "TRANSPOSE", "PAD", "PADV2", "DEQUANTIZE", "SQUEEZE", "EXPAND_DIMS"})
+_TFL_NHWC = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "TRANSPOSE_CONV", "MAX_POOL_2D", "AVERAGE_POOL_2D", "L2_POOL_2D",
+                       "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR"})  # TFLite kernels with NHWC outputs only
+_TFL_COMPUTES = {  # the aten ops (by overload packet name) whose result a TFLite op computes
+    "CONV_2D": {"conv2d", "convolution", "_convolution"},
+    "DEPTHWISE_CONV_2D": {"conv2d", "convolution", "_convolution"},
+    "TRANSPOSE_CONV": {"conv_transpose2d", "convolution", "_convolution"},
+    "FULLY_CONNECTED": {"linear", "addmm", "mm", "matmul"},
+    "BATCH_MATMUL": {"matmul", "bmm", "mm"},
+    "ADD": {"add"}, "SUB": {"sub", "rsub"}, "MUL": {"mul"}, "DIV": {"div"},
+    "MAXIMUM": {"maximum", "clamp_min"}, "MINIMUM": {"minimum", "clamp_max"},
+    "MEAN": {"mean", "adaptive_avg_pool2d", "avg_pool2d"}, "SUM": {"sum"},
+    "AVERAGE_POOL_2D": {"avg_pool2d", "adaptive_avg_pool2d"}, "MAX_POOL_2D": {"max_pool2d", "max_pool2d_with_indices"},
+    "RELU": {"relu"}, "RELU6": {"relu6", "hardtanh", "clamp"}, "LOGISTIC": {"sigmoid"}, "TANH": {"tanh"},
+    "HARD_SWISH": {"hardswish"}, "GELU": {"gelu"}, "LEAKY_RELU": {"leaky_relu"}, "PRELU": {"prelu"},
+    "SOFTMAX": {"softmax", "_softmax"}, "CONCATENATION": {"cat", "concat"}, "EXP": {"exp"}, "SQRT": {"sqrt"},
+    "RSQRT": {"rsqrt"}, "RESIZE_BILINEAR": {"upsample_bilinear2d"},
+    "RESIZE_NEAREST_NEIGHBOR": {"upsample_nearest2d"},
+}
+_TFL_FUSED = {1: ("RELU", {"relu"}), 2: ("RELU_N1_TO_1", {"hardtanh", "clamp"}),
+              3: ("RELU6", {"relu6", "hardtanh", "clamp"}), 4: ("TANH", {"tanh"})}  # ActivationFunctionType
+# a weighted op's (weight, bias) inputs 1 and 2 are the plain graph's args 1 and 2, the weight permuted so
+_TFL_WEIGHTS = {"CONV_2D": (0, 2, 3, 1), "DEPTHWISE_CONV_2D": (1, 2, 3, 0), "FULLY_CONNECTED": (0, 1)}
+
+
+@dataclass
+class _TflOp:
+    index: int
+    name: str
+    inputs: list[int]
+    outputs: list[int]
+    fused: int  # ActivationFunctionType, 0 when none
+
+
+@dataclass
+class _TflGraph:
+    names: list[str]
+    shapes: list[tuple]
+    floats: set[int]
+    constants: set[int]  # tensors with data in the file, and what only constants feed (a DEQUANTIZE of one)
+    ops: list[_TflOp]
+    inputs: list[int]
+    outputs: list[int]
+    signature_outputs: dict[str, int]  # the first signature's output names and tensors
+
+
+def _tflite_graph(path: str) -> _TflGraph:
+    """The first subgraph of the ``.tflite`` file at ``path``: its ops in execution order, tensor names and shapes
+    (read from the flatbuffer with the schema ``ai_edge_litert`` ships)."""
+    schema = require("ai_edge_litert.schema_py_generated", "tflite", "deploy doctor")
+    data = Path(path).read_bytes()
+    try:
+        model = schema.Model.GetRootAs(data, 0)
+        sg = model.Subgraphs(0)
+        codes = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+        options = {v: k for k, v in vars(schema.BuiltinOptions).items() if not k.startswith("_")}
+        names, shapes, floats, constants = [], [], set(), set()
+        for i in range(sg.TensorsLength()):
+            t = sg.Tensors(i)
+            names.append((t.Name() or b"").decode("utf-8", "replace"))
+            shapes.append(tuple(int(v) for v in t.ShapeAsNumpy()) if t.ShapeLength() else ())
+            if t.Type() in _TFL_FLOATS:
+                floats.add(i)
+            buf = model.Buffers(t.Buffer()) if t.Buffer() else None
+            if buf is not None and (buf.DataLength() or buf.Offset()):
+                constants.add(i)
+        ops = []
+        for k in range(sg.OperatorsLength()):
+            op = sg.Operators(k)
+            code = model.OperatorCodes(op.OpcodeIndex())
+            name = codes.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")
+            fused = 0
+            table = op.BuiltinOptions()
+            kind = options.get(op.BuiltinOptionsType())
+            if table is not None and kind and hasattr(schema, kind):
+                opts = getattr(schema, kind)()
+                opts.Init(table.Bytes, table.Pos)
+                fused = int(opts.FusedActivationFunction()) if hasattr(opts, "FusedActivationFunction") else 0
+            ins = [int(v) for v in op.InputsAsNumpy()] if op.InputsLength() else []
+            outs = [int(v) for v in op.OutputsAsNumpy()] if op.OutputsLength() else []
+            ops.append(_TflOp(k, name, ins, outs, fused))
+            if ins and all(i < 0 or i in constants for i in ins):
+                constants.update(outs)
+        inputs = [int(v) for v in sg.InputsAsNumpy()]
+        outputs = [int(v) for v in sg.OutputsAsNumpy()]
+        signature = {}
+        if model.SignatureDefsLength():
+            sig = model.SignatureDefs(0)
+            for j in range(sig.OutputsLength()):
+                signature[(sig.Outputs(j).Name() or b"").decode("utf-8", "replace")] = int(sig.Outputs(j).TensorIndex())
+    except Exception as e:  # noqa: BLE001 - a malformed flatbuffer raises whatever its offsets hit
+        raise CorruptArtifact(f"{path} is not a readable TFLite file ({first_line(e)}); rerun deploy convert") from e
+    return _TflGraph(names, shapes, floats, constants, ops, inputs, outputs, signature)
+
+
+def _run_tflite_all(path: str, graph: _TflGraph, x: np.ndarray, batch: int, nhwc: bool) -> dict[int, np.ndarray]:
+    """Every float tensor of the ``.tflite`` file on the rows of ``x`` (``experimental_preserve_all_tensors``), by
+    tensor index. Run on LiteRT's builtin kernels: the XNNPACK delegate keeps the tensors inside it to itself."""
+    lite = require("ai_edge_litert.interpreter", "tflite", "deploy doctor")
+    from runtimes.base import native_stderr_to_log
+
+    try:
+        with native_stderr_to_log("INFO: ", "LiteRT"):
+            it = lite.Interpreter(model_path=path, num_threads=1, experimental_preserve_all_tensors=True,
+                                  experimental_op_resolver_type=lite.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            [detail] = it.get_input_details()
+            if detail["shape"][0] != batch:
+                it.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+            it.allocate_tensors()
+    except ValueError as e:
+        raise CorruptArtifact(f"{path} cannot be opened by LiteRT ({first_line(e)}); rerun deploy convert") from e
+    wanted = sorted(graph.floats - graph.constants)
+    chunks: dict[int, list[np.ndarray]] = {}
+    for chunk, _ in _chunks(x, batch):
+        it.set_tensor(detail["index"], np.ascontiguousarray(chunk.transpose(0, 2, 3, 1) if nhwc else chunk))
+        it.invoke()
+        for i in wanted:
+            chunks.setdefault(i, []).append(np.array(it.get_tensor(i)))
+    values = {k: np.concatenate(v) if v[0].ndim and len(v) > 1 else v[0] for k, v in chunks.items()}
+    values.update({i: np.array(it.get_tensor(i)) for i in graph.constants})  # weights, and a transpose's perm
+    return values
+
+
+def _litert_location(node) -> str | None:
+    """The location litert-torch gives the TFLite ops it lowers ``node`` into: the classes and names of the
+    modules on its ``nn_module_stack``, as ``Class_name/Class_name``."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    parts = []
+    for name, cls in stack.values():
+        cls = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        parts.append(cls + (f"_{name.split('.')[-1]}" if name else ""))
+    return "/".join(parts)
+
+
+def _packet(node) -> str:
+    target = node.target
+    name = getattr(getattr(target, "overloadpacket", None), "__name__", None) or getattr(target, "__name__", "")
+    return name.split(".")[-1]
+
+
+_VIEWS = frozenset({"flatten", "view", "reshape", "_unsafe_view", "squeeze", "unsqueeze", "permute", "transpose",
+                    "contiguous", "clone", "alias", "t"})  # plain nodes TFLite folds into layout or into the next op
+
+
+def _through_views(node):
+    """``node``, or what it is a view of (a flatten TFLite folds into the MEAN before it, say)."""
+    while node.op == "call_function" and _packet(node) in _VIEWS and node.args and hasattr(node.args[0], "op"):
+        node = node.args[0]
+    return node
+
+
+def _align(ref: np.ndarray, test: np.ndarray, layout: str | None) -> tuple[np.ndarray | None, str]:
+    """``ref`` (the plain graph's NCHW tensor) in the layout of ``test``: NHWC when the TFLite tensor is known to be,
+    else the one of NCHW and NHWC its shape fits (None with the reason when neither or both fit)."""
+    if ref.ndim != 4:
+        return ref, ""
+    nhwc = ref.transpose(0, 2, 3, 1)
+    if layout is not None:
+        return (nhwc if layout == "NHWC" else ref), ""
+    squeeze = lambda s: tuple(v for v in s[1:] if v != 1)  # noqa: E731
+    fits = [a for a in (ref, nhwc) if squeeze(a.shape) == squeeze(test.shape)]
+    if len(fits) == 1 or (fits and squeeze(ref.shape) == squeeze(nhwc.shape)):
+        return fits[0], ""
+    return None, f"layout of shape {list(test.shape[1:])} vs {list(ref.shape[1:])} not known"
+
+
+def tflite_divergence(graph: _TflGraph, gm, program_values: dict[str, np.ndarray], values: dict[int, np.ndarray],
+                      rtol: float, atol: float = 0.0, *, input_layout: str = "NCHW",
+                      output_order: list[str] | None = None) -> dict:
+    """The first op of a TFLite ``graph`` (execution order) whose output differs from the plain graph's node it
+    computes, as :func:`first_divergence` (rows also name the ``layer``, the plain node the op lowers, and the
+    TFLite tensor as ``node``). An op is matched with a plain node when exactly one node (i) carries a location
+    among the tensor's (litert-torch names a tensor after the ``nn_module_stack`` of the nodes it was lowered from,
+    fused locations joined by ``;``), (ii) is an aten op the TFLite op computes, (iii) takes the plain nodes the
+    op's inputs carry; a fused activation is the one user of that node of its kind. Ops that only move values
+    (transpose, reshape, pad, dequantize) carry their input's node; every other tensor is left unmatched (with the
+    reason, in ``"unmatched"``). A graph output (which LiteRT renames after the signature) is the plain graph's
+    output leaf of the same position, the outputs ordered by ``output_order`` (their signature names in the torch
+    order) when given. Plain views (flatten, reshape, ...) count as the node they view."""
+    import torch
+
+    by_location: dict[str, list] = {}
+    placeholders = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            placeholders.append(n)
+        elif n.op == "call_function":
+            loc = _litert_location(n)
+            if loc is not None:
+                by_location.setdefault(loc, []).append(n)
+    carries: dict[int, tuple] = {}  # tensor -> (plain node, the tensor matched with it)
+    layout: dict[int, str | None] = {}
+    for t in graph.inputs:
+        if len(placeholders) == 1 and len(graph.inputs) == 1:
+            carries[t] = (placeholders[0], t)
+            layout[t] = input_layout if len(graph.shapes[t]) == 4 else None
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = [n for n in torch.utils._pytree.tree_leaves(out_node.args[0]) if isinstance(n, torch.fx.Node)]
+    order = ([graph.signature_outputs[n] for n in output_order if n in graph.signature_outputs]
+             if output_order else list(graph.outputs))
+    out_alias = dict(zip(order, leaves)) if len(order) == len(leaves) == len(graph.outputs) else {}
+    errors: dict[int, dict] = {}
+    compared, unmatched = [], []
+
+    def error_of(t: int, node) -> dict | None:
+        if t not in errors:
+            ref, test = program_values.get(node.name), values.get(t)
+            if ref is None or test is None:
+                errors[t] = None
+                return None
+            aligned, why = _align(ref, test, layout.get(t))
+            errors[t] = _error(aligned, test, rtol, atol) if aligned is not None else {"comparable": False,
+                                                                                       "reason": why}
+        e = errors[t]
+        return e if e and e.get("comparable") else None
+
+    for op in graph.ops:
+        acts = [i for i in op.inputs if i >= 0 and i not in graph.constants and i in graph.floats]
+        outs = [o for o in op.outputs if o in graph.floats and o not in graph.constants]
+        first_act = acts[0] if acts else None
+        lay = layout.get(first_act) if first_act is not None else None
+        if op.name in _TFL_CARRY:
+            for o in outs:
+                if first_act in carries:
+                    carries[o] = carries[first_act]
+                if op.name == "TRANSPOSE" and len(graph.shapes[o]) == 4 and lay is not None:
+                    perm = values.get(op.inputs[1])
+                    perm = tuple(int(v) for v in np.ravel(perm)) if perm is not None else ()
+                    layout[o] = {((0, 2, 3, 1), "NCHW"): "NHWC", ((0, 3, 1, 2), "NHWC"): "NCHW"}.get((perm, lay))
+                elif op.name == "RESHAPE" and first_act is not None and lay == "NCHW":
+                    s_in, s_out = graph.shapes[first_act], graph.shapes[o]  # (N, 1, H, W) -> (N, H, W, 1)
+                    layout[o] = "NHWC" if len(s_in) == 4 and s_in[1] == 1 and s_out == (s_in[0], *s_in[2:], 1) else None
+                else:
+                    layout[o] = lay if op.name in ("PAD", "PADV2", "DEQUANTIZE") else None
+            continue
+        if len(outs) != 1:
+            unmatched.extend((o, f"{op.name} with {len(outs)} float outputs") for o in outs)
+            continue
+        [o] = outs
+        same = first_act is not None and graph.shapes[o] == graph.shapes[first_act]
+        layout[o] = "NHWC" if op.name in _TFL_NHWC else (lay if same else None)
+        segments = {s for s in graph.names[o].split(";") if s}
+        kinds = _TFL_COMPUTES.get(op.name)
+        if kinds is None:
+            unmatched.append((o, f"{op.name} is not one of the ops matched"))
+            continue
+        sources = [_through_views(carries[i][0]) for i in acts if i in carries]
+        fused = _TFL_FUSED.get(op.fused, (str(op.fused), set())) if op.fused else None
+        if o in out_alias:  # the output of the same position
+            leaf = _through_views(out_alias[o])
+            layer = leaf.args[0] if fused and _packet(leaf) in fused[1] and leaf.args else leaf
+            cands = [layer] if _packet(layer) in kinds else []
+        else:
+            cands = [n for s in segments for n in by_location.get(s, ()) if _packet(n) in kinds]
+        cands = [n for n in dict.fromkeys(cands)
+                 if len(sources) == len(acts) and all(p in map(_through_views, n.all_input_nodes) for p in sources)]
+        if len(cands) != 1:
+            why = ("its inputs are not matched" if len(sources) != len(acts) else
+                   f"{len(cands)} plain nodes fit its location, kind and inputs")
+            unmatched.append((o, why))
+            continue
+        [layer] = cands
+        value, label = layer, op.name
+        if fused:
+            act_name, act_kinds = fused
+            users = [u for u in layer.users if _packet(u) in act_kinds and u.op == "call_function"
+                     and (_litert_location(u) in segments or o in out_alias)]
+            if len(users) != 1:
+                unmatched.append((o, f"its fused {act_name} matches {len(users)} plain nodes"))
+                continue
+            value, label = users[0], f"{op.name}+{act_name}"
+        carries[o] = (value, o)
+        e = error_of(o, value)
+        if e is None:
+            unmatched.append((o, (errors.get(o) or {}).get("reason", "no plain value to compare")))
+            continue
+        inputs = []
+        for i in acts:
+            if i in carries:
+                src, t = carries[i]
+                ie = error_of(t, src) if t in values and src.op != "placeholder" else None
+                if ie is not None:
+                    inputs.append({"tensor": src.name, "kind": "activation", "max_rel": ie["max_rel"],
+                                   "passed": ie["passed"]})
+        perm = _TFL_WEIGHTS.get(op.name)
+        if perm is not None and _packet(layer) in ("conv2d", "convolution", "linear"):
+            for pos in (1, 2):
+                arg = layer.args[pos] if len(layer.args) > pos else None
+                t = op.inputs[pos] if len(op.inputs) > pos else -1
+                if not isinstance(arg, torch.fx.Node) or t < 0 or arg.name not in program_values or t not in values:
+                    continue
+                ref = program_values[arg.name]
+                ref = ref.transpose(perm) if pos == 1 and ref.ndim == len(perm) else ref
+                we = _error(ref, values[t], rtol, atol)
+                if we.get("comparable"):
+                    inputs.append({"tensor": arg.name, "kind": "weight", "max_rel": we["max_rel"],
+                                   "passed": we["passed"]})
+        row = {"tensor": value.name, "layer": layer.name, "node": graph.names[o], "op": label,
+               "max_rel": e["max_rel"], "passed": e["passed"], "inputs": inputs,
+               **({"reason": e["reason"]} if "reason" in e else {})}
+        compared.append(row)
+        if not e["passed"]:
+            return {"compared": compared, "first": row, "unmatched": unmatched}
+    return {"compared": compared, "first": None, "unmatched": unmatched}
+
+
 def _divergence(record: RunRecord, root: Path, stage: StageRecord, *, trust_pickle: bool, samples: int,
                 progress: Progress) -> Diagnosis:
     headers = ["#", "tensor", "op", "max rel error", "tolerance", "result"]
@@ -386,12 +709,16 @@ def _divergence(record: RunRecord, root: Path, stage: StageRecord, *, trust_pick
         return Diagnosis(stage.name, "not diagnosed", headers, [],
                          "pt2 is the plain graph every other stage is compared with: its difference from the training "
                          "model comes from the passes (report.md, 'reparameterize'), not from a runtime")
+    if stage.format == "tflite" and stage.export.artifact is not None:
+        return _tflite_stage(record, root, stage, headers, trust_pickle=trust_pickle, samples=samples,
+                             progress=progress)
     source = _onnx_stage(record, stage)
     if source is None:
         return Diagnosis(stage.name, "not diagnosed", headers, [],
                          f"{stage.name} ({stage.format}) is not made from an ONNX file, and {stage.format}'s "
                          "intermediates are not compared yet: no first divergence found",
-                         notes=[f"intermediates of {stage.format} are not compared yet (only ONNX files are)"])
+                         notes=[f"intermediates of {stage.format} are not compared yet (only ONNX, OpenVINO and "
+                                "TFLite files are)"])
     rtol, atol = _tolerance(record, stage)
     art = source.export.artifact_in(root)
     model = _onnx_model(Path(art.path))
@@ -415,15 +742,27 @@ def _divergence(record: RunRecord, root: Path, stage: StageRecord, *, trust_pick
     else:
         values, _ = _run_onnx_all(model, x, batch)
     found = first_divergence(model, plain_values, plain_outputs, values, rtol, atol, weights=not ov)
-    compared, first = found["compared"], found["first"]
-    notes = [f"{len(compared)} tensor(s) compared by name with the plain graph (model.deploy.pt2) on {len(x)} "
-             f"input(s); tolerance rtol {rtol:g}, atol {atol:g}"]
+    notes = [f"{len(found['compared'])} tensor(s) compared by name with the plain graph (model.deploy.pt2) on "
+             f"{len(x)} input(s); tolerance rtol {rtol:g}, atol {atol:g}"]
     if ov:
         notes.append(f"OpenVINO's tensors are matched by their ONNX names, walked in the order of {source.name}; "
                      f"weights are {source.name}'s")
     elif source is not stage:
         notes.append(f"intermediates of {stage.format} are not compared yet: its ONNX source {source.name} is "
                      "diagnosed instead")
+    label = "" if source is stage or ov else f" (through its ONNX source {source.name})"
+    own = ("" if source is stage or ov or not stage.failed else
+           f"; the divergence is in {stage.format}'s own conversion or runtime")
+    same_op = ("; its inputs agree, so the op itself computes differently" if not ov else
+               "; its inputs agree, so the op or its weights in this file compute differently")
+    return _divergence_table(stage, headers, found, rtol, atol, notes, label, own, same_op, source.name)
+
+
+def _divergence_table(stage: StageRecord, headers: list[str], found: dict, rtol: float, atol: float,
+                      notes: list[str], label: str, own: str, same_op: str, source: str) -> Diagnosis:
+    """The table, conclusion and details of case 1 from ``found`` (:func:`first_divergence` or
+    :func:`tflite_divergence`)."""
+    compared, first = found["compared"], found["first"]
     rows = []
     if first is not None:
         for i in first["inputs"]:
@@ -435,25 +774,67 @@ def _divergence(record: RunRecord, root: Path, stage: StageRecord, *, trust_pick
         tail = compared[-TABLE_ROWS:]
         rows = [[str(len(compared) - len(tail) + k + 1), r["tensor"], r["op"], _num(r["max_rel"]), f"{rtol:g}", "ok"]
                 for k, r in enumerate(tail)]
-    label = "" if source is stage or ov else f" (through its ONNX source {source.name})"
+    layer = None
+    if first is not None:
+        layer = first.get("layer") or (first["node"][5:] if first["node"].startswith("node_") else first["tensor"])
     if first is None:
-        own = ("" if source is stage or ov or not stage.failed else
-               f"; the divergence is in {stage.format}'s own conversion or runtime")
         conclusion = (f"{stage.name}{label}: every one of the {len(compared)} compared tensors agrees with the plain "
                       f"graph within rtol {rtol:g}{own}")
     else:
-        name = first["node"][len("node_"):] if first["node"].startswith("node_") else first["tensor"]
         bad_weights = [i for i in first["inputs"] if not i["passed"] and i["kind"] == "weight"]
         bad_inputs = [i for i in first["inputs"] if not i["passed"] and i["kind"] != "weight"]
         why = (f"; its weight {', '.join(w['tensor'] for w in bad_weights)} differs from the plain graph's (max rel "
-               f"error {_num(bad_weights[0]['max_rel'])})" if bad_weights else
-               "" if bad_inputs else "; its inputs agree, so the op itself computes differently" if not ov else
-               "; its inputs agree, so the op or its weights in this file compute differently")
-        conclusion = (f"{stage.name}{label} first diverges at {name} ({first['op']}): max rel error "
+               f"error {_num(bad_weights[0]['max_rel'])})" if bad_weights else "" if bad_inputs else same_op)
+        conclusion = (f"{stage.name}{label} first diverges at {layer} ({first['op']}): max rel error "
                       f"{_num(first['max_rel'])} > {rtol:g}{why}")
-    details = {"layer": first and (first["node"][5:] if first["node"].startswith("node_") else first["tensor"]),
-               "first": first, "compared": len(compared), "rtol": rtol, "atol": atol, "source": source.name}
+    details = {"layer": layer, "first": first, "compared": len(compared), "rtol": rtol, "atol": atol,
+               "source": source}
+    if "unmatched" in found:
+        details["unmatched"] = len(found["unmatched"])
     return Diagnosis(stage.name, "divergence", headers, rows, conclusion, notes, details)
+
+
+def _tflite_stage(record: RunRecord, root: Path, stage: StageRecord, headers: list[str], *, trust_pickle: bool,
+                  samples: int, progress: Progress) -> Diagnosis:
+    """Case 1 for a TFLite file: its every tensor (LiteRT, builtin kernels) against the plain graph's nodes,
+    matched by :func:`tflite_divergence`."""
+    from .stages import batch_of
+
+    rtol, atol = _tolerance(record, stage)
+    art = stage.export.artifact_in(root)
+    path = os.fspath(art.path)
+    graph = _tflite_graph(path)
+    if len(graph.inputs) != 1:
+        return Diagnosis(stage.name, "not diagnosed", headers, [],
+                         f"{stage.name} takes {len(graph.inputs)} inputs; doctor compares the intermediates of "
+                         "single-input models only")
+    nhwc = (art.metadata.get("layout") or {}).get("inputs", ["NCHW"])[0] == "NHWC"
+    x = _inputs(record, root, samples)
+    batch = batch_of(stage, len(x))
+    progress(f"running the plain graph and {stage.name} ({Path(path).name}) on {len(x)} input(s), every "
+             "intermediate tensor recorded ...")
+    program = _plain_graph(record, root, trust_pickle)
+    gm = program.module()
+    plain_values, _ = _record_plain(program, x, batch)
+    values = _run_tflite_all(path, graph, x, batch, nhwc)
+    found = tflite_divergence(graph, gm, plain_values, values, rtol, atol, input_layout="NHWC" if nhwc else "NCHW",
+                              output_order=art.metadata.get("tflite_outputs"))
+    computed = sum(1 for op in graph.ops if op.name not in _TFL_CARRY)
+    notes = [f"{len(found['compared'])} tensor(s) compared with the plain graph (model.deploy.pt2) on {len(x)} "
+             f"input(s); tolerance rtol {rtol:g}, atol {atol:g}",
+             f"TFLite tensors matched with plain-graph nodes by litert-torch's location names (the nodes' "
+             f"nn_module_stack), the op's kind and its inputs, walking the {len(graph.ops)} ops in execution order "
+             f"({computed} computing, the rest moving values); NHWC tensors compared after permuting the plain "
+             f"graph's; {len(found['unmatched'])} tensor(s) left unmatched"
+             + (" before the first divergence" if found["first"] is not None else ""),
+             "run on LiteRT's builtin kernels with every tensor preserved (the XNNPACK delegate the stage's runner "
+             "uses keeps its intermediates to itself)"]
+    if found["unmatched"]:
+        shown = "; ".join(f"{graph.names[t][-60:]}: {why}" for t, why in found["unmatched"][:3])
+        notes.append(f"unmatched: {shown}" + (" ..." if len(found["unmatched"]) > 3 else ""))
+    own = ("; the divergence is in the XNNPACK delegate the stage runs on" if stage.failed else "")
+    same_op = "; its inputs and weights agree, so the op itself computes differently"
+    return _divergence_table(stage, headers, found, rtol, atol, notes, "", own, same_op, stage.name)
 
 
 def _num(v) -> str:

@@ -17,9 +17,11 @@ The steps ``deploy.pipeline.convert`` runs under int8, after the fp32 forms are 
    the fp32 ONNX model at its input and output (``runtimes.int8.layer_errors``): the SQNR at its
    output and the dB it loses itself (input SQNR minus output SQNR), with the merged kernel's
    statistics (per-channel range, max/median ratio, kurtosis). The worst layers lose the most dB.
-4. **Fallback** (:func:`fallback`, ``--int8-fallback auto``): a stage that fails the guard is
-   quantized again with the 1, 2, 4, ... worst layers kept in float until it passes (or half the
-   layers are kept); the report says how many were kept and what it cost in speed.
+4. **Fallback** (:func:`fallback`, ``--int8-fallback auto``, the default): a stage that fails the guard, or
+   whose measured drop is above half the bound (``--max-drop``: the margin is for the held-out split's
+   sampling noise), is quantized again with the 1, 2, 4, ... worst layers kept in float until it passes
+   within that aim (at most half the layers are kept); the best form tried is kept, and the report says how
+   many layers were kept, the drop, and what it cost in speed.
 5. **Equalize** (:func:`choose_equalize`): with the default passes, the exact ``equalize`` pass
    (cross-layer range equalization) is kept when it raises the ONNX Runtime INT8 model's output
    SQNR on the held-out samples; the report gives both numbers.
@@ -28,6 +30,8 @@ The steps ``deploy.pipeline.convert`` runs under int8, after the fp32 forms are 
 7. **Bias correction** (:func:`choose_bias_correction`, before quantizing): the mean error of each layer's
    int8-rounded weights on the calibration data, subtracted from its bias in the INT8 forms, kept when it
    raises the ONNX Runtime INT8 output SQNR on held-out samples; the report gives both numbers.
+8. **Weight rounding** (:func:`choose_weight_rounding`, ``--weight-rounding mse``, before bias correction): each
+   output channel's int8 weight grid chosen by an MSE search over clipping ranges, kept under the same rule.
 """
 
 from __future__ import annotations
@@ -46,10 +50,11 @@ from exporters import targets as registry
 from exporters.int8 import Int8Options
 from runtimes.core import first_line
 
+from .report import fallback_note
 from .tasks import DEFAULT_MIN_SQNR, UNLABELLED_AGREEMENT, Guard, GuardResult, judge, sqnr
 
 __all__ = ["Guard", "GuardResult", "judge", "quantize_stages", "blame", "fallback", "choose_equalize",
-           "quick_latency", "UNLABELLED_AGREEMENT", "DEFAULT_MIN_SQNR", "WORST"]
+           "choose_weight_rounding", "choose_bias_correction", "quick_latency", "UNLABELLED_AGREEMENT", "DEFAULT_MIN_SQNR", "WORST"]
 
 log = logging.getLogger(__name__)
 
@@ -151,36 +156,64 @@ def quick_latency(runner, x: np.ndarray, iters: int = 30) -> float:
     return 1000 * float(np.median(times))
 
 
+def _drop(stage) -> float | None:
+    """The stage's accuracy (or mAP@0.5) drop in points, when it was measured with labels (or ground truth)."""
+    d = (stage.verification.int8 or {}).get("drop")
+    return d if isinstance(d, (int, float)) and math.isfinite(d) else None
+
+
+def needs_fallback(stage, aim: float) -> bool:
+    """A verified INT8 stage that fails the guard, or whose measured drop is above ``aim`` points."""
+    drop = _drop(stage)
+    return not stage.passed or (drop is not None and drop > aim + 1e-9)
+
+
 def fallback(stage, source, folder: Path, ranking: Sequence[str], options: Int8Options, module, args, reverify,
-             progress: Progress):
+             progress: Progress, aim: float = 0.0):
     """Quantize ``stage``'s target again from its fp32 ``source`` stage, keeping the 1, 2, 4, ... worst layers
-    of ``ranking`` in float, until ``reverify(stage) -> StageRecord`` passes (at most half of the layers are
-    kept). Returns ``(stage, summary)``: the passing stage (or the last one tried) and what was kept, with a
-    rough latency of the full and the fallback int8 form."""
+    of ``ranking`` in float (at most half of them), until ``reverify(stage) -> StageRecord`` passes the guard with
+    a drop of at most ``aim`` points (or passes, when no drop is measured). The form kept is the best one tried,
+    the first stage included: passing, then the smallest drop (the highest SQNR without labels), then the fewest
+    layers in float. Returns ``(stage,
+    summary)``: that stage and what was kept, with a rough latency of the full and the kept int8 form."""
     from .forms import quantize_form
 
     target = registry.get(stage.format)
     limit = max(1, len(ranking) // 2)
-    summary = {"stage": stage.name, "passed": False, "kept_in_float": [], "tried": [],
+    summary = {"stage": stage.name, "passed": stage.passed, "aim_points": aim, "kept_in_float": [],
+               "tried": [{"kept": 0, "passed": stage.passed, "drop": _drop(stage), "reason": stage.reason}],
                "latency_ms": {"int8": _latency(stage, folder, args)}}
-    k, current = 1, stage
+
+    def quantize(k):
+        opts = Int8Options(**{**options.__dict__, "exclude": tuple(ranking[:k])})
+        return quantize_form(target, source, folder, _int8_path(target, folder), opts, module, args, progress)
+
+    def score(k, s):  # lower is better: passing, then the drop (the SQNR without labels), then fewer in float
+        drop, db = _drop(s), (s.verification.int8 or {}).get("sqnr_db")
+        return not s.passed, drop if drop is not None else -db if isinstance(db, (int, float)) else math.inf, k
+
+    best, current, k = (0, stage), stage, 1
     while k <= limit:
-        kept = list(ranking[:k])
-        progress(f"{stage.name}: keeping the {k} most sensitive layer(s) in float ({', '.join(kept)}) ...")
-        opts = Int8Options(**{**options.__dict__, "exclude": tuple(kept)})
-        candidate = quantize_form(target, source, folder, _int8_path(target, folder), opts, module, args, progress)
+        progress(f"{stage.name}: keeping the {k} most sensitive layer(s) in float ({', '.join(ranking[:k])}) ...")
+        candidate = quantize(k)
         if candidate.export.error:
             summary["tried"].append({"kept": k, "error": candidate.export.error})
             break
         current = reverify(candidate)
-        summary["tried"].append({"kept": k, "passed": current.passed, "reason": current.reason})
-        summary["kept_in_float"] = kept
-        if current.passed:
-            summary["passed"] = True
+        summary["tried"].append({"kept": k, "passed": current.passed, "drop": _drop(current),
+                                 "reason": current.reason})
+        if score(k, current) < score(*best):
+            best = (k, current)
+        if not needs_fallback(current, aim):
             break
         k *= 2
-    summary["latency_ms"]["int8_fallback"] = _latency(current, folder, args)
-    return current, summary
+    kept, chosen = best
+    if chosen is not current:  # the file holds the last form tried: make the best one again
+        progress(f"{stage.name}: the best form kept {kept} layer(s) in float; quantizing it again ...")
+        chosen = reverify(quantize(kept))
+    summary.update(passed=chosen.passed, kept_in_float=list(ranking[:kept]), drop=_drop(chosen))
+    summary["latency_ms"]["int8_fallback"] = _latency(chosen, folder, args)
+    return chosen, summary
 
 
 def _latency(stage, folder: Path, args) -> float | None:
@@ -222,40 +255,82 @@ def choose_equalize(plain, equalized, args, options: Int8Options, x_eval: np.nda
     return {"chosen": bool(chosen), "sqnr_db": scores}
 
 
-def choose_bias_correction(plain, args, quant: Plan, reference_model, progress: Progress) -> None:
-    """Measure the bias corrections of ``plain`` (``exporters.bias_correction``) on the calibration data and keep
-    them (in ``quant.options``) when they raise the ONNX Runtime INT8 output SQNR against ``reference_model`` on
-    the first :data:`DECISION_SAMPLES` held-out samples by more than 0.1 dB; both numbers go to the report."""
+def _ort_scores(plain, args, variants: dict[str, Int8Options], reference_model, x: np.ndarray) -> dict[str, float]:
+    """The ONNX Runtime INT8 output SQNR (dB, the worst output) against ``reference_model`` on ``x`` of ``plain``
+    quantized with each of ``variants`` (``{key: options}``)."""
     import torch
 
-    from exporters._torch import recaptured
-    from exporters.bias_correction import corrections
     from exporters.onnx import export_onnx
     from exporters.onnx_int8 import quantize_onnx
     from runtimes.compare import flatten
 
     from .stages import run_batched
 
+    with torch.no_grad():
+        reference = flatten(reference_model(torch.from_numpy(x)))
+    scores = {}
+    with tempfile.TemporaryDirectory(prefix="deploy-int8-choice-") as tmp:
+        art = export_onnx(plain, args, Path(tmp) / "plain.onnx", simplify=False)
+        for key, opts in variants.items():
+            q = quantize_onnx(art, Path(tmp) / f"{key}.int8.onnx", opts)
+            with registry.get("onnx").open(q) as runner:
+                outs = run_batched(runner, x, args[0].shape[0])
+            scores[key] = min(sqnr(r, o) for r, o in zip(reference, outs))
+    return scores
+
+
+def choose_weight_rounding(plain, args, quant: Plan, reference_model, progress: Progress) -> None:
+    """``--weight-rounding mse``: search each layer's weight clipping (``exporters.weight_rounding``) on the plain
+    graph and keep it (in ``quant.options``) when it raises the ONNX Runtime INT8 output SQNR on the first
+    :data:`DECISION_SAMPLES` held-out samples by more than 0.1 dB; both numbers go to the report."""
+    from exporters._torch import recaptured
+    from exporters.weight_rounding import mse_clips
+
+    try:
+        registry.check_available(registry.get("onnx"), "choosing the weight rounding under int8")
+        options = quant.options
+        clips = mse_clips(recaptured(plain, args), options.per_channel)
+        if not clips:
+            quant.weight_rounding = {"method": "mse", "chosen": False,
+                                     "reason": "the search clips no channel: nearest rounding is the MSE optimum"}
+            return
+        scores = _ort_scores(plain, args, {"nearest": options,
+                                           "mse": Int8Options(**{**options.__dict__, "weight_clips": clips})},
+                             reference_model, quant.evaluation[:DECISION_SAMPLES])
+    except Exception as e:  # noqa: BLE001 - an option; the run goes on with nearest rounding
+        log.info("weight rounding not measured", exc_info=True)
+        quant.weight_rounding = {"method": "mse", "chosen": False, "reason": f"not measured: {first_line(e)}"}
+        return
+    chosen = scores["mse"] > scores["nearest"] + 0.1
+    if chosen:
+        quant.options.weight_clips = clips
+    quant.weight_rounding = {"method": "mse", "chosen": bool(chosen), "sqnr_db": scores, "layers": len(clips)}
+    progress(f"MSE weight rounding ({len(clips)} layers clipped): ONNX Runtime INT8 output SQNR "
+             f"{scores['nearest']:.2f} dB nearest, {scores['mse']:.2f} dB MSE: "
+             f"{'applied' if chosen else 'not applied'}")
+
+
+def choose_bias_correction(plain, args, quant: Plan, reference_model, progress: Progress) -> None:
+    """Measure the bias corrections of ``plain`` (``exporters.bias_correction``; of the clipped weights when
+    :func:`choose_weight_rounding` kept a clipping) on the calibration data and keep them (in ``quant.options``)
+    when they raise the ONNX Runtime INT8 output SQNR against ``reference_model`` on the first
+    :data:`DECISION_SAMPLES` held-out samples by more than 0.1 dB; both numbers go to the report."""
+    import torch
+
+    from exporters._torch import recaptured
+    from exporters.bias_correction import corrections
+
     try:
         registry.check_available(registry.get("onnx"), "choosing bias correction under int8")
         options = quant.options
         batches = (torch.from_numpy(b) for b in options.batches())
-        fixes = corrections(recaptured(plain, args), batches, options.per_channel)
+        fixes = corrections(recaptured(plain, args), batches, options.per_channel, options.weight_clips)
         if not fixes:
             quant.bias_correction = {"chosen": False, "reason": "no convolution or linear layer with a bias"}
             return
-        x = quant.evaluation[:DECISION_SAMPLES]
-        with torch.no_grad():
-            reference = flatten(reference_model(torch.from_numpy(x)))
-        scores = {}
-        with tempfile.TemporaryDirectory(prefix="deploy-bias-") as tmp:
-            art = export_onnx(plain, args, Path(tmp) / "plain.onnx", simplify=False)
-            for key, fix in (("without", {}), ("with", fixes)):
-                opts = Int8Options(**{**options.__dict__, "bias_correction": fix})
-                q = quantize_onnx(art, Path(tmp) / f"{key}.int8.onnx", opts)
-                with registry.get("onnx").open(q) as runner:
-                    outs = run_batched(runner, x, args[0].shape[0])
-                scores[key] = min(sqnr(r, o) for r, o in zip(reference, outs))
+        scores = _ort_scores(plain, args, {"without": options,
+                                           "with": Int8Options(**{**options.__dict__, "bias_correction": fixes})},
+                             reference_model, quant.evaluation[:DECISION_SAMPLES])
     except Exception as e:  # noqa: BLE001 - an optimization; the run goes on without it
         log.info("bias correction not measured", exc_info=True)
         quant.bias_correction = {"chosen": False, "reason": f"not measured: {first_line(e)}"}
@@ -286,6 +361,7 @@ class Plan:
     fallbacks: list = field(default_factory=list)
     scope: dict = field(default_factory=dict)  # the float scope by rule: {op name: op} (decode_scope)
     bias_correction: dict = field(default_factory=dict)  # choose_bias_correction's decision and numbers
+    weight_rounding: dict = field(default_factory=dict)  # choose_weight_rounding's decision and numbers
 
     def record(self) -> dict:
         o = self.options
@@ -293,7 +369,8 @@ class Plan:
                 "method": o.method, "per_channel": o.per_channel, "guard": self.guard.to_dict(),
                 "fallback": self.fallback_mode, "equalize": self.equalize, "layers": self.layers,
                 "fallbacks": self.fallbacks, "float_scope": self.float_scope(),
-                "bias_correction": self.bias_correction}
+                "bias_correction": self.bias_correction,
+                "weight_rounding": self.weight_rounding or {"method": "nearest"}}
 
     def float_scope(self) -> list[dict]:
         """Every op kept in float and why: the decode by rule, then the layers a fallback kept (worst first)."""
@@ -372,9 +449,11 @@ def maybe_equalize(plain, model, args, quant: Plan, seed: int, progress: Progres
     return equalized if decision["chosen"] else plain
 
 
-def guard_stages(quant: Plan, folder: Path, stages: list, module, args, rtol, atol, progress: Progress) -> list:
+def guard_stages(quant: Plan, folder: Path, stages: list, module, args, rtol, atol, progress: Progress,
+                 rescore: Callable | None = None) -> list:
     """After verification: the per-layer table, the worst layers named in failing int8 stages, and with
-    ``--int8-fallback auto`` the failing stages quantized again with their worst layers in float."""
+    ``--int8-fallback auto`` the failing stages quantized again with their worst layers in float. ``rescore(folder,
+    stages, results, outputs)`` adds a detector's metrics to a stage verified again."""
     import dataclasses
 
     from .verification import verify_stages
@@ -389,20 +468,21 @@ def guard_stages(quant: Plan, folder: Path, stages: list, module, args, rtol, at
     by_name = {s.name: s for s in stages}
 
     def reverify(stage):
-        v = verify_stages(folder, [training, stage], rtol, atol, guard=quant.guard.to_dict())[stage.name]
-        return dataclasses.replace(stage, verification=v)
+        outputs: dict = {}
+        results = verify_stages(folder, [training, stage], rtol, atol, guard=quant.guard.to_dict(), outputs=outputs)
+        if rescore is not None:
+            rescore(folder, [training, stage], results, outputs)
+        return dataclasses.replace(stage, verification=results[stage.name])
 
+    aim = quant.guard.max_drop / 2
     out = []
     for s in stages:
-        if s.precision == "int8" and not s.export.error and not s.passed and quant.fallback_mode == "auto":
+        if s.precision == "int8" and not s.export.error and needs_fallback(s, aim) and quant.fallback_mode == "auto":
             if ranking:
                 s, summary = fallback(s, by_name[s.parent], folder, ranking, quant.options, module, args, reverify,
-                                      progress)
+                                      progress, aim)
                 quant.fallbacks.append(summary)
-                n = len(summary["kept_in_float"])
-                s.verification.notes.append(
-                    f"--int8-fallback auto: {n} layer(s) kept in float ({', '.join(summary['kept_in_float'])})"
-                    + ("" if summary["passed"] else "; the bound is still not met"))
+                s.verification.notes.append(fallback_note(summary))
             else:
                 s.verification.notes.append("--int8-fallback auto: no per-layer ranking (it is measured on the "
                                             "onnx-int8 stage; add onnx to --targets)")

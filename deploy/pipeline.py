@@ -106,7 +106,8 @@ class ConvertOptions:
     max_drop: float = 1.0
     min_agreement: float | None = None
     min_sqnr: float | None = None
-    int8_fallback: str = "off"  # "auto": keep the most sensitive layers in float until the guard passes
+    int8_fallback: str = "auto"  # keep the most sensitive layers in float until the drop is within max_drop / 2
+    weight_rounding: str = "nearest"  # "mse": search each channel's int8 weight grid, kept where it raises the SQNR
     bias_correction: str = "auto"  # "auto": keep INT8 bias correction where it raises the held-out SQNR; "off"
     mean: Sequence[float] | None = None  # image-folder calibration normalization
     std: Sequence[float] | None = None
@@ -491,6 +492,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
                             metadata={"source": opts.model, "merged": merged, "float64_error": report.float64_error})
         if quant is not None:
             quant.set_scope(plain, args)
+            if opts.weight_rounding == "mse":
+                int8.choose_weight_rounding(plain, args, quant, loaded.model, progress)
             if opts.bias_correction == "auto":
                 int8.choose_bias_correction(plain, args, quant, loaded.model, progress)
             else:
@@ -518,7 +521,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertRe
         timings["verify"] = time.perf_counter() - start
         if quant is not None:
             start = time.perf_counter()
-            stages = int8.guard_stages(quant, run.tmp, stages, plain, args, opts.rtol, opts.atol, progress)
+            stages = int8.guard_stages(quant, run.tmp, stages, plain, args, opts.rtol, opts.atol, progress,
+                                       rescore=detector.rescore)
             timings["int8 blame and fallback"] = time.perf_counter() - start
         timings["total"] = time.perf_counter() - started
 

@@ -102,6 +102,16 @@ def stage_table(stages: Sequence, *, files: bool = True) -> tuple[list[str], lis
     return headers, rows
 
 
+def fallback_note(f: dict) -> str:
+    """One sentence on what a fallback kept and whether it met its aim (report.md, stage notes, the command line)."""
+    n, drop = len(f["kept_in_float"]), f.get("drop")
+    kept = f"{n} layer(s) kept in float ({', '.join(f['kept_in_float'])})" if n else "no layer kept in float"
+    met = (f["passed"] and (drop is None or drop <= f.get("aim_points", math.inf) + 1e-9))
+    return (f"--int8-fallback auto: {kept}" + (f", drop {drop:.2f} points" if drop is not None else "")
+            + ("" if met else "; the bound is still not met" if not f["passed"] else
+               f"; the aim of {f.get('aim_points', 0):g} points is not met (the best form tried is kept)"))
+
+
 def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a benchmark entry: one row per runtime, variant, batch and form."""
     speedup = {(s["runtime"], s["variant"], s["batch"]): s["speedup"] for s in entry["speedups"]}
@@ -204,6 +214,13 @@ def int8_markdown(q: dict, stages) -> list[str]:
             f"{'applied' if eq['chosen'] else 'not applied'}: ONNX Runtime INT8 output SQNR "
             f"{eq['sqnr_db']['default']:.2f} dB without, {eq['sqnr_db']['equalize']:.2f} dB with "
             f"({eq.get('pairs', '?')} conv pairs)" if "sqnr_db" in eq else eq.get("reason", "")))
+    wr = q.get("weight_rounding") or {}
+    if wr.get("method") == "mse":
+        lines.append("- weight rounding (`--weight-rounding mse`: each output channel's int8 grid from an MSE search "
+                     "over clipping ranges; ONNX Runtime, TFLite, ExecuTorch): " + (
+                         f"{'applied' if wr['chosen'] else 'not applied'}: ONNX Runtime INT8 output SQNR "
+                         f"{wr['sqnr_db']['nearest']:.2f} dB nearest, {wr['sqnr_db']['mse']:.2f} dB MSE "
+                         f"({wr['layers']} layers clipped)" if "sqnr_db" in wr else wr.get("reason", "")))
     bc = q.get("bias_correction") or {}
     if bc:
         lines.append("- bias correction (per output channel, the mean error of the int8-rounded weights on the "
@@ -219,9 +236,7 @@ def int8_markdown(q: dict, stages) -> list[str]:
         lat = f.get("latency_ms", {})
         cost = (f"; latency {lat['int8']:.3f} -> {lat['int8_fallback']:.3f} ms (rough median)"
                 if lat.get("int8") and lat.get("int8_fallback") else "")
-        lines.append(f"- fallback ({f['stage']}): {len(f['kept_in_float'])} layer(s) kept in float "
-                     f"({', '.join(f['kept_in_float'])}): the bound is {'met' if f['passed'] else 'still not met'}"
-                     + cost)
+        lines.append(f"- fallback ({f['stage']}): {fallback_note(f).removeprefix('--int8-fallback auto: ')}" + cost)
     lines.append("")
     layers = [r for r in q.get("layers", []) if "name" in r]
     if layers:

@@ -3,7 +3,8 @@ mean error that rounding a layer's weights to int8 adds to its output, subtracte
 
 For a convolution or linear layer with weight ``W`` and bias ``b``, ``W_q`` is ``W`` rounded the way every
 quantizer here rounds weights (symmetric int8, ``s = max|W| / 127`` per output channel, or per tensor, ``q`` in
-``[-127, 127]``). On the calibration inputs, the layer's float input ``x`` gives the error ``conv(x, W_q - W)``;
+``[-127, 127]``; on the clipped grid when ``--weight-rounding mse`` chose one). On the calibration
+inputs, the layer's float input ``x`` gives the error ``conv(x, W_q - W)``;
 its mean over the batch and the positions, per output channel ``c``, is ``e_c``, and the corrected bias is
 ``b_c - e_c``. In expectation the INT8 layer then adds no error of its own weights' rounding on the
 calibration data (the activations' rounding is not corrected). The correction is not exact in float: it is
@@ -27,10 +28,15 @@ __all__ = ["corrections", "apply_to_graph", "apply_to_onnx", "round_weight"]
 log = logging.getLogger(__name__)
 
 
-def round_weight(w, per_channel: bool = True):
-    """``w`` rounded to symmetric int8 and back (per output channel, axis 0, or per tensor)."""
+def round_weight(w, per_channel: bool = True, clip=None):
+    """``w`` rounded to symmetric int8 and back (per output channel, axis 0, or per tensor); with ``clip``
+    (``exporters.weight_rounding``), on the grid of ``w`` clamped to it, as the quantizers then see it."""
     import torch
 
+    if clip is not None:
+        from .weight_rounding import clamp_weight
+
+        w = clamp_weight(w, clip)
     dims = tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else tuple(range(w.dim()))
     scale = w.abs().amax(dim=dims, keepdim=True).clamp_min(2 ** -12) / 127.0
     return torch.clamp(torch.round(w / scale), -127, 127) * scale
@@ -41,9 +47,11 @@ def _layer(node) -> str:
     return name.split(".")[0] if name.split(".")[0] in ("conv2d", "conv1d", "linear") else ""
 
 
-def corrections(gm, batches: Iterable, per_channel: bool = True) -> dict[str, np.ndarray]:
+def corrections(gm, batches: Iterable, per_channel: bool = True, clips: dict | None = None) -> dict[str, np.ndarray]:
     """The per-channel bias corrections ``e_c`` of every convolution and linear layer with a bias of the plain
-    graph ``gm``, measured on the calibration ``batches`` (torch tensors); see the module docstring."""
+    graph ``gm``, measured on the calibration ``batches`` (torch tensors); see the module docstring. ``clips``: the
+    layers' weight clipping (``exporters.weight_rounding``), so the error is that of the weights as quantized."""
+    clips = clips or {}
     import torch
     import torch.nn.functional as F
     from torch import fx
@@ -57,7 +65,7 @@ def corrections(gm, batches: Iterable, per_channel: bool = True) -> dict[str, np
             kind = _layer(n) if n.op == "call_function" else ""
             if kind and len(n.args) > 2 and n.args[2] is not None:
                 x, w = self.env[n.args[0]], self.env[n.args[1]]
-                dw = round_weight(w.detach(), per_channel) - w.detach()
+                dw = round_weight(w.detach(), per_channel, clips.get(n.name)) - w.detach()
                 if kind == "linear":
                     err = F.linear(x, dw).reshape(-1, dw.shape[0])
                 else:

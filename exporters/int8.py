@@ -32,7 +32,8 @@ class Int8Options:
     ``float_scope``: ops kept in float by rule (a detector's decode, ``deploy.int8.decode_scope``): a quantizer
     keeps those its format has and passes over the others (a view the format folds away); ``bias_correction``:
     ``{layer: per-channel array}`` subtracted from those layers' biases before quantizing
-    (``exporters.bias_correction``; ONNX Runtime, TFLite and ExecuTorch apply it).
+    (``exporters.bias_correction``; ONNX Runtime, TFLite and ExecuTorch apply it); ``weight_clips``: ``{layer:
+    per-channel clip}`` the weights are clamped to before quantizing (``exporters.weight_rounding``, the same three).
     """
 
     calibration: np.ndarray
@@ -41,6 +42,7 @@ class Int8Options:
     exclude: tuple[str, ...] = ()
     float_scope: tuple[str, ...] = ()
     bias_correction: dict = field(default_factory=dict)
+    weight_clips: dict = field(default_factory=dict)
     percentile: float = 99.999
     batch: int = 1  # the artifact's batch: calibration is fed in chunks of it
     extra: dict = field(default_factory=dict)  # format-specific choices
@@ -55,6 +57,10 @@ class Int8Options:
     def bias_fixes(self) -> dict:
         """``bias_correction`` without the layers kept in float (their weights are not rounded)."""
         return {k: v for k, v in self.bias_correction.items() if k not in self.exclude}
+
+    def clip_fixes(self) -> dict:
+        """``weight_clips`` without the layers kept in float (their weights stay exact)."""
+        return {k: v for k, v in self.weight_clips.items() if k not in self.exclude}
 
     def kept_in_float(self, names) -> tuple[str, ...]:
         """``exclude`` and the ops of ``float_scope`` among ``names`` (the format's layer names)."""

@@ -50,6 +50,7 @@ from runtimes.core import Artifact, ExportError, first_line, require
 from runtimes.int8 import layer_name, onnx_layers
 
 from .bias_correction import apply_to_onnx
+from .weight_rounding import apply_to_onnx as clip_onnx
 from .int8 import Int8Options, check_calibration
 from .onnx import describe_onnx
 
@@ -187,6 +188,7 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
     input_name = check_calibration(src, options)
     model = onnx.load(src.path)
     corrected = apply_to_onnx(model, options.bias_fixes()) if options.bias_correction else 0
+    clipped = clip_onnx(model, options.clip_fixes()) if options.weight_clips else 0
     excluded, scope = _exclude_nodes(model, options, src.path)
     excluded += scope
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -224,7 +226,8 @@ def quantize_onnx(src: Artifact | str | os.PathLike, path, options: Int8Options,
         "method": options.method, **({"percentile": options.percentile} if options.method == "percentile" else {}),
         **({"histogram_bins": bins} if cached else {}),
         "calibration_samples": int(len(options.calibration)), "quantized_layers": quantized,
-        "layers": total, "excluded": list(options.exclude), "float_scope": scope, "bias_corrected": corrected}
+        "layers": total, "excluded": list(options.exclude), "float_scope": scope, "bias_corrected": corrected,
+        "weights_clipped": clipped}
     if method is CalibrationMethod.Entropy and not cached:
         art.note("this onnxruntime has no calibration cache: its entropy ranges come from a 128-bin histogram, "
                  "which makes them the min/max ranges", logging.WARNING)

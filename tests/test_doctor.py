@@ -248,3 +248,121 @@ def test_doctor_compares_openvino_intermediates_by_their_onnx_names(tmp_path, ca
     assert sorted(found["details"]["changed"]) == ["model.bin", "model.xml"]
     assert [i["tensor"] for i in found["details"]["first"]["inputs"]] == ["relu_3"]  # weights are not OpenVINO's
     assert found["conclusion"].startswith("openvino first diverges at conv2d_4 (Conv)")
+
+
+# ------------------------------------------------------------------------------- TFLite: matching by location
+
+torch = pytest.importorskip("torch", reason="deploy doctor runs the plain graph with torch")
+
+
+class _Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.act = torch.nn.ReLU(inplace=True)
+        self.fc = torch.nn.Linear(48, 5)
+
+    def forward(self, x):
+        x = self.act(self.conv(x))
+        return self.fc(torch.flatten(x, 1))
+
+
+def tiny_tflite():
+    """A tiny plain graph (conv, relu, flatten, linear) and the TFLite graph litert-torch lowers it to, written by
+    hand: NCHW -> NHWC transpose, CONV_2D with a fused RELU (named after both locations, as litert-torch does),
+    NHWC -> NCHW transpose, reshape, FULLY_CONNECTED (renamed after the signature); values from the plain graph."""
+    torch.manual_seed(0)
+    program = torch.export.export(_Head().eval(), (torch.randn(1, 2, 4, 4),)).run_decompositions({})
+    x = np.random.default_rng(0).normal(size=(3, 2, 4, 4)).astype(np.float32)
+    plain, _ = dr._record_plain(program, x, 1)
+    gm = program.module()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    loc = {k: dr._litert_location(nodes[k]) for k in ("conv2d", "relu", "linear")}
+    names = ["serving_default_args_0", "perm", f"{loc['conv2d']};", "w", "b", f"{loc['relu']};;{loc['conv2d']};1",
+             "perm_back", f"{loc['relu']};;{loc['conv2d']};2", "shape", f"{loc['linear']};", f"{loc['linear']};1",
+             "serving_default_output_0"]
+    shapes = [(1, 2, 4, 4), (4,), (1, 4, 4, 2), (3, 3, 3, 2), (3,), (1, 4, 4, 3), (4,), (1, 3, 4, 4), (2,), (5, 48),
+              (5,), (1, 5)]
+    ops = [dr._TflOp(0, "TRANSPOSE", [0, 1], [2], 0), dr._TflOp(1, "CONV_2D", [2, 3, 4], [5], 1),
+           dr._TflOp(2, "TRANSPOSE", [5, 6], [7], 0), dr._TflOp(3, "RESHAPE", [7, 8], [12], 0),
+           dr._TflOp(4, "FULLY_CONNECTED", [12, 9, 10], [11], 0)]
+    names.append("reshaped")
+    shapes.append((1, 48))
+    floats = {0, 2, 3, 4, 5, 7, 9, 10, 11, 12}
+    graph = dr._TflGraph(names, shapes, floats, {1, 3, 4, 6, 8, 9, 10}, ops, [0], [11], {"output_0": 11})
+    values = {0: x, 1: np.array([0, 2, 3, 1]), 2: x.transpose(0, 2, 3, 1),
+              3: plain["conv_weight"].transpose(0, 2, 3, 1), 4: plain["conv_bias"],
+              5: plain["relu"].transpose(0, 2, 3, 1), 6: np.array([0, 3, 1, 2]), 7: plain["relu"],
+              8: np.array([1, 48]), 9: plain["fc_weight"], 10: plain["fc_bias"], 11: plain["linear"],
+              12: plain["relu"].reshape(len(x), -1)}
+    return graph, gm, plain, values
+
+
+def test_tflite_tensors_are_matched_by_location_kind_and_inputs():
+    graph, gm, plain, values = tiny_tflite()
+    found = dr.tflite_divergence(graph, gm, plain, values, 1e-5, output_order=["output_0"])
+    assert found["first"] is None and found["unmatched"] == []
+    rows = found["compared"]
+    assert [(r["layer"], r["tensor"], r["op"]) for r in rows] == [("conv2d", "relu", "CONV_2D+RELU"),
+                                                                  ("linear", "linear", "FULLY_CONNECTED")]
+    assert all(r["max_rel"] == 0 for r in rows)  # the NHWC tensor was compared with the NCHW one permuted
+    assert {i["tensor"]: i["kind"] for i in rows[0]["inputs"]} == {"conv_weight": "weight", "conv_bias": "weight"}
+    assert [i["tensor"] for i in rows[1]["inputs"]] == ["relu", "fc_weight", "fc_bias"]  # through the flatten
+
+
+def test_tflite_divergence_names_the_layer_whose_weight_changed():
+    graph, gm, plain, values = tiny_tflite()
+    values[3] = values[3].copy()
+    values[3][1, 0, 0, 0] += 0.5
+    values[5] = values[5] * np.array([1, 1.01, 1], np.float32)  # what the changed kernel would compute: channel 1
+    found = dr.tflite_divergence(graph, gm, plain, values, 1e-5)
+    first = found["first"]
+    assert first["layer"] == "conv2d" and first["op"] == "CONV_2D+RELU" and not first["passed"]
+    weights = {i["tensor"]: i["passed"] for i in first["inputs"]}
+    assert weights == {"conv_weight": False, "conv_bias": True}
+
+
+def test_tflite_tensor_of_an_unknown_location_is_left_unmatched_not_guessed():
+    graph, gm, plain, values = tiny_tflite()
+    graph.names[5] = "some.Other_module;1"
+    found = dr.tflite_divergence(graph, gm, plain, values, 1e-5)
+    assert found["compared"] == []  # the FULLY_CONNECTED's input is unmatched, so it is not matched either
+    assert [why for _, why in found["unmatched"]] == ["0 plain nodes fit its location, kind and inputs",
+                                                      "its inputs are not matched"]
+
+
+@pytest.mark.e2e
+def test_doctor_compares_tflite_intermediates_and_names_the_changed_layer(tmp_path, capsys):
+    pytest.importorskip("litert_torch", reason="the TFLite stage needs litert-torch")
+    pytest.importorskip("ai_edge_litert", reason="the TFLite stage runs on LiteRT")
+    from runtimes.safe_load import load_program
+
+    out = tmp_path / "run"
+    assert main(["convert", "repvgg_digits", "--targets", "onnx,tflite", "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["doctor", str(out), "-q", "--stage", "tflite", "--json"]) == 0
+    [found] = json.loads(capsys.readouterr().out)["diagnoses"]
+    assert found["conclusion"] == ("tflite: every one of the 8 compared tensors agrees with the plain graph within "
+                                   "rtol 1e-05")  # 6 convolutions with their relu, the mean, the linear
+    assert found["details"]["unmatched"] == 0 and found["details"]["layer"] is None
+    assert "litert-torch's location names" in found["notes"][1]
+    # one weight of conv2d_3 changed in the flatbuffer's bytes (TFLite keeps it OHWI)
+    w = load_program(out / "model.deploy.pt2").module().features_3_weight.detach().numpy()
+    packed = np.ascontiguousarray(w.transpose(0, 2, 3, 1), "<f4").tobytes()
+    data = bytearray((out / "model.tflite").read_bytes())
+    at = data.find(packed)
+    assert at > 0 and data.find(packed, at + 1) < 0
+    data[at:at + 4] = np.array([w[0, 0, 0, 0] * 3], "<f4").tobytes()
+    (out / "model.tflite").write_bytes(bytes(data))
+    assert main(["doctor", str(out), "-q", "--json"]) == 0
+    [found] = json.loads(capsys.readouterr().out)["diagnoses"]
+    assert found["stage"] == "tflite" and found["kind"] == "divergence" and found["details"]["layer"] == "conv2d_3"
+    assert found["details"]["changed"] == ["model.tflite"]
+    first = found["details"]["first"]
+    assert first["op"] == "CONV_2D+RELU" and first["tensor"] == "relu_3" and first["max_rel"] > 1e-3
+    inputs = {i["tensor"]: i for i in first["inputs"]}
+    assert inputs["relu_2"]["passed"] and inputs["relu_2"]["max_rel"] < 1e-5  # what feeds it was fine
+    assert not inputs["features_3_weight"]["passed"] and inputs["features_3_bias"]["max_rel"] == 0
+    assert found["conclusion"].startswith("tflite first diverges at conv2d_3 (CONV_2D+RELU): max rel error ")
+    assert "its weight features_3_weight differs from the plain graph's" in found["conclusion"]
+    assert found["details"]["compared"] == 4 and [r[-1] for r in found["rows"]][-1] == "FIRST DIVERGENCE"

@@ -156,6 +156,10 @@ def default_passes() -> list[str]:
     return list(fusers.DEFAULT_PASSES)
 
 
+# naive PTQ: one weight scale per tensor, no equalize trial, no bias correction, no layer kept in float
+NAIVE = {"per_tensor": True, "passes": list(fusers.DEFAULT_PASSES), "bias_correction": "off", "int8_fallback": "off"}
+
+
 def accuracy(trained: Trained) -> float:
     with torch.no_grad():
         return float((trained.model(torch.from_numpy(trained.x_held)).argmax(1).numpy() == trained.y_held).mean())
@@ -208,7 +212,7 @@ def test_dead_stem_channels_merge_into_one_over_sqrt_eps(dead):
 # ----------------------------------------------------- per-tensor scales: the guard fails, the report blames
 
 def test_per_tensor_scales_fail_the_guard_and_the_report_blames_the_merged_block(quiet):
-    result, stage = quiet.convert("per_tensor", per_tensor=True, passes=default_passes(), bias_correction="off")
+    result, stage = quiet.convert("per_tensor", **NAIVE)
     assert not result.passed and not stage.passed
     m = stage.verification.int8
     assert m["reference_accuracy"] >= 0.98 and m["drop"] > 20  # 99.22 % -> 69.14 %: 30.08 points
@@ -223,8 +227,8 @@ def test_per_channel_scales_alone_help_but_leave_the_quiet_input(quiet):
     """A per-channel scale evens the six ordinary rows, but not the two outlier rows: their 71 ordinary taps share
     the centre tap's scale (a step of 84 / 127 = 0.66), and the quiet input channels they amplify 61-84x get a
     few uint8 levels (they peak at 0.09 and 0.11, the activation's one scale has a step of 0.025)."""
-    _, per_tensor = quiet.convert("per_tensor", per_tensor=True, passes=default_passes(), bias_correction="off")
-    result, stage = quiet.convert("per_channel", passes=default_passes(), bias_correction="off")
+    _, per_tensor = quiet.convert("per_tensor", **NAIVE)
+    result, stage = quiet.convert("per_channel", **{**NAIVE, "per_tensor": False})
     m = stage.verification.int8
     assert m["sqnr_db"] > per_tensor.verification.int8["sqnr_db"] + 6  # 12.1 dB against 1.8 dB
     assert m["drop"] < per_tensor.verification.int8["drop"] / 4  # 1.95 points (5 of 256) against 30.08
@@ -267,7 +271,8 @@ def test_fallback_ranks_the_merged_block_first_and_keeps_it_in_float_first(dead)
     assert_outlier_layer_is_blamed(report["layers"], min_ratio=300)  # 322.6; loses 40.0 dB (38.7 in, -1.3 out)
     fallback, = report["fallbacks"]
     assert fallback["stage"] == "onnx-int8"
-    assert fallback["tried"][0]["kept"] == 1 and fallback["kept_in_float"][0] == OUTLIER_LAYER
+    assert fallback["tried"][0]["kept"] == 0 and not fallback["tried"][0]["passed"]  # the stage as first quantized
+    assert fallback["tried"][1]["kept"] == 1 and fallback["kept_in_float"][0] == OUTLIER_LAYER
     assert fallback["latency_ms"]["int8"] is not None
 
 
@@ -277,7 +282,8 @@ def test_fallback_keeps_the_merged_block_in_float_and_passes(dead):
     result, stage = dead.convert("fallback", per_tensor=True, passes=default_passes(), int8_fallback="auto")
     fallback, = result.report["int8"]["fallbacks"]
     assert fallback["passed"] is True and fallback["kept_in_float"] == [OUTLIER_LAYER]
-    assert [t["kept"] for t in fallback["tried"]] == [1]
+    assert [t["kept"] for t in fallback["tried"]] == [0, 1]
+    assert fallback["drop"] <= fallback["aim_points"] == 0.5  # within half the bound, or it would try 2
     assert result.passed and stage.passed, stage.reason
     assert stage.verification.int8["sqnr_db"] > 30  # 37.3 dB
     assert stage.verification.int8["drop"] <= 1.0  # 76.56 points with the layer quantized

@@ -67,6 +67,21 @@ def test_verify_and_bench_an_int8_run(digits_int8, capsys):
     assert [s["runtime"] for s in entry["int8_speedups"]] == ["onnxruntime"]
     assert entry["hardware"]["cpu"]["low_precision"]["int8"] is not None
     assert "INT8" in stdout and "x the fp32 deploy form's speed" in stdout
+    (ratio,) = entry["int8_speedups"]  # an INT8 form no faster than fp32 is reported, whichever way it went here
+    slower = [n for n in entry["notes"] if n.startswith("INT8 is not faster than fp32 on onnxruntime")]
+    assert len(slower) == (ratio["speedup"] <= 1.0) and all(f"note: {n}" in stdout for n in slower)
+
+
+def test_an_int8_form_not_faster_than_fp32_is_reported():
+    from deploy.bench import int8_speedups, slower_int8_notes
+
+    rows = [{"runtime": rt, "batch": 1, "form": form, "p50": p50}
+            for rt, form, p50 in (("onnxruntime", "deploy", 1.0), ("onnxruntime", "int8", 1.0),
+                                  ("openvino", "deploy", 1.0), ("openvino", "int8", 0.25))]
+    ratios = int8_speedups(rows)
+    assert [(s["runtime"], s["speedup"]) for s in ratios] == [("onnxruntime", 1.0), ("openvino", 4.0)]
+    assert slower_int8_notes(ratios) == ["INT8 is not faster than fp32 on onnxruntime at batch 1 (p50 1.000 -> 1.000 "
+                                         "ms): keep the fp32 artifact there; deploy tune never chooses such a form"]
 
 
 @pytest.mark.e2e
@@ -100,7 +115,7 @@ def test_a_bound_no_artifact_meets_exits_1_naming_the_worst_layers(tmp_path, cap
     assert "FAILED onnx-int8" in stdout and "output SQNR" in stdout and "worst layers: conv2d" in stdout
     q = json.loads((out / "report.json").read_text())["int8"]
     (fb,) = q["fallbacks"]
-    assert not fb["passed"] and [t["kept"] for t in fb["tried"]] == [1, 2]  # 1, 2, 4, ... up to half of 7 layers
+    assert not fb["passed"] and [t["kept"] for t in fb["tried"]] == [0, 1, 2]  # 1, 2, 4, ... up to half of 7
     assert "still not met" in stdout
 
 

@@ -101,7 +101,8 @@ def test_qdq_model_quantizes_every_layer_and_keeps_float_io(net, quantized):
     assert [(s.dtype, s.shape) for s in art.outputs] == [("float32", (1, 10))]
     assert art.metadata["int8"] == {"format": "QDQ", "weights": "int8", "activations": "uint8", "per_channel": True,
                                     "method": "minmax", "calibration_samples": 32, "quantized_layers": 4,
-                                    "layers": 4, "excluded": [], "float_scope": [], "bias_corrected": 0}
+                                    "layers": 4, "excluded": [], "float_scope": [], "bias_corrected": 0,
+                                    "weights_clipped": 0}
     assert "4 of 4" in art.notes[-1]
     onnx.checker.check_model(art.path, full_check=True)
     with open_runner(art) as r:  # the ONNX Runtime runner takes the QDQ file with float inputs

@@ -17,7 +17,8 @@ stage the features are 8x8, 4x4 and 2x2.
 Data: ``sklearn.datasets.load_digits`` (1797 images, bundled with scikit-learn, no download),
 split 80/20 stratified with ``random_state=0``. The held-out 360 images ship as
 ``data/digits_test.npz`` (``input0``: images, ``labels``: classes) so the runtime needs no
-scikit-learn; the 1437 training images as ``data/digits_train.npz``, the INT8 calibration data; ``data/repvgg_digits.pt`` holds the weights and the training record. Both are
+scikit-learn; the 1437 training images as ``data/digits_train.npz``, the INT8 calibration data;
+``data/repvgg_digits.pt`` holds the weights and the training record. Both are
 written by ``python -m deploy.zoo.train_digits`` (which needs ``pip install scikit-learn``).
 """
 
@@ -48,12 +49,13 @@ STRIDES = (1, 1, 2, 1, 2, 1)
 
 
 class RepVGGDigits(nn.Module):
-    """Six RepVGG blocks and a classifier head for ``(N, 1, 8, 8)`` digit images."""
+    """RepVGG blocks (six: ``WIDTHS``, ``STRIDES``) and a classifier head for ``(N, 1, 8, 8)`` digit images."""
 
-    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 1,
+                 widths: tuple[int, ...] = WIDTHS, strides: tuple[int, ...] = STRIDES) -> None:
         super().__init__()
         blocks, channels = [], in_channels
-        for base, stride in zip(WIDTHS, STRIDES):
+        for base, stride in zip(widths, strides):
             out = scale_channels(base, width)
             blocks.append(RepVGGBlock(channels, out, stride=stride))
             channels = out
@@ -65,9 +67,21 @@ class RepVGGDigits(nn.Module):
 
 
 def load_weights(path: str | os.PathLike = WEIGHTS) -> tuple[dict[str, torch.Tensor], dict]:
-    """The state dict and the training record (``meta``) stored in a RepVGG-Digits checkpoint."""
+    """The state dict (float32; a checkpoint may store float16) and the training record (``meta``) stored in a
+    shipped digits checkpoint."""
     ckpt = load_shipped(path)
-    return ckpt["state_dict"], dict(ckpt.get("meta", {}))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    return state, dict(ckpt.get("meta", {}))
+
+
+def load_pretrained(model: nn.Module, name: str, path: str | os.PathLike, num_classes: int,
+                    width: float) -> nn.Module:
+    """``model`` with the shipped weights at ``path`` (trained for 10 classes at width 1 only), in eval mode."""
+    if num_classes != 10 or width != 1.0:
+        raise ValueError(f"the shipped {name} weights are for num_classes=10, width=1.0; got "
+                         f"num_classes={num_classes}, width={width}")
+    model.load_state_dict(load_weights(path)[0], strict=True)
+    return model.eval()
 
 
 def training_record() -> dict:
@@ -78,16 +92,11 @@ def training_record() -> dict:
 def repvgg_digits(num_classes: int = 10, width: float = 1.0, pretrained: bool = False) -> RepVGGDigits:
     """RepVGG-Digits; ``pretrained=True`` loads the shipped weights (10 classes, width 1 only)."""
     model = RepVGGDigits(num_classes=num_classes, width=width)
-    if pretrained:
-        if num_classes != 10 or width != 1.0:
-            raise ValueError(f"the shipped repvgg_digits weights are for num_classes=10, width=1.0; got "
-                             f"num_classes={num_classes}, width={width}")
-        model.load_state_dict(load_weights()[0], strict=True)
-        model.eval()
-    return model
+    return load_pretrained(model, "repvgg_digits", WEIGHTS, num_classes, width) if pretrained else model
 
 
 def load_test_split(path: str | os.PathLike = TEST_SPLIT) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out digits: images ``(360, 1, 8, 8)`` float32 in [0, 1] and labels ``(360,)`` int64."""
+    """A shipped split (by default the held-out digits): images ``(N, 1, H, W)`` float32 in [0, 1] (a split may
+    store float16) and labels ``(N,)`` int64."""
     with np.load(os.fspath(path), allow_pickle=False) as data:
-        return data["input0"], data["labels"]
+        return data["input0"].astype(np.float32), data["labels"]

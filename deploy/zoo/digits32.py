@@ -29,12 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from runtimes.safe_load import load_shipped
-
-from ._layers import ClassifierHead, scale_channels
-from .repvgg import RepVGGBlock
+from .digits import RepVGGDigits, load_pretrained, load_test_split, load_weights
 
 __all__ = ["RepVGGDigits32", "repvgg_digits32", "augment", "WEIGHTS", "TEST_SPLIT", "TRAIN_SPLIT", "INPUT_SHAPE",
            "load_split", "load_weights", "training_record"]
@@ -73,48 +69,24 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x.clamp(0, 1) * _LEVELS).round() / _LEVELS
 
 
-class RepVGGDigits32(nn.Module):
+class RepVGGDigits32(RepVGGDigits):
     """RepVGG blocks of ``WIDTHS`` / ``STRIDES`` and a classifier head for ``(N, 1, 32, 32)`` digit images."""
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 1) -> None:
-        super().__init__()
-        blocks, channels = [], in_channels
-        for base, stride in zip(WIDTHS, STRIDES):
-            out = scale_channels(base, width)
-            blocks.append(RepVGGBlock(channels, out, stride=stride))
-            channels = out
-        self.features = nn.Sequential(*blocks)
-        self.head = ClassifierHead(channels, num_classes)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def load_weights(path: str | os.PathLike = WEIGHTS) -> tuple[dict[str, torch.Tensor], dict]:
-    """The state dict (float32) and the training record (``meta``) stored in a RepVGG-Digits32 checkpoint."""
-    ckpt = load_shipped(path)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    return state, dict(ckpt.get("meta", {}))
+        super().__init__(num_classes, width, in_channels, WIDTHS, STRIDES)
 
 
 def training_record() -> dict:
     """How the shipped weights were trained: recipe, seed, epochs, held-out accuracy, time."""
-    return load_weights()[1]
+    return load_weights(WEIGHTS)[1]
 
 
 def repvgg_digits32(num_classes: int = 10, width: float = 1.0, pretrained: bool = False) -> RepVGGDigits32:
     """RepVGG-Digits32; ``pretrained=True`` loads the shipped weights (10 classes, width 1 only)."""
     model = RepVGGDigits32(num_classes=num_classes, width=width)
-    if pretrained:
-        if num_classes != 10 or width != 1.0:
-            raise ValueError(f"the shipped repvgg_digits32 weights are for num_classes=10, width=1.0; got "
-                             f"num_classes={num_classes}, width={width}")
-        model.load_state_dict(load_weights()[0], strict=True)
-        model.eval()
-    return model
+    return load_pretrained(model, "repvgg_digits32", WEIGHTS, num_classes, width) if pretrained else model
 
 
 def load_split(path: str | os.PathLike = TEST_SPLIT) -> tuple[np.ndarray, np.ndarray]:
     """A shipped split: images ``(N, 1, 32, 32)`` float32 (the stored float16 values) and labels ``(N,)`` int64."""
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        return data["input0"].astype(np.float32), data["labels"]
+    return load_test_split(path)

@@ -1,7 +1,8 @@
 """Train RepVGG-Digits on scikit-learn's handwritten digits and write the shipped files.
 
     pip install scikit-learn
-    python -m deploy.zoo.train_digits                 # writes deploy/zoo/data/{repvgg_digits.pt,digits_test.npz,digits_train.npz}
+    python -m deploy.zoo.train_digits                 # writes deploy/zoo/data/{repvgg_digits.pt,
+                                                      #   digits_test.npz, digits_train.npz}
     python -m deploy.zoo.train_digits --out /tmp/d    # somewhere else
 
 Deterministic: one CPU thread, seed 0, a fixed stratified 80/20 split (``random_state=0``), so a
@@ -14,6 +15,7 @@ one pixel at random; about 10 seconds on one core. The checkpoint holds ``state_
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -60,6 +62,35 @@ def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
+def fit(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, transform, g: torch.Generator, *, epochs: int,
+        lr: float, weight_decay: float, warmup: float, evaluate, log=print) -> float:
+    """Train ``model`` on ``(x, y)`` with AdamW (decoupled ``weight_decay`` on every parameter) under a one-cycle
+    schedule to ``lr`` (``warmup`` of the steps rising), batches of ``BATCH`` in an order drawn from ``g``, each
+    batch passed through ``transform(batch, g)`` (the augmentation); logs the loss and ``evaluate()`` every 10
+    epochs. Returns the seconds it took."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps = epochs * math.ceil(len(x) / BATCH)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=warmup)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = torch.randperm(len(x), generator=g)
+        total = 0.0
+        for i in range(0, len(x), BATCH):
+            idx = order[i:i + BATCH]
+            loss = F.cross_entropy(model(transform(x[idx], g)), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        if (epoch + 1) % 10 == 0 or epoch == epochs - 1:
+            log(f"epoch {epoch + 1:3d}  loss {total / len(x):.4f}  held-out accuracy {evaluate():.4f}  "
+                f"{time.perf_counter() - start:.0f} s")
+    model.eval()
+    return time.perf_counter() - start
+
+
 def train(out_dir: str | Path = DATA_DIR, epochs: int = EPOCHS, seed: int = SEED, log=print) -> dict:
     """Train, write ``repvgg_digits.pt``, ``digits_test.npz`` and ``digits_train.npz`` (the INT8 calibration data)
     into ``out_dir``; return the training record."""
@@ -68,27 +99,8 @@ def train(out_dir: str | Path = DATA_DIR, epochs: int = EPOCHS, seed: int = SEED
     g = torch.Generator().manual_seed(seed)
     x_train, y_train, x_test, y_test = load_split(seed)
     model = RepVGGDigits()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-4)
-    steps = epochs * ((len(x_train) + BATCH - 1) // BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=0.15)
-    xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(xt), generator=g)
-        total = 0.0
-        for i in range(0, len(xt), BATCH):
-            idx = order[i:i + BATCH]
-            loss = F.cross_entropy(model(_shift(xt[idx], g)), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        if (epoch + 1) % 10 == 0 or epoch == epochs - 1:
-            log(f"epoch {epoch + 1:3d}  loss {total / len(xt):.4f}  "
-                f"held-out accuracy {accuracy(model, x_test, y_test):.4f}")
-    model.eval()
+    seconds = fit(model, torch.from_numpy(x_train), torch.from_numpy(y_train), _shift, g, epochs=epochs, lr=LR,
+                  weight_decay=1e-4, warmup=0.15, evaluate=lambda: accuracy(model, x_test, y_test), log=log)
     meta = {
         "dataset": "sklearn.datasets.load_digits, 8x8 grey levels / 16",
         "split": "train_test_split(test_size=0.2, stratify=labels, random_state=0)",
@@ -104,7 +116,7 @@ def train(out_dir: str | Path = DATA_DIR, epochs: int = EPOCHS, seed: int = SEED
     np.savez_compressed(out / "digits_test.npz", input0=x_test, labels=y_test)
     np.savez_compressed(out / "digits_train.npz", input0=x_train, labels=y_train)
     log(f"held-out accuracy {meta['test_accuracy']:.4f} ({len(x_test)} images) after "
-        f"{time.perf_counter() - start:.1f} s of training; wrote {out / 'repvgg_digits.pt'}, {out / 'digits_test.npz'} "
+        f"{seconds:.1f} s of training; wrote {out / 'repvgg_digits.pt'}, {out / 'digits_test.npz'} "
         f"and {out / 'digits_train.npz'}")
     return meta
 

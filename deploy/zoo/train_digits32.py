@@ -16,16 +16,13 @@ float16 (half the file; the held-out accuracy is measured with exactly those val
 from __future__ import annotations
 
 import argparse
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .digits32 import CALIBRATION_IMAGES, CALIBRATION_SEED, DATA_DIR, TEST_SEED, RepVGGDigits32, augment
-from .train_digits import load_split
+from .train_digits import accuracy, fit, load_split
 
 SEED = 0
 EPOCHS = 80
@@ -33,12 +30,6 @@ BATCH = 64
 LR = 1e-2
 WEIGHT_DECAY = 0.05
 WARMUP = 0.1  # fraction of the steps
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
-    model.eval()
-    return float((model(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
 
 
 def train(out_dir: str | Path = DATA_DIR, epochs: int = EPOCHS, seed: int = SEED, log=print) -> dict:
@@ -52,28 +43,8 @@ def train(out_dir: str | Path = DATA_DIR, epochs: int = EPOCHS, seed: int = SEED
                       torch.Generator().manual_seed(CALIBRATION_SEED)).numpy()
     g = torch.Generator().manual_seed(seed)
     model = RepVGGDigits32()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
-    steps = epochs * math.ceil(len(x8_train) / BATCH)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps, pct_start=WARMUP)
-    xt, yt = torch.from_numpy(x8_train), torch.from_numpy(y_train)
-    start = time.perf_counter()
-    for epoch in range(epochs):
-        model.train()
-        order = torch.randperm(len(xt), generator=g)
-        total = 0.0
-        for i in range(0, len(xt), BATCH):
-            idx = order[i:i + BATCH]
-            loss = F.cross_entropy(model(augment(xt[idx], g)), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-        if (epoch + 1) % 10 == 0 or epoch == epochs - 1:
-            log(f"epoch {epoch + 1:3d}  loss {total / len(xt):.4f}  held-out accuracy "
-                f"{accuracy(model, x_test, y_test):.4f}  {time.perf_counter() - start:.0f} s")
-    seconds = time.perf_counter() - start
-    model.eval()
+    seconds = fit(model, torch.from_numpy(x8_train), torch.from_numpy(y_train), augment, g, epochs=epochs, lr=LR,
+                  weight_decay=WEIGHT_DECAY, warmup=WARMUP, evaluate=lambda: accuracy(model, x_test, y_test), log=log)
     # Shipped in float16 (half the file); the model holds exactly these values, and is evaluated with them.
     state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.load_state_dict(state)
