@@ -896,12 +896,17 @@ def int8_scope(record: RunRecord, root: Path, stage: StageRecord, *, samples: in
             kept = ", ".join(fb["kept_in_float"])
             conclusion = (f"{head}; keeping {kept} in float {'meets' if fb.get('passed') else 'still does not meet'} "
                           f"{bound} (the run's --int8-fallback auto)")
+        elif fb is not None:
+            tried = max((t.get("kept", 0) for t in fb.get("tried", [])), default=0)
+            conclusion = (f"{head}; the run's --int8-fallback auto kept up to {tried} of the worst layers in float "
+                          f"and none of those forms did better, so it kept none: the loss is spread over the layers "
+                          f"(see the table)")
         elif v.passed:
             conclusion = f"{head}; it meets {bound} with no layer kept in float"
         else:
             k = max(1, min(len(ranking) // 2, 2))
-            conclusion = (f"{head}; keep {', '.join(ranking[:k])} in float first (rerun with --int8-fallback auto, "
-                          f"which keeps the 1, 2, 4, ... worst layers until {bound} is met)")
+            conclusion = (f"{head}; keep {', '.join(ranking[:k])} in float first (rerun without --int8-fallback "
+                          f"off: the default keeps the 1, 2, 4, ... worst layers in float until {bound} is met)")
     details = {"layers": layers, "fallback": fb, "guard": guard, "int8": v.int8, "ranking": ranking}
     return Diagnosis(stage.name, "int8", headers, rows, conclusion, notes, details)
 

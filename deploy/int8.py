@@ -175,7 +175,8 @@ def fallback(stage, source, folder: Path, ranking: Sequence[str], options: Int8O
     a drop of at most ``aim`` points (or passes, when no drop is measured). The form kept is the best one tried,
     the first stage included: passing, then the smallest drop (the highest SQNR without labels), then the fewest
     layers in float. Returns ``(stage,
-    summary)``: that stage and what was kept, with a rough latency of the full and the kept int8 form."""
+    summary)``: that stage and what was kept, with a rough latency of the full and the kept int8 form and of the
+    fp32 form (a mixed form no faster than fp32 is named in the note)."""
     from .forms import quantize_form
 
     target = registry.get(stage.format)
@@ -212,7 +213,7 @@ def fallback(stage, source, folder: Path, ranking: Sequence[str], options: Int8O
         progress(f"{stage.name}: the best form kept {kept} layer(s) in float; quantizing it again ...")
         chosen = reverify(quantize(kept))
     summary.update(passed=chosen.passed, kept_in_float=list(ranking[:kept]), drop=_drop(chosen))
-    summary["latency_ms"]["int8_fallback"] = _latency(chosen, folder, args)
+    summary["latency_ms"].update(int8_fallback=_latency(chosen, folder, args), fp32=_latency(source, folder, args))
     return chosen, summary
 
 

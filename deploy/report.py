@@ -107,9 +107,13 @@ def fallback_note(f: dict) -> str:
     n, drop = len(f["kept_in_float"]), f.get("drop")
     kept = f"{n} layer(s) kept in float ({', '.join(f['kept_in_float'])})" if n else "no layer kept in float"
     met = (f["passed"] and (drop is None or drop <= f.get("aim_points", math.inf) + 1e-9))
+    lat = f.get("latency_ms", {})
+    slower = bool(n and lat.get("fp32") and lat.get("int8_fallback") and lat["int8_fallback"] >= lat["fp32"])
     return (f"--int8-fallback auto: {kept}" + (f", drop {drop:.2f} points" if drop is not None else "")
             + ("" if met else "; the bound is still not met" if not f["passed"] else
-               f"; the aim of {f.get('aim_points', 0):g} points is not met (the best form tried is kept)"))
+               f"; the aim of {f.get('aim_points', 0):g} points is not met (the best form tried is kept)")
+            + (f"; this mixed form is not faster than fp32 ({lat['int8_fallback']:.3f} vs {lat['fp32']:.3f} ms, a "
+               "rough median): deploy tune will not choose it, deploy bench times it" if slower else ""))
 
 
 def bench_table(entry: dict) -> tuple[list[str], list[list[str]]]:

@@ -23,7 +23,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
-__all__ = ["corrections", "apply_to_graph", "apply_to_onnx", "round_weight"]
+__all__ = ["corrections", "apply_to_graph", "apply_to_onnx", "round_weight", "layer_tensors", "replace_tensor",
+           "onnx_layer_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -81,25 +82,51 @@ def corrections(gm, batches: Iterable, per_channel: bool = True, clips: dict | N
     return {name: (sums[name] / counts[name]).float().numpy() for name in sums}
 
 
+def layer_tensors(gm, position: int):
+    """``(node, owner module, attribute)`` of every convolution and linear layer of ``gm`` whose argument at
+    ``position`` (1: the weight, 2: the bias) is a ``get_attr``."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not _layer(node) or len(node.args) <= position:
+            continue
+        arg = node.args[position]
+        if getattr(arg, "op", "") == "get_attr":
+            owner, _, attr = arg.target.rpartition(".")
+            yield node, gm.get_submodule(owner) if owner else gm, attr
+
+
+def replace_tensor(module, attr: str, value) -> None:
+    """Set ``module.attr`` to the new tensor ``value``, as a frozen parameter or a buffer like the one it replaces
+    (a tensor shared with another module is left as it is)."""
+    import torch
+
+    if isinstance(getattr(module, attr), torch.nn.Parameter):
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        module.register_buffer(attr, value)
+
+
+def onnx_layer_inputs(model, names: dict, position: int):
+    """``(key, initializer)`` of input ``position`` (1: the weight, 2: the bias) of every Conv and Gemm node of the
+    ONNX ``model`` that ``names`` names (node ``node_conv2d_3`` or output ``conv2d_3``) when it is an initializer."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        key = next((k for k in (node.name.removeprefix("node_"), *node.output) if k in names), None)
+        if key is not None and node.op_type in ("Conv", "Gemm") and len(node.input) > position and \
+                node.input[position] in inits:
+            yield key, node, inits[node.input[position]]
+
+
 def apply_to_graph(gm, fixes: dict[str, np.ndarray]) -> int:
     """Subtract ``fixes`` from the biases of the layers of ``gm`` they name (new tensors: a parameter shared with
     another module is not changed); returns how many layers were corrected."""
     import torch
 
     done = 0
-    for node in gm.graph.nodes:
-        if node.name not in fixes or not _layer(node) or len(node.args) < 3 or getattr(node.args[2], "op", "") != \
-                "get_attr":
-            continue
-        owner, _, attr = node.args[2].target.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
-        bias = getattr(module, attr)
-        fixed = bias.detach() - torch.from_numpy(fixes[node.name]).to(bias.dtype)
-        if isinstance(bias, torch.nn.Parameter):
-            setattr(module, attr, torch.nn.Parameter(fixed, requires_grad=False))
-        else:
-            module.register_buffer(attr, fixed)
-        done += 1
+    for node, module, attr in layer_tensors(gm, 2):
+        if node.name in fixes:
+            bias = getattr(module, attr).detach()
+            replace_tensor(module, attr, bias - torch.from_numpy(fixes[node.name]).to(bias.dtype))
+            done += 1
     return done
 
 
@@ -108,13 +135,8 @@ def apply_to_onnx(model, fixes: dict[str, np.ndarray]) -> int:
     (node ``node_conv2d_3`` or output ``conv2d_3``), in place; returns how many layers were corrected."""
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
     done = 0
-    for node in model.graph.node:
-        key = next((k for k in (node.name.removeprefix("node_"), *node.output) if k in fixes), None)
-        if key is None or node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in inits:
-            continue
-        tensor = inits[node.input[2]]
+    for key, _, tensor in onnx_layer_inputs(model, fixes, 2):
         fixed = numpy_helper.to_array(tensor).astype(np.float32) - fixes[key]
         tensor.CopyFrom(numpy_helper.from_array(fixed.astype(np.float32), tensor.name))
         done += 1

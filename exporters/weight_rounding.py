@@ -26,6 +26,8 @@ import logging
 
 import numpy as np
 
+from .bias_correction import layer_tensors, onnx_layer_inputs, replace_tensor
+
 __all__ = ["ALPHAS", "mse_clip", "mse_clips", "apply_to_graph", "apply_to_onnx", "clamp_weight"]
 
 log = logging.getLogger(__name__)
@@ -66,27 +68,10 @@ def clamp_weight(w, clip):
     return torch.minimum(torch.maximum(w, -a), a)
 
 
-def _layer(node) -> str:
-    name = getattr(node.target, "__name__", "")
-    return name.split(".")[0] if name.split(".")[0] in ("conv2d", "conv1d", "linear") else ""
-
-
-def _weights(gm):
-    """``(node, owner module, attribute)`` of every convolution and linear layer of ``gm`` whose weight is a
-    ``get_attr``."""
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not _layer(node) or len(node.args) < 2:
-            continue
-        w = node.args[1]
-        if getattr(w, "op", "") == "get_attr":
-            owner, _, attr = w.target.rpartition(".")
-            yield node, gm.get_submodule(owner) if owner else gm, attr
-
-
 def mse_clips(gm, per_channel: bool = True) -> dict[str, np.ndarray]:
     """``{layer: clip}`` of the layers of the plain graph ``gm`` where the MSE search clips some channel."""
     clips = {}
-    for node, module, attr in _weights(gm):
+    for node, module, attr in layer_tensors(gm, 1):
         w = getattr(module, attr).detach()
         clip = mse_clip(w, per_channel)
         top = w.abs().amax(dim=_dims(w, per_channel)).reshape(-1).float()
@@ -99,19 +84,11 @@ def mse_clips(gm, per_channel: bool = True) -> dict[str, np.ndarray]:
 def apply_to_graph(gm, clips: dict[str, np.ndarray]) -> int:
     """Clamp the weights of the layers of ``gm`` that ``clips`` names (new tensors: a parameter shared with another
     module is not changed); returns how many layers were clamped."""
-    import torch
-
     done = 0
-    for node, module, attr in _weights(gm):
-        if node.name not in clips:
-            continue
-        weight = getattr(module, attr)
-        clamped = clamp_weight(weight.detach(), clips[node.name])
-        if isinstance(weight, torch.nn.Parameter):
-            setattr(module, attr, torch.nn.Parameter(clamped, requires_grad=False))
-        else:
-            module.register_buffer(attr, clamped)
-        done += 1
+    for node, module, attr in layer_tensors(gm, 1):
+        if node.name in clips:
+            replace_tensor(module, attr, clamp_weight(getattr(module, attr).detach(), clips[node.name]))
+            done += 1
     return done
 
 
@@ -122,16 +99,11 @@ def apply_to_onnx(model, clips: dict[str, np.ndarray]) -> int:
     import torch
     from onnx import helper, numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
     done = 0
-    for node in model.graph.node:
-        key = next((k for k in (node.name.removeprefix("node_"), *node.output) if k in clips), None)
-        if key is None or node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
-            continue
+    for key, node, tensor in onnx_layer_inputs(model, clips, 1):
         if node.op_type == "Gemm" and not any(a.name == "transB" and helper.get_attribute_value(a) == 1
                                               for a in node.attribute):
             continue
-        tensor = inits[node.input[1]]
         w = torch.from_numpy(numpy_helper.to_array(tensor).astype(np.float32))
         tensor.CopyFrom(numpy_helper.from_array(clamp_weight(w, clips[key]).numpy(), tensor.name))
         done += 1

@@ -190,3 +190,19 @@ def test_a_target_without_int8_beside_one_with_it_gives_its_fp32_stage_alone():
     assert [t.name for t in check_targets(["onnx", "ncnn"], "int8")] == ["pt2", "onnx", "ncnn"]
     with pytest.raises(PipelineError, match="the ncnn target cannot produce int8"):
         check_targets(["ncnn"], "int8")  # no INT8 form asked for at all: refused, naming those that have one
+
+
+def test_the_fallback_note_says_what_was_kept_the_aim_and_a_mixed_form_not_faster_than_fp32():
+    from deploy.report import fallback_note
+
+    f = {"stage": "onnx-int8", "passed": True, "aim_points": 0.5, "kept_in_float": ["conv2d"], "drop": 0.1,
+         "latency_ms": {"int8": 1.0, "int8_fallback": 1.2, "fp32": 3.0}}
+    assert fallback_note(f) == "--int8-fallback auto: 1 layer(s) kept in float (conv2d), drop 0.10 points"
+    f["latency_ms"]["fp32"] = 1.1
+    assert fallback_note(f).endswith("; this mixed form is not faster than fp32 (1.200 vs 1.100 ms, a rough "
+                                     "median): deploy tune will not choose it, deploy bench times it")
+    f.update(drop=0.7, latency_ms={})
+    assert fallback_note(f).endswith("drop 0.70 points; the aim of 0.5 points is not met (the best form tried is "
+                                     "kept)")
+    f.update(passed=False, kept_in_float=[], drop=None)
+    assert fallback_note(f) == "--int8-fallback auto: no layer kept in float; the bound is still not met"
