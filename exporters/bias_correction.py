@@ -24,9 +24,18 @@ from collections.abc import Iterable
 import numpy as np
 
 __all__ = ["corrections", "apply_to_graph", "apply_to_onnx", "round_weight", "layer_tensors", "replace_tensor",
-           "onnx_layer_inputs"]
+           "onnx_layer_inputs", "clamp_weight"]
 
 log = logging.getLogger(__name__)
+
+
+def clamp_weight(w, clip):
+    """``w`` with each output channel (or the whole tensor, for a one-value ``clip``) clamped to ``[-a, a]``."""
+    import torch
+
+    a = torch.as_tensor(np.asarray(clip), dtype=w.dtype)
+    a = a.reshape(-1, *([1] * (w.dim() - 1))) if a.numel() > 1 else a.reshape(())
+    return torch.minimum(torch.maximum(w, -a), a)
 
 
 def round_weight(w, per_channel: bool = True, clip=None):
@@ -35,8 +44,6 @@ def round_weight(w, per_channel: bool = True, clip=None):
     import torch
 
     if clip is not None:
-        from .weight_rounding import clamp_weight
-
         w = clamp_weight(w, clip)
     dims = tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else tuple(range(w.dim()))
     scale = w.abs().amax(dim=dims, keepdim=True).clamp_min(2 ** -12) / 127.0

@@ -26,7 +26,7 @@ import logging
 
 import numpy as np
 
-from .bias_correction import layer_tensors, onnx_layer_inputs, replace_tensor
+from .bias_correction import clamp_weight, layer_tensors, onnx_layer_inputs, replace_tensor
 
 __all__ = ["ALPHAS", "mse_clip", "mse_clips", "apply_to_graph", "apply_to_onnx", "clamp_weight"]
 
@@ -57,15 +57,6 @@ def mse_clip(w, per_channel: bool = True):
         best = torch.where(better, err, best)
         clip = torch.where(better, a, clip)
     return clip.reshape(-1).float()
-
-
-def clamp_weight(w, clip):
-    """``w`` with each output channel (or the whole tensor, for a one-value ``clip``) clamped to ``[-a, a]``."""
-    import torch
-
-    a = torch.as_tensor(np.asarray(clip), dtype=w.dtype)
-    a = a.reshape(-1, *([1] * (w.dim() - 1))) if a.numel() > 1 else a.reshape(())
-    return torch.minimum(torch.maximum(w, -a), a)
 
 
 def mse_clips(gm, per_channel: bool = True) -> dict[str, np.ndarray]:
