@@ -49,7 +49,8 @@ from .pipeline import (PT2, ConvertOptions, PipelineError, check_training_model,
 from .record import RunRecord, StageRecord, alive, inside, load_record
 from .resources import check_threads
 
-__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "slower_int8_notes", "nms_shares", "reliability"]
+__all__ = ["BenchOptions", "BenchResult", "bench", "speedups", "int8_speedups", "slower_int8_notes", "nms_shares",
+           "reliability"]
 
 FORMS = ("training", "deploy", "int8", "nms")  # nms: the deploy form with NMS appended (deploy.detection)
 WORK_PREFIX = "deploy-bench-"  # temporary folders: deploy-bench-<pid>-<random>

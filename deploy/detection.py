@@ -173,7 +173,6 @@ class Plan:
             found["own_fuse"] = own_fuse(self.model, args, root / onnx_stage.path, progress)
         return found
 
-
     def rescore(self, root: Path, stages: Sequence[StageRecord], results: dict, outputs: dict) -> None:
         """The detection metrics (NMS on the host, mAP) of ``stages`` verified again (an INT8 fallback), into
         ``results``; no pictures, no NMS-fusion check."""

@@ -54,7 +54,8 @@ from .report import fallback_note
 from .tasks import DEFAULT_MIN_SQNR, UNLABELLED_AGREEMENT, Guard, GuardResult, judge, sqnr
 
 __all__ = ["Guard", "GuardResult", "judge", "quantize_stages", "blame", "fallback", "choose_equalize",
-           "choose_weight_rounding", "choose_bias_correction", "quick_latency", "UNLABELLED_AGREEMENT", "DEFAULT_MIN_SQNR", "WORST"]
+           "choose_weight_rounding", "choose_bias_correction", "quick_latency", "UNLABELLED_AGREEMENT",
+           "DEFAULT_MIN_SQNR", "WORST"]
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +175,8 @@ def fallback(stage, source, folder: Path, ranking: Sequence[str], options: Int8O
     of ``ranking`` in float (at most half of them), until ``reverify(stage) -> StageRecord`` passes the guard with
     a drop of at most ``aim`` points (or passes, when no drop is measured). The form kept is the best one tried,
     the first stage included: passing, then the smallest drop (the highest SQNR without labels), then the fewest
-    layers in float. Returns ``(stage,
-    summary)``: that stage and what was kept, with a rough latency of the full and the kept int8 form and of the
-    fp32 form (a mixed form no faster than fp32 is named in the note)."""
+    layers in float. Returns ``(stage, summary)``: that stage and what was kept, with a rough latency of the full
+    and the kept int8 form and of the fp32 form (a mixed form no faster than fp32 is named in the note)."""
     from .forms import quantize_form
 
     target = registry.get(stage.format)
@@ -199,6 +199,7 @@ def fallback(stage, source, folder: Path, ranking: Sequence[str], options: Int8O
         candidate = quantize(k)
         if candidate.export.error:
             summary["tried"].append({"kept": k, "error": candidate.export.error})
+            current = None  # what the failed export left at the path is not a form tried
             break
         current = reverify(candidate)
         summary["tried"].append({"kept": k, "passed": current.passed, "drop": _drop(current),
