@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .digits import RepVGGDigits, load_pretrained, load_test_split, load_weights
+from . import digits
 
 __all__ = ["RepVGGDigits32", "repvgg_digits32", "augment", "WEIGHTS", "TEST_SPLIT", "TRAIN_SPLIT", "INPUT_SHAPE",
            "load_split", "load_weights", "training_record"]
@@ -69,24 +69,29 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x.clamp(0, 1) * _LEVELS).round() / _LEVELS
 
 
-class RepVGGDigits32(RepVGGDigits):
+class RepVGGDigits32(digits.RepVGGDigits):
     """RepVGG blocks of ``WIDTHS`` / ``STRIDES`` and a classifier head for ``(N, 1, 32, 32)`` digit images."""
 
     def __init__(self, num_classes: int = 10, width: float = 1.0, in_channels: int = 1) -> None:
         super().__init__(num_classes, width, in_channels, WIDTHS, STRIDES)
 
 
+def load_weights(path: str | os.PathLike = WEIGHTS) -> tuple[dict[str, torch.Tensor], dict]:
+    """The state dict (float32, from the float16 stored) and the training record of a RepVGG-Digits32 checkpoint."""
+    return digits.load_weights(path)
+
+
 def training_record() -> dict:
     """How the shipped weights were trained: recipe, seed, epochs, held-out accuracy, time."""
-    return load_weights(WEIGHTS)[1]
+    return load_weights()[1]
 
 
 def repvgg_digits32(num_classes: int = 10, width: float = 1.0, pretrained: bool = False) -> RepVGGDigits32:
     """RepVGG-Digits32; ``pretrained=True`` loads the shipped weights (10 classes, width 1 only)."""
     model = RepVGGDigits32(num_classes=num_classes, width=width)
-    return load_pretrained(model, "repvgg_digits32", WEIGHTS, num_classes, width) if pretrained else model
+    return digits.load_pretrained(model, "repvgg_digits32", WEIGHTS, num_classes, width) if pretrained else model
 
 
 def load_split(path: str | os.PathLike = TEST_SPLIT) -> tuple[np.ndarray, np.ndarray]:
     """A shipped split: images ``(N, 1, 32, 32)`` float32 (the stored float16 values) and labels ``(N,)`` int64."""
-    return load_test_split(path)
+    return digits.load_test_split(path)
