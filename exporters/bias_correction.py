@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import numpy as np
 
 __all__ = ["corrections", "apply_to_graph", "apply_to_onnx", "round_weight", "layer_tensors", "replace_tensor",
-           "onnx_layer_inputs", "clamp_weight"]
+           "onnx_layer_inputs", "clamp_weight", "weight_dims"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ def clamp_weight(w, clip):
     return torch.minimum(torch.maximum(w, -a), a)
 
 
+def weight_dims(w, per_channel: bool = True) -> tuple[int, ...]:
+    """The dimensions one int8 weight scale spans: all but the output channel (axis 0), or all."""
+    return tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else tuple(range(w.dim()))
+
+
 def round_weight(w, per_channel: bool = True, clip=None):
     """``w`` rounded to symmetric int8 and back (per output channel, axis 0, or per tensor); with ``clip``
     (``exporters.weight_rounding``), on the grid of ``w`` clamped to it, as the quantizers then see it."""
@@ -45,7 +50,7 @@ def round_weight(w, per_channel: bool = True, clip=None):
 
     if clip is not None:
         w = clamp_weight(w, clip)
-    dims = tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else tuple(range(w.dim()))
+    dims = weight_dims(w, per_channel)
     scale = w.abs().amax(dim=dims, keepdim=True).clamp_min(2 ** -12) / 127.0
     return torch.clamp(torch.round(w / scale), -127, 127) * scale
 
@@ -59,11 +64,11 @@ def corrections(gm, batches: Iterable, per_channel: bool = True, clips: dict | N
     """The per-channel bias corrections ``e_c`` of every convolution and linear layer with a bias of the plain
     graph ``gm``, measured on the calibration ``batches`` (torch tensors); see the module docstring. ``clips``: the
     layers' weight clipping (``exporters.weight_rounding``), so the error is that of the weights as quantized."""
-    clips = clips or {}
     import torch
     import torch.nn.functional as F
     from torch import fx
 
+    clips = clips or {}
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 

@@ -30,10 +30,8 @@ from runtimes.core import Artifact, ExportError, first_line, require
 
 from ._torch import recaptured
 from .executorch import EXTRA, describe_pte, write_program
-from .bias_correction import apply_to_graph
-from .weight_rounding import apply_to_graph as clip_graph
 from .int8 import Int8Options
-from .pt2e import activation_observer, calibrate, check_exclude, int8_note, int8_record, plain_args
+from .pt2e import activation_observer, adjust_weights, calibrate, check_exclude, int8_note, int8_record, plain_args
 
 __all__ = ["quantize_executorch", "int8_ops"]
 
@@ -122,8 +120,7 @@ def quantize_executorch(src: Artifact, path, options: Int8Options, module=None, 
 
     gm = recaptured(module, args)  # XNNPACK's annotators read every weight's fake value (``meta["val"]``)
     check_exclude(gm, options.exclude)
-    corrected = apply_to_graph(gm, options.bias_fixes()) if options.bias_correction else 0
-    clipped = clip_graph(gm, options.clip_fixes()) if options.weight_clips else 0
+    adjusted = adjust_weights(gm, options)
     kept = options.kept_in_float(n.name for n in gm.graph.nodes)
     converted, samples = calibrate(gm, _quantizer(options, kept), _batches(options, args[0]), fold_quantize=True)
     ops = int8_ops(converted)
@@ -143,7 +140,7 @@ def quantize_executorch(src: Artifact, path, options: Int8Options, module=None, 
         exporter=f"executorch {version} (XnnpackPartitioner)", delegated_calls=delegated, backends=backends,
         portable_ops=portable,
         int8=int8_record(options, f"executorch {version} XNNPACKQuantizer, torchao prepare_pt2e/convert_pt2e", samples,
-                         kept, corrected, ops, weights_clipped=clipped))
+                         kept, ops, **adjusted))
     art.note(int8_note("XNNPACK PT2E", options, samples, kept, sum(ops["int8"].values()), sum(ops["float"].values()))
              + (f"; {sum(portable.values())} op(s) on the portable kernels" if portable else ""))
     log.info("quantized %s -> %s (int8, %d calibration samples)", src.path, path, samples)

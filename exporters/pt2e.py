@@ -26,8 +26,8 @@ from runtimes.core import eval_mode
 
 from .int8 import Int8Options
 
-__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "int8_record", "int8_note", "plain_args",
-           "check_exclude", "calibrate"]
+__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "adjust_weights", "int8_record",
+           "int8_note", "plain_args", "check_exclude", "calibrate"]
 
 OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver (L2 error search, not KL)",
              "percentile": "PercentileObserver (histogram percentiles)"}
@@ -72,17 +72,27 @@ def activation_observer(options: Int8Options):
     return percentile_observer().with_args(eps=EPS, percentile=options.percentile)
 
 
-def int8_record(options: Int8Options, tool: str, samples: int, kept: Sequence[str], corrected: int,
-                ops: dict, **extra) -> dict:
+def adjust_weights(gm, options: Int8Options) -> dict[str, int]:
+    """The INT8 form's own weights in the graph ``gm`` it quantizes: the layers' weights clamped to the clipping
+    ``--weight-rounding mse`` chose, their biases corrected (``exporters.bias_correction``), layers kept in float
+    left exact. Returns how many layers were changed each way, for :func:`int8_record`."""
+    from .bias_correction import apply_to_graph as correct_biases
+    from .weight_rounding import apply_to_graph as clip_weights
+
+    return {"bias_corrected": correct_biases(gm, options.bias_fixes()),
+            "weights_clipped": clip_weights(gm, options.clip_fixes())}
+
+
+def int8_record(options: Int8Options, tool: str, samples: int, kept: Sequence[str], ops: dict, **extra) -> dict:
     """``metadata["int8"]`` of a PT2E-quantized artifact: the tool, the observers, the calibration, the layers
-    kept in float (``exclude``, then the float scope) and the ops by what they compute in."""
+    kept in float (``exclude``, then the float scope), ``extra`` (what :func:`adjust_weights` changed, ...) and
+    the ops by what they compute in."""
     return {"tool": tool, "method": options.method,
             "observer": {"activations": OBSERVERS[options.method],
                          "weights": "PerChannelMinMaxObserver" if options.per_channel else "MinMaxObserver"},
             "percentile": options.percentile if options.method == "percentile" else None,
             "per_channel": options.per_channel, "calibration_samples": samples, "exclude": list(options.exclude),
-            "float_scope": [n for n in kept if n not in options.exclude], "bias_corrected": corrected,
-            **extra, "ops": ops}
+            "float_scope": [n for n in kept if n not in options.exclude], **extra, "ops": ops}
 
 
 def int8_note(label: str, options: Int8Options, samples: int, kept: Sequence[str], int8_ops: int,

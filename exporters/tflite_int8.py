@@ -53,11 +53,9 @@ from pathlib import Path
 from runtimes.core import Artifact, ExportError, require, set_training
 
 from ._torch import recaptured
-from .bias_correction import apply_to_graph
-from .weight_rounding import apply_to_graph as clip_graph
 from .int8 import Int8Options
 from .legalize import legalize_for_tflite
-from .pt2e import activation_observer, calibrate, check_exclude, int8_note, int8_record, plain_args
+from .pt2e import activation_observer, adjust_weights, calibrate, check_exclude, int8_note, int8_record, plain_args
 from .tflite import EXTRA, describe_tflite, legalize_error, quiet_litert
 
 __all__ = ["quantize_tflite", "mark_sources", "op_summary"]
@@ -208,8 +206,7 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
     gm = recaptured(module, args)  # its nodes named as the ONNX export names them: the blame's layer names
     gm, _ = legalize_for_tflite(gm, args, allow_unsupported_pow=True)  # the fp32 export refused what cannot be
     check_exclude(gm, options.exclude)
-    corrected = apply_to_graph(gm, options.bias_fixes()) if options.bias_correction else 0
-    clipped = clip_graph(gm, options.clip_fixes()) if options.weight_clips else 0
+    adjusted = adjust_weights(gm, options)
     kept = options.kept_in_float(n.name for n in gm.graph.nodes)
     marked = mark_sources(gm)
     quantizer = _quantizer(options, kept)
@@ -242,8 +239,7 @@ def quantize_tflite(src: Artifact, path, options: Int8Options, module=None, args
         layout=layout, rewrites=list(src.metadata.get("rewrites", [])), exporter=f"litert-torch {version}",
         int8=int8_record(options, f"litert-torch {version} PT2EQuantizer, torchao {_version('torchao')} prepare_pt2e/"
                          f"convert_pt2e, litert-converter STATIC QDQ mode{' (strict)' if io == 'float32' else ''}",
-                         samples, kept, corrected, ops, weights_clipped=clipped,
-                         source_marked_nodes=marked, io=_edge_type(content)))
+                         samples, kept, ops, **adjusted, source_marked_nodes=marked, io=_edge_type(content)))
     art.note(int8_note("litert-torch PT2E", options, samples, kept, sum(ops["int8"].values()),
                        sum(ops["float"].values())) + f", {art.metadata['int8']['io']} inputs/outputs")
     log.info("quantized %s -> %s (int8, %d calibration samples)", src.path, path, samples)

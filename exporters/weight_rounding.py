@@ -26,7 +26,7 @@ import logging
 
 import numpy as np
 
-from .bias_correction import clamp_weight, layer_tensors, onnx_layer_inputs, replace_tensor
+from .bias_correction import clamp_weight, layer_tensors, onnx_layer_inputs, replace_tensor, round_weight, weight_dims
 
 __all__ = ["ALPHAS", "mse_clip", "mse_clips", "apply_to_graph", "apply_to_onnx", "clamp_weight"]
 
@@ -35,24 +35,19 @@ log = logging.getLogger(__name__)
 ALPHAS = tuple(round(1.0 - k / 100, 2) for k in range(51))  # 1.00, 0.99, ..., 0.50: the fractions of max|W_c| tried
 
 
-def _dims(w, per_channel: bool) -> tuple[int, ...]:
-    return tuple(range(1, w.dim())) if per_channel and w.dim() > 1 else tuple(range(w.dim()))
-
-
 def mse_clip(w, per_channel: bool = True):
     """The clipping range ``a`` of ``w`` (per output channel, axis 0, shape ``(C,)``; or per tensor, shape ``(1,)``)
     whose symmetric int8 grid gives the smallest squared rounding error (see the module docstring)."""
     import torch
 
-    dims = _dims(w, per_channel)
+    dims = weight_dims(w, per_channel)
     w = w.detach().double()
     top = w.abs().amax(dim=dims, keepdim=True).clamp_min(2 ** -12)
     best = torch.full_like(top, float("inf"))
     clip = top.clone()
     for alpha in ALPHAS:  # from 1.00 down: a strict improvement is needed to clip further
         a = top * alpha
-        s = a / 127.0
-        err = (w - torch.clamp(torch.round(w / s), -127, 127) * s).pow(2).sum(dim=dims, keepdim=True)
+        err = (w - round_weight(w, per_channel, a.reshape(-1))).pow(2).sum(dim=dims, keepdim=True)
         better = err < best * (1 - 1e-12)
         best = torch.where(better, err, best)
         clip = torch.where(better, a, clip)
@@ -65,7 +60,7 @@ def mse_clips(gm, per_channel: bool = True) -> dict[str, np.ndarray]:
     for node, module, attr in layer_tensors(gm, 1):
         w = getattr(module, attr).detach()
         clip = mse_clip(w, per_channel)
-        top = w.abs().amax(dim=_dims(w, per_channel)).reshape(-1).float()
+        top = w.abs().amax(dim=weight_dims(w, per_channel)).reshape(-1).float()
         if bool((clip < top * (1 - 1e-6)).any()):
             clips[node.name] = clip.numpy()
     log.info("MSE weight rounding: %d of the layers clipped", len(clips))
