@@ -944,6 +944,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from .resources import disk_failure, no_space_message
 
+        interrupt = _interrupt_behind(e)
+        if interrupt is not None:  # Ctrl-C or SIGTERM that a library wrapped (an import's __set_name__ error)
+            return _interrupted(args.command, interrupt)
         full = disk_failure(e)  # out of disk space: exit 1, like a failed stage, and not the model's fault
         expected = full is not None or isinstance(e, _errors())
         if full is not None:
@@ -960,10 +963,25 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(__name__).exception("details")
         return EXIT_ERROR if full is None and expected else EXIT_FAILED
     except KeyboardInterrupt as e:
-        terminated = isinstance(e, _Terminated)
-        print(f"deploy {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was "
-              "written", file=sys.stderr)
-        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 and 130, as a shell reports them
+        return _interrupted(args.command, e)
+
+
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM among the causes of ``e`` (``__cause__`` / ``__context__``), if one is."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _interrupted(command: str, e: KeyboardInterrupt) -> int:
+    terminated = isinstance(e, _Terminated)
+    print(f"deploy {command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; nothing was written",
+          file=sys.stderr)
+    return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 and 130, as a shell reports them
 
 
 if __name__ == "__main__":

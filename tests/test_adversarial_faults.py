@@ -119,6 +119,24 @@ def test_sigterm_mid_run_removes_the_partial_folder(factory, tmp_path):
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                                 (signal.SIGINT, 130, "interrupted")])
+def test_an_interrupt_a_library_wrapped_in_another_error_still_exits_as_the_signal(monkeypatch, capsys, signum,
+                                                                                   code, said):
+    """A signal that lands inside class creation during an import comes out as ``RuntimeError: Error calling
+    __set_name__ ...`` caused by the interrupt: still the signal's exit code and sentence, not an internal error."""
+    def command(args):
+        try:
+            raise cli._Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        except KeyboardInterrupt as e:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance 'x' in 'Y'") from e
+
+    monkeypatch.setattr(cli, "cmd_zoo", command)
+    assert cli.main(["zoo"]) == code
+    err = capsys.readouterr().err
+    assert f"deploy zoo: {said}; nothing was written" in err and "internal error" not in err
+
+
 @pytest.mark.e2e  # command-line runs
 def test_a_killed_runs_partial_folder_is_removed_by_the_next_run_but_a_live_ones_is_kept(capsys, tmp_path):
     out = tmp_path / "out"
