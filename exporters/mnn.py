@@ -254,6 +254,7 @@ TARGET = Target(
     quantize="exporters.mnn_int8:quantize_mnn", native=_native, inspect="deploy.inspect:read_mnn",
     mobile=True,
     bench_note={"backend": "MNN CPU (x86 here: AVX2/AVX-512 kernels; no claim about ARM speed)",
-                "precision": "runtime precision 'high' (fp32, int8) or 'low' (fp16: fp32 arithmetic on x86)"},
+                "precision": "runtime precision 'high' (fp32, int8) or 'low' (fp16: fp32 arithmetic on x86)",
+                "convolution": "fp32: Winograd 3x3 off (direct, as verified); fp16, int8: MNN's default"},
     description="MNN model converted from the ONNX file by MNNConvert, run on MNN's CPU runtime",
 )

@@ -16,6 +16,14 @@ changes on x86, read in MNN's source (``source/backend/cpu/CPUBackend.cpp``, ``x
 fp32 code off ARM), and ``"high"`` changes nothing MNN's CPU code reads. So on this machine an fp16 artifact
 is fp16 *storage*: its weights are widened to fp32 at load and computed in fp32.
 
+Winograd: MNN computes a 3x3 convolution with Winograd transforms wherever its cost model prefers them (the
+runtime hint ``WINOGRAD_MEMORY_LEVEL``, default on). Their float32 rounding is far from a direct convolution's:
+three 32-channel 3x3 convolutions at 24x24 move the output by 6.7e-4 of its scale (direct: 6.5e-7), timm's
+RepVGG-A0 at 96x96 by 1.5e-5. An fp32 stage is run with Winograd off (``set_hint(WINOGRAD_MEMORY_LEVEL, 0)``),
+so it is judged at the fp32 tolerance like every other runtime, and ``deploy bench`` times that same
+configuration; fp16 and int8 stages keep MNN's default (judged at their own tolerance or by accuracy; the int8
+ranges are calibrated Winograd-aware).
+
 MNN's C++ code prints on stdout (``The device supports: ...``, ``MNN use high precision``) and reports load
 errors there too (``Invalidate buffer to create MNN Module``); :func:`native_output` holds both descriptors
 while MNN runs and sends what it printed to the debug log, and a failed load becomes one
@@ -47,6 +55,8 @@ __all__ = ["MNNRunner", "native_output", "load_mnn", "mnn_modules", "PRECISION"]
 log = logging.getLogger(__name__)
 
 PRECISION = {"fp32": "high", "fp16": "low", "int8": "high"}  # MNN's runtime "precision" per artifact precision
+WINOGRAD = {"fp32": False, "fp16": True, "int8": True}  # whether MNN may pick Winograd 3x3 convolutions
+_WINOGRAD_MEMORY_LEVEL = 3  # MNN::Interpreter::HintMode (include/MNN/Interpreter.hpp)
 _EXTRA = "mnn"
 
 
@@ -112,10 +122,10 @@ def _reason(printed: str, exc: BaseException | None = None) -> str:
 
 
 def load_mnn(path: str, *, threads: int = 1, precision: str = "high", outputs: Sequence[str] = (),
-             mutable: bool = False):
-    """The MNN module of the ``.mnn`` file ``path`` (static shapes unless ``mutable``) and its runtime manager, its
-    outputs in the order ``outputs`` names them (default: the file's); CorruptArtifact for a file MNN cannot
-    load."""
+             mutable: bool = False, winograd: bool = True):
+    """The MNN module of the ``.mnn`` file ``path`` (static shapes unless ``mutable``; Winograd 3x3 convolutions
+    unless ``winograd`` is false) and its runtime manager, its outputs in the order ``outputs`` names them
+    (default: the file's); CorruptArtifact for a file MNN cannot load."""
     path = check_file(path, "MNN")
     _, nn, _ = mnn_modules()
     config = {"backend": "CPU", "numThread": int(threads), "precision": precision}
@@ -123,6 +133,8 @@ def load_mnn(path: str, *, threads: int = 1, precision: str = "high", outputs: S
     with native_output("MNN") as printed:
         try:
             manager = nn.create_runtime_manager((config,))
+            if not winograd:
+                manager.set_hint(_WINOGRAD_MEMORY_LEVEL, 0)
             module = nn.load_module_from_file(path, [], list(outputs), runtime_manager=manager,
                                               shape_mutable=mutable)
         except Exception as e:  # MNN raises SystemError with the reason on stdout
@@ -161,7 +173,8 @@ class MNNRunner(Runner):
         _, _, F = mnn_modules()
         declared = self.artifact.inputs if self.artifact is not None else []
         dynamic = any(not isinstance(d, int) for spec in declared for d in spec.shape)  # a dynamic batch
-        options = {"threads": self.threads or 1, "precision": PRECISION[self.precision], "mutable": dynamic}
+        options = {"threads": self.threads or 1, "precision": PRECISION[self.precision], "mutable": dynamic,
+                   "winograd": WINOGRAD[self.precision]}
         self.module, self.manager = load_mnn(self.path, **options)
         info = self.module.get_info()
         named = [o.name for o in self.artifact.outputs] if self.artifact is not None else []

@@ -215,3 +215,35 @@ def test_default_model_converts_and_verifies_on_mnn(tmp_path):
     assert q.metadata["int8"]["int8_convolutions"] == 7 and not q.metadata["int8"]["float_convolutions"]
     assert stages["mnn-int8"].files.size < 0.4 * stages["mnn"].files.size  # int8 weights stored
     assert qv.passed and qv.accuracy >= v.accuracy - 0.01
+
+
+def test_fp32_stage_runs_without_winograd_and_keeps_the_fp32_tolerance(tmp_path):
+    """Three 32-channel 3x3 convolutions at 24x24: MNN's default picks Winograd for them, which moves the output
+    by ~7e-4 of its scale; the fp32 runner turns it off and agrees with float64 to the fp32 tolerance."""
+    _need_mnn()
+    import torch
+
+    from exporters.mnn import export_mnn
+    from runtimes.mnn_runner import MNNRunner, load_mnn
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Conv2d(32, 32, 3, padding=1) for _ in range(3)]).eval()
+    x = torch.randn(1, 32, 24, 24)
+    src = str(tmp_path / "convs.onnx")
+    torch.onnx.export(model, (x,), src, input_names=["x"], output_names=["y"], dynamo=False)
+    art = export_mnn(src, tmp_path / "model.mnn")
+    with torch.no_grad():
+        want = model.double()(x.double()).numpy()
+    scale = np.abs(want).max()
+
+    def error(module) -> float:
+        from MNN import expr as F
+        out = module.forward([F.const(x.numpy(), list(x.shape), F.NCHW)])[0]
+        out = F.convert(out, F.NCHW) if out.data_format == F.NC4HW4 else out
+        return float(np.abs(np.array(out.read()) - want).max() / scale)
+
+    assert error(load_mnn(art.path)[0]) > 1e-4  # Winograd, MNN's default: the case is one that needs the switch
+    assert error(load_mnn(art.path, winograd=False)[0]) < 1e-5
+    with MNNRunner(art.path, artifact=art) as r:
+        got = r.infer({"x": x.numpy()})["y"]
+    assert np.abs(got - want).max() / scale < 1e-5
