@@ -15,7 +15,7 @@ from torch import fx
 __all__ = ["CONV_OPS", "CONV_TRANSPOSE_OPS", "BN_OPS", "Conv", "BatchNorm", "fetch_attr", "is_const", "const_value",
            "shape", "sole_user", "as_conv", "as_avgpool", "as_batchnorm", "per_channel", "module_path", "common_path",
            "common_meta", "site", "value_users", "op_name", "slice_bounds", "slice_range", "views_of", "run_nodes",
-           "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
+           "row_major", "add_tensor", "build_conv", "replace_conv", "erase_unused", "is_erased",
            "op_counts", "remove_unused_attributes", "share_identical_weights", "VIEW_OPS", "written_arg", "view_root",
            "written_nodes"]
 
@@ -241,18 +241,32 @@ def site(nodes) -> str:
     return f"{path} ({nodes[0].name})" if path else nodes[0].name
 
 
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides (a copy only where they differ). A kernel computed by broadcasting or a
+    transpose can be contiguous yet strided like channels-last (a 1x1 kernel ``(72, 16, 1, 1)`` with strides
+    ``(16, 1, 16, 16)``); a conv with it returns channels-last outputs, and the ONNX exporter then restores
+    the layout after a global pool with ``as_strided`` (``Gather`` in ONNX, which ncnn cannot express)."""
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= max(size, 1)
+    return t if t.stride() == tuple(reversed(expected)) else t.clone(memory_format=torch.contiguous_format)
+
+
 def add_tensor(gm: torch.nn.Module, hint: str, value: torch.Tensor, parameter: bool = True) -> str:
-    """Register ``value`` on ``gm`` under a fresh name derived from ``hint``; returns the name."""
+    """Register ``value`` (:func:`row_major`) on ``gm`` under a fresh name derived from ``hint``; returns the
+    name."""
     base = re.sub(r"\W", "_", hint).strip("_") or "w"
     if base[0].isdigit():
         base = f"layer{base}"
     name, i = base, 1
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
+    value = row_major(value.detach())
     if parameter:
-        gm.register_parameter(name, torch.nn.Parameter(value.detach(), requires_grad=False))
+        gm.register_parameter(name, torch.nn.Parameter(value, requires_grad=False))
     else:
-        gm.register_buffer(name, value.detach())
+        gm.register_buffer(name, value)
     return name
 
 

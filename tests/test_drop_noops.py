@@ -59,3 +59,28 @@ def test_a_clone_that_protects_from_a_write_stays():
     deploy, report, ops, _ = reparam(model, 2, 3, 4, passes=["drop_noops"])
     assert ops.get("clone") == 1 and not any("clone" in r for p in report.passes for r in p.rewrites)
     assert all(torch.equal(a, b) for a, b in zip(model(x), deploy(x)))
+
+
+class GhostV2Tail(nn.Module):
+    """timm's GhostNetV2 module ending: ``out = torch.cat([x1, x2], 1)[:, :out_chs]`` (a full slice, which
+    torch.export records as ``alias``), then the bottleneck adds its shortcut in place, ``out += shortcut``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.primary = nn.Conv2d(2 * c, c, 1)
+        self.cheap = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x):
+        x1 = self.primary(x)
+        out = torch.cat([x1, self.cheap(x1)], dim=1)[:, :x.shape[1]]
+        out += x
+        return out
+
+
+def test_an_alias_written_in_place_goes_since_the_write_reaches_its_input_anyway():
+    model = GhostV2Tail().eval()
+    x = torch.randn(2, 8, 5, 5)
+    deploy, report, ops, _ = reparam(model, 2, 8, 5, 5, passes=["drop_noops"])
+    assert "alias" not in ops and report.count("drop_noops") == 1
+    with torch.no_grad():
+        assert torch.equal(model(x), deploy(x))

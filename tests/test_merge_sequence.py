@@ -90,3 +90,18 @@ def test_bottleneck_sequence_merges_in_the_grow_pass_set():
     assert ops == {"conv2d": 1} and err <= 1e-5 and not report.refusals()
     (w,) = [p for p in deploy.parameters() if p.dim() == 4]
     assert tuple(w.shape) == (16, 16, 3, 3)
+
+
+def test_merged_1x1_kernels_keep_row_major_strides_so_outputs_stay_nchw():
+    """MobileNetV3's linear bottleneck: a 1x1 projection (no activation) feeds the next block's 1x1 expansion.
+    The composed kernel comes out of a matrix product with transposed strides (``(72, 16, 1, 1)`` strided
+    ``(16, 1, 16, 16)``, channels-last); a conv with it returns channels-last outputs, which the ONNX exporter
+    turns into ``as_strided`` after a global pool (``Gather``, which ncnn cannot express)."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Conv2d(8, 12, 1), nn.BatchNorm2d(12), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1))
+    deploy, report, ops, err = reparam(model, 1, 8, 5, 5)
+    assert ops == {"conv2d": 1, "relu": 1, "adaptive_avg_pool2d": 1} and report.count("merge_sequence") == 1
+    for name, t in deploy.state_dict().items():
+        assert t.stride() == torch.empty(t.shape).stride(), name
+    with torch.no_grad():
+        assert deploy(torch.randn(1, 8, 5, 5)).is_contiguous()

@@ -10,8 +10,11 @@ A dtype/device assertion on a tensor the graph computes itself (``_assert_tensor
 by ``.float()`` / ``.to()``) guards nothing in a graph of fixed dtypes and would count as a second
 user of that tensor: it goes too (assertions on the graph's inputs stay).
 
-Kept when the op's result or its input is written in place (a ``clone`` before ``y[...] = v`` is
-what keeps the write from reaching the original).
+A copy (``clone``, ``lift_fresh_copy``) is kept when its result or its input is written in place (a
+``clone`` before ``y[...] = v`` is what keeps the write from reaching the original). ``alias`` and ``detach``
+share their input's memory, so a write through them reaches the input anyway: they go even then (timm's
+GhostNetV2 writes ``out += shortcut`` into ``out[:, :out_chs]``, a full slice that torch.export records as
+``alias``, and Core ML's converter has no ``alias``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ __all__ = ["DropNoOps"]
 _DROPOUT = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
             aten.feature_alpha_dropout.default}
 _COPIES = {aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default}
+_SHARING = {aten.alias.default, aten.detach.default}  # same memory as the input: a write through them reaches it
 _SAME_SHAPE = {aten.view.default, aten.reshape.default, aten.expand.default, aten._unsafe_view.default}
 _CASTS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
 
@@ -51,8 +55,8 @@ def _is_noop(node) -> bool:
 
 
 def _unwritten(node, written) -> bool:
-    """Neither the op's result nor its input is written in place: removing the op changes no write."""
-    return node not in written and node.args[0] not in written
+    """Removing the op changes no write: it shares its input's memory, or neither is written in place."""
+    return node.target in _SHARING or (node not in written and node.args[0] not in written)
 
 
 class DropNoOps(Pass):
