@@ -12,6 +12,10 @@
   windows, as in timm's Twins) is decomposed with torch's own decomposition for exactly those calls and the
   export retried (:mod:`exporters.legalize`); a model that exports as it is goes through unchanged. The
   artifact's ``decomposed`` metadata and its notes say what was decomposed and why.
+- A global average pool (``adaptive_avg_pool2d`` to 1x1) is exported as the mean it is
+  (``mean(x, [-2, -1], keepdim=True)``, ``ReduceMean``): on a channels-last tensor (ConvNeXt's
+  ``permute`` back from its NHWC blocks) torch's decomposition of the pool restores the strides with
+  ``as_strided``, which becomes ``Reshape`` + ``Gather`` in ONNX, and ncnn has no ``Gather``.
 - ``dynamic=True`` makes dimension 0 of every input a symbol ``batch``. A graph captured with a
   static batch may have that batch baked into a reshape; then an output's first dimension stays a
   constant and the export is refused instead of writing a model that is wrong at other batches.
@@ -176,6 +180,25 @@ def _export_failure(exc: BaseException, opset: int, why: str) -> ExportError:
     return ExportError(f"ONNX (opset {opset}) cannot express op {op}: {failed}, and {why}.")
 
 
+def _global_pools_as_means(module) -> int:
+    """Replace every ``adaptive_avg_pool2d(x, [1, 1])`` of ``module``'s graph by ``mean(x, [-2, -1], True)``
+    (see the module docstring); returns how many."""
+    import torch
+
+    aten, count = torch.ops.aten, 0
+    for node in list(module.graph.nodes):
+        if node.target == aten.adaptive_avg_pool2d.default and list(node.args[1]) == [1, 1]:
+            with module.graph.inserting_before(node):
+                mean = module.graph.call_function(aten.mean.dim, (node.args[0], [-2, -1], True))
+            mean.meta = dict(node.meta)
+            node.replace_all_uses_with(mean)
+            module.graph.erase_node(node)
+            count += 1
+    if count:
+        module.recompile()
+    return count
+
+
 def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: bool = False,
                     input_names: Sequence[str] | None = None,
                     output_names: Sequence[str] | None = None) -> Artifact:
@@ -192,7 +215,8 @@ def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: b
     args = as_args(args)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = to_graph_module(model, args)
+    module = to_graph_module(model, args)  # a copy of the graph: rewriting it leaves ``model`` alone
+    _global_pools_as_means(module)
     leaves = output_leaves(module, args)
     in_names = io_names(input_names, len(args), "input")
     out_names = io_names(output_names, len(leaves), "output")

@@ -179,3 +179,38 @@ def test_registry_rejects_unknown_format_and_missing_args(tmp_path):
         exporters.exporter("caffe")
     with pytest.raises(ExportError, match="needs example inputs"):
         export("onnx", make("conv"), tmp_path / "m.onnx")
+
+
+class ChannelsLastPool(torch.nn.Module):
+    """ConvNeXt's block and head as timm writes them: ``permute`` to NHWC for LayerNorm and the MLP's Linear,
+    ``permute`` back (a tensor strided channels-last), then a global average pool and the classifier."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, c, 3, padding=1)
+        self.norm = torch.nn.LayerNorm(c)
+        self.fc1 = torch.nn.Linear(c, c)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.head = torch.nn.Linear(c, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        x = self.fc1(self.norm(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2) + x  # the block's output first
+        return self.head(self.pool(x).flatten(1))
+
+
+def test_a_global_pool_of_a_channels_last_tensor_exports_as_one_reduce_mean(tmp_path):
+    """torch's decomposition of the pool would restore its channels-last strides with ``as_strided`` (ONNX
+    ``Gather``, which ncnn cannot express); the export writes the mean the pool is."""
+    from exporters.onnx import export_onnx_raw
+
+    model, x = ChannelsLastPool().eval(), torch.randn(2, 3, 6, 6)
+    gm = capture(model, x)
+    art = export_onnx_raw(gm, (x,), tmp_path / "model.onnx")
+    ops = op_counts(art.path)
+    assert "Gather" not in ops and ops["ReduceMean"] == 1
+    assert "adaptive_avg_pool2d" in str(gm.graph)  # the graph handed in is left as it was
+    (got,) = run_onnx(art.path, x.numpy())
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
