@@ -261,6 +261,9 @@ class _PassProgress:
                           + (f", {len(record.rolled_back)} rolled back" if record.rolled_back else "")
                           + f" in {record.seconds:.2f} s")
 
+    def on_restart(self, reason: str) -> None:
+        self.progress(f"  {reason}: the passes again with every check at the captured size")
+
 
 def merged_counts(before, after) -> dict[str, int]:
     """What reparameterization removed, from the op summaries (``deploy.inspect``) of both forms."""

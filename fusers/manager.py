@@ -152,7 +152,8 @@ class Instrument:
     """Observes a :class:`PassManager`; every method is optional, these do nothing.
 
     Any object with some of these methods is an instrument; subclassing is not required.
-    ``on_pass_end`` receives every record, also those with no rewrite.
+    ``on_pass_end`` receives every record, also those with no rewrite; ``on_restart`` comes when
+    ``reparameterize`` starts the passes again at the captured size (their records so far are dropped).
     """
 
     def on_pass_start(self, name: str, round: int) -> None:  # noqa: A002 - the record's field name
@@ -160,6 +161,10 @@ class Instrument:
 
     def on_pass_end(self, record: PassRecord) -> None:
         pass
+
+    def on_restart(self, reason: str) -> None:
+        """The passes start again from the captured graph (``reason`` says why); what they reported so far
+        is dropped from the report."""
 
     def on_run_end(self, report: Report) -> None:
         pass

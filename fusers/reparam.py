@@ -91,6 +91,7 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     captured size. ``report.proof_shape`` says which size the per-pass checks used.
     """
     args = as_args(example_inputs)
+    instruments = list(instruments)  # handed to the redo below as well
     report, times = Report(), {}
     start = time.perf_counter()
     gm = capture(model, args)
@@ -125,8 +126,13 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     del reference
     tolerance = manager.tolerance  # raised where the graph's own rounding noise is larger
     if small_inputs is not None and (report.float64_error > tolerance or any(p.rolled_back for p in report.passes)):
-        log.info("the checks at %s rolled back a rewrite or the result missed %.0e at the captured size (%.1e): "
-                 "again with every check at the captured size", report.proof_shape, tolerance, report.float64_error)
+        why = (f"the checks at {'x'.join(map(str, report.proof_shape[0]))} rolled back a rewrite"
+               if any(p.rolled_back for p in report.passes) else
+               f"the result missed {tolerance:.0e} at the captured size ({report.float64_error:.1e})")
+        log.info("%s: again with every check at the captured size", why)
+        for instrument in instruments:
+            if hasattr(instrument, "on_restart"):
+                instrument.on_restart(why)
         return reparameterize(model, example_inputs, passes=passes, verify=verify, seed=seed,
                               instruments=instruments, small=False)
     convert_dtype(gm, torch.float64, dtype)

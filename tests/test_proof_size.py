@@ -80,3 +80,36 @@ def test_a_border_bug_is_still_rolled_back():
     codes = {r.code for r in report.refusals()}
     assert codes == {RefusalCode.ROLLED_BACK} and report.float64_error == 0.0
     assert report.proof_shape is None  # the small checks rolled something back: done again at the captured size
+
+
+def test_instruments_are_told_when_the_passes_start_again_at_the_captured_size():
+    """The progress lines of the small run are not the result: an instrument hears ``on_restart`` between the
+    two runs, and the records after it are the captured-size run's (the report holds only those)."""
+    events = []
+
+    class Recorder:
+        def on_pass_end(self, record):
+            events.append(("pass", record.name, len(record.rolled_back)))
+
+        def on_restart(self, reason):
+            events.append(("restart", reason))
+
+    model = randomize_bn(ConvNet())
+    deploy = fusers.reparameterize(model, (torch.randn(1, 3, 128, 128),), passes=[DropPadding()],
+                                   instruments=iter([Recorder()]))  # any iterable, read once
+    restarts = [i for i, e in enumerate(events) if e[0] == "restart"]
+    assert len(restarts) == 1 and events[restarts[0]] == ("restart", "the checks at 1x3x32x32 rolled back a rewrite")
+    after = events[restarts[0] + 1:]
+    assert after == [("pass", p.name, len(p.rolled_back)) for p in deploy.reparam_report.passes]
+    assert after[0] == ("pass", "drop_padding", 1)
+
+
+def test_no_restart_when_the_small_checks_hold():
+    events = []
+
+    class Recorder:
+        def on_restart(self, reason):
+            events.append(reason)
+
+    _ = fusers.reparameterize(randomize_bn(ConvNet()), (torch.randn(1, 3, 128, 128),), instruments=[Recorder()])
+    assert events == []
