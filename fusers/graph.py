@@ -245,7 +245,10 @@ def row_major(t: torch.Tensor) -> torch.Tensor:
     """``t`` with row-major strides (a copy only where they differ). A kernel computed by broadcasting or a
     transpose can be contiguous yet strided like channels-last (a 1x1 kernel ``(72, 16, 1, 1)`` with strides
     ``(16, 1, 16, 16)``); a conv with it returns channels-last outputs, and the ONNX exporter then restores
-    the layout after a global pool with ``as_strided`` (``Gather`` in ONNX, which ncnn cannot express)."""
+    the layout after a global pool with ``as_strided`` (``Gather`` in ONNX, which ncnn cannot express).
+    A broadcast view (a zero stride: a folded ``expand``) stays as it is, small."""
+    if any(st == 0 and size > 1 for st, size in zip(t.stride(), t.shape)):
+        return t
     expected, step = [], 1
     for size in reversed(t.shape):
         expected.append(step)
