@@ -180,9 +180,9 @@ def _export_failure(exc: BaseException, opset: int, why: str) -> ExportError:
     return ExportError(f"ONNX (opset {opset}) cannot express op {op}: {failed}, and {why}.")
 
 
-def _global_pools_as_means(module) -> int:
+def _global_pools_as_means(module) -> None:
     """Replace every ``adaptive_avg_pool2d(x, [1, 1])`` of ``module``'s graph by ``mean(x, [-2, -1], True)``
-    (see the module docstring); returns how many."""
+    (see the module docstring)."""
     import torch
 
     aten, count = torch.ops.aten, 0
@@ -196,7 +196,6 @@ def _global_pools_as_means(module) -> int:
             count += 1
     if count:
         module.recompile()
-    return count
 
 
 def export_onnx_raw(model, args, path, *, opset: int = DEFAULT_OPSET, dynamic: bool = False,
