@@ -241,6 +241,10 @@ class PassManager:
         """Hand the completed report to the instruments (``reparameterize`` calls this last)."""
         self._notify("on_run_end", report)
 
+    def restart(self, reason: str) -> None:
+        """Tell the instruments the passes start again at the captured size (``reparameterize`` calls this)."""
+        self._notify("on_restart", reason)
+
     def _apply(self, p: Pass, gm, matches: list[Match], budget: int | None = None
                ) -> tuple[list[tuple[Match, str]], list[Match]]:
         """Rewrite the sites in order, each matched again first, stopping past ``budget`` new bytes.

@@ -125,14 +125,12 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
         report.float64_error = max_rel_error(reference, gm(*check_inputs))
     del reference
     tolerance = manager.tolerance  # raised where the graph's own rounding noise is larger
-    if small_inputs is not None and (report.float64_error > tolerance or any(p.rolled_back for p in report.passes)):
-        why = (f"the checks at {'x'.join(map(str, report.proof_shape[0]))} rolled back a rewrite"
-               if any(p.rolled_back for p in report.passes) else
+    rolled_back = any(p.rolled_back for p in report.passes)
+    if small_inputs is not None and (report.float64_error > tolerance or rolled_back):
+        why = (f"the checks at {'x'.join(map(str, report.proof_shape[0]))} rolled back a rewrite" if rolled_back else
                f"the result missed {tolerance:.0e} at the captured size ({report.float64_error:.1e})")
         log.info("%s: again with every check at the captured size", why)
-        for instrument in instruments:
-            if hasattr(instrument, "on_restart"):
-                instrument.on_restart(why)
+        manager.restart(why)
         return reparameterize(model, example_inputs, passes=passes, verify=verify, seed=seed,
                               instruments=instruments, small=False)
     convert_dtype(gm, torch.float64, dtype)
