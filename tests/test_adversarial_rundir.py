@@ -248,9 +248,10 @@ def test_an_imported_namespace_package_of_the_same_name_is_set_aside(pickled, tm
     path, a, _ = pickled
     (tmp_path / "lib" / "models").mkdir(parents=True)
     monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    monkeypatch.delitem(sys.modules, "models", raising=False)  # an earlier test's comes back afterwards
     import models
 
     assert getattr(models, "__file__", None) is None  # a namespace package
     loaded = load_model(str(path), code_path=[str(a)], trust_pickle=True)
     assert type(loaded.model).__module__ == "models.net" and sys.modules["models"] is models
-    monkeypatch.delitem(sys.modules, "models")
+    del sys.modules["models"]  # this test's namespace package, which must not outlive it

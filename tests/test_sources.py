@@ -178,7 +178,7 @@ def yolo_style_checkpoint(tmp_path, monkeypatch):
     torch.save({"model": TinyDetector().half()}, tmp_path / "train_mode.pt")
     sys.path.remove(str(code))
     for name in [n for n in sys.modules if n == "models" or n.startswith("models.")]:
-        monkeypatch.delitem(sys.modules, name)
+        del sys.modules[name]  # not monkeypatch.delitem: its undo would put this code's package back for later tests
     return tmp_path / "best.pt", code
 
 
