@@ -2,7 +2,7 @@
 
     repvgg_a0                   a zoo model (deploy.zoo); repvgg_digits loads its shipped weights
     timm:repvgg_a0              timm.create_model(name, pretrained=False)
-    torchvision:resnet18        torchvision.models.get_model(name, weights=None)
+    torchvision:resnet18        torchvision.models.get_model(name, weights=None), weights_backbone=None too
     path/to/net.py:build        build() from the user's own file (its folder is put on sys.path)
     path/to/best.pt             a whole pickled model, or a dict holding one under 'ema' / 'model'
                                 (YOLOv7 style); --code-path DIR makes its classes importable; loading
@@ -42,6 +42,7 @@ import contextlib
 import difflib
 import importlib
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -283,11 +284,21 @@ def _timm(name: str, num_classes: int | None) -> LoadedModel:
     return LoadedModel(model, f"timm:{name}", "timm", name.replace("/", "_"), (1, *size), preprocess=preprocess)
 
 
+def build_torchvision(tv, name: str, **kwargs) -> nn.Module:
+    """``torchvision.models`` model ``name`` with random weights, its backbone's too: the segmentation and
+    detection builders take ImageNet weights for their backbone by default (``weights_backbone``), which they
+    would download. A ``ValueError`` for a name torchvision does not have."""
+    builder = tv.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None
+    return builder(weights=None, **kwargs)
+
+
 def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
     tv = _import("torchvision", "torchvision:NAME models", "models")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     try:
-        model = tv.models.get_model(name, weights=None, **kwargs)
+        model = build_torchvision(tv, name, **kwargs)
     except ValueError as e:
         close = close_matches(name, tv.models.list_models())
         raise SourceError(f"torchvision has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")

@@ -130,13 +130,15 @@ def count_params(source: str, name: str) -> int | None:
 
     import torch
 
+    from .sources import build_torchvision
+
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             if source == "timm":
                 model = require("timm", "models").create_model(name, pretrained=False)
             else:
-                model = require("torchvision", "models").models.get_model(name, weights=None)
+                model = build_torchvision(require("torchvision", "models"), name)
         return sum(p.numel() for p in model.parameters())
     except Exception as e:  # noqa: BLE001 - any failure to build is the job's to report
         log.info("no meta build of %s:%s: %s", source, name, first_line(e))

@@ -250,6 +250,17 @@ def test_hub_models_build_offline_with_random_weights(spec, cls, no_network):
     assert bns and torch.cat([b.running_var for b in bns]).std() > 0.1  # randomized, not the (0, 1) init
 
 
+def test_torchvision_backbones_build_offline_with_random_weights(no_network):
+    """torchvision's segmentation and detection builders take ImageNet weights for their backbone unless told
+    not to: the source and the sweep's parameter count build them with none, without a connection."""
+    pytest.importorskip("torchvision")
+    from deploy.sweep import count_params
+
+    loaded = load_model("torchvision:lraspp_mobilenet_v3_large")
+    assert type(loaded.model).__name__ == "LRASPP" and not loaded.trained
+    assert count_params("torchvision", "deeplabv3_resnet50") == 39_638_869  # not None: a size cap applies to it
+
+
 def test_unknown_hub_names(no_network):
     pytest.importorskip("timm")
     pytest.importorskip("torchvision")
