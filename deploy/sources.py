@@ -303,8 +303,32 @@ def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
         close = close_matches(name, tv.models.list_models())
         raise SourceError(f"torchvision has no model {name!r}" + (f" (close: {', '.join(close)})" if close else "")
                           + "; see torchvision.models.list_models()") from e
-    return LoadedModel(model, f"torchvision:{name}", "torchvision", name, (1, 3, 224, 224),
-                       preprocess={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+    shape, preprocess = _torchvision_input(tv, name)
+    return LoadedModel(model, f"torchvision:{name}", "torchvision", name, shape, preprocess=preprocess)
+
+
+def _torchvision_input(tv, name: str) -> tuple[tuple[int, ...], dict]:
+    """The input shape and normalization of torchvision's default weights for ``name``, from their record (nothing
+    is downloaded): the crop size of their transforms (299 for Inception-v3, 600 for EfficientNet-B7) and, for a
+    video model, a clip of 16 frames or the weights' minimum (batch, channels, frames, height, width); a 224x224
+    image with ImageNet's normalization where the record has none."""
+    crop, mean, std, frames = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None
+    try:
+        weights = tv.models.get_model_weights(name).DEFAULT
+    except (ValueError, AttributeError, KeyError):
+        weights = None
+    if weights is not None:
+        transform = weights.transforms  # a functools.partial of a preset class: its defaults, then its keywords
+        given = {k: p.default for k, p in inspect.signature(getattr(transform, "func", transform)).parameters.items()
+                 if p.default is not inspect.Parameter.empty}
+        given.update(getattr(transform, "keywords", None) or {})
+        crop = given.get("crop_size", crop)
+        mean, std = given.get("mean", mean), given.get("std", std)
+        if tv.models.get_model_builder(name).__module__.startswith("torchvision.models.video"):
+            frames = max(16, int(weights.meta.get("min_temporal_size", 1)))
+    h, w = (crop, crop) if isinstance(crop, int) else tuple(crop)
+    shape = (1, 3, h, w) if frames is None else (1, 3, frames, h, w)
+    return shape, {"mean": list(mean), "std": list(std)}
 
 
 def _import(module: str, purpose: str, extra: str):

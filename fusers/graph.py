@@ -21,8 +21,10 @@ __all__ = ["CONV_OPS", "CONV_TRANSPOSE_OPS", "BN_OPS", "Conv", "BatchNorm", "fet
 
 aten = torch.ops.aten
 
-CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2}
-CONV_TRANSPOSE_OPS = {aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 2}
+CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+CONV_TRANSPOSE_OPS = {aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 2, aten.conv_transpose3d.input: 3}
+_CONV_OF = {nd: op for op, nd in CONV_OPS.items()}
+_CONV_TRANSPOSE_OF = {nd: op for op, nd in CONV_TRANSPOSE_OPS.items()}
 BN_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 # ops whose result shares memory with their first argument: an in-place write into it changes both
 VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.view.default, aten._unsafe_view.default, aten.reshape.default,
@@ -289,12 +291,10 @@ def build_conv(gm, x: fx.Node, kind: str, weight: torch.Tensor, bias: torch.Tens
         if kind == "linear":
             new = graph.call_function(aten.linear.default, (x, w, b))
         elif kind == "conv_transpose":
-            op = {1: aten.conv_transpose1d.default, 2: aten.conv_transpose2d.input}[nd]
-            new = graph.call_function(op, (x, w, b, list(stride), list(padding), list(output_padding), groups,
-                                           list(dilation)))
+            new = graph.call_function(_CONV_TRANSPOSE_OF[nd], (x, w, b, list(stride), list(padding),
+                                                               list(output_padding), groups, list(dilation)))
         else:
-            op = {1: aten.conv1d.default, 2: aten.conv2d.default}[nd]
-            new = graph.call_function(op, (x, w, b, list(stride), list(padding), list(dilation), groups))
+            new = graph.call_function(_CONV_OF[nd], (x, w, b, list(stride), list(padding), list(dilation), groups))
     new.meta.update({k: v for k, v in meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
     return new
 

@@ -261,6 +261,18 @@ def test_torchvision_backbones_build_offline_with_random_weights(no_network):
     assert count_params("torchvision", "deeplabv3_resnet50") == 39_638_869  # not None: a size cap applies to it
 
 
+def test_torchvision_input_is_what_its_weights_were_trained_on(no_network):
+    """The crop size and normalization of torchvision's default weights (read from their record), and a clip of
+    16 frames for a video model: the shape timm models get from their pretrained_cfg."""
+    tv = pytest.importorskip("torchvision")
+    loaded = load_model("torchvision:r3d_18")
+    assert loaded.input_shape == (1, 3, 16, 112, 112)
+    assert loaded.preprocess == {"mean": [0.43216, 0.394666, 0.37645], "std": [0.22803, 0.22145, 0.216989]}
+    assert sources._torchvision_input(tv, "inception_v3")[0] == (1, 3, 299, 299)
+    assert sources._torchvision_input(tv, "mvit_v2_s")[0] == (1, 3, 16, 224, 224)
+    assert sources._torchvision_input(tv, "lraspp_mobilenet_v3_large")[0] == (1, 3, 224, 224)  # no crop: 224
+
+
 def test_unknown_hub_names(no_network):
     pytest.importorskip("timm")
     pytest.importorskip("torchvision")

@@ -56,7 +56,7 @@ _SAME = {aten.clone.default, aten.contiguous.default, aten.alias.default, aten.d
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
           aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default}
 _AVERAGES = {aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
-             aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default}
+             aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.adaptive_avg_pool3d.default}
 _MAX_POOLS = {aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default}
 _RELUS = {aten.relu.default, aten.relu_.default}
 _SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default}

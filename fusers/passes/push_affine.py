@@ -20,15 +20,16 @@ import torch
 from torch import fx
 
 from ..algebra import bn_scale_shift
-from ..graph import add_tensor, as_batchnorm, as_conv, aten, erase_unused, run_nodes, shape
+from ..graph import CONV_OPS, add_tensor, as_batchnorm, as_conv, aten, erase_unused, run_nodes, shape
 from ..rules import Match, Pass, RefusalCode
 
 _MOVES = {aten.view.default, aten.reshape.default, aten.transpose.int, aten.permute.default, aten.chunk.default,
           aten.split.Tensor, aten.split_with_sizes.default, aten.contiguous.default, aten.clone.default,
           aten.slice.Tensor, operator.getitem, aten.flatten.using_ints, aten.unsqueeze.default,
-          aten.squeeze.dim, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.mean.dim}
+          aten.squeeze.dim, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+          aten.adaptive_avg_pool3d.default, aten.mean.dim}
 _POOLS = {aten.avg_pool1d.default, aten.avg_pool2d.default}
-_CONVS = (aten.conv1d.default, aten.conv2d.default)
+_CONVS = tuple(CONV_OPS)
 
 
 def _is_move(node) -> bool:
