@@ -124,8 +124,10 @@ def _names(source: str) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def count_params(source: str, name: str) -> int | None:
-    """Parameters of ``source:name`` built on the meta device (nothing allocated); None when that build fails
-    (the job itself then says why the model does not build). Cached: a name is built once per process."""
+    """Parameters of ``source:name`` built on the meta device (nothing allocated), or, for a torchvision model whose
+    builder computes with tensor values (RegNet's widths) and so cannot build there, the count its default weights'
+    record gives; None when neither is known (the job itself then says why the model does not build). Cached: a
+    name is built once per process."""
     import warnings
 
     import torch
@@ -142,7 +144,12 @@ def count_params(source: str, name: str) -> int | None:
         return sum(p.numel() for p in model.parameters())
     except Exception as e:  # noqa: BLE001 - any failure to build is the job's to report
         log.info("no meta build of %s:%s: %s", source, name, first_line(e))
-        return None
+    if source == "torchvision":
+        try:
+            return int(require("torchvision", "models").models.get_model_weights(name).DEFAULT.meta["num_params"])
+        except (ValueError, AttributeError, KeyError, TypeError):
+            pass
+    return None
 
 
 def expand(specs: Sequence[str], *, sample: int | None = None, seed: int = 0,

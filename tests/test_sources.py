@@ -259,6 +259,8 @@ def test_torchvision_backbones_build_offline_with_random_weights(no_network):
     loaded = load_model("torchvision:lraspp_mobilenet_v3_large")
     assert type(loaded.model).__name__ == "LRASPP" and not loaded.trained
     assert count_params("torchvision", "deeplabv3_resnet50") == 39_638_869  # not None: a size cap applies to it
+    # RegNet's builder computes its widths with tensor values, which the meta device has not: its weights' record
+    assert count_params("torchvision", "regnet_y_16gf") == 83_590_140
 
 
 def test_torchvision_input_is_what_its_weights_were_trained_on(no_network):
