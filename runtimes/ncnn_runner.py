@@ -307,24 +307,36 @@ class NcnnRunner(Runner):
         self.sample_shapes = [_sample_shape(o.shape) for o in outs] or [None] * len(self.blobs_out)
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        import ncnn
-
         arrays = [np.ascontiguousarray(feed[s.name], dtype=np.float32) for s in self.input_specs]
         n = arrays[0].shape[0] if arrays and arrays[0].ndim else 1
         results: list[list[np.ndarray]] = [[] for _ in self.blobs_out]
         for i in range(n):
-            ex = self.net.create_extractor()
-            mats = [ncnn.Mat(np.ascontiguousarray(a[i])) for a in arrays]  # kept alive until extracted
+            for k, value in enumerate(self._extract([a[i] for a in arrays])):
+                results[k].append(self._shaped(k, value))
+        return [np.stack(r) for r in results]
+
+    def _extract(self, sample: list[np.ndarray]) -> list[np.ndarray]:
+        """One sample's outputs, copied out of ncnn. The extractor and its Mats are freed before this returns or
+        raises: a traceback that kept them alive past the net's ``clear()`` would have ncnn free its pool allocator
+        while they still use it, and the process crash (SIGSEGV) when they go."""
+        import ncnn
+
+        ex = self.net.create_extractor()
+        mats = [ncnn.Mat(np.ascontiguousarray(a)) for a in sample]  # kept alive until extracted
+        out = None
+        try:
             for blob, mat in zip(self.blobs_in, mats):
                 ex.input(blob, mat)
-            for k, blob in enumerate(self.blobs_out):
+            values = []
+            for blob in self.blobs_out:
                 ret, out = ex.extract(blob)
                 if ret != 0:
                     raise RuntimeError(f"ncnn could not compute output {blob} of {self.path} (extract returned "
                                        f"{ret})")
-                results[k].append(self._shaped(k, np.array(out, dtype=np.float32)))
-            del ex, mats
-        return [np.stack(r) for r in results]
+                values.append(np.array(out, dtype=np.float32))
+            return values
+        finally:
+            del ex, mats, out
 
     def _shaped(self, k: int, value: np.ndarray) -> np.ndarray:
         shape = self.sample_shapes[k]

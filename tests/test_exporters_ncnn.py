@@ -129,6 +129,41 @@ def test_corrupt_or_empty_files_are_one_sentence_naming_the_file(tmp_path):
         NcnnRunner(param).activate()
 
 
+_WRONG_SHAPE = """
+import sys
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, {tests!r})
+from test_exporters_ncnn import _write_net
+from runtimes.core import Artifact, TensorSpec
+from runtimes.ncnn_runner import NcnnRunner
+param = _write_net(Path({folder!r}))
+record = Artifact(str(param), "ncnn", [TensorSpec("in0", (1, 2, 1, 3))], [TensorSpec("out0", (1, 2))])
+try:
+    with NcnnRunner(param, threads=1, artifact=record) as runner:
+        runner.infer([np.zeros((1, 2, 1, 3), np.float32)])
+except RuntimeError as e:
+    print(e)
+"""
+
+
+def test_an_output_of_the_wrong_shape_fails_the_stage_without_crashing_the_process(tmp_path):
+    """pnnx can make a net whose output is not the model's (timm's gMLP: (196, 1000) for (1000,)); the runner's
+    error then travels with a traceback while the runner closes, and an extractor held by it past the net's end
+    made ncnn free its allocator early and the process die of SIGSEGV, taking every later stage with it."""
+    pytest.importorskip("ncnn", reason="ncnn not installed")
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _WRONG_SHAPE.format(tests=str(Path(__file__).parent), folder=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "has shape (1,) per sample, but the model's output is (2,) per sample" in done.stdout
+    assert "FATAL ERROR" not in done.stderr
+
+
 def test_inspect_counts_ops_weights_and_kernels_of_a_param_file(tmp_path):
     from deploy.inspect import inspect_path
 
