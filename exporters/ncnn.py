@@ -57,6 +57,15 @@ def unknown_layers(param) -> dict[str, list[str]]:
     return found
 
 
+def hollow_reductions(param) -> list[str]:
+    """The Reduction layers of a parsed ``.param`` that reduce nothing: reduce-all off (``1=0``) and an empty axis
+    list (``-23303=0``). pnnx writes one for every single-axis ReduceMean or ReduceSum of an ONNX graph (measured
+    with pnnx 20261020: ``x.mean(1)``, ``x.sum(1)``, ``x - x.mean(1, keepdim=True)``); ncnn then passes the input
+    through, of the wrong shape or with the wrong values."""
+    return [layer.name for layer in param.layers
+            if layer.type == "Reduction" and layer.get(1, 1) == 0 and layer.get(3, None) == ()]
+
+
 def _pnnx_shape(spec: TensorSpec, src: str) -> list[int]:
     if spec.dtype != "float32":
         raise ExportError(f"ncnn takes float32 inputs, but input {spec.name} of {src} is {spec.dtype}.")
@@ -140,6 +149,11 @@ def export_ncnn(source, path, *, precision: str = "fp32") -> Artifact:
             ops = ", ".join(f"{t} (layer {', '.join(names[:3])})" for t, names in unknown.items())
             raise ExportError(f"ncnn cannot express op {ops}: pnnx {getattr(pnnx, '__version__', '?')} found no "
                               "ncnn layer for it.")
+        hollow = hollow_reductions(param)
+        if hollow:
+            raise ExportError(f"pnnx {getattr(pnnx, '__version__', '?')} wrote Reduction layer {', '.join(hollow[:3])} "
+                              "with no axes and reduce-all off (its conversion of a reduction over a single axis, "
+                              "such as x.mean(1)), which ncnn computes as no reduction at all.")
         _declare_input_shapes(work / "model.ncnn.param", shapes)
         art = Artifact(path=os.fspath(path), format="ncnn", inputs=list(onnx_art.inputs),
                        outputs=list(onnx_art.outputs), precision=precision, parent=src)

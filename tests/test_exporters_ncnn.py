@@ -190,6 +190,37 @@ def _det_onnx(path):
     return path
 
 
+def test_a_reduction_pnnx_writes_without_axes_fails_the_export_naming_it(tmp_path):
+    """pnnx turns a single-axis ReduceMean (gMLP's and MLP-Mixer's token pooling, a hand-written channel LayerNorm)
+    into a Reduction over no axes; the export says so instead of a wrong shape or wrong numbers later."""
+    pytest.importorskip("pnnx", reason="pnnx not installed")
+    pytest.importorskip("ncnn", reason="ncnn not installed")
+    onnx = pytest.importorskip("onnx", reason="onnx not installed")
+    from onnx import TensorProto, helper
+
+    from exporters.ncnn import export_ncnn
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0)], "mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 4])],
+        [helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8), tmp_path / "m.onnx")
+    with pytest.raises(ExportError, match=r"^pnnx \S+ wrote Reduction layer \S+ with no axes and reduce-all off"):
+        export_ncnn(tmp_path / "m.onnx", tmp_path / "one" / "model.ncnn.param")
+    assert not list((tmp_path / "one").iterdir())  # nothing left behind
+
+
+def test_only_reductions_over_nothing_are_hollow(tmp_path):
+    from exporters.ncnn import hollow_reductions
+
+    text = NET.replace("4 4\n", "7 7\n") + (
+        "Reduction        axes  1 1 out0 r1 0=3 1=0 -23303=2,1,2 4=1 5=1\n"
+        "Reduction        all   1 1 r1 r2 0=3 1=1 -23303=0 4=0 5=1\n"
+        "Reduction        none  1 1 r2 r3 0=3 1=0 -23303=0 4=0 5=1\n")
+    assert hollow_reductions(read_param(_write_net(tmp_path, text))) == ["none"]
+
+
 def test_an_op_ncnn_cannot_express_fails_the_export_naming_it(tmp_path):
     pytest.importorskip("pnnx", reason="pnnx not installed")
     pytest.importorskip("ncnn", reason="ncnn not installed")
