@@ -7,8 +7,9 @@ type-checked and strings are capped here (:func:`report_fields`, :func:`peer_fie
 :func:`bench_fields`), and a value of the wrong type is left out.
 
 A target's cell is the job's status when the supervisor killed it (timeout, killed, oom), else
-whether every stage of that target's format in the report passed, else the job's status (a run that
-stopped before exporting). A failure's *class* is its first line with what is particular to one
+whether every stage of that target's format in the report passed (``written`` when none failed but some
+were written and not run here, as Core ML off macOS), else the job's status (a run that stopped before
+exporting). A failure's *class* is its first line with what is particular to one
 model replaced (:func:`failure_class`): the model's name, paths, numbers, module paths of the model
 (``blocks.3.attn``, ``s2.b1.conv2.bn`` -> ``<node>``, not ``aten.conv2d.default``) and digits after
 an underscore (``batch_norm_12`` -> ``batch_norm_N``), so the same failure on many models counts
@@ -70,7 +71,8 @@ def report_fields(report: dict, targets: Sequence[str]) -> dict:
             v, e = _dict(s.get("verification")), _dict(s.get("export"))
             stages.append({"name": _str(s["name"], 80), "format": _str(e.get("format"), 40),
                            "precision": _str(e.get("precision"), 16), "passed": v.get("passed") is True,
-                           "reason": _str(v.get("reason")), "max_rel": _num(v.get("max_rel"))})
+                           "reason": _str(v.get("reason")), "max_rel": _num(v.get("max_rel")),
+                           "not_run": bool(v.get("not_run")) and not e.get("error")})
     out: dict = {}
     if stages:
         out["stages"] = stages
@@ -78,7 +80,8 @@ def report_fields(report: dict, targets: Sequence[str]) -> dict:
         for t in targets:
             mine = [s for s in stages if s["format"] == t and s["name"] != "training"]
             if mine:
-                out["target_status"][t] = "pass" if all(s["passed"] for s in mine) else "fail"
+                out["target_status"][t] = ("pass" if all(s["passed"] for s in mine) else
+                                           "written" if all(s["passed"] or s["not_run"] for s in mine) else "fail")
     rep = _dict(report.get("reparameterize"))
     for key, ops in (("batchnorms_before", rep.get("ops_before")), ("batchnorms_after", rep.get("ops_after"))):
         if (n := _batchnorms(ops)) is not None:
@@ -202,6 +205,8 @@ def summary(records: Sequence[dict]) -> dict:
                               and r.get("precision") == p),
                           sum(t in r.get("targets", []) and r.get("precision") == p for r in records)]
              for t, p in _columns(records)}
+    written = {f"{t} {p}": n for t, p in _columns(records)
+               if (n := sum(cell(r, t) == "written" for r in records if r.get("precision") == p))}
     models = _by_model(records)
     ours = {s: all(r["status"] == "pass" for r in rs) for s, rs in models.items()}
     peer = {s: _peer(rs).get("status") for s, rs in models.items()}
@@ -214,7 +219,7 @@ def summary(records: Sequence[dict]) -> dict:
                if r["status"] == "pass" and _num(r.get("convert_seconds")) is not None]
     baseline = [b for rs in models.values() if (b := _num(_peer(rs).get("baseline_seconds"))) is not None]
     return {
-        "models": len(models), "jobs": len(records), "pass_rates": rates,
+        "models": len(models), "jobs": len(records), "pass_rates": rates, "written": written,
         "converted": sum(ours.values()), "peer_works": sum(v == "pass" for v in peer.values()),
         "peer_only": [s for s in models if peer[s] == "pass" and not ours[s]],
         "ours_only": [s for s in models if ours[s] and peer[s] not in (None, "pass")],
@@ -230,7 +235,8 @@ def summary(records: Sequence[dict]) -> dict:
 def summary_lines(records: Sequence[dict]) -> list[str]:
     """The summary in a few lines for the terminal."""
     s = summary(records)
-    lines = [f"{k}: {ok}/{n} pass" for k, (ok, n) in s["pass_rates"].items()]
+    lines = [f"{k}: {ok}/{n} pass" + (f", {s['written'][k]} written, not run here" if k in s["written"] else "")
+             for k, (ok, n) in s["pass_rates"].items()]
     lines.append(f"converted and verified: {s['converted']} of {s['models']} model(s); peer path "
                  f"(torch.onnx.export + ONNX Runtime) works on {s['peer_works']}; peer-only: {len(s['peer_only'])}"
                  + (f" ({', '.join(s['peer_only'][:10])}{', ...' if len(s['peer_only']) > 10 else ''})"
@@ -283,13 +289,15 @@ def markdown(records: Sequence[dict]) -> str:
                     + ([" / ".join(_p50(r) for r in rs)] if bench else [])
                     + [" / ".join(_seconds(r.get("seconds")) for r in rs)])
     out = [f"# deploy sweep: {s['models']} model(s), {s['jobs']} job(s)", "",
-           f"Written {time.strftime('%Y-%m-%d %H:%M:%S %z')}. A cell is pass, fail, timeout, killed or oom, with the "
-           "largest max rel error of the target's stages against the training model (judged by deploy convert's "
-           "tolerance, 1e-5 for fp32); peer is torch.onnx.export with torch's defaults run on ONNX Runtime (its max "
-           "rel error against torch; it works at most 1e-3); seconds per precision.", "", _table(head, rows), "",
+           f"Written {time.strftime('%Y-%m-%d %H:%M:%S %z')}. A cell is pass, fail, written (not run here), timeout, "
+           "killed or oom, with the largest max rel error of the target's stages against the training model (judged "
+           "by deploy convert's tolerance, 1e-5 for fp32); peer is torch.onnx.export with torch's defaults run on "
+           "ONNX Runtime (its max rel error against torch; it works at most 1e-3); seconds per precision.", "",
+           _table(head, rows), "",
            "## Summary", ""]
-    out.append(_table(["target", "pass", "rate"], [[k, f"{ok}/{n}", f"{100 * ok / n:.0f}%" if n else "-"]
-                                                    for k, (ok, n) in s["pass_rates"].items()]))
+    out.append(_table(["target", "pass", "rate", "written, not run here"],
+                      [[k, f"{ok}/{n}", f"{100 * ok / n:.0f}%" if n else "-", s["written"].get(k, 0)]
+                       for k, (ok, n) in s["pass_rates"].items()]))
     med = s["median_convert_seconds"]
     out += ["", f"- converted and verified: {s['converted']} of {s['models']} model(s)",
             f"- peer path works: {s['peer_works']} of {s['models']}; peer-only (peer works, ours does not): "

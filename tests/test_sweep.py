@@ -25,7 +25,7 @@ from conftest import ROOT, error_line, main_in_process
 from deploy import sweep_report
 from deploy.sweep import Model, SweepError, SweepOptions, expand, parse_count, plan, read_list
 from deploy.sweep_jobs import failure_line, run_process
-from deploy.sweep_report import cell, failure_class, report_fields, summary
+from deploy.sweep_report import cell, failure_class, report_fields, summary, summary_lines
 
 TINY = """
 import torch
@@ -172,13 +172,19 @@ def test_report_fields_take_only_well_typed_values():
                          {"name": "onnx", "export": {"format": "onnx", "precision": "fp32"},
                           "verification": {"passed": True, "max_rel": 1e-7}},
                          {"name": "openvino", "export": {"format": "openvino"}, "verification": {"passed": "yes"}},
+                         {"name": "coreml", "export": {"format": "coreml"},
+                          "verification": {"passed": False, "not_run": "coremltools runs models only on macOS"}},
                          "not a stage", {"name": 5}],
               "reparameterize": {"ops_before": {"batch_norm": 4, "conv2d": 4, "_native_batch_norm_legit": 1},
                                  "ops_after": {"conv2d": 4}, "left_unfused": [{}, {}]},
               "timings": {"total": float("nan")}, "model": {"params": -3}}
-    got = report_fields(report, ["onnx", "openvino", "tflite"])
-    assert [s["name"] for s in got["stages"]] == ["training", "onnx", "openvino"]
-    assert got["target_status"] == {"onnx": "pass", "openvino": "fail"}  # "yes" is not True
+    got = report_fields(report, ["onnx", "openvino", "tflite", "coreml"])
+    assert [s["name"] for s in got["stages"]] == ["training", "onnx", "openvino", "coreml"]
+    # "yes" is not True; a stage written and not run here (Core ML off macOS) is neither pass nor fail
+    assert got["target_status"] == {"onnx": "pass", "openvino": "fail", "coreml": "written"}
+    lines = summary_lines([{"spec": "timm:a", "status": "pass", "targets": ["onnx", "coreml"], "precision": "fp32",
+                            **got}])
+    assert lines[:2] == ["onnx fp32: 1/1 pass", "coreml fp32: 0/1 pass, 1 written, not run here"]
     assert (got["batchnorms_before"], got["batchnorms_after"], got["leftovers"]) == (5, 0, 2)
     assert "convert_seconds" not in got and "params" not in got
     assert report_fields({"stages": "x", "reparameterize": [], "timings": None}, ["onnx"]) == {}
