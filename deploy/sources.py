@@ -310,8 +310,8 @@ def _torchvision(name: str, num_classes: int | None) -> LoadedModel:
 def _torchvision_input(tv, name: str) -> tuple[tuple[int, ...], dict]:
     """The input shape and normalization of torchvision's default weights for ``name``, from their record (nothing
     is downloaded): the crop size of their transforms (299 for Inception-v3, 600 for EfficientNet-B7) and, for a
-    video model, a clip of 16 frames or the weights' minimum (batch, channels, frames, height, width); a 224x224
-    image with ImageNet's normalization where the record has none."""
+    video model, a clip of 16 frames, or the weights' minimum where that is more (batch, channels, frames, height,
+    width); a 224x224 image with ImageNet's normalization where the record has none."""
     crop, mean, std, frames = 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), None
     try:
         weights = tv.models.get_model_weights(name).DEFAULT
