@@ -26,8 +26,8 @@ from runtimes.core import eval_mode
 
 from .int8 import Int8Options
 
-__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "adjust_weights", "int8_record",
-           "int8_note", "plain_args", "check_exclude", "calibrate"]
+__all__ = ["OBSERVERS", "EPS", "percentile_observer", "activation_observer", "adjust_weights", "unshare_constants",
+           "int8_record", "int8_note", "plain_args", "check_exclude", "calibrate"]
 
 OBSERVERS = {"minmax": "MinMaxObserver", "entropy": "HistogramObserver (L2 error search, not KL)",
              "percentile": "PercentileObserver (histogram percentiles)"}
@@ -128,6 +128,25 @@ def check_exclude(gm, exclude: Sequence[str]) -> None:
                          f"are {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}.")
 
 
+def unshare_constants(gm) -> int:
+    """Give every reader of a constant its own ``get_attr`` node (the same tensor): the plain graph reads equal
+    tensors once (``fusers.graph.share_identical_weights``: timm's zero-initialized SE biases), and a PT2E
+    quantizer skips an op whose weight or bias node another op's pattern already annotated, leaving that conv in
+    float between int8 neighbours (RegNetY's SE convs: XNNPACK then refused the program). Returns how many nodes
+    were added."""
+    added = 0
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and len(n.users) > 1]:
+        for user in list(node.users)[1:]:
+            with gm.graph.inserting_before(user):
+                own = gm.graph.get_attr(node.target)
+            own.meta.update(node.meta)
+            user.replace_input_with(node, own)
+            added += 1
+    if added:
+        gm.recompile()
+    return added
+
+
 def calibrate(gm, quantizer, batches: Iterable, *, fold_quantize: bool = False):
     """``gm`` with quantize/dequantize pairs where ``quantizer`` annotates it, its observers fed ``batches``
     (torch tensors); returns it and the number of calibration samples. ``fold_quantize`` stores the quantized
@@ -136,6 +155,7 @@ def calibrate(gm, quantizer, batches: Iterable, *, fold_quantize: bool = False):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     samples = 0
+    unshare_constants(gm)
     with torch.no_grad(), eval_mode(gm):
         prepared = prepare_pt2e(gm, quantizer)
         for x in batches:

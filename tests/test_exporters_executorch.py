@@ -56,6 +56,44 @@ def _small_net():
     return net, (torch.randn(1, 3, 8, 8),)
 
 
+def test_int8_quantizes_every_conv_of_a_plain_graph_that_shares_equal_biases():
+    """Squeeze-excitation written as timm writes it (RegNetY's ``se.fc1``/``se.fc2``, zero-initialized biases),
+    twice: the plain graph reads the equal biases once, and XNNPACK's quantizer skipped every conv whose bias another
+    conv had annotated, leaving it in float between int8 neighbours, a program XNNPACK refused to load."""
+    pytest.importorskip("executorch", reason="executorch not installed")
+    import torch
+    from torch import nn
+
+    import fusers
+    from exporters._torch import recaptured
+    from exporters.executorch_int8 import _batches, _quantizer, int8_ops
+    from exporters.int8 import Int8Options
+    from exporters.pt2e import calibrate
+
+    class SqueezeExcite(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+            for fc in (self.fc1, self.fc2):
+                nn.init.zeros_(fc.bias)
+
+        def forward(self, x):
+            return x * self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))).sigmoid()
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SqueezeExcite(8), nn.Conv2d(8, 8, 3, padding=1),
+                        SqueezeExcite(8)).eval()
+    args = (torch.randn(1, 3, 8, 8),)
+    plain = fusers.reparameterize(net, args)
+    gm = recaptured(plain, args)
+    shared = [n for n in gm.graph.nodes if n.op == "get_attr" and len(n.users) > 1]
+    assert shared  # the two fc1 biases (and the two fc2 biases) are one tensor each in the plain graph
+    options = Int8Options(torch.randn(8, 3, 8, 8).numpy())
+    converted, _ = calibrate(gm, _quantizer(options, []), _batches(options, args[0]), fold_quantize=True)
+    ops = int8_ops(converted)
+    assert ops["int8"]["conv2d"] == 6 and "conv2d" not in ops["float"]
+
+
 @pytest.mark.e2e
 def test_int8_program_computes_in_int8_and_keeps_excluded_layers_in_float(tmp_path):
     pytest.importorskip("executorch.runtime", reason="executorch not installed")
