@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -49,8 +50,8 @@ from runtimes.core import Artifact, CorruptArtifact, ExportError, TensorSpec, ch
 
 from .targets import ExportJob, Product, Target
 
-__all__ = ["export_mnn", "describe_mnn", "run_tool", "dump_json", "int8_summary", "last_message", "EXTRA", "TARGET",
-           "MAX_JSON_BYTES"]
+__all__ = ["export_mnn", "describe_mnn", "run_tool", "dump_json", "parse_dump", "int8_summary", "last_message",
+           "mnn_readable", "nonfinite_scales", "EXTRA", "TARGET", "MAX_JSON_BYTES"]
 
 log = logging.getLogger(__name__)
 EXTRA = "mnn"
@@ -220,6 +221,33 @@ def _version() -> str:
         return "?"
 
 
+_NONFINITE = re.compile(r"(?<=[\s:\[,])(-?)(nan|inf)(?=[\s,\]}])")  # C++'s spelling of NaN and infinity
+
+
+def parse_dump(text: str, *, values: bool = False):
+    """MNN's JSON dump as Python: C++'s ``nan``/``-nan``/``inf`` read as NaN and infinity (not valid JSON), which
+    stay themselves; every finite float is one shared 0.0 unless ``values``."""
+    text = _NONFINITE.sub(_json_constant, text)
+    return json.loads(text) if values else json.loads(text, parse_float=lambda _: _ZERO)
+
+
+def _json_constant(m: re.Match) -> str:
+    return "NaN" if m.group(2) == "nan" else "-Infinity" if m.group(1) else "Infinity"
+
+
+def nonfinite_scales(model: dict) -> list[str]:
+    """The ops of an MNN model (from :func:`dump_json`) with a NaN or infinite quantization scale: in their own
+    quantization parameters, or on a tensor they write (``extraTensorDescribe``)."""
+    def bad(value) -> bool:
+        if isinstance(value, dict):
+            return any(bad(v) for k, v in value.items() if "scale" in k.lower() or isinstance(v, dict))
+        return isinstance(value, float) and not math.isfinite(value)
+
+    tensors = {d.get("index") for d in model.get("extraTensorDescribe") or [] if bad(d.get("quantInfo") or {})}
+    return [str(op.get("name", "?")) for op in model["oplists"]
+            if bad(op.get("main") or {}) or tensors & set(op.get("outputIndexes") or [])]
+
+
 class _Zero(float):
     """What :func:`dump_json` keeps of a floating-point value: nothing but its place (one shared object)."""
 
@@ -251,7 +279,7 @@ def dump_json(path, *, values: bool = False) -> dict:
             raise CorruptArtifact(f"MNN file {path} is corrupt or not a valid MNN model "
                                   f"({last_message(text) or 'MNN could not read it'}).")
         with open(out, encoding="utf-8") as f:
-            model = json.load(f) if values else json.load(f, parse_float=lambda _: _ZERO)
+            model = parse_dump(f.read(), values=values)
     if not isinstance(model, dict) or not isinstance(model.get("oplists"), list):
         raise CorruptArtifact(f"MNN file {path} is corrupt or not a valid MNN model (its dump holds no op list).")
     return model

@@ -41,7 +41,8 @@ import numpy as np
 from runtimes.core import Artifact, ExportError, require_installed
 
 from .int8 import Int8Options, check_calibration
-from .mnn import CONV_TYPES, EXTRA, last_message, describe_mnn, dump_json, int8_summary, run_tool
+from .mnn import (CONV_TYPES, EXTRA, describe_mnn, dump_json, int8_summary, last_message, nonfinite_scales,
+                  run_tool)
 
 __all__ = ["quantize_mnn", "METHODS"]
 
@@ -120,7 +121,13 @@ def quantize_mnn(src: Artifact | str | os.PathLike, path, options: Int8Options, 
             if not partial.is_file() or partial.stat().st_size == 0:
                 said = last_message(text)
                 raise ExportError(f"{what} wrote no model" + (f"; it said '{said}'." if said else "."))
-        summary = int8_summary(dump_json(partial))
+        model = dump_json(partial)
+        broken = nonfinite_scales(model)
+        if broken:
+            raise ExportError(f"MNN's {method} quantization gave {', '.join(broken[:3])} a NaN or infinite scale (its "
+                              "calibration range is empty: its outputs were the same on every calibration sample); "
+                              "calibrate on data that exercises it (--calibration).")
+        summary = int8_summary(model)
         quantized_anyway = [layer for layer in options.exclude if layer not in summary["float_convolutions"]]
         if quantized_anyway:
             raise ExportError(f"MNN's {method} quantization ran {', '.join(quantized_anyway)} in int8 although it "

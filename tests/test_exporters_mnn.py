@@ -156,6 +156,23 @@ def test_reductions_whose_axes_the_converter_ignores_reduce_over_those_axes(tmp_
     assert mnn_readable(src, tmp_path / "copy.onnx") is None and not (tmp_path / "copy.onnx").exists()
 
 
+def test_a_nan_scale_in_the_dump_is_read_and_names_its_layer():
+    """MNN's quantizer writes ``-nan`` for the scale of a layer whose calibration outputs never vary (RegNetY's
+    squeeze-excitation fc1 on random data): the dump is not valid JSON there, and the int8 export must name the
+    layer instead of failing on a JSONDecodeError."""
+    from exporters.mnn import nonfinite_scales, parse_dump
+
+    text = ('{ "oplists": [ { "name": "conv_ok", "outputIndexes": [ 1 ], "main": { "scaleOut": 0.02 } }, '
+            '{ "name": "conv_se", "outputIndexes": [ 2 ], "main": { "scaleIn": 0.1, "scaleOut": -nan } }, '
+            '{ "name": "conv_t", "outputIndexes": [ 3 ], "main": { } } ], "extraTensorDescribe": '
+            '[ { "index": 3, "quantInfo": { "scale": inf, "zero": 0.0 } }, { "index": 1, "quantInfo": '
+            '{ "scale": 0.5 } } ], "tensorName": [ "informal", "nano" ] }')
+    model = parse_dump(text)
+    assert nonfinite_scales(model) == ["conv_se", "conv_t"]
+    assert model["tensorName"] == ["informal", "nano"]  # words are not numbers
+    assert nonfinite_scales(parse_dump(text.replace("-nan", "0.3").replace("inf", "2.0"))) == []
+
+
 def test_int8_refusals_are_one_sentence(tmp_path):
     _need_mnn()
     from exporters.int8 import Int8Options
