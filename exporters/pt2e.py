@@ -79,6 +79,8 @@ def adjust_weights(gm, options: Int8Options) -> dict[str, int]:
     from .bias_correction import apply_to_graph as correct_biases
     from .weight_rounding import apply_to_graph as clip_weights
 
+    unshare_constants(gm)  # one layer's correction must not change another's tensor
+
     return {"bias_corrected": correct_biases(gm, options.bias_fixes()),
             "weights_clipped": clip_weights(gm, options.clip_fixes())}
 
@@ -129,16 +131,25 @@ def check_exclude(gm, exclude: Sequence[str]) -> None:
 
 
 def unshare_constants(gm) -> int:
-    """Give every reader of a constant its own ``get_attr`` node (the same tensor): the plain graph reads equal
-    tensors once (``fusers.graph.share_identical_weights``: timm's zero-initialized SE biases), and a PT2E
+    """Give every reader of a constant its own attribute and ``get_attr`` node (the same storage): the plain graph
+    reads equal tensors once (``fusers.graph.share_identical_weights``: timm's zero-initialized SE biases). A PT2E
     quantizer skips an op whose weight or bias node another op's pattern already annotated, leaving that conv in
-    float between int8 neighbours (RegNetY's SE convs: XNNPACK then refused the program). Returns how many nodes
-    were added."""
+    float between int8 neighbours (RegNetY's SE convs: XNNPACK then refused the program), and a bias correction
+    or weight clip of one layer would replace the tensor of every layer sharing it. Returns how many readers got
+    their own."""
+    import torch
+
+    from fusers.graph import add_tensor, fetch_attr
+
     added = 0
     for node in [n for n in gm.graph.nodes if n.op == "get_attr" and len(n.users) > 1]:
+        value = fetch_attr(gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            continue
         for user in list(node.users)[1:]:
+            name = add_tensor(gm, node.target, value, parameter=isinstance(value, torch.nn.Parameter))
             with gm.graph.inserting_before(user):
-                own = gm.graph.get_attr(node.target)
+                own = gm.graph.get_attr(name)
             own.meta.update(node.meta)
             user.replace_input_with(node, own)
             added += 1

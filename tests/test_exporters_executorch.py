@@ -61,14 +61,17 @@ def test_int8_quantizes_every_conv_of_a_plain_graph_that_shares_equal_biases():
     twice: the plain graph reads the equal biases once, and XNNPACK's quantizer skipped every conv whose bias another
     conv had annotated, leaving it in float between int8 neighbours, a program XNNPACK refused to load."""
     pytest.importorskip("executorch", reason="executorch not installed")
+    import numpy as np
     import torch
     from torch import nn
 
     import fusers
     from exporters._torch import recaptured
+    from exporters.bias_correction import apply_to_graph
     from exporters.executorch_int8 import _batches, _quantizer, int8_ops
     from exporters.int8 import Int8Options
-    from exporters.pt2e import calibrate
+    from exporters.pt2e import calibrate, unshare_constants
+    from fusers.graph import fetch_attr
 
     class SqueezeExcite(nn.Module):
         def __init__(self, c: int):
@@ -88,6 +91,15 @@ def test_int8_quantizes_every_conv_of_a_plain_graph_that_shares_equal_biases():
     gm = recaptured(plain, args)
     shared = [n for n in gm.graph.nodes if n.op == "get_attr" and len(n.users) > 1]
     assert shared  # the two fc1 biases (and the two fc2 biases) are one tensor each in the plain graph
+    first, second = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default
+                     and n.args[2] is not None and len(n.args[2].users) > 1][:2]
+
+    def bias(conv):
+        return fetch_attr(gm, conv.args[2].target)
+
+    unshare_constants(gm)  # a bias correction of one conv then leaves the other's bias alone
+    apply_to_graph(gm, {first.name: np.ones(bias(first).shape[0], np.float32)})
+    assert float(bias(first).sum()) != 0 and float(bias(second).abs().sum()) == 0
     options = Int8Options(torch.randn(8, 3, 8, 8).numpy())
     converted, _ = calibrate(gm, _quantizer(options, []), _batches(options, args[0]), fold_quantize=True)
     ops = int8_ops(converted)
