@@ -172,10 +172,11 @@ def mnn_readable(src_path: str, out: Path) -> Path | None:
     import onnx
     from onnx import helper
 
+    model = onnx.load(src_path, load_external_data=False)  # the graph first: most files need no rewrite
+    if not any(n.op_type in _AXES_IGNORED and len(n.input) > 1 and n.input[1] for n in model.graph.node):
+        return None
     model = onnx.load(src_path)
     graph = model.graph
-    if not any(n.op_type in _AXES_IGNORED and len(n.input) > 1 and n.input[1] for n in graph.node):
-        return None
     nodes = []
     for n in graph.node:
         if n.op_type not in _AXES_IGNORED or len(n.input) < 2 or not n.input[1]:
