@@ -172,14 +172,17 @@ def mnn_readable(src_path: str, out: Path) -> Path | None:
     import onnx
     from onnx import helper
 
+    def misread(n) -> bool:  # a reduction of those whose axes come as an input
+        return n.op_type in _AXES_IGNORED and len(n.input) > 1 and bool(n.input[1])
+
     model = onnx.load(src_path, load_external_data=False)  # the graph first: most files need no rewrite
-    if not any(n.op_type in _AXES_IGNORED and len(n.input) > 1 and n.input[1] for n in model.graph.node):
+    if not any(misread(n) for n in model.graph.node):
         return None
     model = onnx.load(src_path)
     graph = model.graph
     nodes = []
     for n in graph.node:
-        if n.op_type not in _AXES_IGNORED or len(n.input) < 2 or not n.input[1]:
+        if not misread(n):
             nodes.append(n)
             continue
         before, after = _AXES_IGNORED[n.op_type]

@@ -160,13 +160,14 @@ def unshare_constants(gm) -> int:
 
 def calibrate(gm, quantizer, batches: Iterable, *, fold_quantize: bool = False):
     """``gm`` with quantize/dequantize pairs where ``quantizer`` annotates it, its observers fed ``batches``
-    (torch tensors); returns it and the number of calibration samples. ``fold_quantize`` stores the quantized
-    weights as int8 constants (else a float weight and its quantize op, for converters that fold them)."""
+    (torch tensors); returns it and the number of calibration samples. ``gm`` has been through
+    :func:`adjust_weights`, which gives every layer its own constants (:func:`unshare_constants`: the quantizer
+    annotates each op's own weight and bias nodes). ``fold_quantize`` stores the quantized weights as int8
+    constants (else a float weight and its quantize op, for converters that fold them)."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     samples = 0
-    unshare_constants(gm)
     with torch.no_grad(), eval_mode(gm):
         prepared = prepare_pt2e(gm, quantizer)
         for x in batches:

@@ -67,10 +67,9 @@ def test_int8_quantizes_every_conv_of_a_plain_graph_that_shares_equal_biases():
 
     import fusers
     from exporters._torch import recaptured
-    from exporters.bias_correction import apply_to_graph
     from exporters.executorch_int8 import _batches, _quantizer, int8_ops
     from exporters.int8 import Int8Options
-    from exporters.pt2e import calibrate, unshare_constants
+    from exporters.pt2e import adjust_weights, calibrate
     from fusers.graph import fetch_attr
 
     class SqueezeExcite(nn.Module):
@@ -91,16 +90,18 @@ def test_int8_quantizes_every_conv_of_a_plain_graph_that_shares_equal_biases():
     gm = recaptured(plain, args)
     shared = [n for n in gm.graph.nodes if n.op == "get_attr" and len(n.users) > 1]
     assert shared  # the two fc1 biases (and the two fc2 biases) are one tensor each in the plain graph
-    first, second = [n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default
-                     and n.args[2] is not None and len(n.args[2].users) > 1][:2]
+    first = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.conv2d.default
+                 and n.args[2] is not None and len(n.args[2].users) > 1)
+    second = next(u for u in first.args[2].users if u is not first)  # the conv reading the same bias
 
     def bias(conv):
         return fetch_attr(gm, conv.args[2].target)
 
-    unshare_constants(gm)  # a bias correction of one conv then leaves the other's bias alone
-    apply_to_graph(gm, {first.name: np.ones(bias(first).shape[0], np.float32)})
-    assert float(bias(first).sum()) != 0 and float(bias(second).abs().sum()) == 0
-    options = Int8Options(torch.randn(8, 3, 8, 8).numpy())
+    # as the exporters do: the layers' own weights first (a bias correction of one conv only), then calibration
+    options = Int8Options(torch.randn(8, 3, 8, 8).numpy(),
+                          bias_correction={first.name: np.ones(bias(first).shape[0], np.float32)})
+    assert adjust_weights(gm, options)["bias_corrected"] == 1
+    assert float(bias(first).sum()) != 0 and float(bias(second).abs().sum()) == 0  # the other's bias unchanged
     converted, _ = calibrate(gm, _quantizer(options, []), _batches(options, args[0]), fold_quantize=True)
     ops = int8_ops(converted)
     assert ops["int8"]["conv2d"] == 6 and "conv2d" not in ops["float"]
