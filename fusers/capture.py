@@ -129,8 +129,10 @@ def _capture_failure(model: torch.nn.Module, e: Exception) -> str:
             "data-dependent Python control flow")
 
 
-def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
-    """Export ``model`` in eval mode (its mode is restored afterwards) and return ``ep.module()``.
+def capture(model: torch.nn.Module, example_inputs, *, recorded: bool = True) -> fx.GraphModule:
+    """The graph of ``model`` in eval mode (its mode is restored afterwards): recorded from one forward
+    (:func:`fusers.recording.record`), or where a recording cannot be trusted (its reason logged at INFO) or
+    ``recorded`` is false, ``torch.export``'s ``ep.module()``.
 
     Non-finite example inputs and BatchNorm statistics that cannot be folded are refused first
     (:func:`check_inputs`, :func:`check_batchnorms`). When ``torch.export`` fails, the partial graph it
@@ -145,6 +147,11 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
                       "uses BatchNorm running statistics", stacklevel=2)
     set_training(model, False)
     try:
+        gm = _recording(model, args) if recorded else None
+        if gm is not None:
+            log.info("recorded %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
+            gm.meta["captured_by"] = "recorded"
+            return gm
         printed = io.StringIO()  # torch prints the partial graph of a failed export to stderr
         try:
             with contextlib.redirect_stderr(printed):
@@ -164,8 +171,23 @@ def capture(model: torch.nn.Module, example_inputs) -> fx.GraphModule:
     finally:
         set_training(model, was_training)
     gm = ep.module()
+    gm.meta["captured_by"] = "torch.export"
     log.info("captured %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
     return gm
+
+
+def _recording(model: torch.nn.Module, args: tuple) -> fx.GraphModule | None:
+    """:func:`fusers.recording.record`'s graph of the forward, or ``None`` for ``torch.export`` to capture it."""
+    from .recording import NotRecordable, record
+
+    try:
+        return record(model, args)
+    except NotRecordable as e:
+        log.info("capturing %s with torch.export: %s", type(model).__name__, e)
+    except Exception as e:  # noqa: BLE001 - the model failing on the inputs, or a torch without the hook: export says
+        log.info("capturing %s with torch.export: the recording failed (%s: %s)", type(model).__name__,
+                 type(e).__name__, first_line(e))
+    return None
 
 
 # ------------------------------------------------------------------------------------------ dead code

@@ -21,7 +21,7 @@ from torch import fx
 from torch.utils._pytree import tree_map
 
 from .capture import aliases_input
-from .graph import is_erased, remove_unused_attributes
+from .graph import erase_unused, is_erased, remove_unused_attributes
 from .numerics import leaves as tensor_leaves
 from .numerics import max_rel_error
 from .rules import ROLLBACK_CODES, Match, Pass, Refusal, RefusalCode
@@ -67,6 +67,7 @@ class Report:
     float64_error: float = 0.0
     float32_error: float | None = None
     proof: str = "float64"  # how rewrites were checked; see ``reparam.reparameterize``
+    capture: str = ""  # how the graph was captured: "recorded" (one forward, fusers.recording) or "torch.export"
     proof_shape: list | None = None  # the smaller input shapes the per-pass checks ran at (None: the captured ones)
     tolerance_note: str = ""  # set when the graph's own float64 rounding noise raised the check's tolerance
     ops_before: dict = field(default_factory=dict)
@@ -101,7 +102,8 @@ class Report:
         return {"passes": [p.to_dict() for p in self.passes], "refusals": [r.to_dict() for r in refusals],
                 "rewrites": self.count(), "refused": len(refusals),
                 "left_unfused": [left.to_dict() for left in self.leftovers],
-                "float64_error": self.float64_error, "float32_error": self.float32_error, "proof": self.proof,
+                "float64_error": self.float64_error, "float32_error": self.float32_error, "capture": self.capture,
+                "proof": self.proof,
                 "proof_shape": self.proof_shape, "tolerance_note": self.tolerance_note,
                 "ops_before": dict(self.ops_before), "ops_after": dict(self.ops_after),
                 "params_before": self.params_before, "params_after": self.params_after, "seconds": dict(self.seconds),
@@ -173,6 +175,11 @@ class Instrument:
 class PassManager:
     """Runs ``passes`` in order, repeatedly, until a round makes no rewrite.
 
+    A round first runs every pass and checks the graph once (:meth:`_run_round`): when all of them are exact,
+    which is the common case, one forward pass proves the round. When that check fails, a pass crashes or the
+    round's new weights outgrow ``budget_bytes``, the round is undone and run again a pass at a time, as every
+    later round is, to find and undo what is inexact:
+
     Rewrites are applied in chunks: a chunk ends once it has added ``budget_bytes`` of new
     weights, then the graph is checked and the weights it replaced are freed. This bounds peak
     memory to about the float64 model plus one chunk, whatever the pass.
@@ -215,19 +222,26 @@ class PassManager:
         """Rewrite ``gm`` in place, appending a record per pass and round; then settle the refusals."""
         if self.budget is None:
             self.budget = max(_nbytes(gm) // 4, 1 << 20)
+        together = True  # rounds run together until one fails: then each pass alone, as the first of them did
         for round_ in range(1, self.max_rounds + 1):
-            changed = False
-            for p in self.passes:
-                self._notify("on_pass_start", p.name, round_)
-                start = time.perf_counter()
-                record = self._run_pass(p, gm, round_)
-                record.seconds = time.perf_counter() - start
-                report.passes.append(record)
-                changed |= bool(record.rewrites)
-                log.info("%s (round %d): %d rewrites, %d refused, %d rolled back, error %.1e", p.name, round_,
-                         len(record.rewrites), len(record.refusals), len(record.rolled_back), record.max_rel_error)
+            records = self._run_round(gm, round_) if together else None
+            together = records is not None
+            for record in records or []:
+                self._notify("on_pass_start", record.name, round_)
+                self._log(record)
                 self._notify("on_pass_end", record)
-            if not changed:
+            if records is None:
+                records = []
+                for p in self.passes:
+                    self._notify("on_pass_start", p.name, round_)
+                    start = time.perf_counter()
+                    record = self._run_pass(p, gm, round_)
+                    record.seconds = time.perf_counter() - start
+                    records.append(record)
+                    self._log(record)
+                    self._notify("on_pass_end", record)
+            report.passes += records
+            if not any(record.rewrites for record in records):
                 break
         gm.recompile()
         if self.tolerance > self.base_tolerance:
@@ -265,6 +279,57 @@ class PassManager:
                 break
         gm.graph.lint()
         return done, rest
+
+    @staticmethod
+    def _log(record: PassRecord) -> None:
+        log.info("%s (round %d): %d rewrites, %d refused, %d rolled back, error %.1e", record.name, record.round,
+                 len(record.rewrites), len(record.refusals), len(record.rolled_back), record.max_rel_error)
+
+    def _run_round(self, gm, round_: int) -> list[PassRecord] | None:
+        """Every pass once, in order, then one check of the graph they leave: the records of the round, or
+        ``None`` with the graph as it was when the check fails, a pass crashes or the round's new weights
+        outgrow the budget, for :meth:`_run_pass` to redo the round a pass and a chunk at a time and find what
+        to undo.
+
+        Every rewrite is still checked before it is kept; the forward passes of the check are shared by the
+        passes of a round, which is most of the time when all of them are exact. Each record's
+        ``max_rel_error`` is then the error of the round's graph."""
+        saved, base = copy.deepcopy(gm.graph), _new_bytes(gm)
+        held = set(gm._parameters) | set(gm._buffers)  # what the saved graph may read
+        budget = max(self.budget, 2 * _nbytes(gm))  # new weights up to twice the weights' bytes, else chunks
+        records, done_any = [], False
+        try:
+            for p in self.passes:
+                start = time.perf_counter()
+                record, pending = PassRecord(p.name, round_), []
+                for found in p.matches(gm):
+                    if isinstance(found, Match):
+                        found.plan = None
+                        pending.append(found)
+                    else:
+                        record.refusals.append(found)
+                done, rest = self._apply(p, gm, pending, budget - (_new_bytes(gm) - base)) if pending else ([], [])
+                _free_replaced(gm, held)
+                if rest or _new_bytes(gm) - base > budget:
+                    self._restore(gm, saved)
+                    return None
+                record.rewrites = [f"{m.site}: {what}" for m, what in done]
+                record.seconds = time.perf_counter() - start
+                records.append(record)
+                done_any |= bool(done)
+            err = self._error(gm) if done_any else 0.0
+        except Exception as e:  # noqa: BLE001 - a crashing pass is found and reported by the per-pass run
+            log.debug("a pass of round %d crashed (%s); the round again a pass at a time", round_, e)
+            self._restore(gm, saved)
+            return None
+        if err > self.tolerance:
+            log.debug("round %d together: error %.1e; again a pass at a time", round_, err)
+            self._restore(gm, saved)
+            return None
+        for record in records:
+            record.max_rel_error = err if record.rewrites else 0.0
+        remove_unused_attributes(gm, recompile=False)
+        return records
 
     def _run_pass(self, p: Pass, gm, round_: int) -> PassRecord:
         """Apply every site the pass matches once, a chunk at a time, each chunk checked."""
@@ -369,6 +434,16 @@ class _Jitter(fx.Interpreter):
             return t
         sign = torch.randint(0, 2, t.shape, generator=self.generator).to(t.dtype) * 2 - 1
         return t * (1 + torch.finfo(t.dtype).eps * sign)
+
+
+def _free_replaced(gm, held: set[str]) -> None:
+    """Free the tensors that passes of a round added to ``gm`` and later passes of it already replaced: neither
+    the graph nor the copy a failed check restores (which reads only ``held``) reads them."""
+    erase_unused(gm.graph, [n for n in gm.graph.nodes if n.op == "get_attr"])
+    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for store in (gm._parameters, gm._buffers):
+        for name in [k for k in store if k not in held and k not in read]:
+            del store[name]
 
 
 def _nbytes(gm) -> int:

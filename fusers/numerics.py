@@ -43,6 +43,7 @@ def convert_dtype(gm: fx.GraphModule, src: torch.dtype, dst: torch.dtype) -> int
     for module in gm.modules():  # the graph and the subgraphs of higher-order ops (autocast, set_grad_enabled)
         if not isinstance(module, fx.GraphModule):
             continue
+        before = changed
         for node in module.graph.nodes:
             if node.op != "call_function":
                 continue
@@ -50,7 +51,8 @@ def convert_dtype(gm: fx.GraphModule, src: torch.dtype, dst: torch.dtype) -> int
             if args != node.args or kwargs != node.kwargs:
                 node.args, node.kwargs = args, kwargs
                 changed += 1
-        module.recompile()
+        if changed > before:  # the code reads tensors by name: only a dtype written in it needs new code
+            module.recompile()
     return changed
 
 

@@ -96,6 +96,7 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     start = time.perf_counter()
     gm = capture(model, args)
     times["capture"] = time.perf_counter() - start
+    report.capture = gm.meta.get("captured_by", "")
     report.ops_before = op_counts(gm)
     report.params_before = sum(p.numel() for p in model.parameters())
     report.unused = unused_parameters(model, gm)
@@ -188,8 +189,7 @@ def _drop_guards(gm: fx.GraphModule) -> list:
     nodes = guard_calls(gm)
     calls = [(n.target, n.args, getattr(gm, n.target)) for n in nodes]
     for node in nodes:
-        gm.graph.erase_node(node)
-    gm.recompile()
+        gm.graph.erase_node(node)  # the code is generated again before the graph runs next (PassManager)
     hooks = [(k, h) for k, h in gm._forward_pre_hooks.items() if getattr(h, "__name__", "") == _INPUT_HOOK]
     for k, _ in hooks:
         del gm._forward_pre_hooks[k]
@@ -206,8 +206,7 @@ def _restore_guards(gm: fx.GraphModule, guards: list) -> None:
         gm.add_submodule(target, module)
         with gm.graph.inserting_after(last):
             gm.graph.call_module(target, tuple(placeholders[a.name] if isinstance(a, fx.Node) else a for a in args))
-    gm.recompile()
-    gm._forward_pre_hooks.update(hooks)
+    gm._forward_pre_hooks.update(hooks)  # the code is generated again by remove_unused_attributes, next
 
 
 _INPUT_HOOK = "_check_input_constraints_pre_hook"

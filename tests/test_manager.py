@@ -8,6 +8,9 @@ from torch import nn
 
 import fusers
 from deploy import zoo
+from deploy.zoo.repvgg import RepVGGBlock
+from fusers.graph import op_counts
+from fusers.manager import PassManager
 from fusers.rules import RefusalCode
 from helpers import ScaleWeights, randomize_bn
 
@@ -27,6 +30,48 @@ def test_inexact_rewrite_is_rolled_back_and_exact_one_kept():
     # the rolled-back site still stands at the end, once, although every round retried it
     (standing,) = report.refusals()
     assert standing.code is RefusalCode.ROLLED_BACK and standing.nodes == record.rolled_back[0].nodes
+
+
+def _counting_checks(monkeypatch) -> list[int]:
+    """Count the float64 forward passes of the checks (``PassManager._error``), per call."""
+    calls = []
+    real = PassManager._error
+
+    def counted(self, gm):
+        calls.append(1)
+        return real(self, gm)
+
+    monkeypatch.setattr(PassManager, "_error", counted)
+    return calls
+
+
+def test_a_round_of_exact_passes_is_proven_by_one_check(monkeypatch):
+    calls = _counting_checks(monkeypatch)
+    model = randomize_bn(RepVGGBlock(4, 4))  # fold_bn folds three BatchNorms, merge_linear merges the branches
+    x = torch.randn(1, 4, 12, 12)
+    deploy = fusers.reparameterize(model, (x,))
+    report = deploy.reparam_report
+    first = [p for p in report.passes if p.round == 1 and p.rewrites]
+    assert {p.name for p in first} >= {"fold_bn", "merge_linear"}
+    assert len(calls) == 1  # one forward pass for the round, not one per pass; the second round rewrote nothing
+    assert len({p.max_rel_error for p in first}) == 1 and report.float64_error <= 1e-9
+    assert op_counts(deploy).get("batch_norm", 0) == 0 and op_counts(deploy)["conv2d"] == 1
+
+
+def test_a_round_that_misses_is_redone_a_pass_at_a_time(monkeypatch):
+    calls = _counting_checks(monkeypatch)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 10, 10)
+    passes = [ScaleWeights({"conv2d": 1.0, "conv2d_1": 1.001}), "fold_bn"]
+    deploy = fusers.reparameterize(model, (x,), passes=passes)
+    report = deploy.reparam_report
+    scale, fold = [p for p in report.passes if p.round == 1]
+    assert len(scale.rewrites) == 1 and scale.rewrites[0].endswith("x1.0")  # the exact site of the pass is kept
+    assert [r.code for r in scale.rolled_back] == [RefusalCode.ROLLED_BACK]
+    assert len(fold.rewrites) == 1 and op_counts(deploy).get("batch_norm", 0) == 0  # the exact pass after it too
+    assert len(calls) > 1 and report.float64_error <= 1e-9
+    with torch.no_grad():
+        assert fusers.numerics.max_rel_error(model(x), deploy(x)) < 1e-5
 
 
 def test_unknown_pass_name_is_a_clear_error():
