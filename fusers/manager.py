@@ -200,6 +200,7 @@ class PassManager:
         self.tolerance, self.max_rounds, self.budget = tolerance, max_rounds, budget_bytes
         self.instruments = list(instruments)
         self.noise: float | None = None  # the float64 rounding noise, once measured
+        self.last_error: float | None = None  # the error of the graph as it is, when it was checked as it is
         self.base_tolerance = tolerance
 
     def _notify(self, event: str, *args) -> None:
@@ -216,7 +217,8 @@ class PassManager:
     def _error(self, gm) -> float:
         gm.recompile()  # the rewrites edit the graph only; its code is generated once, here, before it runs
         with torch.no_grad():
-            return max_rel_error(self.reference, gm(*self.inputs))
+            self.last_error = max_rel_error(self.reference, gm(*self.inputs))
+        return self.last_error
 
     def run(self, gm: fx.GraphModule, report: Report) -> None:
         """Rewrite ``gm`` in place, appending a record per pass and round; then settle the refusals."""
@@ -265,6 +267,7 @@ class PassManager:
 
         Returns the rewrites made (match, description) and the matches not reached.
         """
+        self.last_error = None  # the graph changes: its error is not known until it is checked again
         by_name = {n.name: n for n in gm.graph.nodes}
         base, done, rest = _new_bytes(gm) if budget is not None else 0, [], []
         for i, m in enumerate(matches):
@@ -294,7 +297,7 @@ class PassManager:
         Every rewrite is still checked before it is kept; the forward passes of the check are shared by the
         passes of a round, which is most of the time when all of them are exact. Each record's
         ``max_rel_error`` is then the error of the round's graph."""
-        saved, base = copy.deepcopy(gm.graph), _new_bytes(gm)
+        saved, base = None, _new_bytes(gm)  # the graph is copied before the first rewrite of the round
         held = set(gm._parameters) | set(gm._buffers)  # what the saved graph may read
         budget = max(self.budget, 2 * _nbytes(gm))  # new weights up to twice the weights' bytes, else chunks
         records, done_any = [], False
@@ -308,8 +311,11 @@ class PassManager:
                         pending.append(found)
                     else:
                         record.refusals.append(found)
+                if pending and saved is None:
+                    saved = copy.deepcopy(gm.graph)
                 done, rest = self._apply(p, gm, pending, budget - (_new_bytes(gm) - base)) if pending else ([], [])
-                _free_replaced(gm, held)
+                if done:
+                    _free_replaced(gm, held)
                 if rest or _new_bytes(gm) - base > budget:
                     self._restore(gm, saved)
                     return None
@@ -320,7 +326,8 @@ class PassManager:
             err = self._error(gm) if done_any else 0.0
         except Exception as e:  # noqa: BLE001 - a crashing pass is found and reported by the per-pass run
             log.debug("a pass of round %d crashed (%s); the round again a pass at a time", round_, e)
-            self._restore(gm, saved)
+            if saved is not None:
+                self._restore(gm, saved)
             return None
         if err > self.tolerance:
             log.debug("round %d together: error %.1e; again a pass at a time", round_, err)
@@ -411,9 +418,9 @@ class PassManager:
         with torch.no_grad():
             return max_rel_error(self.reference, _Jitter(gm).run(*self.inputs))
 
-    @staticmethod
-    def _restore(gm, saved) -> None:
+    def _restore(self, gm, saved) -> None:
         gm.graph = copy.deepcopy(saved)  # the setter recompiles
+        self.last_error = None
 
 
 class _Jitter(fx.Interpreter):

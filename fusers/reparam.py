@@ -122,8 +122,11 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     shared = share_identical_weights(gm)
     if shared:
         log.info("%d weight tensors were identical and are now shared", shared)
-    with torch.no_grad():
-        report.float64_error = max_rel_error(reference, gm(*check_inputs))
+    if small_inputs is None and manager.last_error is not None:  # its last check was of this graph, on these inputs
+        report.float64_error = manager.last_error
+    else:
+        with torch.no_grad():
+            report.float64_error = max_rel_error(reference, gm(*check_inputs))
     del reference
     tolerance = manager.tolerance  # raised where the graph's own rounding noise is larger
     rolled_back = any(p.rolled_back for p in report.passes)
@@ -189,7 +192,8 @@ def _drop_guards(gm: fx.GraphModule) -> list:
     nodes = guard_calls(gm)
     calls = [(n.target, n.args, getattr(gm, n.target)) for n in nodes]
     for node in nodes:
-        gm.graph.erase_node(node)  # the code is generated again before the graph runs next (PassManager)
+        gm.graph.erase_node(node)
+    gm.recompile()
     hooks = [(k, h) for k, h in gm._forward_pre_hooks.items() if getattr(h, "__name__", "") == _INPUT_HOOK]
     for k, _ in hooks:
         del gm._forward_pre_hooks[k]
@@ -234,6 +238,8 @@ def _small_inputs(gm: fx.GraphModule, inputs, full, seed: int):
         if h % scale or w % scale or min(h, w) // scale < 32:
             continue
         small = seeded_like((torch.empty(n, c, h // scale, w // scale, dtype=inputs[0].dtype),), seed)
+        if not _may_cover(gm, scale):
+            continue
         seen = _Windows(gm)
         try:
             with torch.no_grad():
@@ -256,21 +262,42 @@ class _Windows(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         if target in _WINDOWED or target in _POOLS:
-            x = args[0]
-            if target in _POOLS:
-                kernel, stride = list(args[1]), list(args[2] if len(args) > 2 and args[2] else args[1])
-                dilation = [1] * len(kernel)
-            else:
-                kernel = list(args[1].shape[2:])
-                stride = list(args[3]) if len(args) > 3 else [1]
-                dilation = list(args[5]) if len(args) > 5 else [1]
-            nd = len(kernel)
-            stride, dilation = stride * nd if len(stride) == 1 else stride, dilation * nd if len(dilation) == 1 \
-                else dilation
-            for size, k, st, d in zip(x.shape[2:], kernel, stride, dilation):
-                if size < d * (k - 1) + 1 + st:
+            for size, need in zip(args[0].shape[2:], _window_extent(target, args)):
+                if size < need:
                     self.covered = False
         return super().call_function(target, args, kwargs)
+
+
+def _window_extent(target, args) -> list[int]:
+    """Per spatial dim, the input size a conv or pool call needs for every tap to meet real data at some position:
+    its kernel's extent plus its stride. ``args[1]`` is the weight, a tensor or a node holding one in ``val``."""
+    if target in _POOLS:
+        kernel, stride = list(args[1]), list(args[2] if len(args) > 2 and args[2] else args[1])
+        dilation = [1] * len(kernel)
+    else:
+        weight = args[1].meta["val"] if isinstance(args[1], fx.Node) else args[1]
+        kernel = list(weight.shape[2:])
+        stride = list(args[3]) if len(args) > 3 else [1]
+        dilation = list(args[5]) if len(args) > 5 else [1]
+    nd = len(kernel)
+    stride, dilation = stride * nd if len(stride) == 1 else stride, dilation * nd if len(dilation) == 1 else dilation
+    return [d * (k - 1) + 1 + st for k, st, d in zip(kernel, stride, dilation)]
+
+
+def _may_cover(gm: fx.GraphModule, scale: int) -> bool:
+    """Whether the windows may be covered at ``1/scale`` of the captured size, judged by the captured shapes
+    (``meta["val"]``) divided by ``scale``: a scale that misses by more than the rounding of sizes is not run."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or not (node.target in _WINDOWED or node.target in _POOLS):
+            continue
+        x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        try:
+            needs = _window_extent(node.target, node.args)
+        except (AttributeError, KeyError, TypeError):  # a weight computed in the graph: no shape to read here
+            continue
+        if isinstance(x, torch.Tensor) and any(size / scale + 1 < need for size, need in zip(x.shape[2:], needs)):
+            return False
+    return True
 
 
 def _check_finite(model: torch.nn.Module, reference) -> None:
