@@ -10,9 +10,10 @@ default input size: 224x224, fastvit 256x256), in one process:
 - ours: ``fusers.reparameterize(model, (x,))`` (capture, passes under the float64 proof, float32 verify).
 
 Each is warmed up once, then the two alternate ``--reps`` times; the medians and the ratio ours / baseline
-are printed (target: <= 3x), the capture alone against the baseline (the floor: ``torch.export`` of the
-training graph, which has every branch, before any rewrite), with ours split by phase from ``report.seconds``
-(capture, passes with the proof's forward passes, verify) and the spatial size the rewrites were proven on.
+are printed (target: <= 3x), the capture alone against the baseline (the recording of the training graph,
+which has every branch, before any rewrite; ``torch.export`` where the recording refuses, as the last column
+says), with ours split by phase from ``report.seconds`` (capture, passes with the proof's forward passes,
+verify) and the spatial size the rewrites were proven on.
 The CPU and the load average are printed first: the machine is shared, so compare ratios of one run, not
 seconds across runs.
 """
@@ -74,17 +75,17 @@ def ours(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, dict, str]:
     seconds = time.perf_counter() - start
     report = deploy.reparam_report
     assert report.float64_error <= 1e-9, report.summary()
-    return seconds, dict(report.seconds), str(getattr(report, "proof_shape", "") or "")
+    return seconds, dict(report.seconds), str(getattr(report, "proof_shape", "") or ""), report.capture
 
 
 def measure(name: str, reps: int) -> dict:
     model, x = build(name)
     baseline(model, x)  # warm-up: the first call of each loads code and fills caches
     ours(model, x)
-    base, mine, phases, proof = [], [], [], ""
+    base, mine, phases, proof, how = [], [], [], "", ""
     for _ in range(reps):
         base.append(baseline(model, x))
-        seconds, parts, proof = ours(model, x)
+        seconds, parts, proof, how = ours(model, x)
         mine.append(seconds)
         phases.append(parts)
     keys = sorted({k for p in phases for k in p})
@@ -92,7 +93,8 @@ def measure(name: str, reps: int) -> dict:
             "ours": statistics.median(mine),
             "ratio": statistics.median(m / b for m, b in zip(mine, base)),
             "capture_ratio": statistics.median(p.get("capture", 0.0) / b for p, b in zip(phases, base)),
-            "phases": {k: statistics.median(p.get(k, 0.0) for p in phases) for k in keys}, "proof": proof}
+            "phases": {k: statistics.median(p.get(k, 0.0) for p in phases) for k in keys}, "proof": proof,
+            "capture": how}
 
 
 def main() -> int:
@@ -108,14 +110,15 @@ def main() -> int:
         rows.append(measure(name, args.reps))
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; medians of {args.reps} interleaved "
           "runs; ratio: median of the per-run ratios ours / baseline")
-    print("capture: torch.export of the training graph, the floor of the ratio before any rewrite or proof")
+    print("capture: of the training graph (recorded, or torch.export), the floor of the ratio before any rewrite "
+          "or proof")
     print(f"{'model':<14}{'input':>18}{'baseline s':>12}{'ours s':>9}{'ratio':>8}{'capture':>9}   ours by phase (s)")
     for r in rows:
         phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phases"].items())
         proof = f"; proven at {r['proof']}" if r["proof"] else ""
         print(f"{r['model']:<14}{str(r['shape']):>18}{r['baseline']:>12.2f}{r['ours']:>9.2f}{r['ratio']:>7.2f}x"
               f"{r['capture_ratio']:>8.2f}x   "
-              f"{phases}{proof}")
+              f"{phases}{proof}; captured by {r['capture']}")
     return 0
 
 

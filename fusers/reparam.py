@@ -193,7 +193,8 @@ def _drop_guards(gm: fx.GraphModule) -> list:
     calls = [(n.target, n.args, getattr(gm, n.target)) for n in nodes]
     for node in nodes:
         gm.graph.erase_node(node)
-    gm.recompile()
+    if nodes:
+        gm.recompile()
     hooks = [(k, h) for k, h in gm._forward_pre_hooks.items() if getattr(h, "__name__", "") == _INPUT_HOOK]
     for k, _ in hooks:
         del gm._forward_pre_hooks[k]
