@@ -310,8 +310,9 @@ def replace_conv(gm, old: fx.Node, x: fx.Node, kind: str, weight: torch.Tensor, 
 
 
 def erase_unused(graph: fx.Graph, nodes) -> None:
-    """Erase the given nodes once nothing uses them, then their inputs that became unused."""
-    stack = sorted(set(nodes), key=_position(graph))
+    """Erase the given nodes once nothing uses them, then their inputs that became unused. In any order: a node
+    still used when it comes up is visited again as an input of its last user, when that one is erased."""
+    stack = list(dict.fromkeys(nodes))
     while stack:
         node = stack.pop()
         if node.graph is not graph or node.users or node.op not in ("call_function", "get_attr") or is_erased(node):
@@ -397,11 +398,6 @@ def written_nodes(graph: fx.Graph) -> set[fx.Node]:
 
 def is_erased(node: fx.Node) -> bool:
     return getattr(node, "_erased", False)
-
-
-def _position(graph: fx.Graph):
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: order.get(n, -1)
 
 
 def op_counts(gm: torch.nn.Module) -> dict[str, int]:

@@ -15,8 +15,8 @@ What a recording cannot see, it refuses, and :func:`fusers.capture.capture` uses
   one input's values may not be taken on another's, a tensor made from them is not a constant;
 - a tensor that no recorded op made and the model does not hold (a module-level global): it may have been
   computed from the input where the recorder could not see;
-- a write into a model input, parameter or buffer, or into a view of one (``torch.export`` makes these
-  explicit outputs; a deploy graph must not have them), an op with an ``out=`` tensor;
+- a write into a model input, parameter, buffer or tensor constant, or into a view of one (``torch.export``
+  makes these explicit outputs; a deploy graph must not have them), an op with an ``out=`` tensor;
 - tensors of a subclass, outputs that are not tensors, numbers, ``None`` or tuples, lists and dicts of them;
 - anything else the graph does not reproduce: the recorded graph is run on the same inputs and must give the
   recorded outputs bit for bit, else it is not used.
@@ -47,7 +47,7 @@ aten = torch.ops.aten
 # item() / float() / bool(), and the conversions .numpy(), .tolist() and np.asarray start with resolve_conj/neg
 _READS_VALUES = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
                  aten.resolve_conj.default, aten.resolve_neg.default}
-_LEAVES = (int, float, bool, str, type(None))
+_LEAVES = (int, float, bool, str, type(None), torch.device, torch.dtype, torch.layout, torch.memory_format)
 _LIFTS = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
 
 
@@ -88,9 +88,10 @@ class _Builder:
         self.state = {}  # id -> name of each parameter and buffer (the model holds them for the whole capture)
         for name, t in self.named.items():
             self.state.setdefault(id(t), name)
-        self.guarded = {t.untyped_storage().data_ptr() for t in (*inputs, *self.named.values()) if t.numel()}
         modules = list(model.named_modules())
-        self.held = {id(t) for _, m in modules for t in _tensor_attributes(m)}  # plain tensor attributes
+        held = [t for _, m in modules for t in _tensor_attributes(m)]  # plain tensor attributes: constants
+        self.held = {id(t) for t in held}
+        self.guarded = {t.untyped_storage().data_ptr() for t in (*inputs, *self.named.values(), *held) if t.numel()}
         self.constants: dict[str, torch.Tensor] = {}
         self.attrs: dict[str, fx.Node] = {}
         self.paths = {id(m): (path, f"{type(m).__module__}.{type(m).__qualname__}") for path, m in modules}
@@ -126,10 +127,11 @@ class _Builder:
         if "out" in kwargs:
             raise NotRecordable(f"{func} writes into an out= tensor")
         schema = func._schema
-        for arg, value in zip(schema.arguments, args):
+        values = [*zip(schema.arguments, args), *((a, kwargs[a.name]) for a in schema.arguments if a.name in kwargs)]
+        for arg, value in values:
             if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, torch.Tensor) \
                     and value.untyped_storage().data_ptr() in self.guarded:
-                raise NotRecordable(f"{func} writes into a model input, parameter or buffer")
+                raise NotRecordable(f"{func} writes into a model input, parameter, buffer or constant")
 
     def add(self, func, args, kwargs, out) -> None:
         if func in _LIFTS:  # torch.tensor(...) in the forward: a constant made there, lifted

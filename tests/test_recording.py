@@ -69,6 +69,16 @@ class CountsCalls(nn.Module):
         return x + 1
 
 
+class ScalesItsGrid(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.grid = [torch.ones(3)]  # a plain attribute, not a buffer: a constant of the graph
+
+    def forward(self, x):
+        self.grid[0].mul_(2)  # ...written in place: each run would see another value
+        return x + self.grid[0]
+
+
 class ThroughNumpy(nn.Module):
     def forward(self, x):
         return torch.from_numpy(x.numpy() * 2)  # computed where the recorder does not see: a constant would be wrong
@@ -94,7 +104,8 @@ class Named(nn.Module):
 
 @pytest.mark.parametrize("model, words", [
     (ValueBranch(), "reads a tensor's value in Python"),
-    (CountsCalls(), "writes into a model input, parameter or buffer"),
+    (CountsCalls(), "writes into a model input, parameter, buffer or constant"),
+    (ScalesItsGrid(), "writes into a model input, parameter, buffer or constant"),
     (ThroughNumpy(), "reads a tensor's value in Python"),
     (ThroughList(), "reads a tensor's value in Python"),
     (Global(), "no recorded op made and the model does not hold"),
