@@ -7,7 +7,8 @@ multi-branch training graph cost several times the whole reparameterize-then-exp
 torch's pre-dispatch level, the level whose ops ``torch.export`` writes into the graphs this package rewrites
 (``aten.conv2d``, ``aten.batch_norm``, ``aten.add_``, not their decompositions), and builds the graph from
 what ran: each op a node, each tensor it read the node that made it, a parameter or buffer a ``get_attr`` of
-its name in the model, any other tensor a constant. The same 676 ops of MobileOne-S0 take 0.1 s.
+its name in the model, a tensor the model holds as a plain attribute a constant. The same 676 ops of
+MobileOne-S0 record in 0.3 s, the graph module and the check below included.
 
 What a recording cannot see, it refuses, and :func:`fusers.capture.capture` uses ``torch.export``:
 
@@ -29,7 +30,6 @@ recorded graph as they read an exported one.
 from __future__ import annotations
 
 import inspect
-import logging
 import operator
 
 import torch
@@ -41,7 +41,6 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["record", "NotRecordable"]
 
-log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 # item() / float() / bool(), and the conversions .numpy(), .tolist() and np.asarray start with resolve_conj/neg
