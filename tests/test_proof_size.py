@@ -75,6 +75,27 @@ def test_a_small_input_is_not_used_below_64_or_where_the_graph_bakes_the_size():
     assert _run(Flattening(64), 64).proof_shape is None
 
 
+class WideLast(nn.Module):
+    """Three stride-2 convs, then a 7x7 conv: at a quarter of 128 its input is 4, under the 8 its window needs."""
+
+    def __init__(self):
+        super().__init__()
+        layers = [nn.Conv2d(3 if i == 0 else 8, 8, 3, 2, padding=1) for i in range(3)]
+        self.body = nn.Sequential(*layers, nn.BatchNorm2d(8), nn.Conv2d(8, 8, 7, padding=3), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.body(x).mean((2, 3))
+
+
+def test_a_size_the_captured_shapes_rule_out_is_not_run(monkeypatch):
+    runs = []
+    real = fusers.reparam._Windows.run
+    monkeypatch.setattr(fusers.reparam._Windows, "run", lambda self, *a: runs.append(a[0].shape) or real(self, *a))
+    report = _run(WideLast(), 128)
+    assert report.proof_shape == [[1, 3, 64, 64]] and "batch_norm" not in report.ops_after
+    assert runs == [torch.Size([1, 3, 64, 64])]  # the quarter size was judged from the captured shapes alone
+
+
 def test_a_border_bug_is_still_rolled_back():
     report = _run(ConvNet(), 128, passes=[DropPadding()])
     codes = {r.code for r in report.refusals()}
