@@ -19,6 +19,8 @@ What a recording cannot see, it refuses, and :func:`fusers.capture.capture` uses
 - a write into a model input, parameter, buffer or tensor constant, or into a view of one (``torch.export``
   makes these explicit outputs; a deploy graph must not have them), an op with an ``out=`` tensor;
 - tensors of a subclass, outputs that are not tensors, numbers, ``None`` or tuples, lists and dicts of them;
+- the fused kernels ``nn.MultiheadAttention`` and ``nn.TransformerEncoderLayer`` take without gradients (their
+  fast path is turned off while recording, as tracing with gradients turns it off for ``torch.export``);
 - anything else the graph does not reproduce: the recorded graph is run on the same inputs and must give the
   recorded outputs bit for bit, else it is not used.
 
@@ -48,6 +50,7 @@ _READS_VALUES = {aten._local_scalar_dense.default, aten.item.default, aten.is_no
                  aten.resolve_conj.default, aten.resolve_neg.default}
 _LEAVES = (int, float, bool, str, type(None), torch.device, torch.dtype, torch.layout, torch.memory_format)
 _LIFTS = {aten.lift_fresh.default, aten.lift_fresh_copy.default}
+_FAST_PATHS = {aten._transformer_encoder_layer_fwd.default, aten._native_multi_head_attention.default}
 
 
 class NotRecordable(Exception):
@@ -123,6 +126,8 @@ class _Builder:
     def before(self, func, args, kwargs) -> None:
         if func in _READS_VALUES:
             raise NotRecordable(f"the forward reads a tensor's value in Python ({func})")
+        if func in _FAST_PATHS:
+            raise NotRecordable(f"{func} is an inference fast path that torch.export does not take")
         if "out" in kwargs:
             raise NotRecordable(f"{func} writes into an out= tensor")
         schema = func._schema
@@ -253,10 +258,13 @@ def record(model: torch.nn.Module, inputs: tuple) -> fx.GraphModule:
     builder = _Builder(model, inputs)
     hooks = [torch.nn.modules.module.register_module_forward_pre_hook(builder.enter),
              torch.nn.modules.module.register_module_forward_hook(builder.leave, always_call=True)]
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # under no_grad, attention layers take fused kernels export does not
     try:
         with torch.no_grad(), enable_python_dispatcher(), _mode_class()(builder):
             out = model(*inputs)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
         for hook in hooks:
             hook.remove()
     builder.output(out)

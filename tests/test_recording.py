@@ -45,6 +45,30 @@ def test_a_recording_is_the_graph_torch_export_captures(name):
         torch.testing.assert_close(recorded(x), exported(x), rtol=0, atol=0)
 
 
+class Encoder(nn.Module):
+    """torch's own attention layers (torchvision's ViT uses nn.MultiheadAttention): without gradients they run
+    fused kernels that torch.export, tracing with gradients, does not take."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2)
+        self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        y = self.enc(x)
+        return self.mha(y, y, y)[0]
+
+
+def test_attention_layers_are_recorded_without_their_fused_fast_path():
+    model, x = Encoder().eval(), torch.randn(1, 5, 16)
+    recorded, exported = capture(model, (x,)), capture(model, (x,), recorded=False)
+    assert recorded.meta["captured_by"] == "recorded" and _ops(recorded) == _ops(exported)
+    assert not any("_native_multi_head_attention" in op or "_transformer_encoder" in op for op in _ops(recorded))
+    assert torch.backends.mha.get_fastpath_enabled()  # turned on again after the recording
+    with torch.no_grad():
+        torch.testing.assert_close(recorded(x), exported(x), rtol=0, atol=0)
+
+
 def test_a_recorded_capture_reparameterizes_like_an_exported_one():
     model = randomize_bn(timm.create_model("repvgg_a0", pretrained=False))
     x = torch.randn(1, 3, 64, 64)
