@@ -11,7 +11,9 @@
 
 Nothing is downloaded: timm and torchvision models are built with random weights unless a
 checkpoint is given, and the record says so. Random-weight models get non-trivial BatchNorm
-statistics (``zoo.randomize_batchnorm``) so that verifying them is not vacuous. Models are built with
+statistics (``zoo.randomize_batchnorm``) and new values for the parameters their library zero-initializes
+(``zoo.randomize_zero_weights``: a zero classifier makes every output its bias) so that verifying them is not
+vacuous. Models are built with
 torch's generator seeded by ``seed`` (and the caller's generator state restored): two loads of the
 same spec and seed are the same network.
 
@@ -633,8 +635,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, checkpoint: str | None = None, chec
     model = loaded.model
     if checkpoint is None and kind in BUILT_IN and not loaded.trained:
         zoo.randomize_batchnorm(model, seed)
+        zeros = zoo.randomize_zero_weights(model, seed)
         loaded.weights = (f"random (no network: {kind} weights are not downloaded; pass --checkpoint for trained "
-                          f"weights), BatchNorm statistics randomized with seed {seed}")
+                          f"weights), BatchNorm statistics randomized with seed {seed}"
+                          + (f"; {len(zeros)} all-zero parameter(s) drawn anew so that no output is constant "
+                             f"({', '.join(zeros[:3])}{' ...' if len(zeros) > 3 else ''})" if zeros else ""))
         loaded.notes.append(f"{spec} has random weights: pass --checkpoint PATH to convert trained weights")
     user_object = kind in ("pickle", "pt2") or (kind == "file" and checkpoint is None)
     training = _in_train_mode(model)

@@ -250,6 +250,34 @@ def test_hub_models_build_offline_with_random_weights(spec, cls, no_network):
     assert bns and torch.cat([b.running_var for b in bns]).std() > 0.1  # randomized, not the (0, 1) init
 
 
+def test_random_weights_leave_no_output_constant(no_network):
+    """timm zero-initializes gMLP's classifier: with random weights every output would be its bias, and every
+    verification of the model vacuous. The source draws such parameters anew (not the zero biases) and says so."""
+    pytest.importorskip("timm")
+    loaded = load_model("timm:gmlp_ti16_224")
+    assert "1 all-zero parameter(s) drawn anew so that no output is constant (head.weight)" in loaded.weights
+    model = loaded.model
+    assert model.head.weight.std() > 0.01 and not model.head.bias.any()
+    with torch.no_grad():
+        a, b = model(torch.randn(1, 3, 224, 224)), model(torch.randn(1, 3, 224, 224))
+    assert not torch.allclose(a, b)
+    assert "drawn anew" not in load_model("timm:repvgg_a0").weights  # nothing zero there: nothing said
+
+
+def test_zero_weights_are_drawn_by_seed_and_biases_kept():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2))
+    for p in net.parameters():
+        nn.init.zeros_(p)
+    with torch.no_grad():
+        assert zoo.randomize_zero_weights(net, seed=3) == ["0.weight", "1.weight"]
+    first = net[0].weight.clone()
+    assert not net[0].bias.any() and abs(float(first.std()) - 27 ** -0.5) < 0.1  # N(0, 1/fan_in), fan_in 3x3x3
+    with torch.no_grad():
+        nn.init.zeros_(net[0].weight)
+        zoo.randomize_zero_weights(net, seed=3)  # the Linear's weight is no longer zero: left alone
+    assert torch.equal(net[0].weight, first)
+
+
 def test_torchvision_backbones_build_offline_with_random_weights(no_network):
     """torchvision's segmentation and detection builders take ImageNet weights for their backbone unless told
     not to: the source and the sweep's parameter count build them with none, without a connection."""

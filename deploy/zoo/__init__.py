@@ -55,8 +55,8 @@ from .panet import panet
 from .sa_fpn import sa_fpn
 from .small_object_det import small_object_det
 
-__all__ = ["create", "describe", "has_weights", "input_shape", "names", "randomize_batchnorm", "samples",
-           "calibration"]
+__all__ = ["create", "describe", "has_weights", "input_shape", "names", "randomize_batchnorm", "randomize_zero_weights",
+           "samples", "calibration"]
 
 
 @dataclass(frozen=True)
@@ -158,6 +158,26 @@ def input_shape(name: str) -> tuple[int, ...]:
 def describe(name: str) -> str:
     """One-line description of zoo model ``name``."""
     return _entry(name).description
+
+
+@torch.no_grad()
+def randomize_zero_weights(model: nn.Module, seed: int = 0) -> list[str]:
+    """Draw new values, in place, for every parameter that is all zeros but a bias: what a library
+    zero-initializes (torchvision's ViT head, timm's gMLP and MLP-Mixer heads) silences everything before it in a
+    model with random weights, so that every output is the same and verifying against it proves nothing. Returns
+    their names.
+
+    Values ~ N(0, 1/fan_in) for a weight of 2 or more dimensions (fan_in: the elements of one output's slice),
+    N(0, 0.02) otherwise, from a generator seeded with ``seed``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    for name, p in model.named_parameters():
+        if p.numel() and p.is_floating_point() and not name.endswith("bias") and not p.any():
+            std = p[0].numel() ** -0.5 if p.dim() >= 2 else 0.02
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * std)
+            names.append(name)
+    return names
 
 
 @torch.no_grad()
