@@ -3,9 +3,9 @@
 Ops no output depends on are dropped right after capture (``capture.drop_dead_code``); the report lists them
 (``dead_ops``) and the model's tensors that only they, or nothing, read (``unused``).
 
-The result is the captured ``GraphModule`` (``ep.module()``) rewritten, returned as an ordinary
-module: ``.eval()``/``.train()``, ``deepcopy``, ``state_dict``, ``.to()`` and ``torch.compile`` work,
-and it exports again with ``torch.export`` / ``torch.onnx.export``. Its graph is the deploy form
+The result is the captured ``GraphModule`` (recorded, or ``ep.module()``: ``capture.capture``) rewritten,
+returned as an ordinary module: ``.eval()``/``.train()``, ``deepcopy``, ``state_dict``, ``.to()`` and
+``torch.compile`` work, and it exports again with ``torch.export`` / ``torch.onnx.export``. Its graph is the deploy form
 whatever its ``training`` flag says (no op in it depends on the mode).
 """
 
