@@ -304,13 +304,8 @@ class PassManager:
         try:
             for p in self.passes:
                 start = time.perf_counter()
-                record, pending = PassRecord(p.name, round_), []
-                for found in p.matches(gm):
-                    if isinstance(found, Match):
-                        found.plan = None
-                        pending.append(found)
-                    else:
-                        record.refusals.append(found)
+                record = PassRecord(p.name, round_)
+                pending = _matches(p, gm, record)
                 if pending and saved is None:
                     saved = copy.deepcopy(gm.graph)
                 done, rest = self._apply(p, gm, pending, budget - (_new_bytes(gm) - base)) if pending else ([], [])
@@ -341,13 +336,7 @@ class PassManager:
     def _run_pass(self, p: Pass, gm, round_: int) -> PassRecord:
         """Apply every site the pass matches once, a chunk at a time, each chunk checked."""
         record = PassRecord(p.name, round_)
-        pending = []
-        for found in p.matches(gm):
-            if isinstance(found, Match):
-                found.plan = None  # matched again before its rewrite: holding every plan would hold every new kernel
-                pending.append(found)
-            else:
-                record.refusals.append(found)
+        pending = _matches(p, gm, record)
         while pending:
             saved = copy.deepcopy(gm.graph)
             try:
@@ -441,6 +430,18 @@ class _Jitter(fx.Interpreter):
             return t
         sign = torch.randint(0, 2, t.shape, generator=self.generator).to(t.dtype) * 2 - 1
         return t * (1 + torch.finfo(t.dtype).eps * sign)
+
+
+def _matches(p: Pass, gm, record: PassRecord) -> list[Match]:
+    """The sites ``p`` matches in ``gm``, its refusals appended to ``record``."""
+    pending = []
+    for found in p.matches(gm):
+        if isinstance(found, Match):
+            found.plan = None  # matched again before its rewrite: holding every plan would hold every new kernel
+            pending.append(found)
+        else:
+            record.refusals.append(found)
+    return pending
 
 
 def _free_replaced(gm, held: set[str]) -> None:
