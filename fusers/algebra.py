@@ -41,6 +41,7 @@ __all__ = [
     "identity_branch",
     "avgpool_branch",
     "merge_branches",
+    "merge_layout",
     "compose_pointwise",
     "dirac_tap",
     "carry_input",
@@ -113,15 +114,13 @@ def regroup(kernel: torch.Tensor, groups_from: int, groups_to: int) -> torch.Ten
     if groups_from % groups_to:
         raise NotExact(RefusalCode.GROUPS_INCOMPATIBLE,
                        f"groups {groups_from} cannot be expressed with groups {groups_to}")
-    c_out, c_in_from = kernel.shape[:2]
-    c_in_to = c_in_from * groups_from // groups_to
-    out = kernel.new_zeros(c_out, c_in_to, *kernel.shape[2:])
-    per_from, per_to = c_out // groups_from, c_out // groups_to
-    for g in range(groups_from):
-        rows = slice(g * per_from, (g + 1) * per_from)
-        start = g * c_in_from - (g * per_from // per_to) * c_in_to
-        out[rows, start:start + c_in_from] = kernel[rows]
-    return out
+    c_out, c_in_from, *spatial = kernel.shape
+    r, per_from = groups_from // groups_to, c_out // groups_from  # fine groups per coarse group
+    # a coarse group's kernel is block-diagonal: fine group i's outputs read only its own inputs, block i
+    out = kernel.new_zeros(groups_to, r, per_from, r, c_in_from, *spatial)
+    blocks = torch.arange(r)
+    out[:, blocks, :, blocks] = kernel.reshape(groups_to, r, per_from, c_in_from, *spatial).transpose(0, 1)
+    return out.reshape(c_out, r * c_in_from, *spatial)
 
 
 @dataclass
@@ -135,6 +134,12 @@ class Branch:
     dilation: tuple[int, ...]
     groups: int
     label: str = field(default="conv")
+    scale: torch.Tensor | None = None  # per output channel, not yet multiplied into ``kernel``: see ``weight``
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The kernel with ``scale`` applied (a new tensor when there is a scale)."""
+        return self.kernel if self.scale is None else self.kernel * _per_out(self.scale, self.kernel)
 
     def scaled(self, coef: torch.Tensor) -> "Branch":
         if bool((coef == 1).all()):  # the common case, a plain sum: no copy of the kernel
@@ -142,8 +147,9 @@ class Branch:
         return self.affine(coef, 0.0)
 
     def affine(self, s, t) -> "Branch":
-        """The branch followed by ``s * y + t`` per output channel."""
-        return replace(self, kernel=self.kernel * _per_out(s, self.kernel), bias=self.bias * s + t)
+        """The branch followed by ``s * y + t`` per output channel; the kernel is scaled when it is used
+        (a site matched twice, first to check it, does not copy its kernel twice)."""
+        return replace(self, scale=s if self.scale is None else self.scale * s, bias=self.bias * s + t)
 
 
 def identity_branch(channels: int, ndim: int, scale=None, shift=None, dtype=torch.float64) -> Branch:
@@ -161,14 +167,22 @@ def avgpool_branch(channels: int, kernel_size, stride, padding, dtype=torch.floa
     return Branch(kernel, zero, tuple(stride), tuple(padding), (1,) * len(kernel_size), channels, "avgpool")
 
 
-def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
-    """Sum of branches on one input as one conv.
+@dataclass
+class Layout:
+    """Where the branches of a sum sit in their merged kernel: its geometry, and per branch the kernel index
+    of its first tap in each spatial dim."""
 
-    Tap ``j`` of a branch reads input offset ``d * j - p``; a negative ``p`` is a branch that crops its
-    input (ACNet); branches are placed in a common
-    kernel so equal offsets coincide. Exact when strides agree, the offsets of all branches
-    lie on one dilation grid, and the merged conv has the branches' output size.
-    """
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    size: list[int]
+    starts: list[list[int]]
+
+
+def merge_layout(branches: list[Branch], in_size: tuple[int, ...]) -> Layout:
+    """The layout of ``merge_branches(branches, in_size)``, raising :class:`NotExact` as it does; no kernel is
+    built (a pass checks a site with this, then merges it)."""
     ndim = len(in_size)
     strides = {b.stride for b in branches}
     if len(strides) > 1:
@@ -178,37 +192,64 @@ def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
     for dim in range(ndim):  # mixed dilations meet on their gcd grid (dilated kernels get zero taps)
         ds = {b.dilation[dim] for b in branches if b.kernel.shape[2 + dim] > 1}
         dilation.append(math.gcd(*ds) if ds else 1)
-    branches = [_redilate(b, dilation) for b in branches]
+    extents = [_redilated_size(b, dilation) for b in branches]
     groups = math.gcd(*[b.groups for b in branches])
     lo = [min(-b.padding[d] for b in branches) for d in range(ndim)]
-    hi = [max(dilation[d] * (b.kernel.shape[2 + d] - 1) - b.padding[d] for b in branches) for d in range(ndim)]
+    hi = [max(dilation[d] * (k[d] - 1) - b.padding[d] for b, k in zip(branches, extents)) for d in range(ndim)]
     size = [(hi[d] - lo[d]) // dilation[d] + 1 for d in range(ndim)]
     if any(x > 0 for x in lo):
         raise NotExact(RefusalCode.OUTPUT_SIZE_MISMATCH, "every branch crops its input in a spatial dim: the merged "
                        "conv would need negative padding")
     out_size = _conv_out(in_size, size, stride, [-x for x in lo], dilation)
     c_out = branches[0].kernel.shape[0]
-    c_in_g = branches[0].kernel.shape[1] * branches[0].groups // groups
-    kernel = torch.zeros(c_out, c_in_g, *size, dtype=branches[0].kernel.dtype)
-    bias = torch.zeros(c_out, dtype=branches[0].kernel.dtype)
-    for b in branches:
+    starts = []
+    for b, k in zip(branches, extents):
         if b.kernel.shape[0] != c_out:
             raise NotExact(RefusalCode.CHANNEL_MISMATCH,
                            f"branch '{b.label}' has {b.kernel.shape[0]} output channels, expected {c_out}")
-        if _conv_out(in_size, b.kernel.shape[2:], b.stride, b.padding, b.dilation) != out_size:
+        if _conv_out(in_size, k, b.stride, b.padding, dilation) != out_size:
             raise NotExact(RefusalCode.OUTPUT_SIZE_MISMATCH,
                            f"branch '{b.label}' output size differs from the merged conv's")
-        index = [slice(None), slice(None)]
+        shifts = [-b.padding[d] - lo[d] for d in range(ndim)]
         for d in range(ndim):
-            shift = -b.padding[d] - lo[d]
-            if shift % dilation[d]:
+            if shifts[d] % dilation[d]:
                 raise NotExact(RefusalCode.OFF_DILATION_GRID,
                                f"branch '{b.label}' is off the dilation grid in spatial dim {d}")
-            start = shift // dilation[d]
-            index.append(slice(start, start + b.kernel.shape[2 + d]))
-        kernel[tuple(index)] += regroup(b.kernel, b.groups, groups)
-        bias += b.bias
-    return Branch(kernel, bias, stride, tuple(-x for x in lo), tuple(dilation), groups, "merged")
+        starts.append([shift // dilation[d] for d, shift in enumerate(shifts)])
+    return Layout(stride, tuple(-x for x in lo), tuple(dilation), groups, size, starts)
+
+
+def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
+    """Sum of branches on one input as one conv.
+
+    Tap ``j`` of a branch reads input offset ``d * j - p``; a negative ``p`` is a branch that crops its
+    input (ACNet); branches are placed in a common
+    kernel so equal offsets coincide. Exact when strides agree, the offsets of all branches
+    lie on one dilation grid, and the merged conv has the branches' output size (:func:`merge_layout`).
+    """
+    layout = merge_layout(branches, in_size)
+    placed = []  # (index in the merged kernel, kernel, bias) per branch
+    for b, starts in zip(branches, layout.starts):
+        b = _redilate(b, list(layout.dilation))
+        index = (slice(None), slice(None)) + tuple(slice(s, s + k) for s, k in zip(starts, b.kernel.shape[2:]))
+        placed.append((index, regroup(b.kernel, b.groups, layout.groups), b.scale, b.bias))
+    whole = [i for i, (_, k, _, _) in enumerate(placed) if list(k.shape[2:]) == layout.size]
+    if whole:  # a branch of the merged kernel's size (RepVGG's 3x3) is copied, the others added into it
+        _, k, scale, bias = placed.pop(whole[0])
+        kernel, bias = k.clone() if scale is None else k * _per_out(scale, k), bias.clone()
+    else:
+        first = placed[0][1]
+        kernel = first.new_zeros(first.shape[0], first.shape[1], *layout.size)
+        bias = first.new_zeros(first.shape[0])
+    for index, k, scale, b in placed:
+        kernel[index] += k if scale is None else k * _per_out(scale, k)
+        bias += b
+    return Branch(kernel, bias, layout.stride, layout.padding, layout.dilation, layout.groups, "merged")
+
+
+def _redilated_size(b: Branch, dilation: list[int]) -> list[int]:
+    """The kernel size of ``_redilate(b, dilation)``."""
+    return [(k - 1) * (b.dilation[d] // dilation[d]) + 1 if k > 1 else 1 for d, k in enumerate(b.kernel.shape[2:])]
 
 
 def _redilate(b: Branch, dilation: list[int]) -> Branch:
@@ -237,8 +278,8 @@ def compose_pointwise(first: Branch, second: Branch) -> Branch:
     if any(k != 1 for k in first.kernel.shape[2:]) or any(first.stride) != 1 or any(first.padding):
         raise NotExact(RefusalCode.NOT_POINTWISE, "the first conv of a sequence must be 1x1, stride 1, unpadded")
     groups = math.gcd(first.groups, second.groups)
-    k1 = regroup(first.kernel, first.groups, groups).flatten(1)  # [mid, in/g]
-    k2 = regroup(second.kernel, second.groups, groups)  # [out, mid/g, *k]
+    k1 = regroup(first.weight, first.groups, groups).flatten(1)  # [mid, in/g]
+    k2 = regroup(second.weight, second.groups, groups)  # [out, mid/g, *k]
     mid_g, out_g = k1.shape[0] // groups, k2.shape[0] // groups
     if k2.shape[1] != mid_g:
         raise NotExact(RefusalCode.CHANNEL_MISMATCH, "channel counts of the sequence do not chain")

@@ -86,15 +86,28 @@ def _batchnorm_problem(bn: torch.nn.Module) -> str:
     return ""
 
 
+def _all_fine(bns) -> bool:
+    """Whether every statistic and affine parameter of the BatchNorms is finite and no variance negative: one
+    check over all of them, the common case (the problems are then spelled out a module at a time)."""
+    values = [t.detach().reshape(-1) for _, m in bns for t in (m.running_var, m.running_mean,
+              getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(t, torch.Tensor)]
+    variances = [m.running_var.reshape(-1) for _, m in bns if m.running_var is not None]
+    floating = [v for v in values if v.is_floating_point()]
+    return (not floating or bool(torch.isfinite(torch.cat([v.double() for v in floating])).all())) and \
+        (not variances or not bool((torch.cat([v.double() for v in variances]) < 0).any()))
+
+
 def check_batchnorms(model: torch.nn.Module) -> None:
     """Raise :class:`BatchNormStatisticsError` naming every BatchNorm (by module path) whose statistics or
     affine parameters cannot be folded: a non-finite value, or a negative ``running_var``."""
+    bns = [(path, m) for path, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if _all_fine(bns):
+        return
     bad = []
-    for path, m in model.named_modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            problem = _batchnorm_problem(m)
-            if problem:
-                bad.append(f"{path or 'the model'} ({type(m).__name__}): {problem}")
+    for path, m in bns:
+        problem = _batchnorm_problem(m)
+        if problem:
+            bad.append(f"{path or 'the model'} ({type(m).__name__}): {problem}")
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         raise BatchNormStatisticsError(
@@ -129,10 +142,13 @@ def _capture_failure(model: torch.nn.Module, e: Exception) -> str:
             "data-dependent Python control flow")
 
 
-def capture(model: torch.nn.Module, example_inputs, *, recorded: bool = True) -> fx.GraphModule:
+def capture(model: torch.nn.Module, example_inputs, *, recorded: bool = True, record_on=None) -> fx.GraphModule:
     """The graph of ``model`` in eval mode (its mode is restored afterwards): recorded from one forward
     (:func:`fusers.recording.record`), or where a recording cannot be trusted (its reason logged at INFO) or
     ``recorded`` is false, ``torch.export``'s ``ep.module()``.
+
+    The forward is recorded on ``record_on`` (inputs of the example inputs' shapes; by default the example
+    inputs themselves), and the model's outputs on them are left in ``gm.meta["recorded_outputs"]``.
 
     Non-finite example inputs and BatchNorm statistics that cannot be folded are refused first
     (:func:`check_inputs`, :func:`check_batchnorms`). When ``torch.export`` fails, the partial graph it
@@ -147,7 +163,7 @@ def capture(model: torch.nn.Module, example_inputs, *, recorded: bool = True) ->
                       "uses BatchNorm running statistics", stacklevel=2)
     set_training(model, False)
     try:
-        gm = _recording(model, args) if recorded else None
+        gm = _recording(model, as_args(record_on) if record_on is not None else args) if recorded else None
         if gm is not None:
             log.info("recorded %s: %d graph nodes", type(model).__name__, len(gm.graph.nodes))
             gm.meta["captured_by"] = "recorded"

@@ -36,9 +36,17 @@ VIEW_OPS = {aten.slice.Tensor, aten.select.int, aten.view.default, aten._unsafe_
 
 
 def fetch_attr(gm: torch.nn.Module, target: str):
+    """``gm``'s attribute at the dotted ``target``, read from the modules' own tables where it is there (the passes
+    read every weight many times; ``Module.__getattr__`` is slow)."""
     obj = gm
     for part in target.split("."):
-        obj = getattr(obj, part)
+        tables = vars(obj) if isinstance(obj, torch.nn.Module) else {}
+        for table in ("_parameters", "_buffers", "_modules"):
+            if part in tables.get(table, ()):
+                obj = tables[table][part]
+                break
+        else:
+            obj = getattr(obj, part)
     return obj
 
 
@@ -442,7 +450,8 @@ def share_identical_weights(gm: fx.GraphModule) -> int:
             continue
         grad = value.requires_grad  # a BatchNorm's running_mean must not become a trainable bias of equal value
         value = value.detach()
-        key = (tuple(value.shape), value.dtype, grad, float(value.double().sum()), float(value.flatten()[0]))
+        flat = value.reshape(-1)
+        key = (tuple(value.shape), value.dtype, grad, float(flat[0]), float(flat[-1]), float(flat[len(flat) // 2]))
         for other in first.setdefault(key, []):
             if other != node.target and torch.equal(fetch_attr(gm, other), value):
                 rename[node.target] = other

@@ -1,4 +1,5 @@
-"""Numbers for the exactness proof: dtype conversion of a captured graph and seeded inputs.
+"""Numbers for the exactness proof: dtype conversion of a captured graph, seeded inputs and quicker float64
+depthwise convolutions (:class:`float64_kernels`).
 
 The comparison of nested outputs is the project's one error measure, ``runtimes.core.max_rel_error``
 (``max|a - b| / max|a|`` per output leaf), re-exported here with ``leaves`` (its tensor leaves).
@@ -9,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from runtimes.core import max_rel_error
 from runtimes.core import tensor_leaves as leaves
 
-__all__ = ["convert_dtype", "seeded_like", "leaves", "max_rel_error"]
+__all__ = ["convert_dtype", "float64_kernels", "seeded_like", "leaves", "max_rel_error"]
 
 
 def _swap(value, src, dst):
@@ -68,3 +70,52 @@ def seeded_like(example, seed: int = 0, dtype=None):
         return t.clone()
 
     return pytree.tree_map(make, example)
+
+
+class float64_kernels(TorchDispatchMode):  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Within it, float64 depthwise convolutions on the CPU run as a sum over the kernel's taps.
+
+    torch has no float64 depthwise kernel on the CPU: it unfolds the input group by group, 5 to 15 times slower
+    than one multiply-add of the shifted input per tap, and these convs are most of a float64 check of
+    MobileNet-style networks. Only 2-D convs in which each output channel reads one input channel
+    (``groups == in_channels``, any multiplier, stride, zero padding and dilation) are taken; every other op runs
+    as it would. The sums come in another order than torch's, a difference of float64 rounding, far below any
+    check's tolerance; both sides of a check run within it.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default and _taps_apply(*args):
+            x, weight, bias, stride, padding, dilation, _, _, groups = args
+            return _depthwise(x, weight, bias, stride, padding, dilation, groups)
+        return func(*args, **(kwargs or {}))
+
+
+def _taps_apply(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups) -> bool:
+    return (not transposed and x.dtype == torch.float64 and x.device.type == "cpu" and x.dim() == 4
+            and weight.dim() == 4 and groups > 1 and weight.shape[1] == 1 and x.shape[1] == groups
+            and weight.dtype == torch.float64 and (bias is None or bias.dtype == torch.float64)
+            and all(s > 0 for s in _out_size(x, weight, stride, padding, dilation)))
+
+
+def _out_size(x, weight, stride, padding, dilation) -> list[int]:
+    return [(x.shape[2 + d] + 2 * padding[d] - dilation[d] * (weight.shape[2 + d] - 1) - 1) // stride[d] + 1
+            for d in range(2)]
+
+
+def _depthwise(x, weight, bias, stride, padding, dilation, groups):
+    """``conv2d(x, weight, bias, stride, padding, dilation, groups)`` with ``weight.shape[1] == 1`` and
+    ``groups == x.shape[1]``: output channel ``o`` reads input channel ``o // multiplier``."""
+    n = x.shape[0]
+    out_channels, _, kh, kw = weight.shape
+    multiplier = out_channels // groups
+    oh, ow = _out_size(x, weight, stride, padding, dilation)
+    padded = torch.constant_pad_nd(x, [padding[1], padding[1], padding[0], padding[0]])
+    out = x.new_zeros(n, groups, multiplier, oh, ow)
+    taps = weight.reshape(1, groups, multiplier, kh, kw)
+    for i in range(kh):
+        rows = slice(i * dilation[0], i * dilation[0] + stride[0] * (oh - 1) + 1, stride[0])
+        for j in range(kw):
+            cols = slice(j * dilation[1], j * dilation[1] + stride[1] * (ow - 1) + 1, stride[1])
+            out.addcmul_(padded[:, :, rows, cols].unsqueeze(2), taps[..., i, j, None, None])
+    out = out.view(n, out_channels, oh, ow)
+    return out if bias is None else out.add_(bias.view(1, out_channels, 1, 1))

@@ -236,8 +236,15 @@ _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))
 def _tensor_attributes(module: torch.nn.Module):
     """The tensors a module holds as plain attributes, also in lists, tuples and dicts (YOLO's anchor grids)."""
     for key, value in vars(module).items():
-        if key not in _MODULE_INTERNALS and isinstance(value, (torch.Tensor, list, tuple, dict)):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif key not in _MODULE_INTERNALS and isinstance(value, (list, tuple, dict)) and not _numbers(value):
             yield from (v for v in tree_flatten(value)[0] if isinstance(v, torch.Tensor))
+
+
+def _numbers(value) -> bool:
+    """A flat tuple or list of numbers (a conv's kernel_size, stride, ...): no tensor to look for."""
+    return isinstance(value, (tuple, list)) and all(type(v) in (int, float, bool) for v in value)
 
 
 def _input_names(model: torch.nn.Module, count: int) -> list[str]:
@@ -252,7 +259,8 @@ def _input_names(model: torch.nn.Module, count: int) -> list[str]:
 def record(model: torch.nn.Module, inputs: tuple) -> fx.GraphModule:
     """Record ``model`` (already in eval mode) on ``inputs`` (a tuple of tensors) as a graph module whose
     ``get_attr`` targets are the model's own parameter and buffer names; raise :class:`NotRecordable` with
-    the reason when the recording would not be the model's function (see the module docstring)."""
+    the reason when the recording would not be the model's function (see the module docstring). The outputs
+    the forward gave are in ``gm.meta["recorded_outputs"]``."""
     if not all(type(t) is torch.Tensor for t in inputs):
         raise NotRecordable("the inputs are not all plain tensors")
     builder = _Builder(model, inputs)
@@ -281,6 +289,7 @@ def record(model: torch.nn.Module, inputs: tuple) -> fx.GraphModule:
         again = gm(*inputs)
     if not _same(out, again):
         raise NotRecordable("the recorded graph does not give the outputs the forward gave")
+    gm.meta["recorded_outputs"] = out
     return gm
 
 

@@ -11,7 +11,9 @@ whatever its ``training`` flag says (no op in it depends on the mode).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -23,10 +25,10 @@ from runtimes.core import eval_mode, first_line, max_rel_error, nonfinite, set_t
 
 from .batch import guard_calls
 from .capture import InputError, as_args, capture, drop_dead_code, unused_parameters
-from .graph import op_counts, remove_unused_attributes, share_identical_weights
+from .graph import aten, op_counts, remove_unused_attributes, share_identical_weights
 from .leftovers import find_leftovers
 from .manager import PassManager, Report
-from .numerics import convert_dtype, seeded_like
+from .numerics import convert_dtype, float64_kernels, seeded_like
 from .passes import REGISTRY
 from .rules import Pass
 
@@ -35,7 +37,7 @@ __all__ = ["DEFAULT_PASSES", "reparameterize", "last_report", "resolve_passes"]
 log = logging.getLogger(__name__)
 
 DEFAULT_PASSES: tuple[str, ...] = ("slice_writes", "drop_noops", "fold_constants", "constant_pad", "affine_chain",
-                                   "fold_bn", "push_affine", "fold_into_next", "merge_linear", "merge_sequence",
+                                   "merge_linear", "fold_bn", "push_affine", "fold_into_next", "merge_sequence",
                                    "fold_bn_region", "split_slices")
 TOLERANCE = 1e-9
 _PRESERVED = getattr(fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", "_user_preserved_attributes")
@@ -60,7 +62,7 @@ def resolve_passes(passes) -> list[Pass]:
 
 
 def _float_dtype(model: torch.nn.Module) -> torch.dtype:
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in itertools.chain(model.parameters(), model.buffers()):
         if t.is_floating_point():
             return t.dtype
     return torch.float32
@@ -76,25 +78,35 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     ill-conditioned graph whose own float64 rounding noise exceeds that is held to a multiple of the noise
     instead, ``report.tolerance_note``: see :class:`fusers.manager.PassManager`).
     Weights are rounded to the model's dtype once, at the end. With ``verify`` the result is also
-    compared with ``model`` itself in its own dtype (``report.float32_error``), and a model whose
+    compared with ``model`` itself in its own dtype (``report.float32_error``) on other seeded inputs (the
+    forward the capture recorded runs on them: the model runs once), and a model whose
     outputs on the seeded inputs hold NaN or infinities is refused (:class:`InputError`): nothing
     can be verified against them.
 
     ``instruments`` observe the passes (``on_pass_start``, ``on_pass_end``) and receive the finished
     report (``on_run_end``); see ``fusers.manager.Instrument``.
 
-    With ``small`` the per-pass checks of an image model run at a quarter or half of its spatial size when
-    the graph runs there alike (:func:`_small_inputs`: every conv and pool still sees each of its taps on
-    real data), which is what most of the time goes to. The result is then checked once more at the
-    captured size, to the same ``1e-9``; if that check fails, or the small checks rolled anything back (a
-    rewrite exact at the captured size may not be at the small one), the whole run is done again at the
-    captured size. ``report.proof_shape`` says which size the per-pass checks used.
+    With ``small`` (and ``verify``) the float64 checks of an image model run at a quarter or half of its spatial
+    size where no rewrite can tell the two sizes apart (:func:`_alike_proof`): every op of the graph computes
+    the same function of its window at both sizes (pointwise and per-channel ops, BatchNorm, convs and pools,
+    global means and the head after them, nothing else) and every conv and pool meets, at the smaller size,
+    every kind of border it meets at the captured one (:func:`_same_borders`), with each of its taps on real
+    data. A rewrite exact there is exact at the captured size. The deploy graph must meet the same condition,
+    and its float32 error against the model at the captured size stay within its ops x eps; else, or when a
+    check at the smaller size rolled a rewrite back, the whole run is done again at the captured size.
+    Any other graph is checked at the captured size: a round whose one check holds, the common case, has
+    that check as the final one; when a round misses and its passes are redone one at a time (many checks),
+    those checks run at a smaller size where every conv and pool still sees each of its taps on real data
+    (:func:`_small_inputs`), and the result is checked once more at the captured size, to the same ``1e-9``
+    (the same redo if it misses). ``report.proof_shape`` says which size the checks used (None: the captured).
     """
     args = as_args(example_inputs)
     instruments = list(instruments)  # handed to the redo below as well
     report, times = Report(), {}
     start = time.perf_counter()
-    gm = capture(model, args)
+    verify_inputs = seeded_like(args, seed + 1)
+    gm = capture(model, args, record_on=verify_inputs)  # the model's outputs on them are the verify's expected
+    expected = gm.meta.pop("recorded_outputs", None)
     times["capture"] = time.perf_counter() - start
     report.capture = gm.meta.get("captured_by", "")
     report.ops_before = op_counts(gm)
@@ -104,17 +116,20 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     dtype = _float_dtype(model)
 
     start = time.perf_counter()
-    check_inputs, reference, tolerance = _proof_reference(gm, args, dtype, seed, report)
-    if verify:
-        _check_finite(model, reference)
-    guards = _drop_guards(gm) if small and report.proof == "float64" else []
-    small_inputs, small_reference = _small_inputs(gm, check_inputs, reference, seed) if guards else (None, None)
-    if small_inputs is not None:
-        report.proof_shape = [list(t.shape) for t in tensor_leaves(small_inputs)]
-        manager = PassManager(resolve_passes(passes), small_inputs, small_reference, tolerance,
-                              instruments=instruments)
+    alike = _alike_proof(gm, args, expected, dtype, seed) if small and verify and expected is not None else None
+    if alike is not None:  # the proof at a smaller size where no rewrite can tell the sizes apart
+        check_inputs, reference = alike
+        tolerance, report.proof_shape = TOLERANCE, [list(t.shape) for t in tensor_leaves(check_inputs)]
+        _check_finite(model, expected)
+        guards = None
     else:
-        manager = PassManager(resolve_passes(passes), check_inputs, reference, tolerance, instruments=instruments)
+        check_inputs, reference, tolerance = _proof_reference(gm, args, dtype, seed, report)
+        if verify:
+            _check_finite(model, reference)
+        guards = _drop_guards(gm) if small and report.proof == "float64" else None
+    smaller = (lambda g: _small_inputs(g, check_inputs, reference, seed)) if guards is not None else None
+    manager = PassManager(resolve_passes(passes), check_inputs, reference, tolerance, instruments=instruments,
+                          smaller=smaller)
     manager.run(gm, report)
     _restore_guards(gm, guards)
     remove_unused_attributes(gm)
@@ -122,30 +137,43 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
     shared = share_identical_weights(gm)
     if shared:
         log.info("%d weight tensors were identical and are now shared", shared)
-    if small_inputs is None and manager.last_error is not None:  # its last check was of this graph, on these inputs
+    if manager.shrunk:
+        report.proof_shape = [list(t.shape) for t in tensor_leaves(manager.inputs)]
+    still_alike = True
+    if alike is not None:  # the result too must meet the same borders at the smaller size
+        seen = _Windows(gm, alike=True)
+        with torch.no_grad(), float64_kernels():
+            report.float64_error = max_rel_error(reference, seen.run(*check_inputs))
+        still_alike = seen.covered and seen.alike
+    elif not manager.shrunk and manager.last_error is not None:  # its last check was of this graph, on these inputs
         report.float64_error = manager.last_error
     else:
-        with torch.no_grad():
+        with torch.no_grad(), float64_kernels():
             report.float64_error = max_rel_error(reference, gm(*check_inputs))
-    del reference
     tolerance = manager.tolerance  # raised where the graph's own rounding noise is larger
     rolled_back = any(p.rolled_back for p in report.passes)
-    if small_inputs is not None and (report.float64_error > tolerance or rolled_back):
-        why = (f"the checks at {'x'.join(map(str, report.proof_shape[0]))} rolled back a rewrite" if rolled_back else
+    if (manager.shrunk or alike is not None) and (report.float64_error > tolerance or rolled_back or not still_alike):
+        size = "x".join(map(str, report.proof_shape[0]))
+        why = (f"the checks at {size} rolled back a rewrite" if rolled_back else
+               f"the result does not meet the same borders at {size}" if not still_alike else
                f"the result missed {tolerance:.0e} at the captured size ({report.float64_error:.1e})")
-        log.info("%s: again with every check at the captured size", why)
-        manager.restart(why)
-        return reparameterize(model, example_inputs, passes=passes, verify=verify, seed=seed,
-                              instruments=instruments, small=False)
+        return _again(model, example_inputs, passes, verify, seed, instruments, manager, why)
     convert_dtype(gm, torch.float64, dtype)
     times["passes"] = time.perf_counter() - start
 
     if verify:
         start = time.perf_counter()
-        inputs = seeded_like(args, seed + 1)
         with torch.no_grad(), eval_mode(model):
-            report.float32_error = max_rel_error(model(*inputs), gm(*inputs))
+            if expected is None:  # captured by torch.export: no forward of the model ran yet
+                expected = model(*verify_inputs)
+            report.float32_error = max_rel_error(expected, gm(*verify_inputs))
         times["verify"] = time.perf_counter() - start
+        bound = sum(report.ops_before.values()) * torch.finfo(dtype).eps
+        if alike is not None and report.float32_error > bound:
+            return _again(model, example_inputs, passes, verify, seed, instruments, manager,
+                          f"the result, proven at {'x'.join(map(str, report.proof_shape[0]))}, is "
+                          f"{report.float32_error:.1e} from the model at the captured size in {dtype} "
+                          f"(over {bound:.1e}, its ops x eps)")
     report.ops_after = op_counts(gm)
     report.params_after = sum(p.numel() for p in gm.parameters())
     report.seconds = times
@@ -155,6 +183,14 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
              type(model).__name__, report.count(), len(report.refusals()), len(report.leftovers), report.float64_error)
     manager.finish(report)
     return gm
+
+
+def _again(model, example_inputs, passes, verify, seed, instruments, manager, why) -> fx.GraphModule:
+    """The whole run again with every check at the captured size (``why`` is logged and told to instruments)."""
+    log.info("%s: again with every check at the captured size", why)
+    manager.restart(why)
+    return reparameterize(model, example_inputs, passes=passes, verify=verify, seed=seed, instruments=instruments,
+                          small=False)
 
 
 def _proof_reference(gm: fx.GraphModule, args, dtype: torch.dtype, seed: int, report: Report):
@@ -168,7 +204,7 @@ def _proof_reference(gm: fx.GraphModule, args, dtype: torch.dtype, seed: int, re
     convert_dtype(gm, dtype, torch.float64)
     check_inputs = seeded_like(args, seed, dtype=torch.float64)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), float64_kernels():
             return check_inputs, gm(*check_inputs), TOLERANCE
     except Exception as e:  # noqa: BLE001 - any kernel's refusal of float64 means the same here
         if dtype == torch.float64:
@@ -223,14 +259,15 @@ _POOLS = {torch.ops.aten.avg_pool2d.default, torch.ops.aten.max_pool2d.default, 
           torch.ops.aten.max_pool1d.default}
 
 
-def _small_inputs(gm: fx.GraphModule, inputs, full, seed: int):
+def _small_inputs(gm: fx.GraphModule, inputs, full, seed: int, alike: bool = False):
     """Seeded float64 inputs of a quarter (else half) the spatial size and the graph's outputs on them, or
     ``(None, None)``.
 
     Only for one 4-D floating input of at least 64x64. The smaller input must run through the graph (no
-    reshape baked from the captured size), give outputs of the same rank and finite values, and give every
-    conv and pool an input at least its kernel's extent plus its stride in each spatial dim, so that every
-    tap meets real data at some position and the border and the interior are both checked.
+    reshape baked from the captured size), give outputs of the same rank as ``full`` and finite values, and give
+    every conv and pool an input at least its kernel's extent plus its stride in each spatial dim, so that every
+    tap meets real data at some position and the border and the interior are both checked. With ``alike`` the
+    graph must also be one no rewrite of which can tell the two sizes apart (:class:`_Windows`).
     """
     if len(inputs) != 1 or not isinstance(inputs[0], torch.Tensor) or inputs[0].dim() != 4:
         return None, None
@@ -238,28 +275,65 @@ def _small_inputs(gm: fx.GraphModule, inputs, full, seed: int):
     for scale in (4, 2):
         if h % scale or w % scale or min(h, w) // scale < 32:
             continue
-        small = seeded_like((torch.empty(n, c, h // scale, w // scale, dtype=inputs[0].dtype),), seed)
+        small = seeded_like((torch.empty(n, c, h // scale, w // scale, dtype=torch.float64),), seed)
         if not _may_cover(gm, scale):
             continue
-        seen = _Windows(gm)
+        seen = _Windows(gm, alike)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), float64_kernels():
                 out = seen.run(*small)
         except Exception:  # noqa: BLE001 - a shape baked into the graph: not at this size
             continue
         if [t.dim() for t in tensor_leaves(out)] != [t.dim() for t in tensor_leaves(full)] or \
-                any(nonfinite(t) for t in tensor_leaves(out)) or not seen.covered:
+                any(nonfinite(t) for t in tensor_leaves(out)) or not seen.covered or not seen.alike:
             continue
         return small, out  # the same leaves, in order, as gm(*small): what max_rel_error compares
     return None, None
 
 
-class _Windows(fx.Interpreter):
-    """Runs the graph and checks that each conv's and pool's input covers its kernel extent plus its stride."""
+def _alike_proof(gm: fx.GraphModule, args, expected, dtype: torch.dtype, seed: int):
+    """Seeded float64 inputs at a quarter or half of the captured size at which no rewrite can tell the sizes
+    apart, and the graph's outputs on them, or None (``gm`` is in float64 from here either way).
 
-    def __init__(self, gm):
+    Every op of the graph is one whose value at a position does not depend on the spatial size (pointwise
+    and per-channel ops, BatchNorm, global means, the head after them: :data:`_SIZE_FREE`), and every conv
+    and pool meets the same borders at both sizes (:func:`_same_borders`). Each op then computes the same
+    function of its window at both sizes, at every kind of position, border or interior, that the captured
+    size has; a rewrite exact on seeded inputs at the smaller size is exact at the captured one, and checking
+    there costs a quarter or a sixteenth of the float64 arithmetic.
+    """
+    convert_dtype(gm, dtype, torch.float64)
+    if not all(_size_free(n) for n in gm.graph.nodes if n.op == "call_function"):
+        return None
+    small, out = _small_inputs(gm, seeded_like(args, seed, dtype=torch.float64), expected, seed, alike=True)
+    return None if small is None else (small, out)
+
+
+# ops whose value at each position does not depend on the spatial size (the convs and pools are checked apart)
+_SIZE_FREE = {getattr(aten, name) for name in (
+    "batch_norm", "_native_batch_norm_legit_no_training", "relu", "relu_", "gelu", "gelu_", "silu", "silu_",
+    "sigmoid", "sigmoid_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "tanh", "tanh_", "leaky_relu",
+    "leaky_relu_", "elu", "elu_", "hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_min_", "mish",
+    "mish_", "softplus", "neg", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "dropout", "clone",
+    "contiguous", "alias", "detach", "constant_pad_nd", "_assert_tensor_metadata") if hasattr(aten, name)} | \
+    {operator.getitem}
+_HEAD = {aten.linear, aten.addmm, aten.t, aten.flatten, aten.view, aten.reshape, aten._unsafe_view}
+
+
+class _Windows(fx.Interpreter):
+    """Runs the graph and checks that each conv's and pool's input covers its kernel extent plus its stride;
+    with ``alike``, also that every op is size-free and every conv and pool meets the same borders as at the
+    captured size (``alike`` stays true only then)."""
+
+    def __init__(self, gm, alike: bool = False):
         super().__init__(gm)
-        self.covered = True
+        self.covered, self.alike, self.check_alike = True, True, alike
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if self.check_alike and self.alike and n.op == "call_function":
+            self.alike = _size_free(n, self.env)
+        return out
 
     def call_function(self, target, args, kwargs):
         if target in _WINDOWED or target in _POOLS:
@@ -267,6 +341,73 @@ class _Windows(fx.Interpreter):
                 if size < need:
                     self.covered = False
         return super().call_function(target, args, kwargs)
+
+
+def _size_free(node: fx.Node, env: dict | None = None) -> bool:
+    """Whether ``node`` computes the same function of its window at the size it ran at (``env``) as at the
+    captured size (``meta["val"]``); without ``env``, whether it may (its op and arguments alone)."""
+    target, out = node.target, node.meta.get("val")
+    packet = getattr(target, "overloadpacket", target)
+    if packet in _SIZE_FREE:
+        return True
+    if packet in _HEAD:  # only once the spatial dims are gone (a flattened, globally pooled map)
+        return isinstance(out, torch.Tensor) and out.dim() <= 2
+    captured = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+    if not isinstance(captured, torch.Tensor) or captured.dim() != 4:
+        return False
+    if target == aten.adaptive_avg_pool2d.default:  # global means only
+        return list(_arg(node, 1, "output_size", ())) == [1, 1]
+    if target == aten.mean.dim:
+        dims = _arg(node, 1, "dim", None)
+        return dims is None or {d % 4 for d in dims} >= {2, 3}
+    if target == aten.cat.default:  # along the channels
+        return _arg(node, 1, "dim", 0) % 4 == 1
+    if target == aten.conv2d.default:
+        padding = _arg(node, 4, "padding", [0])
+    elif target == aten.avg_pool2d.default:
+        if _arg(node, 4, "ceil_mode", False) or _arg(node, 6, "divisor_override", None) is not None:
+            return False
+        padding = _arg(node, 3, "padding", [0])
+    elif target == aten.max_pool2d.default:
+        if _arg(node, 5, "ceil_mode", False) or any(d != 1 for d in _arg(node, 4, "dilation", [1])):
+            return False
+        padding = _arg(node, 3, "padding", [0])
+    else:
+        return False
+    if isinstance(padding, str):
+        return False
+    if env is None:
+        return True
+    args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]  # the weight as it is now
+    padding, strides = list(padding) * (2 // len(padding)), _strides(target, args)
+    extents = [e - st for e, st in zip(_window_extent(target, args), strides)]
+    return all(_same_borders(full, now, e, st, p) for full, now, e, st, p in
+               zip(captured.shape[2:], args[0].shape[2:], extents, strides, padding))
+
+
+def _arg(node: fx.Node, index: int, name: str, default):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _strides(target, args) -> list[int]:
+    if target in _POOLS:
+        stride = list(args[2] if len(args) > 2 and args[2] else args[1])
+    else:
+        stride = list(args[3]) if len(args) > 3 else [1]
+    return stride * (2 // len(stride))
+
+
+def _same_borders(full: int, small: int, extent: int, stride: int, pad: int) -> bool:
+    """Whether a window of ``extent`` moved by ``stride`` over a dim padded by ``pad`` meets, at the smaller size,
+    every kind of position it meets at the captured size: the left border, an interior position that touches
+    neither border, and the right border, where the last window overhangs the end by ``pad`` minus the
+    remainder of the stride (the same overhang at both sizes, when it has one at the captured size)."""
+    overhang = [pad - (n + 2 * pad - extent) % stride for n in (full, small)]
+    if overhang[0] > 0 and overhang[1] != overhang[0]:
+        return False
+    left = -(-pad // stride)
+    return all((n + 2 * pad - extent) // stride + 1 >= left + -(-max(o, 0) // stride) + 1
+               for n, o in zip((full, small), overhang))
 
 
 def _window_extent(target, args) -> list[int]:

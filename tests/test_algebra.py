@@ -70,7 +70,7 @@ def test_identity_and_avgpool_branches():
 
 
 def _run(x, b):
-    return F.conv2d(x, b.kernel, b.bias, b.stride, b.padding, b.dilation, b.groups)
+    return F.conv2d(x, b.weight, b.bias, b.stride, b.padding, b.dilation, b.groups)
 
 
 def test_merge_branches_acnet_dilated_grouped_and_scaled():

@@ -47,7 +47,8 @@ def _counting_checks(monkeypatch) -> list[int]:
 
 def test_a_round_of_exact_passes_is_proven_by_one_check(monkeypatch):
     calls = _counting_checks(monkeypatch)
-    model = randomize_bn(RepVGGBlock(4, 4))  # fold_bn folds three BatchNorms, merge_linear merges the branches
+    # merge_linear merges the block's branches with their BatchNorms, fold_bn folds the BatchNorm after
+    model = randomize_bn(nn.Sequential(RepVGGBlock(4, 4), nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)))
     x = torch.randn(1, 4, 12, 12)
     deploy = fusers.reparameterize(model, (x,))
     report = deploy.reparam_report
@@ -55,7 +56,7 @@ def test_a_round_of_exact_passes_is_proven_by_one_check(monkeypatch):
     assert {p.name for p in first} >= {"fold_bn", "merge_linear"}
     assert len(calls) == 1  # one forward pass for the round, not one per pass; the second round rewrote nothing
     assert len({p.max_rel_error for p in first}) == 1 and report.float64_error <= 1e-9
-    assert op_counts(deploy).get("batch_norm", 0) == 0 and op_counts(deploy)["conv2d"] == 1
+    assert op_counts(deploy).get("batch_norm", 0) == 0 and op_counts(deploy)["conv2d"] == 2
 
 
 def test_a_round_that_misses_is_redone_a_pass_at_a_time(monkeypatch):
@@ -131,9 +132,10 @@ def _summary_counts(summary: str) -> tuple[int, list[str]]:
 
 def test_repvgg_refusal_counts_agree_and_merged_identity_bns_are_not_refusals():
     model = zoo.randomize_batchnorm(zoo.create("repvgg_a0", width=0.0625)).eval()
-    deploy = fusers.reparameterize(model, (torch.randn(1, 3, 32, 32),))
+    deploy = fusers.reparameterize(model, (torch.randn(1, 3, 32, 32),), passes=["fold_bn", "merge_linear"])
     report = deploy.reparam_report
-    # fold_bn refused the identity-branch BatchNorms in round 1; merge_linear merged them after
+    # fold_bn refused the identity-branch BatchNorms in round 1; merge_linear merged them after (by default
+    # merge_linear runs first and takes the branches' BatchNorms itself)
     (first,) = [p for p in report.passes if p.name == "fold_bn" and p.round == 1]
     identity = [r for r in first.refusals if r.code is RefusalCode.NO_PRODUCER]
     assert len(identity) == 17 and all(".identity" in r.site for r in identity)

@@ -154,7 +154,7 @@ def test_convert_report_structure(onnx_run, net, samples):
     assert {"verify/inputs.npz", "verify/reference.npz"} <= set(reference["sha256"]) == set(reference["files"])
     assert report["stages"][2]["verification"]["checks"]["seeded"]["vs_reference"]["outputs"][0]["rtol"] == 1e-5
     # progress went to the callback, one line per long step
-    assert any("fold_bn (round 1)" in ln for ln in lines) and any("exported onnx" in ln for ln in lines)
+    assert any("merge_linear (round 1)" in ln for ln in lines) and any("exported onnx" in ln for ln in lines)
     assert not any(": 0 rewrites, 0 refused, 0 rolled back" in ln for ln in lines)
     md = (out / "report.md").read_text()
     assert "| onnx-simplified | onnx | model.sim.onnx |" in md and "75.00%" in md

@@ -46,12 +46,22 @@ class Term:
 
 @dataclass
 class Plan:
+    """What a sum becomes; the merged kernels are built by the rewrite (:meth:`merged`), not by the match."""
+
     root: fx.Node
     groups: list[list[Term]]          # groups to merge, one conv each
-    merged: list[algebra.Branch]
+    in_sizes: list[tuple[int, ...]]   # the spatial size of each group's input
     rest: list[Term]                  # leaves kept as they are (unit coefficient)
     consumed: set = field(default_factory=set)
     kind: str = "conv"
+    const: torch.Tensor | None = None  # the sum's constant, taken by the bias of group ``const_group``
+    const_group: int | None = None
+
+    def merged(self, i: int) -> algebra.Branch:
+        b = algebra.merge_branches([t.branch.scaled(t.coef) for t in self.groups[i]], self.in_sizes[i])
+        if i == self.const_group:
+            b.bias = b.bias + self.const
+        return b
 
 
 def _is_root(gm, node) -> bool:
@@ -221,7 +231,7 @@ def _plan(root, terms, flat, kind, refusals, refuse) -> Plan | None:
         by_src.setdefault(t.src, []).append(t)
     const = flat.const
     has_const = bool(const.abs().max() > 0)
-    plan = Plan(root, [], [], [], set(flat.consumed), kind)
+    plan = Plan(root, [], [], [], set(flat.consumed), kind, const)
     const_taken = False
     for src, group in by_src.items():
         has_conv = any(t.kind in ("conv", "linear") for t in group)
@@ -230,18 +240,17 @@ def _plan(root, terms, flat, kind, refusals, refuse) -> Plan | None:
         if not has_conv or (len(group) == 1 and unit and not absorb):
             plan.rest.extend(group)
             continue
-        in_size = shape(src)[2:] if kind == "conv" else ()
+        in_size = tuple(shape(src)[2:] if kind == "conv" else ())
         try:
-            merged = algebra.merge_branches([t.branch.scaled(t.coef) for t in group], tuple(in_size))
+            algebra.merge_layout([t.branch for t in group], in_size)
         except algebra.NotExact as e:
             refusals.append(refuse(e.code, [t.node for t in group], str(e)))
             plan.rest.extend(group)
             continue
         if absorb:
-            merged.bias = merged.bias + const
-            const_taken = True
+            plan.const_group, const_taken = len(plan.groups), True
         plan.groups.append(group)
-        plan.merged.append(merged)
+        plan.in_sizes.append(in_size)
     _explain_nonlinear(plan, by_src, refusals, refuse)
     if not plan.groups or any(not bool((t.coef == 1).all()) for t in plan.rest) or (has_const and not const_taken):
         return None
@@ -295,7 +304,8 @@ class MergeLinear(Pass):
         plan = match.plan
         root, graph = plan.root, gm.graph
         outs = []
-        for group, b in zip(plan.groups, plan.merged):
+        for i, group in enumerate(plan.groups):
+            b = plan.merged(i)
             nodes = [t.node for t in group]
             meta = dict(common_meta(nodes), val=root.meta.get("val"))
             outs.append(build_conv(gm, group[0].src, plan.kind, b.kernel, b.bias, b.stride, b.padding, b.dilation,
