@@ -156,7 +156,8 @@ def reparameterize(model: torch.nn.Module, example_inputs, *, passes=None, verif
         size = "x".join(map(str, report.proof_shape[0]))
         why = (f"the checks at {size} rolled back a rewrite" if rolled_back else
                f"the result does not meet the same borders at {size}" if not still_alike else
-               f"the result missed {tolerance:.0e} at the captured size ({report.float64_error:.1e})")
+               f"the result missed {tolerance:.0e} at {size if alike is not None else 'the captured size'} "
+               f"({report.float64_error:.1e})")
         return _again(model, example_inputs, passes, verify, seed, instruments, manager, why)
     convert_dtype(gm, torch.float64, dtype)
     times["passes"] = time.perf_counter() - start

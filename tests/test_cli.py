@@ -140,7 +140,7 @@ def test_default_run_writes_every_artifact_and_all_stages_pass(digits_run):
     assert (merged["branch_groups_merged"], merged["branches_merged"], merged["batchnorms_folded"]) == (6, 15, 15)
     assert (merged["convolutions_before"], merged["convolutions_after"]) == (12, 6)
     assert report["reparameterize"]["float64_error"] <= 1e-9
-    assert {p["name"] for p in report["reparameterize"]["passes"]} == {"fold_bn", "merge_linear"}
+    assert {p["name"] for p in report["reparameterize"]["passes"]} == {"merge_linear"}
     for package in ("torch", "onnx", "onnxruntime", "openvino", "litert-torch", "ai-edge-litert"):
         assert report["versions"][package], package
     assert set(report["timings"]) >= {"load", "reparameterize", "export onnx", "export tflite", "verify", "total"}
@@ -148,7 +148,7 @@ def test_default_run_writes_every_artifact_and_all_stages_pass(digits_run):
 
 def test_default_run_prints_progress_and_a_final_table(digits_run):
     proc, out = digits_run
-    for step in ("loading repvgg_digits", "capturing", "fold_bn (round 1)", "merge_linear (round 1)",
+    for step in ("loading repvgg_digits", "capturing", "merge_linear (round 1)",
                  "exporting onnx", "exporting openvino", "exporting tflite", "verifying tflite"):
         assert step in proc.stderr, step
     rows = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines() if ln.split() and ln.split()[0] in STAGES}
