@@ -25,7 +25,7 @@ from runtimes.core import eval_mode, first_line, max_rel_error, nonfinite, set_t
 
 from .batch import guard_calls
 from .capture import InputError, as_args, capture, drop_dead_code, unused_parameters
-from .graph import aten, op_counts, remove_unused_attributes, share_identical_weights
+from .graph import aten, fetch_attr, op_counts, remove_unused_attributes, share_identical_weights
 from .leftovers import find_leftovers
 from .manager import PassManager, Report
 from .numerics import convert_dtype, float64_kernels, seeded_like
@@ -329,6 +329,10 @@ class _Windows(fx.Interpreter):
     def __init__(self, gm, alike: bool = False):
         super().__init__(gm)
         self.covered, self.alike, self.check_alike = True, True, alike
+
+    def run(self, *args):
+        weights = {n: fetch_attr(self.module, n.target) for n in self.graph.nodes if n.op == "get_attr"}
+        return super().run(*args, initial_env=weights)  # read once, not node by node
 
     def run_node(self, n):
         out = super().run_node(n)
