@@ -316,8 +316,9 @@ _SIZE_FREE = {getattr(aten, name) for name in (
     "sigmoid", "sigmoid_", "hardswish", "hardswish_", "hardsigmoid", "hardsigmoid_", "tanh", "tanh_", "leaky_relu",
     "leaky_relu_", "elu", "elu_", "hardtanh", "hardtanh_", "clamp", "clamp_", "clamp_min", "clamp_min_", "mish",
     "mish_", "softplus", "neg", "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "dropout", "clone",
-    "contiguous", "alias", "detach", "constant_pad_nd", "_assert_tensor_metadata") if hasattr(aten, name)} | \
-    {operator.getitem}
+    "contiguous", "alias", "detach", "_assert_tensor_metadata") if hasattr(aten, name)} | {operator.getitem}
+# not constant_pad_nd: an explicit pad (TensorFlow's "same", one column on the right) makes the conv after it read the
+# pad at one size and not at another, which that conv's own padding, zero, does not show
 _HEAD = {aten.linear, aten.addmm, aten.t, aten.flatten, aten.view, aten.reshape, aten._unsafe_view}
 
 

@@ -93,6 +93,16 @@ class Cropping(ConvNet):
         return self.b(y[:, :, 1:-1, 1:-1]).mean((2, 3))
 
 
+class PaddedSame(ConvNet):
+    """TensorFlow's "same" for a stride-2 conv: one pad column and row on the right and bottom, then no padding.
+    Whether the last window reads the pad depends on the size's parity, which the conv's own (zero) padding
+    does not show."""
+
+    def forward(self, x):
+        y = torch.nn.functional.pad(self.a(x), [0, 1, 0, 1])
+        return torch.nn.functional.conv2d(y, self.b[0].weight, None, 2).mean((2, 3))
+
+
 class FourStrides(nn.Module):
     """At 120 the fourth stride-2 conv reads 15 (odd: its last window overhangs the end); at 60 it reads 8 and at
     30 it reads 4 (no overhang): no smaller size meets the same borders."""
@@ -166,11 +176,12 @@ def test_same_borders(full, small, extent, stride, pad, alike):
     assert _same_borders(full, small, extent, stride, pad) is alike
 
 
-def test_a_round_that_holds_is_checked_at_the_captured_size_only(monkeypatch):
+@pytest.mark.parametrize("model", [Cropping, PaddedSame])
+def test_a_round_that_holds_is_checked_at_the_captured_size_only(monkeypatch, model):
     runs = []
     real = fusers.reparam._Windows.run
     monkeypatch.setattr(fusers.reparam._Windows, "run", lambda self, *a: runs.append(a[0].shape) or real(self, *a))
-    report = _run(Cropping(), 128)
+    report = _run(model(), 128)
     assert report.proof_shape is None and runs == []  # no small input was even tried
     assert "batch_norm" not in report.ops_after and report.float64_error <= 1e-12
 
