@@ -228,7 +228,7 @@ def merge_branches(branches: list[Branch], in_size: tuple[int, ...]) -> Branch:
     lie on one dilation grid, and the merged conv has the branches' output size (:func:`merge_layout`).
     """
     layout = merge_layout(branches, in_size)
-    placed = []  # (index in the merged kernel, kernel, bias) per branch
+    placed = []  # (index in the merged kernel, kernel, scale not yet applied, bias) per branch
     for b, starts in zip(branches, layout.starts):
         b = _redilate(b, list(layout.dilation))
         index = (slice(None), slice(None)) + tuple(slice(s, s + k) for s, k in zip(starts, b.kernel.shape[2:]))

@@ -182,3 +182,16 @@ def test_nan_outputs_are_recorded_when_the_graph_gives_them_too():
     x = torch.tensor([[-1.0, 1.0, 2.0]])
     gm = record(Log().eval(), (x,))
     assert _ops(gm) == {"aten.log.default": 1} and torch.isnan(gm(x)[0, 0])
+
+
+def test_the_model_runs_forward_once_its_recorded_outputs_are_what_the_verification_compares_with():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()))
+    calls = []
+    model.register_forward_hook(lambda module, args, out: calls.append(args[0].clone()))
+    deploy = fusers.reparameterize(model, (torch.randn(1, 3, 16, 16),), seed=5)
+    report = deploy.reparam_report
+    assert report.capture == "recorded" and len(calls) == 1  # recorded once; the verification ran no other forward
+    verify_inputs = fusers.numerics.seeded_like((torch.empty(1, 3, 16, 16),), 6)[0]
+    assert torch.equal(calls[0], verify_inputs)  # recorded on the verification's seeded inputs (seed + 1)
+    with torch.no_grad():
+        assert report.float32_error == fusers.numerics.max_rel_error(model(verify_inputs), deploy(verify_inputs))
