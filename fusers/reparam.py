@@ -394,22 +394,14 @@ def _size_free(node: fx.Node, env: dict | None = None) -> bool:
     if env is None:
         return True
     args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]  # the weight as it is now
-    padding, strides = list(padding) * (2 // len(padding)), _strides(target, args)
-    extents = [e - st for e, st in zip(_window_extent(target, args), strides)]
+    extents, strides = _window(target, args)
+    padding = list(padding) * (len(extents) // len(padding))
     return all(_same_borders(full, now, e, st, p) for full, now, e, st, p in
                zip(captured.shape[2:], args[0].shape[2:], extents, strides, padding))
 
 
 def _arg(node: fx.Node, index: int, name: str, default):
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
-def _strides(target, args) -> list[int]:
-    if target in _POOLS:
-        stride = list(args[2] if len(args) > 2 and args[2] else args[1])
-    else:
-        stride = list(args[3]) if len(args) > 3 else [1]
-    return stride * (2 // len(stride))
 
 
 def _same_borders(full: int, small: int, extent: int, stride: int, pad: int) -> bool:
@@ -425,9 +417,9 @@ def _same_borders(full: int, small: int, extent: int, stride: int, pad: int) -> 
                for n, o in zip((full, small), overhang))
 
 
-def _window_extent(target, args) -> list[int]:
-    """Per spatial dim, the input size a conv or pool call needs for every tap to meet real data at some position:
-    its kernel's extent plus its stride. ``args[1]`` is the weight, a tensor or a node holding one in ``val``."""
+def _window(target, args) -> tuple[list[int], list[int]]:
+    """Per spatial dim, a conv's or pool's window extent (its dilated kernel) and its stride. ``args[1]`` is the
+    weight, a tensor or a node holding one in ``val``."""
     if target in _POOLS:
         kernel, stride = list(args[1]), list(args[2] if len(args) > 2 and args[2] else args[1])
         dilation = [1] * len(kernel)
@@ -438,7 +430,13 @@ def _window_extent(target, args) -> list[int]:
         dilation = list(args[5]) if len(args) > 5 else [1]
     nd = len(kernel)
     stride, dilation = stride * nd if len(stride) == 1 else stride, dilation * nd if len(dilation) == 1 else dilation
-    return [d * (k - 1) + 1 + st for k, st, d in zip(kernel, stride, dilation)]
+    return [d * (k - 1) + 1 for k, d in zip(kernel, dilation)], stride
+
+
+def _window_extent(target, args) -> list[int]:
+    """Per spatial dim, the input size a conv or pool call needs for every tap to meet real data at some position:
+    its window's extent plus its stride."""
+    return [e + st for e, st in zip(*_window(target, args))]
 
 
 def _may_cover(gm: fx.GraphModule, scale: int) -> bool:
